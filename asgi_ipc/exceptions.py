@@ -1,0 +1,18 @@
+"""Exceptions of asgi_ipc beyond the ones Channels defines.
+
+``channels.exceptions.ChannelFull`` and ``MessageTooLarge`` are raised as they are, so that code
+written for any channel layer catches them unchanged; the ones here describe the store itself.
+"""
+
+
+class StoreError(Exception):
+    """Base class of the errors about a prefix's shared-memory store."""
+
+
+class StoreCorrupted(StoreError):
+    """The shared-memory object is not a usable asgi_ipc store: foreign, truncated, of another
+    layout version, or with inconsistent contents."""
+
+
+class GroupMemoryFull(StoreError):
+    """``group_add`` found no room left in the group memory area."""

@@ -1,0 +1,261 @@
+"""The group store: group records and memberships in the group memory.
+
+Two hash indexes share the group memory: the group index maps a group name to its *group record*,
+which heads a doubly-linked list of its memberships in the order they were last added (so the
+expired ones are always at the front); the member index maps ``(group, channel)`` to the
+*membership*, so that ``group_add`` and ``group_discard`` are O(1) however large the group.
+
+A membership expires ``group_expiry`` seconds after its last ``group_add``. Expired memberships
+are dropped from the front of the list by every operation on the group, and by the incremental
+sweep, one bucket of the group index per operation, for groups nobody touches any more.
+
+Visibility: ``group_add`` becomes visible when the journal commits the link of the membership into
+both the member index and the group's list; ``group_discard`` when it commits the unlinking.
+
+Layouts, in words from the block header (word 0):
+  group record  1 next in bucket, 2 hash, 3 first member, 4 last member, 5 members,
+                6 name length, 7... name
+  membership    1 next in bucket, 2 hash, 3 group record, 4 next in group, 5 previous in group,
+                6 last added (ms since the epoch), 7 channel name length, 8... channel name
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Callable
+
+from .exceptions import GroupMemoryFull, StoreCorrupted
+from .heap import Heap
+from .journal import Journal
+from .layout import H_GROUPS, H_MEMBERSHIPS, H_SWEEP_GROUP, WORD
+
+G_NEXT, G_HASH, G_FIRST, G_LAST, G_MEMBERS, G_NAME_LENGTH, G_NAME = range(1, 8)
+B_NEXT, B_HASH, B_GROUP, B_LIST_NEXT, B_LIST_PREV, B_ADDED, B_NAME_LENGTH, B_NAME = range(1, 9)
+
+MAX_CHAIN = 1 << 20
+SWEEP_PER_GROUP = 16
+
+
+def _words_for(nbytes: int) -> int:
+    return -(-nbytes // WORD)
+
+
+class GroupStore:
+    def __init__(
+        self,
+        words: memoryview,
+        data: mmap.mmap,
+        journal: Journal,
+        heap: Heap,
+        group_index: int,
+        group_buckets: int,
+        member_index: int,
+        member_buckets: int,
+        hasher: Callable[[bytes], int],
+    ) -> None:
+        self._w = words
+        self._b = data
+        self._j = journal
+        self.heap = heap
+        self._groups = group_index
+        self._group_mask = group_buckets - 1
+        self._members = member_index
+        self._member_mask = member_buckets - 1
+        self._hash = hasher
+
+    def _name(self, rec: int, length_field: int) -> bytes:
+        start = (rec + length_field + 1) * WORD
+        return self._b[start : start + self._w[rec + length_field]]
+
+    def _find(self, bucket: int, h: int, name: bytes, length_field: int, group: int) -> int:
+        w, steps = self._w, 0
+        rec = w[bucket]
+        while rec:
+            if (
+                w[rec + 2] == h
+                and (not group or w[rec + B_GROUP] == group)
+                and w[rec + length_field] == len(name)
+                and self._name(rec, length_field) == name
+            ):
+                return rec
+            rec, steps = w[rec + 1], steps + 1
+            if steps > MAX_CHAIN:
+                raise StoreCorrupted("a group index chain loops")
+        return 0
+
+    def _unchain(self, bucket: int, rec: int) -> None:
+        w, at, steps = self._w, bucket, 0
+        while w[at] != rec:
+            if not w[at] or steps > MAX_CHAIN:
+                raise StoreCorrupted(f"group store record {rec} is not in its bucket")
+            at, steps = w[at] + 1, steps + 1
+        self._j.set(at, w[rec + 1])
+
+    def _new(self, fields: int, name: bytes, bucket: int, h: int) -> int:
+        rec = self.heap.alloc(fields + _words_for(len(name)))
+        if not rec:
+            return 0
+        w = self._w
+        for k in range(1, fields + 1):
+            w[rec + k] = 0
+        w[rec + 1] = w[bucket]
+        w[rec + 2] = h
+        w[rec + fields] = len(name)
+        start = (rec + fields + 1) * WORD
+        self._b[start : start + len(name)] = name
+        self._j.set(bucket, rec)
+        return rec
+
+    def _group(self, group: bytes) -> tuple[int, int, int]:
+        h = self._hash(group)
+        bucket = self._groups + (h & self._group_mask)
+        return self._find(bucket, h, group, G_NAME_LENGTH, 0), bucket, h
+
+    def _membership(self, group: bytes, channel: bytes, rec: int) -> tuple[int, int, int]:
+        h = self._hash(group + b"\0" + channel)
+        bucket = self._members + (h & self._member_mask)
+        return self._find(bucket, h, channel, B_NAME_LENGTH, rec), bucket, h
+
+    def _link_last(self, rec: int, member: int, added: int) -> None:
+        w, jset = self._w, self._j.set
+        last = w[rec + G_LAST]
+        jset(member + B_LIST_PREV, last)
+        jset(member + B_LIST_NEXT, 0)
+        jset(member + B_ADDED, added)
+        jset(last + B_LIST_NEXT if last else rec + G_FIRST, member)
+        jset(rec + G_LAST, member)
+
+    def _unlink(self, rec: int, member: int) -> None:
+        w, jset = self._w, self._j.set
+        before, after = w[member + B_LIST_PREV], w[member + B_LIST_NEXT]
+        jset(before + B_LIST_NEXT if before else rec + G_FIRST, after)
+        jset(after + B_LIST_PREV if after else rec + G_LAST, before)
+
+    def _remove_member(self, rec: int, member: int, group: bytes) -> None:
+        w, jset = self._w, self._j.set
+        self._unlink(rec, member)
+        h = w[member + B_HASH]
+        self._unchain(self._members + (h & self._member_mask), member)
+        self.heap.free(member)
+        jset(rec + G_MEMBERS, w[rec + G_MEMBERS] - 1)
+        jset(H_MEMBERSHIPS, w[H_MEMBERSHIPS] - 1)
+        if not w[rec + G_MEMBERS]:
+            self._unchain(self._groups + (w[rec + G_HASH] & self._group_mask), rec)
+            self.heap.free(rec)
+            jset(H_GROUPS, w[H_GROUPS] - 1)
+
+    def _drop_expired(self, rec: int, group: bytes, oldest: int, limit: int) -> bool:
+        """Drop up to ``limit`` memberships added before ``oldest``; False if the group went."""
+        w = self._w
+        for _ in range(limit):
+            member = w[rec + G_FIRST]
+            if not member or w[member + B_ADDED] >= oldest:
+                return True
+            last = w[rec + G_MEMBERS] == 1
+            self._remove_member(rec, member, group)
+            if last:
+                return False
+        return True
+
+    def add(self, group: bytes, channel: bytes, now: int) -> None:
+        w, jset = self._w, self._j.set
+        rec, bucket, h = self._group(group)
+        if not rec:
+            rec = self._new(G_NAME_LENGTH, group, bucket, h)
+            if not rec:
+                raise GroupMemoryFull(f"group memory is full: cannot create group {group!r}")
+            jset(H_GROUPS, w[H_GROUPS] + 1)
+        member, bucket, h = self._membership(group, channel, rec)
+        if member:
+            self._unlink(rec, member)
+        else:
+            member = self._new(B_NAME_LENGTH, channel, bucket, h)
+            if not member:
+                raise GroupMemoryFull(
+                    f"group memory is full: cannot add {channel!r} to group {group!r}"
+                )
+            w[member + B_GROUP] = rec
+            jset(rec + G_MEMBERS, w[rec + G_MEMBERS] + 1)
+            jset(H_MEMBERSHIPS, w[H_MEMBERSHIPS] + 1)
+        self._link_last(rec, member, now)
+
+    def discard(self, group: bytes, channel: bytes) -> None:
+        rec = self._group(group)[0]
+        if rec:
+            member = self._membership(group, channel, rec)[0]
+            if member:
+                self._remove_member(rec, member, group)
+
+    def members(self, group: bytes, oldest: int) -> list[bytes]:
+        """The channels of ``group`` added at or after ``oldest``; older ones are dropped."""
+        rec = self._group(group)[0]
+        if not rec or not self._drop_expired(rec, group, oldest, 1 << 62):
+            return []
+        w, names, member = self._w, [], self._w[rec + G_FIRST]
+        while member and len(names) <= w[rec + G_MEMBERS]:
+            names.append(self._name(member, B_NAME_LENGTH))
+            member = w[member + B_LIST_NEXT]
+        return names
+
+    def sweep(self, oldest: int) -> None:
+        """Drop expired memberships of the groups in the next bucket of the group index."""
+        w = self._w
+        hand = w[H_SWEEP_GROUP] & self._group_mask
+        rec = w[self._groups + hand]
+        while rec:
+            following = w[rec + G_NEXT]
+            self._drop_expired(rec, self._name(rec, G_NAME_LENGTH), oldest, SWEEP_PER_GROUP)
+            rec = following
+        w[H_SWEEP_GROUP] = (hand + 1) & self._group_mask  # a hint: never journaled
+
+    def groups(self):
+        """(name, record) of every group, for stats and verify, under the lock."""
+        w = self._w
+        for bucket in range(self._group_mask + 1):
+            rec, steps = w[self._groups + bucket], 0
+            while rec:
+                yield self._name(rec, G_NAME_LENGTH), rec
+                rec, steps = w[rec + G_NEXT], steps + 1
+                if steps > MAX_CHAIN:
+                    raise StoreCorrupted("a group index chain loops")
+
+    def size(self, rec: int) -> int:
+        return self._w[rec + G_MEMBERS]
+
+    def verify(self) -> tuple[list[str], int]:
+        """Problems found and memberships reachable."""
+        w, problems, groups, total = self._w, [], 0, 0
+        for name, rec in self.groups():
+            groups += 1
+            if self._hash(name) != w[rec + G_HASH]:
+                problems.append(f"group record {rec} has a wrong hash")
+            member, prev, count, added = w[rec + G_FIRST], 0, 0, 0
+            while member:
+                channel = self._name(member, B_NAME_LENGTH)
+                if w[member + B_GROUP] != rec or w[member + B_LIST_PREV] != prev:
+                    problems.append(f"membership {member} of group {name!r} is mislinked")
+                if w[member + B_ADDED] < added:
+                    problems.append(f"memberships of group {name!r} are out of order")
+                if self._membership(name, channel, rec)[0] != member:
+                    problems.append(f"membership {member} is missing from the member index")
+                added = w[member + B_ADDED]
+                prev, member, count = member, w[member + B_LIST_NEXT], count + 1
+                if count > w[H_MEMBERSHIPS] + 1:
+                    problems.append(f"the member list of group {name!r} loops")
+                    break
+            if count != w[rec + G_MEMBERS] or prev != w[rec + G_LAST] or not count:
+                problems.append(f"group {name!r} counts {w[rec + G_MEMBERS]}, holds {count}")
+            total += count
+        if groups != w[H_GROUPS] or total != w[H_MEMBERSHIPS]:
+            problems.append(
+                f"{groups} groups and {total} memberships, header says "
+                f"{w[H_GROUPS]} and {w[H_MEMBERSHIPS]}"
+            )
+        indexed = 0
+        for bucket in range(self._member_mask + 1):
+            member, steps = w[self._members + bucket], 0
+            while member and steps <= MAX_CHAIN:
+                indexed, member, steps = indexed + 1, w[member + B_NEXT], steps + 1
+        if indexed != total:
+            problems.append(f"member index holds {indexed} memberships, groups hold {total}")
+        return problems, total

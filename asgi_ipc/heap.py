@@ -1,0 +1,257 @@
+"""The allocator of an area: blocks of words handed out and taken back in O(1).
+
+A two-level segregated fit (TLSF): free blocks sit in one of 8 bins per power of two of their
+size, two bitmaps say which bins are non-empty, and a free block is merged with free neighbours at
+once, so a store filled with small messages and drained can hold one large message again.
+
+A block is a header word, ``size << 2 | PREV_USED | USED``, followed by its payload. A free block
+also keeps its free-list links in words 1 and 2 and its size in its last word (the footer), which
+is how a block finds out where its free predecessor starts. The last word of the area is a used
+block of size 0 that stops merges.
+
+Every change to these words goes through the journal. When a block is handed out, the words its
+new owner will overwrite without journaling (the free-list links and the footer) are recorded with
+``Journal.keep`` so that a rollback can turn it back into the free block it was.
+
+Metadata, in the area's page of allocator metadata: words in use, the first-level bitmap, one
+second-level bitmap per power of two, then the bin heads.
+"""
+
+from __future__ import annotations
+
+from .exceptions import StoreCorrupted
+from .journal import Journal
+
+USED = 1
+PREV_USED = 2
+MIN_BLOCK = 4
+SL_BITS = 3
+FIRST_LEVELS = 40
+
+M_USED = 0
+M_FL_BITMAP = 1
+M_SL_BITMAP = 2
+M_BINS = M_SL_BITMAP + FIRST_LEVELS
+
+
+def _bin(size: int) -> int:
+    """The bin a free block of ``size`` words is filed under."""
+    bits = size.bit_length()
+    if bits <= SL_BITS:
+        return size
+    return ((bits - SL_BITS) << SL_BITS) | ((size >> (bits - SL_BITS - 1)) & 7)
+
+
+def _lowest_bit(mask: int) -> int:
+    return (mask & -mask).bit_length() - 1
+
+
+class Heap:
+    def __init__(self, words: memoryview, journal: Journal, meta: int, start: int, end: int):
+        self._w = words
+        self._j = journal
+        self._meta = meta
+        self._bins = meta + M_BINS
+        self.start = start
+        self.end = end
+
+    def format(self) -> None:
+        """Make the area one free block (the metadata page must read as zeros)."""
+        w = self._w
+        size = self.end - 1 - self.start
+        w[self.start] = size << 2 | PREV_USED
+        w[self.end - 1] = USED
+        idx = _bin(size)
+        w[self.start + 1] = 0
+        w[self.start + 2] = 0
+        w[self.start + size - 1] = size
+        w[self._bins + idx] = self.start
+        w[self._meta + M_SL_BITMAP + (idx >> SL_BITS)] = 1 << (idx & 7)
+        w[self._meta + M_FL_BITMAP] = 1 << (idx >> SL_BITS)
+
+    @property
+    def used_words(self) -> int:
+        return self._w[self._meta + M_USED]
+
+    @property
+    def size_words(self) -> int:
+        return self.end - 1 - self.start
+
+    def _insert(self, block: int, size: int) -> None:
+        w, jset = self._w, self._j.set
+        idx = _bin(size)
+        bin_word = self._bins + idx
+        head = w[bin_word]
+        jset(block + 1, head)
+        jset(block + 2, 0)
+        jset(block + size - 1, size)
+        if head:
+            jset(head + 2, block)
+        else:
+            sl_word = self._meta + M_SL_BITMAP + (idx >> SL_BITS)
+            sl_map = w[sl_word]
+            if not sl_map:
+                fl_word = self._meta + M_FL_BITMAP
+                jset(fl_word, w[fl_word] | 1 << (idx >> SL_BITS))
+            jset(sl_word, sl_map | 1 << (idx & 7))
+        jset(bin_word, block)
+
+    def _remove(self, block: int, size: int) -> None:
+        w, jset = self._w, self._j.set
+        nxt = w[block + 1]
+        prv = w[block + 2]
+        if prv:
+            jset(prv + 1, nxt)
+        else:
+            idx = _bin(size)
+            if w[self._bins + idx] != block:
+                raise StoreCorrupted(f"free block {block} is not the head of its bin")
+            jset(self._bins + idx, nxt)
+            if not nxt:
+                sl_word = self._meta + M_SL_BITMAP + (idx >> SL_BITS)
+                sl_map = w[sl_word] & ~(1 << (idx & 7))
+                jset(sl_word, sl_map)
+                if not sl_map:
+                    fl_word = self._meta + M_FL_BITMAP
+                    jset(fl_word, w[fl_word] & ~(1 << (idx >> SL_BITS)))
+        if nxt:
+            jset(nxt + 2, prv)
+
+    def _find(self, size: int) -> int:
+        """A free block of at least ``size`` words, or 0."""
+        bits = size.bit_length()
+        if bits > SL_BITS:
+            # Round up to the next bin boundary, so that every block of the bin found fits.
+            size += (1 << (bits - SL_BITS - 1)) - 1
+        idx = _bin(size)
+        w = self._w
+        fl, sl = idx >> SL_BITS, idx & 7
+        if fl >= FIRST_LEVELS:
+            return 0
+        sl_map = w[self._meta + M_SL_BITMAP + fl] & (-1 << sl)
+        if not sl_map:
+            fl_map = w[self._meta + M_FL_BITMAP] & (-1 << (fl + 1))
+            if not fl_map:
+                return 0
+            fl = _lowest_bit(fl_map)
+            sl_map = w[self._meta + M_SL_BITMAP + fl]
+        return w[self._bins + (fl << SL_BITS) + _lowest_bit(sl_map)]
+
+    def alloc(self, payload_words: int) -> int:
+        """A used block with room for ``payload_words`` after its header, or 0 if none is free."""
+        size = max(payload_words + 1, MIN_BLOCK)
+        block = self._find(size)
+        if not block:
+            return 0
+        w, j = self._w, self._j
+        header = w[block]
+        free_size = header >> 2
+        if header & USED or free_size < size or block + free_size >= self.end:
+            raise StoreCorrupted(f"free list of the heap at {self.start} holds a bad block")
+        self._remove(block, free_size)
+        j.keep(block + 1)
+        j.keep(block + 2)
+        rest = free_size - size
+        if rest >= MIN_BLOCK:
+            remainder = block + size
+            j.set(remainder, rest << 2 | PREV_USED)
+            self._insert(remainder, rest)
+        else:
+            size = free_size
+            j.keep(block + size - 1)
+            after = block + size
+            j.set(after, w[after] | PREV_USED)
+        j.set(block, size << 2 | USED | (header & PREV_USED))
+        j.set(self._meta + M_USED, w[self._meta + M_USED] + size)
+        return block
+
+    def free(self, block: int) -> None:
+        w, jset = self._w, self._j.set
+        header = w[block] if self.start <= block < self.end else 0
+        size = header >> 2
+        if not header & USED or size < MIN_BLOCK or block + size >= self.end:
+            raise StoreCorrupted(f"freeing {block}, which is not a used block of its heap")
+        jset(self._meta + M_USED, w[self._meta + M_USED] - size)
+        start, total, prev_used = block, size, header & PREV_USED
+        after = block + size
+        after_header = w[after]
+        if not after_header & USED:
+            after_size = after_header >> 2
+            self._remove(after, after_size)
+            total += after_size
+        if not prev_used:
+            prev_size = w[block - 1]
+            prev = block - prev_size
+            if prev < self.start or w[prev] >> 2 != prev_size or w[prev] & USED:
+                raise StoreCorrupted(f"block {block} of the heap has a bad free predecessor")
+            self._remove(prev, prev_size)
+            start, total, prev_used = prev, total + prev_size, w[prev] & PREV_USED
+        jset(start, total << 2 | prev_used)
+        self._insert(start, total)
+        after = start + total
+        jset(after, w[after] & ~PREV_USED)
+
+    def block_words(self, block: int) -> int:
+        return self._w[block] >> 2
+
+    def largest_free_words(self) -> int:
+        """Size of the largest free block, found from the highest non-empty bin."""
+        w = self._w
+        fl_map = w[self._meta + M_FL_BITMAP]
+        if not fl_map:
+            return 0
+        fl = fl_map.bit_length() - 1
+        sl = w[self._meta + M_SL_BITMAP + fl].bit_length() - 1
+        block, best, steps = w[self._bins + (fl << SL_BITS) + sl], 0, 0
+        while block and steps < 64:
+            best = max(best, w[block] >> 2)
+            block, steps = w[block + 1], steps + 1
+        return best
+
+    def verify(self) -> list[str]:
+        """Walk every block and every bin; return what is inconsistent."""
+        w, problems = self._w, []
+        where = f"heap at word {self.start}"
+        block, prev_free, used, free_blocks = self.start, False, 0, set()
+        while block < self.end - 1:
+            header = w[block]
+            size = header >> 2
+            if size < MIN_BLOCK or block + size > self.end - 1:
+                return problems + [f"{where}: block {block} has bad size {size}"]
+            if bool(header & PREV_USED) == prev_free:
+                problems.append(f"{where}: block {block} has a wrong PREV_USED bit")
+            if header & USED:
+                used += size
+                prev_free = False
+            else:
+                if prev_free:
+                    problems.append(f"{where}: free blocks not merged at {block}")
+                if w[block + size - 1] != size:
+                    problems.append(f"{where}: free block {block} has a wrong footer")
+                free_blocks.add(block)
+                prev_free = True
+            block += size
+        if w[self.end - 1] & USED == 0 or w[self.end - 1] >> 2:
+            problems.append(f"{where}: end sentinel overwritten")
+        if used != w[self._meta + M_USED]:
+            problems.append(f"{where}: {used} words in use, metadata says {w[self._meta + M_USED]}")
+        listed = set()
+        for idx in range(FIRST_LEVELS << SL_BITS):
+            block, prev = w[self._bins + idx], 0
+            nonempty = bool(block)
+            bit = w[self._meta + M_SL_BITMAP + (idx >> SL_BITS)] >> (idx & 7) & 1
+            if bit != nonempty:
+                problems.append(f"{where}: bitmap bit of bin {idx} is {bit}")
+            while block:
+                if block not in free_blocks or block in listed:
+                    return problems + [f"{where}: bin {idx} lists {block}, not a free block"]
+                if _bin(w[block] >> 2) != idx or w[block + 2] != prev:
+                    problems.append(f"{where}: free block {block} misfiled or mislinked")
+                listed.add(block)
+                prev, block = block, w[block + 1]
+        for fl in range(FIRST_LEVELS):
+            if bool(w[self._meta + M_SL_BITMAP + fl]) != bool(w[self._meta + M_FL_BITMAP] >> fl & 1):
+                problems.append(f"{where}: first-level bitmap bit {fl} is wrong")
+        if listed != free_blocks:
+            problems.append(f"{where}: {len(free_blocks - listed)} free blocks in no bin (leak)")
+        return problems

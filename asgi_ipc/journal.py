@@ -1,0 +1,86 @@
+"""The undo journal: what makes every operation on the store all-or-nothing.
+
+An operation changes the store only under the global lock, and only in two ways:
+
+* words that other records may reach (links, counters, allocator metadata, bucket heads) are
+  changed through ``Journal.set``: it appends ``(word, old value)`` to the journal area, then
+  stores the new count of entries in ``H_JOURNAL_COUNT``, and only then writes the new value;
+* bytes inside a block that the operation itself allocated are written directly, since nothing
+  reaches them until a journaled word links the block in (the allocator journals the old contents
+  of a block's free-list words when it hands the block out, so that an undo can put them back).
+
+The operation commits with one aligned 8-byte store: ``H_JOURNAL_COUNT = 0``. A process killed
+before that store leaves a non-zero count; the next holder of the lock finds it and writes the old
+values back, newest first, then sets the count to 0 (``rollback``). A rollback cut short by another
+kill is simply done again: it only ever writes old values, so it is idempotent. The entry is fully
+written before the count that covers it, and the count before the word it protects, so a kill
+between any two stores leaves a journal that describes exactly the words already changed.
+
+An operation that raises (bad input found late, memory full, a corrupt record) is rolled back the
+same way before the exception leaves the store, so a failed call leaves the store as it was.
+"""
+
+from __future__ import annotations
+
+from .exceptions import StoreCorrupted
+from .layout import H_JOURNAL_COUNT, JOURNAL_ENTRIES
+
+
+class JournalFull(Exception):
+    """The operation changed more words than the journal holds; it is rolled back."""
+
+
+class Journal:
+    def __init__(self, words: memoryview, base: int) -> None:
+        self._w = words
+        self._base = base
+        self._count = 0
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def set(self, index: int, value: int) -> None:
+        """Change one word so that a rollback can restore it."""
+        w = self._w
+        n = self._count
+        if n >= JOURNAL_ENTRIES:
+            raise JournalFull
+        entry = self._base + 2 * n
+        w[entry] = index
+        w[entry + 1] = w[index]
+        self._count = n + 1
+        w[H_JOURNAL_COUNT] = n + 1
+        w[index] = value
+
+    def keep(self, index: int) -> None:
+        """Record a word's value before it is overwritten directly (see the module docstring)."""
+        w = self._w
+        n = self._count
+        if n >= JOURNAL_ENTRIES:
+            raise JournalFull
+        entry = self._base + 2 * n
+        w[entry] = index
+        w[entry + 1] = w[index]
+        self._count = n + 1
+        w[H_JOURNAL_COUNT] = n + 1
+
+    def commit(self) -> None:
+        self._w[H_JOURNAL_COUNT] = 0
+        self._count = 0
+
+    def rollback(self) -> None:
+        """Undo every change journaled since the last commit, ours or a dead holder's."""
+        w = self._w
+        n = w[H_JOURNAL_COUNT]
+        if n > JOURNAL_ENTRIES:
+            raise StoreCorrupted(f"undo journal claims {n} entries, more than it can hold")
+        limit = len(w)
+        for k in range(n - 1, -1, -1):
+            entry = self._base + 2 * k
+            index = w[entry]
+            if not 0 < index < limit or index == H_JOURNAL_COUNT:
+                raise StoreCorrupted(f"undo journal entry {k} points outside the store")
+            w[index] = w[entry + 1]
+        w[H_JOURNAL_COUNT] = 0
+        self._count = 0

@@ -1,0 +1,158 @@
+"""The layout of a prefix's shared-memory segment: where each area starts and what each header
+word means.
+
+One POSIX shared-memory object, ``/asgi_ipc.<prefix>``, holds everything. It is addressed in
+64-bit words (a pointer is a word index; 0 is null, since word 0 is the magic word), and its areas
+start on page boundaries so that each can be returned to the kernel on ``flush``::
+
+    header          page 0: magic, layout version, geometry, and the live counters below
+    message heap    allocator metadata of the channel memory          (1 page)
+    group heap      allocator metadata of the group memory            (1 page)
+    process slots   one slot per process that waits in receive()      (SLOTS x 4 words)
+    journal         the undo journal of the operation in progress     (JOURNAL_ENTRIES x 2 words)
+    channel index   hash buckets: channel name -> channel record      (the capacity lookups)
+    channel memory  channel records, waiter records, queued messages  (channel_memory bytes)
+    group index     hash buckets: group name -> group record
+    member index    hash buckets: (group, channel) -> membership record
+    group memory    group records and memberships                     (group_memory bytes)
+
+The object is created with ``ftruncate`` and so is sparse: a page costs memory only once written.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MAGIC = int.from_bytes(b"ASGI-IPC", "little")
+LAYOUT_VERSION = 1
+
+WORD = 8
+PAGE_WORDS = 512
+SLOTS = 1024
+SLOT_WORDS = 4
+JOURNAL_ENTRIES = 1 << 16
+
+# Header words. Words 0 to H_GEOMETRY_END describe the geometry and never change after creation.
+H_MAGIC = 0
+H_VERSION = 1
+H_TOTAL_BYTES = 2
+H_CHANNEL_MEMORY = 3
+H_GROUP_MEMORY = 4
+H_HASH_KEY = 5  # two words: the key of the keyed hash used by every index
+H_CHANNEL_BUCKETS = 7
+H_GROUP_BUCKETS = 8
+H_MEMBER_BUCKETS = 9
+H_GEOMETRY_SUM = 10
+H_GEOMETRY_END = 10
+# Live words.
+H_READY = 16  # 1 once the creator (or whoever found it unset) has initialised the areas
+H_JOURNAL_COUNT = 17  # entries of the undo journal in force; 0 when no operation is under way
+H_LOCK_PID = 18  # pid of the lock holder, for `asgi-ipc stats` only
+H_FLUSHING = 19  # epoch a flush in progress moves to; 0 when none is under way
+H_EPOCH = 20  # bumped by every flush, so waiting processes know to register again
+H_EXPIRY_HEAD = 21  # oldest queued message, in the order of sending
+H_EXPIRY_TAIL = 22
+H_MESSAGES = 23  # messages queued in all channels
+H_CHANNELS = 24  # channel records
+H_GROUPS = 25
+H_MEMBERSHIPS = 26
+H_SWEEP_CHANNEL = 27  # clock hand of the incremental sweep over the channel index
+H_SWEEP_GROUP = 28  # clock hand of the incremental sweep over the group index
+
+PREFIX_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,19}$")
+# macOS limits shared-memory names to 31 bytes: "/asgi_ipc." is 10 of them, the prefix at most 20.
+NAME_PREFIX = "/asgi_ipc."
+
+
+def validate_prefix(prefix: object) -> str:
+    """Return ``prefix`` if it may name a store, else raise ValueError saying why not."""
+    if not isinstance(prefix, str) or not PREFIX_RE.match(prefix):
+        raise ValueError(
+            f"invalid asgi_ipc prefix {prefix!r}: use 1 to 20 ASCII letters, digits, '-', '_' "
+            "or '.', not starting with '-' or '.'"
+        )
+    return prefix
+
+
+def shm_name(prefix: str) -> str:
+    return NAME_PREFIX + validate_prefix(prefix)
+
+
+def _pages(words: int) -> int:
+    return -(-words // PAGE_WORDS) * PAGE_WORDS
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(n - 1, 1).bit_length()
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Word offsets of every area, derived from the two memory sizes alone."""
+
+    channel_memory: int
+    group_memory: int
+    channel_buckets: int
+    group_buckets: int
+    member_buckets: int
+
+    @classmethod
+    def for_sizes(cls, channel_memory: int, group_memory: int) -> Geometry:
+        return cls(
+            channel_memory=channel_memory,
+            group_memory=group_memory,
+            # About one bucket per 512 bytes of messages (a 100-byte message takes ~160) and one
+            # per 256 bytes of memberships keeps chains short without costing much memory.
+            channel_buckets=_pow2_at_least(channel_memory // 512),
+            group_buckets=_pow2_at_least(group_memory // 1024),
+            member_buckets=_pow2_at_least(group_memory // 256),
+        )
+
+    @property
+    def message_heap_meta(self) -> int:
+        return PAGE_WORDS
+
+    @property
+    def group_heap_meta(self) -> int:
+        return 2 * PAGE_WORDS
+
+    @property
+    def slots(self) -> int:
+        return 3 * PAGE_WORDS
+
+    @property
+    def journal(self) -> int:
+        return self.slots + _pages(SLOTS * SLOT_WORDS)
+
+    @property
+    def channel_index(self) -> int:
+        return self.journal + _pages(2 * JOURNAL_ENTRIES)
+
+    @property
+    def message_heap(self) -> int:
+        return self.channel_index + _pages(self.channel_buckets)
+
+    @property
+    def message_heap_end(self) -> int:
+        return self.message_heap + _pages(self.channel_memory // WORD)
+
+    @property
+    def group_index(self) -> int:
+        return self.message_heap_end
+
+    @property
+    def member_index(self) -> int:
+        return self.group_index + _pages(self.group_buckets)
+
+    @property
+    def group_heap(self) -> int:
+        return self.member_index + _pages(self.member_buckets)
+
+    @property
+    def group_heap_end(self) -> int:
+        return self.group_heap + _pages(self.group_memory // WORD)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.group_heap_end * WORD

@@ -1,0 +1,371 @@
+"""The channel store: a hash table of FIFO message lists in the channel memory.
+
+The channel index is an array of bucket heads; each bucket chains the *channel records* whose
+name hashes there. A record holds the channel's first and last message and its message count, so
+the capacity check and the append happen under one lock hold in O(1), and the list of processes
+waiting on it. A message is one block: links, expiry, length and CRC-32, then the msgpack bytes.
+
+Every queued message is also on one global list in the order of sending, so that the sweep can
+reclaim the memory of expired messages in channels nobody reads, a few at a time: the oldest
+message of the store is always the first of its own channel.
+
+Visibility: a send becomes visible when the journal commits the words that link its block in (the
+previous tail's ``next``, the record's tail and count); a receive when the journal commits the
+unlinking. See ``journal.py`` for what a kill in between leaves.
+
+Layouts, in words from the block header (word 0):
+  channel record   1 next in bucket, 2 hash, 3 head, 4 tail, 5 count, 6 waiters, 7 name length,
+                   8... name
+  message          1 next in channel, 2 next sent, 3 previous sent, 4 channel record, 5 expiry
+                   (ms since the epoch), 6 length | crc32 << 32, 7... msgpack bytes
+  waiter           1 next, 2 process slot, 3 slot token
+"""
+
+from __future__ import annotations
+
+import mmap
+import zlib
+from collections.abc import Callable
+
+from .exceptions import StoreCorrupted
+from .heap import Heap
+from .journal import Journal
+from .layout import H_CHANNELS, H_EXPIRY_HEAD, H_EXPIRY_TAIL, H_MESSAGES, H_SWEEP_CHANNEL, WORD
+from .wakeup import ProcessSlots
+
+C_NEXT, C_HASH, C_HEAD, C_TAIL, C_COUNT, C_WAITERS, C_NAME_LENGTH, C_NAME = range(1, 9)
+M_NEXT, M_SENT_NEXT, M_SENT_PREV, M_CHANNEL, M_EXPIRES, M_LENGTH, M_DATA = range(1, 8)
+W_NEXT, W_SLOT, W_TOKEN = range(1, 4)
+
+# How send() reports that the message was not queued.
+QUEUED, OVER_CAPACITY, OUT_OF_MEMORY = range(3)
+
+MAX_CHAIN = 1 << 20  # a longer bucket chain can only be a cycle in a corrupt store
+
+
+def _words_for(nbytes: int) -> int:
+    return -(-nbytes // WORD)
+
+
+class ChannelQueues:
+    def __init__(
+        self,
+        words: memoryview,
+        data: mmap.mmap,
+        journal: Journal,
+        heap: Heap,
+        slots: ProcessSlots,
+        index: int,
+        buckets: int,
+        hasher: Callable[[bytes], int],
+    ) -> None:
+        self._w = words
+        self._b = data
+        self._j = journal
+        self.heap = heap
+        self._slots = slots
+        self._index = index
+        self._mask = buckets - 1
+        self.hash = hasher
+
+    # --- records ---------------------------------------------------------------------------
+
+    def find(self, name: bytes, h: int) -> int:
+        w, b = self._w, self._b
+        rec, steps = w[self._index + (h & self._mask)], 0
+        n = len(name)
+        while rec:
+            if w[rec + C_HASH] == h and w[rec + C_NAME_LENGTH] == n:
+                start = (rec + C_NAME) * WORD
+                if b[start : start + n] == name:
+                    return rec
+            rec, steps = w[rec + C_NEXT], steps + 1
+            if steps > MAX_CHAIN:
+                raise StoreCorrupted("a channel index chain loops")
+        return 0
+
+    def _create(self, name: bytes, h: int) -> int:
+        rec = self.heap.alloc(C_NAME - 1 + _words_for(len(name)))
+        if not rec:
+            return 0
+        w = self._w
+        bucket = self._index + (h & self._mask)
+        w[rec + C_NEXT] = w[bucket]
+        w[rec + C_HASH] = h
+        w[rec + C_HEAD] = w[rec + C_TAIL] = w[rec + C_COUNT] = w[rec + C_WAITERS] = 0
+        w[rec + C_NAME_LENGTH] = len(name)
+        start = (rec + C_NAME) * WORD
+        self._b[start : start + len(name)] = name
+        jset = self._j.set
+        jset(bucket, rec)
+        jset(H_CHANNELS, w[H_CHANNELS] + 1)
+        return rec
+
+    def _delete(self, rec: int) -> None:
+        w, jset = self._w, self._j.set
+        at, steps = self._index + (w[rec + C_HASH] & self._mask), 0
+        while w[at] != rec:
+            if not w[at] or steps > MAX_CHAIN:
+                raise StoreCorrupted(f"channel record {rec} is not in its bucket")
+            at, steps = w[at] + C_NEXT, steps + 1
+        jset(at, w[rec + C_NEXT])
+        jset(H_CHANNELS, w[H_CHANNELS] - 1)
+        self.heap.free(rec)
+
+    def _delete_if_idle(self, rec: int) -> None:
+        w = self._w
+        if not w[rec + C_COUNT] and not w[rec + C_WAITERS]:
+            self._delete(rec)
+
+    def name_of(self, rec: int) -> bytes:
+        start = (rec + C_NAME) * WORD
+        return self._b[start : start + self._w[rec + C_NAME_LENGTH]]
+
+    # --- messages --------------------------------------------------------------------------
+
+    def _unlink_head(self, rec: int) -> int:
+        w, jset = self._w, self._j.set
+        node = w[rec + C_HEAD]
+        following = w[node + M_NEXT]
+        jset(rec + C_HEAD, following)
+        if not following:
+            jset(rec + C_TAIL, 0)
+        jset(rec + C_COUNT, w[rec + C_COUNT] - 1)
+        before, after = w[node + M_SENT_PREV], w[node + M_SENT_NEXT]
+        jset(before + M_SENT_NEXT if before else H_EXPIRY_HEAD, after)
+        jset(after + M_SENT_PREV if after else H_EXPIRY_TAIL, before)
+        jset(H_MESSAGES, w[H_MESSAGES] - 1)
+        return node
+
+    def _drop_expired(self, rec: int, now: int) -> None:
+        w = self._w
+        while True:
+            head = w[rec + C_HEAD]
+            if not head or w[head + M_EXPIRES] > now:
+                return
+            self.heap.free(self._unlink_head(rec))
+
+    def _read(self, node: int) -> bytes:
+        packed = self._w[node + M_LENGTH]
+        length, crc = packed & 0xFFFFFFFF, packed >> 32
+        start = (node + M_DATA) * WORD
+        data = self._b[start : start + length]
+        if len(data) != length or zlib.crc32(data) != crc:
+            raise StoreCorrupted(f"message at word {node} fails its CRC check")
+        return data
+
+    def append(
+        self, name: bytes, data: bytes, capacity: int, expires: int, now: int, rings: list
+    ) -> int:
+        """Queue ``data`` on ``name`` unless it holds ``capacity`` messages already.
+
+        Returns QUEUED, OVER_CAPACITY or OUT_OF_MEMORY; appends to ``rings`` the doorbells to
+        ring once the lock is released.
+        """
+        w, jset = self._w, self._j.set
+        h = self.hash(name)
+        rec = self.find(name, h)
+        created = False
+        if rec:
+            self._drop_expired(rec, now)
+            count = w[rec + C_COUNT]
+            if count >= capacity:
+                return OVER_CAPACITY
+        else:
+            if capacity < 1:
+                return OVER_CAPACITY
+            rec = self._alloc_or_expire(lambda: self._create(name, h), now)
+            if not rec:
+                return OUT_OF_MEMORY
+            created, count = True, 0
+        node = self._alloc_or_expire(
+            lambda: self.heap.alloc(M_DATA - 1 + _words_for(len(data))), now
+        )
+        if not node:
+            if created:
+                self._delete(rec)
+            return OUT_OF_MEMORY
+        last = w[H_EXPIRY_TAIL]
+        w[node + M_NEXT] = 0
+        w[node + M_SENT_NEXT] = 0
+        w[node + M_SENT_PREV] = last
+        w[node + M_CHANNEL] = rec
+        w[node + M_EXPIRES] = expires
+        w[node + M_LENGTH] = len(data) | zlib.crc32(data) << 32
+        start = (node + M_DATA) * WORD
+        self._b[start : start + len(data)] = data
+        tail = w[rec + C_TAIL]
+        jset(tail + M_NEXT if tail else rec + C_HEAD, node)
+        jset(rec + C_TAIL, node)
+        jset(rec + C_COUNT, count + 1)
+        jset(last + M_SENT_NEXT if last else H_EXPIRY_HEAD, node)
+        jset(H_EXPIRY_TAIL, node)
+        jset(H_MESSAGES, w[H_MESSAGES] + 1)
+        if not count and w[rec + C_WAITERS]:
+            self._collect_doorbells(rec, name, rings)
+        return QUEUED
+
+    def _alloc_or_expire(self, alloc: Callable[[], int], now: int) -> int:
+        block = alloc()
+        if not block and self.expire(now, 256):
+            block = alloc()
+        return block
+
+    def pop(self, name: bytes, now: int) -> bytes | None:
+        """The oldest unexpired message of ``name``, or None."""
+        w = self._w
+        rec = self.find(name, self.hash(name))
+        if not rec:
+            return None
+        data = None
+        while data is None and w[rec + C_HEAD]:
+            node = self._unlink_head(rec)
+            if w[node + M_EXPIRES] > now:
+                data = self._read(node)
+            self.heap.free(node)
+        self._delete_if_idle(rec)
+        return data
+
+    def expire(self, now: int, limit: int) -> int:
+        """Reclaim up to ``limit`` expired messages, oldest first, wherever they are queued."""
+        w, done = self._w, 0
+        while done < limit:
+            node = w[H_EXPIRY_HEAD]
+            if not node or w[node + M_EXPIRES] > now:
+                break
+            rec = w[node + M_CHANNEL]
+            if not self.heap.start <= rec < self.heap.end or w[rec + C_HEAD] != node:
+                raise StoreCorrupted(f"the oldest message {node} is not first in its channel")
+            self.heap.free(self._unlink_head(rec))
+            self._delete_if_idle(rec)
+            done += 1
+        return done
+
+    # --- waiting receivers -----------------------------------------------------------------
+
+    def add_waiter(self, name: bytes, slot: int, token: int) -> bool:
+        """Register a process's doorbell on ``name``; False if channel memory is full."""
+        w = self._w
+        h = self.hash(name)
+        rec = self.find(name, h) or self._create(name, h)
+        if not rec:
+            return False
+        node = self.heap.alloc(W_TOKEN)
+        if not node:
+            self._delete_if_idle(rec)
+            return False
+        w[node + W_NEXT] = w[rec + C_WAITERS]
+        w[node + W_SLOT] = slot
+        w[node + W_TOKEN] = token
+        self._j.set(rec + C_WAITERS, node)
+        return True
+
+    def remove_waiter(self, name: bytes, slot: int, token: int) -> None:
+        rec = self.find(name, self.hash(name))
+        if rec:
+            self._prune_waiters(rec, lambda s, t: s == slot and t == token)
+            self._delete_if_idle(rec)
+
+    def _prune_waiters(self, rec: int, drop: Callable[[int, int], bool]) -> None:
+        w, jset = self._w, self._j.set
+        at, steps = rec + C_WAITERS, 0
+        while w[at]:
+            node = w[at]
+            if drop(w[node + W_SLOT], w[node + W_TOKEN]):
+                jset(at, w[node + W_NEXT])
+                self.heap.free(node)
+            else:
+                at = node + W_NEXT
+            steps += 1
+            if steps > MAX_CHAIN:
+                raise StoreCorrupted(f"the waiter list of channel record {rec} loops")
+
+    def _stale(self, slot: int, token: int) -> bool:
+        return self._slots.token(slot) != token
+
+    def _collect_doorbells(self, rec: int, name: bytes, rings: list) -> None:
+        self._prune_waiters(rec, self._stale)
+        w = self._w
+        node = w[rec + C_WAITERS]
+        while node:
+            rings.append((self._slots.address(w[node + W_TOKEN]), name))
+            node = w[node + W_NEXT]
+
+    def sweep(self, buckets: int) -> None:
+        """Drop stale registrations and idle records from the next ``buckets`` buckets."""
+        w = self._w
+        hand = w[H_SWEEP_CHANNEL] & self._mask
+        for i in range(buckets):
+            rec = w[self._index + ((hand + i) & self._mask)]
+            while rec:
+                following = w[rec + C_NEXT]
+                if not w[rec + C_COUNT] and w[rec + C_WAITERS]:
+                    self._prune_waiters(rec, self._stale)
+                    self._delete_if_idle(rec)
+                rec = following
+        w[H_SWEEP_CHANNEL] = (hand + buckets) & self._mask  # a hint: never journaled
+
+    # --- inspection ------------------------------------------------------------------------
+
+    def records(self):
+        """Every channel record, bucket by bucket (for stats and verify, under the lock)."""
+        w = self._w
+        for bucket in range(self._mask + 1):
+            rec, steps = w[self._index + bucket], 0
+            while rec:
+                yield bucket, rec
+                rec, steps = w[rec + C_NEXT], steps + 1
+                if steps > MAX_CHAIN:
+                    raise StoreCorrupted("a channel index chain loops")
+
+    def depth(self, rec: int) -> int:
+        return self._w[rec + C_COUNT]
+
+    def waiter_count(self, rec: int) -> int:
+        w, node, n = self._w, self._w[rec + C_WAITERS], 0
+        while node and n <= MAX_CHAIN:
+            node, n = w[node + W_NEXT], n + 1
+        return n
+
+    def verify(self, now: int) -> tuple[list[str], int, int]:
+        """Problems found, messages reachable and expired-but-unreclaimed bytes."""
+        w, problems, messages, expired = self._w, [], 0, 0
+        records = 0
+        for bucket, rec in self.records():
+            records += 1
+            if (w[rec + C_HASH] & self._mask) != bucket:
+                problems.append(f"channel record {rec} is in bucket {bucket}, not its own")
+            if self.hash(self.name_of(rec)) != w[rec + C_HASH]:
+                problems.append(f"channel record {rec} has a wrong hash")
+            node, count, last = w[rec + C_HEAD], 0, 0
+            while node:
+                if w[node + M_CHANNEL] != rec:
+                    problems.append(f"message {node} points to the wrong channel")
+                try:
+                    self._read(node)
+                except StoreCorrupted as exc:
+                    problems.append(str(exc))
+                if w[node + M_EXPIRES] <= now:
+                    expired += w[node] >> 2
+                last, node, count = node, w[node + M_NEXT], count + 1
+                if count > w[H_MESSAGES] + 1:
+                    problems.append(f"the message list of channel record {rec} loops")
+                    break
+            if count != w[rec + C_COUNT] or last != w[rec + C_TAIL]:
+                problems.append(f"channel record {rec} counts {w[rec + C_COUNT]}, holds {count}")
+            if not count and not w[rec + C_WAITERS]:
+                problems.append(f"channel record {rec} is idle but was not freed")
+            messages += count
+        if records != w[H_CHANNELS]:
+            problems.append(f"{records} channel records, header says {w[H_CHANNELS]}")
+        sent, node, prev = 0, w[H_EXPIRY_HEAD], 0
+        while node and sent <= messages:
+            if w[node + M_SENT_PREV] != prev:
+                problems.append(f"message {node} has a wrong back link in the order of sending")
+            prev, node, sent = node, w[node + M_SENT_NEXT], sent + 1
+        if sent != messages or messages != w[H_MESSAGES] or prev != w[H_EXPIRY_TAIL]:
+            problems.append(
+                f"{messages} messages in channels, {sent} in the order of sending, "
+                f"header says {w[H_MESSAGES]}"
+            )
+        return problems, messages, expired * WORD

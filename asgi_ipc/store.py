@@ -1,0 +1,327 @@
+"""A prefix's store as one process sees it: the segment, its lock and journal, and the channel,
+group and process tables, with every operation as one lock hold.
+
+An operation runs inside ``with store.transaction():``. Entering takes the global lock and
+repairs what a dead holder left (``_recover``): it rolls back an open undo journal, and finishes
+a flush that was cut off. Leaving commits the journal (or rolls it back if the body raised), then
+releases the lock, then rings the doorbells the operation collected, so no other process ever
+waits on a syscall made under the lock.
+
+``flush`` cannot be undone cheaply (it may free millions of blocks), so it is redone instead: it
+first stores the epoch it moves to in ``H_FLUSHING``; that store is its commit. Then it clears
+the areas (returning their pages to the kernel), bumps the epoch and clears ``H_FLUSHING``. A
+process that finds ``H_FLUSHING`` set when it takes the lock does the same again, which is
+harmless since clearing twice is clearing once. Process slots survive a flush; waiting processes
+see the new epoch, register their waits again and are rung to look again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import mmap
+import os
+import time
+
+from .exceptions import StoreCorrupted
+from .groups import GroupStore
+from .heap import Heap
+from .journal import Journal
+from .layout import (
+    H_CHANNELS,
+    H_EPOCH,
+    H_EXPIRY_HEAD,
+    H_EXPIRY_TAIL,
+    H_FLUSHING,
+    H_GROUPS,
+    H_JOURNAL_COUNT,
+    H_LOCK_PID,
+    H_MAGIC,
+    H_MEMBERSHIPS,
+    H_MESSAGES,
+    MAGIC,
+    PAGE_WORDS,
+    WORD,
+    Geometry,
+)
+from .queues import OUT_OF_MEMORY, OVER_CAPACITY, QUEUED, ChannelQueues
+from .segment import Segment, removal_hint
+from .wakeup import Doorbell, ProcessSlots, Ringer, Waiter
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OUT_OF_MEMORY", "OVER_CAPACITY", "QUEUED", "Store", "format_areas"]
+
+# Bounded background work that each send does for the store as a whole.
+EXPIRE_PER_SEND = 2
+SWEEP_BUCKETS_PER_SEND = 4
+
+_CORRUPTION = (IndexError, ValueError, OverflowError, TypeError, MemoryError)
+
+
+def _heaps(words: memoryview, journal: Journal, g: Geometry) -> tuple[Heap, Heap]:
+    return (
+        Heap(words, journal, g.message_heap_meta, g.message_heap, g.message_heap_end),
+        Heap(words, journal, g.group_heap_meta, g.group_heap, g.group_heap_end),
+    )
+
+
+def _clear(words: memoryview, start: int, end: int) -> None:
+    """Zero words [start, end), giving whole pages back to the kernel where possible."""
+    obj = words.obj
+    if isinstance(obj, mmap.mmap) and hasattr(mmap, "MADV_REMOVE"):
+        try:
+            obj.madvise(mmap.MADV_REMOVE, start * WORD, (end - start) * WORD)
+            return
+        except OSError:
+            pass
+    words[start:end] = memoryview(bytes((end - start) * WORD)).cast("Q")
+
+
+def format_areas(words: memoryview, g: Geometry) -> None:
+    """Empty every channel, group and index (the process slots are kept)."""
+    _clear(words, g.message_heap_meta, g.slots)
+    _clear(words, g.channel_index, g.message_heap_end)
+    _clear(words, g.group_index, g.group_heap_end)
+    for heap in _heaps(words, Journal(words, g.journal), g):
+        heap.format()
+    for word in (H_EXPIRY_HEAD, H_EXPIRY_TAIL, H_MESSAGES, H_CHANNELS, H_GROUPS, H_MEMBERSHIPS):
+        words[word] = 0
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class _Transaction:
+    """One lock hold; see the module docstring."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def __enter__(self) -> None:
+        store = self._store
+        store.segment.lock.acquire()
+        try:
+            store._recover()
+        except BaseException:
+            store.segment.lock.release()
+            raise
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        store = self._store
+        try:
+            if exc_type is None:
+                store.journal.commit()
+            else:
+                try:
+                    store.journal.rollback()
+                except StoreCorrupted:
+                    logger.exception("could not roll back a failed operation on %s", store.name)
+        finally:
+            rings, store._rings = store._rings, []
+            store.segment.lock.release()
+        for address, payload in rings:
+            if not store._ringer.ring(address, payload):
+                store._gone.append(address)
+        if exc_type is not None and issubclass(exc_type, _CORRUPTION):
+            raise StoreCorrupted(
+                f"the store {store.name} is inconsistent ({exc_type.__name__}: {exc}); "
+                f"run `asgi-ipc verify --prefix {store.prefix}`, or "
+                f"{removal_hint(store.prefix)}"
+            ) from exc
+        return False
+
+
+class Store:
+    def __init__(self, prefix: str, channel_memory: int, group_memory: int, create: bool = True):
+        self.segment = Segment(prefix, channel_memory, group_memory, create=create)
+        self.prefix = prefix
+        self.name = self.segment.name
+        g = self.geometry = self.segment.geometry
+        words = self.words = self.segment.words
+        self.journal = Journal(words, g.journal)
+        message_heap, group_heap = _heaps(words, self.journal, g)
+        key = self.segment.hash_key
+        self._hash = lambda data: int.from_bytes(
+            hashlib.blake2b(data, key=key, digest_size=8).digest(), "little"
+        )
+        self.slots = ProcessSlots(words, self.journal, g.slots, prefix)
+        self.queues = ChannelQueues(
+            words, self.segment.mm, self.journal, message_heap, self.slots,
+            g.channel_index, g.channel_buckets, self._hash,
+        )
+        self.groups = GroupStore(
+            words, self.segment.mm, self.journal, group_heap,
+            g.group_index, g.group_buckets, g.member_index, g.member_buckets, self._hash,
+        )
+        self._txn = _Transaction(self)
+        self._rings: list[tuple[bytes, bytes]] = []
+        self._gone: list[bytes] = []
+        self._ringer = Ringer()
+        self._doorbell: Doorbell | None = None
+        self._pid = os.getpid()
+        self._epoch = words[H_EPOCH]
+
+    def transaction(self) -> _Transaction:
+        return self._txn
+
+    # --- recovery --------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        w = self.words
+        if w[H_MAGIC] != MAGIC:
+            raise StoreCorrupted(f"{self.name} lost its magic word; {removal_hint(self.prefix)}")
+        if self._pid != os.getpid():
+            self._forget_parent_process()
+        if w[H_JOURNAL_COUNT]:
+            logger.warning("%s: rolling back an operation cut off by a dead process", self.name)
+            self.journal.rollback()
+        if w[H_FLUSHING]:
+            logger.warning("%s: finishing a flush cut off by a dead process", self.name)
+            self._finish_flush()
+        w[H_LOCK_PID] = self._pid
+        if self._gone:
+            self._reap_gone()
+        if w[H_EPOCH] != self._epoch:
+            self._epoch = w[H_EPOCH]
+            self._register_again()
+
+    def _forget_parent_process(self) -> None:
+        # A forked child shares nothing process-local with its parent but the mapping.
+        self._pid = os.getpid()
+        self._doorbell = None
+        self._ringer = Ringer()
+        self._rings, self._gone = [], []
+
+    def _reap_gone(self) -> None:
+        gone, self._gone = set(self._gone), []
+        for slot, _pid, token in self.slots.live():
+            if self.slots.address(token) in gone:
+                self.slots.release(slot, token)
+        self.journal.commit()
+
+    def _register_again(self) -> None:
+        doorbell = self._doorbell
+        if doorbell is None:
+            return
+        if self.slots.token(doorbell.slot) != doorbell.token:
+            doorbell.slot = self.slots.claim(doorbell.token)
+        for channel in doorbell.channels():
+            self.queues.add_waiter(channel, doorbell.slot, doorbell.token)
+        self.journal.commit()
+
+    # --- operations ------------------------------------------------------------------------
+
+    def send(self, channel: bytes, data: bytes, capacity: int, expiry_ms: int) -> int:
+        now = now_ms()
+        with self._txn:
+            result = self.queues.append(
+                channel, data, capacity, now + expiry_ms, now, self._rings
+            )
+            self.queues.expire(now, EXPIRE_PER_SEND)
+            self.queues.sweep(SWEEP_BUCKETS_PER_SEND)
+        return result
+
+    def take(self, channel: bytes, waiter: Waiter | None) -> bytes | Waiter:
+        """Pop the next message of ``channel``, or register ``waiter`` (a new one if None)
+        so that the next send rings this process; the caller then awaits ``waiter.future``."""
+        now = now_ms()
+        with self._txn:
+            data = self.queues.pop(channel, now)
+            if data is not None:
+                if waiter is not None:
+                    self._stop_waiting_locked(channel, waiter)
+                return data
+            if waiter is None:
+                waiter = self._start_waiting_locked(channel)
+            else:
+                waiter.renew()
+            return waiter
+
+    def _start_waiting_locked(self, channel: bytes) -> Waiter:
+        import asyncio
+
+        doorbell = self._doorbell
+        if doorbell is None:
+            doorbell = self._doorbell = Doorbell(self.prefix)
+        if self.slots.token(doorbell.slot) != doorbell.token:
+            doorbell.slot = self.slots.claim(doorbell.token)
+            if doorbell.slot < 0:
+                raise RuntimeError(f"{self.name}: every process slot is taken")
+        waiter = Waiter(asyncio.get_running_loop())
+        if doorbell.add(channel, waiter):
+            if not self.queues.add_waiter(channel, doorbell.slot, doorbell.token):
+                doorbell.discard(channel, waiter)
+                raise MemoryError  # unreachable in a sane store: a waiter is 32 bytes
+        return waiter
+
+    def _stop_waiting_locked(self, channel: bytes, waiter: Waiter) -> None:
+        doorbell = self._doorbell
+        if doorbell is not None and doorbell.discard(channel, waiter):
+            self.queues.remove_waiter(channel, doorbell.slot, doorbell.token)
+
+    def stop_waiting(self, channel: bytes, waiter: Waiter) -> None:
+        """A waiting receive gave up (cancelled): drop its registration."""
+        with self._txn:
+            self._stop_waiting_locked(channel, waiter)
+
+    def group_add(self, group: bytes, channel: bytes) -> None:
+        with self._txn:
+            self.groups.add(group, channel, now_ms())
+
+    def group_discard(self, group: bytes, channel: bytes) -> None:
+        with self._txn:
+            self.groups.discard(group, channel)
+
+    def group_send(self, group: bytes, data: bytes, capacity_of, expiry_ms: int,
+                   group_expiry_ms: int) -> tuple[int, int]:
+        """Queue ``data`` on every member with room; (members, members skipped)."""
+        now = now_ms()
+        skipped = 0
+        with self._txn:
+            members = self.groups.members(group, now - group_expiry_ms)
+            self.groups.sweep(now - group_expiry_ms)
+            for channel in members:
+                if self.journal.count > JOURNAL_HEADROOM:
+                    # A group too large for one journal commits member by member from here.
+                    self.journal.commit()
+                result = self.queues.append(
+                    channel, data, capacity_of(channel), now + expiry_ms, now, self._rings
+                )
+                skipped += result != QUEUED
+            self.queues.expire(now, EXPIRE_PER_SEND)
+        return len(members), skipped
+
+    def flush(self) -> None:
+        with self._txn:
+            self.words[H_FLUSHING] = self.words[H_EPOCH] + 1
+            self._finish_flush()
+
+    def _finish_flush(self) -> None:
+        w = self.words
+        format_areas(w, self.geometry)
+        w[H_EPOCH] = w[H_FLUSHING]
+        w[H_FLUSHING] = 0
+        # Every waiting process must register again: ring them all.
+        for _slot, _pid, token in self.slots.live():
+            self._rings.append((self.slots.address(token), b""))
+
+    def close(self) -> None:
+        if self.segment.closed:
+            return
+        doorbell, self._doorbell = self._doorbell, None
+        if doorbell is not None and self._pid == os.getpid():
+            try:
+                with self._txn:
+                    self.slots.release(doorbell.slot, doorbell.token)
+            except StoreCorrupted:
+                pass
+            doorbell.close()
+        self._ringer.close()
+        self.segment.close()
+
+
+JOURNAL_HEADROOM = (1 << 16) - 4 * PAGE_WORDS

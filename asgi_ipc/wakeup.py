@@ -1,0 +1,232 @@
+"""Waking a receive() in another process at once, without polling.
+
+Each process that waits in ``receive()`` claims a *process slot* in the store (pid, start time and
+a random token) and binds a Unix datagram socket, its *doorbell*, at an abstract address made of
+the prefix and the token. A waiting receive registers ``(slot, token)`` on its channel's record,
+under the same lock hold in which it found the channel empty, so no send can fall between the
+check and the registration. A send that makes an empty channel non-empty collects the doorbells
+registered on it and, once it has released the lock, sends each one datagram holding the channel
+name. An empty datagram (after ``flush``) means "look at every channel again".
+
+In the receiving process the doorbell is read by whichever event loop has a receive waiting
+(``loop.add_reader``), which wakes the receives of the named channel in its own loop directly and
+those in other loops with ``call_soon_threadsafe``. Nothing runs while nobody sends.
+
+A doorbell that answers ``ECONNREFUSED`` belongs to a dead process: the sender frees that slot at
+its next lock hold, which makes every registration carrying the slot's old token stale. Stale
+registrations are dropped by the next send that meets them and by the incremental sweep, so a dead
+receiver slows nobody down and leaves nothing behind for long. Only processes can read or ring a
+doorbell that know its token, which lives in the store (mode 0600).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import threading
+
+from .journal import Journal
+from .layout import SLOT_WORDS, SLOTS
+
+SLOT_PID = 0
+SLOT_START = 1
+SLOT_TOKEN = 2
+
+
+def process_start_time(pid: int) -> int:
+    """The kernel's start time of ``pid`` (0 if unknown), which tells a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def process_alive(pid: int, start_time: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not start_time or process_start_time(pid) in (0, start_time)
+
+
+def doorbell_address(prefix: str, token: int) -> bytes:
+    return b"\0asgi_ipc." + prefix.encode() + b"." + b"%016x" % token
+
+
+class ProcessSlots:
+    """The table of processes that wait in receive(), in the store."""
+
+    def __init__(self, words: memoryview, journal: Journal, base: int, prefix: str) -> None:
+        self._w = words
+        self._j = journal
+        self._base = base
+        self._prefix = prefix
+
+    def token(self, slot: int) -> int:
+        return self._w[self._base + slot * SLOT_WORDS + SLOT_TOKEN] if 0 <= slot < SLOTS else 0
+
+    def address(self, token: int) -> bytes:
+        return doorbell_address(self._prefix, token)
+
+    def claim(self, token: int) -> int:
+        """Take a free slot, or the slot of a dead process, for this process; -1 if none."""
+        w, jset = self._w, self._j.set
+        pid = os.getpid()
+        for slot in range(SLOTS):
+            at = self._base + slot * SLOT_WORDS
+            if w[at + SLOT_TOKEN] and process_alive(w[at + SLOT_PID], w[at + SLOT_START]):
+                continue
+            jset(at + SLOT_PID, pid)
+            jset(at + SLOT_START, process_start_time(pid))
+            jset(at + SLOT_TOKEN, token)
+            return slot
+        return -1
+
+    def release(self, slot: int, token: int) -> None:
+        """Free ``slot`` if it still holds ``token``; its registrations become stale."""
+        at = self._base + slot * SLOT_WORDS
+        if 0 <= slot < SLOTS and self._w[at + SLOT_TOKEN] == token:
+            self._j.set(at + SLOT_TOKEN, 0)
+            self._j.set(at + SLOT_PID, 0)
+
+    def live(self) -> list[tuple[int, int, int]]:
+        """(slot, pid, token) of every slot in use."""
+        w, found = self._w, []
+        for slot in range(SLOTS):
+            at = self._base + slot * SLOT_WORDS
+            if w[at + SLOT_TOKEN]:
+                found.append((slot, w[at + SLOT_PID], w[at + SLOT_TOKEN]))
+        return found
+
+
+class Waiter:
+    """One receive() waiting in this process: its loop and the future it awaits."""
+
+    __slots__ = ("loop", "future")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.future = loop.create_future()
+
+    def renew(self) -> None:
+        self.future = self.loop.create_future()
+
+
+def _wake(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Doorbell:
+    """This process's doorbell socket and its receives waiting for it, by channel."""
+
+    def __init__(self, prefix: str) -> None:
+        self.token = secrets.randbits(63) | 1
+        self.slot = -1
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._sock.bind(doorbell_address(prefix, self.token))
+        self._sock.setblocking(False)
+        self._guard = threading.Lock()
+        self._waiting: dict[bytes, set[Waiter]] = {}
+        self._loops: dict[asyncio.AbstractEventLoop, int] = {}
+
+    def add(self, channel: bytes, waiter: Waiter) -> bool:
+        """Track ``waiter``; True if it is the first of this process on ``channel``."""
+        with self._guard:
+            waiters = self._waiting.setdefault(channel, set())
+            first = not waiters
+            waiters.add(waiter)
+            readers = self._loops.get(waiter.loop, 0)
+            self._loops[waiter.loop] = readers + 1
+        if not readers:
+            waiter.loop.add_reader(self._sock.fileno(), self._on_readable)
+        return first
+
+    def discard(self, channel: bytes, waiter: Waiter) -> bool:
+        """Stop tracking ``waiter``; True if it was the last of this process on ``channel``."""
+        with self._guard:
+            waiters = self._waiting.get(channel)
+            if waiters is None or waiter not in waiters:
+                return False
+            waiters.discard(waiter)
+            if not waiters:
+                del self._waiting[channel]
+            readers = self._loops[waiter.loop] - 1
+            if readers:
+                self._loops[waiter.loop] = readers
+            else:
+                del self._loops[waiter.loop]
+        if not readers and not waiter.loop.is_closed():
+            waiter.loop.remove_reader(self._sock.fileno())
+        return not waiters
+
+    def channels(self) -> list[bytes]:
+        with self._guard:
+            return list(self._waiting)
+
+    def _on_readable(self) -> None:
+        names = set()
+        while True:
+            try:
+                names.add(self._sock.recv(256))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                return
+        with self._guard:
+            if b"" in names:
+                targets = [w for waiters in self._waiting.values() for w in waiters]
+            else:
+                targets = [w for name in names for w in self._waiting.get(name, ())]
+        try:
+            current = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        for waiter in targets:
+            if waiter.loop is current:
+                _wake(waiter.future)
+            else:
+                try:
+                    waiter.loop.call_soon_threadsafe(_wake, waiter.future)
+                except RuntimeError:
+                    pass  # its loop is closed: the receive will never look again
+
+    def close(self) -> None:
+        with self._guard:
+            loops = list(self._loops)
+            self._loops.clear()
+            self._waiting.clear()
+        for loop in loops:
+            if not loop.is_closed():
+                try:
+                    loop.remove_reader(self._sock.fileno())
+                except RuntimeError:
+                    pass
+        self._sock.close()
+
+
+class Ringer:
+    """The sending side: one unbound datagram socket per process."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._sock.setblocking(False)
+
+    def ring(self, address: bytes, payload: bytes) -> bool:
+        """Ring one doorbell; False if nobody is listening there any more."""
+        try:
+            self._sock.sendto(payload, address)
+        except (BlockingIOError, InterruptedError):
+            pass  # its queue is full of rings already: it will wake
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        return True
+
+    def close(self) -> None:
+        self._sock.close()
