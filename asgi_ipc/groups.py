@@ -222,15 +222,18 @@ class GroupStore:
     def size(self, rec: int) -> int:
         return self._w[rec + G_MEMBERS]
 
-    def verify(self) -> tuple[list[str], int]:
-        """Problems found and memberships reachable."""
-        w, problems, groups, total = self._w, [], 0, 0
+    def verify(self) -> dict:
+        """Walk every group and membership; report problems and what they add up to."""
+        w, problems, groups, total, block_words = self._w, [], 0, 0, 0
+        largest = []
         for name, rec in self.groups():
             groups += 1
+            block_words += w[rec] >> 2
             if self._hash(name) != w[rec + G_HASH]:
                 problems.append(f"group record {rec} has a wrong hash")
             member, prev, count, added = w[rec + G_FIRST], 0, 0, 0
             while member:
+                block_words += w[member] >> 2
                 channel = self._name(member, B_NAME_LENGTH)
                 if w[member + B_GROUP] != rec or w[member + B_LIST_PREV] != prev:
                     problems.append(f"membership {member} of group {name!r} is mislinked")
@@ -245,6 +248,7 @@ class GroupStore:
                     break
             if count != w[rec + G_MEMBERS] or prev != w[rec + G_LAST] or not count:
                 problems.append(f"group {name!r} counts {w[rec + G_MEMBERS]}, holds {count}")
+            largest.append((count, name.decode("ascii", "replace")))
             total += count
         if groups != w[H_GROUPS] or total != w[H_MEMBERSHIPS]:
             problems.append(
@@ -258,4 +262,10 @@ class GroupStore:
                 indexed, member, steps = indexed + 1, w[member + B_NEXT], steps + 1
         if indexed != total:
             problems.append(f"member index holds {indexed} memberships, groups hold {total}")
-        return problems, total
+        if block_words != self.heap.used_words:
+            problems.append(
+                f"group memory: {self.heap.used_words} words allocated, {block_words} "
+                "reachable (leak or double use)"
+            )
+        return {"problems": problems, "groups": groups, "memberships": total,
+                "largest": sorted(largest, reverse=True)[:10]}

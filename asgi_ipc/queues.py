@@ -327,16 +327,17 @@ class ChannelQueues:
             node, n = w[node + W_NEXT], n + 1
         return n
 
-    def verify(self, now: int) -> tuple[list[str], int, int]:
-        """Problems found, messages reachable and expired-but-unreclaimed bytes."""
-        w, problems, messages, expired = self._w, [], 0, 0
-        records = 0
+    def verify(self, now: int) -> dict:
+        """Walk every record, message and waiter; report problems and what they add up to."""
+        w, problems = self._w, []
+        messages = expired = records = block_words = 0
+        depths = []
         for bucket, rec in self.records():
             records += 1
-            if (w[rec + C_HASH] & self._mask) != bucket:
-                problems.append(f"channel record {rec} is in bucket {bucket}, not its own")
-            if self.hash(self.name_of(rec)) != w[rec + C_HASH]:
-                problems.append(f"channel record {rec} has a wrong hash")
+            block_words += w[rec] >> 2
+            name = self.name_of(rec)
+            if (w[rec + C_HASH] & self._mask) != bucket or self.hash(name) != w[rec + C_HASH]:
+                problems.append(f"channel record {rec} ({name!r}) is filed under a wrong hash")
             node, count, last = w[rec + C_HEAD], 0, 0
             while node:
                 if w[node + M_CHANNEL] != rec:
@@ -347,14 +348,20 @@ class ChannelQueues:
                     problems.append(str(exc))
                 if w[node + M_EXPIRES] <= now:
                     expired += w[node] >> 2
+                block_words += w[node] >> 2
                 last, node, count = node, w[node + M_NEXT], count + 1
                 if count > w[H_MESSAGES] + 1:
                     problems.append(f"the message list of channel record {rec} loops")
                     break
             if count != w[rec + C_COUNT] or last != w[rec + C_TAIL]:
                 problems.append(f"channel record {rec} counts {w[rec + C_COUNT]}, holds {count}")
-            if not count and not w[rec + C_WAITERS]:
+            waiter, waiters = w[rec + C_WAITERS], 0
+            while waiter and waiters <= MAX_CHAIN:
+                block_words += w[waiter] >> 2
+                waiter, waiters = w[waiter + W_NEXT], waiters + 1
+            if not count and not waiters:
                 problems.append(f"channel record {rec} is idle but was not freed")
+            depths.append((count, name.decode("ascii", "replace"), waiters))
             messages += count
         if records != w[H_CHANNELS]:
             problems.append(f"{records} channel records, header says {w[H_CHANNELS]}")
@@ -368,4 +375,15 @@ class ChannelQueues:
                 f"{messages} messages in channels, {sent} in the order of sending, "
                 f"header says {w[H_MESSAGES]}"
             )
-        return problems, messages, expired * WORD
+        if block_words != self.heap.used_words:
+            problems.append(
+                f"channel memory: {self.heap.used_words} words allocated, {block_words} "
+                "reachable (leak or double use)"
+            )
+        return {
+            "problems": problems,
+            "channels": records,
+            "messages": messages,
+            "expired_bytes": expired * WORD,
+            "deepest": sorted(depths, reverse=True)[:10],
+        }

@@ -14,6 +14,7 @@ it as it is and logs a warning. Anything that is not a ready store of this layou
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import mmap
@@ -32,6 +33,7 @@ from .layout import (
     H_GROUP_BUCKETS,
     H_GROUP_MEMORY,
     H_HASH_KEY,
+    H_LOCK_PID,
     H_MAGIC,
     H_MEMBER_BUCKETS,
     H_READY,
@@ -171,6 +173,20 @@ class Segment:
         if words[H_GEOMETRY_END + 1 : H_READY].tobytes().strip(b"\0"):
             raise StoreCorrupted(f"{self.name} has a corrupt header (reserved words); {hint}")
         return geometry
+
+    def lock_holder(self) -> int | None:
+        """The pid holding the store lock right now, or None (asked without waiting)."""
+        try:
+            probe = os.open(f"/dev/shm/{self.name[1:]}", os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return self.words[H_LOCK_PID] or None
+        finally:
+            os.close(probe)
+        return None
 
     def reopen_after_fork(self) -> None:
         """Give a forked child its own open file description, so its flock excludes the parent."""

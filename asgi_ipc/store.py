@@ -39,8 +39,8 @@ from .layout import (
     H_MAGIC,
     H_MEMBERSHIPS,
     H_MESSAGES,
+    JOURNAL_ENTRIES,
     MAGIC,
-    PAGE_WORDS,
     WORD,
     Geometry,
 )
@@ -55,6 +55,8 @@ __all__ = ["OUT_OF_MEMORY", "OVER_CAPACITY", "QUEUED", "Store", "format_areas"]
 # Bounded background work that each send does for the store as a whole.
 EXPIRE_PER_SEND = 2
 SWEEP_BUCKETS_PER_SEND = 4
+# One member's delivery needs far fewer entries than this; past it group_send commits early.
+JOURNAL_HEADROOM = JOURNAL_ENTRIES - 2048
 
 _CORRUPTION = (IndexError, ValueError, OverflowError, TypeError, MemoryError)
 
@@ -309,6 +311,48 @@ class Store:
         for _slot, _pid, token in self.slots.live():
             self._rings.append((self.slots.address(token), b""))
 
+    # --- inspection ------------------------------------------------------------------------
+
+    def inspect(self) -> dict:
+        """Walk the whole store under the lock: its problems (empty when consistent) and
+        figures. O(everything): for the command line and tests, not for serving."""
+        lock_holder = self.segment.lock_holder()
+        with self._txn:
+            w = self.words
+            queues = self.queues.verify(now_ms())
+            groups = self.groups.verify()
+            problems = (
+                self.queues.heap.verify() + self.groups.heap.verify()
+                + queues.pop("problems") + groups.pop("problems")
+            )
+            live = self.slots.live()
+            report = {
+                "prefix": self.prefix,
+                "name": self.name,
+                "problems": problems,
+                "epoch": w[H_EPOCH],
+                "lock_holder": lock_holder,
+                "waiting_processes": sorted({pid for _slot, pid, _token in live}),
+                "channel_memory": self._heap_figures(self.queues.heap),
+                "group_memory": self._heap_figures(self.groups.heap),
+                **queues,
+                **groups,
+            }
+        return report
+
+    @staticmethod
+    def _heap_figures(heap: Heap) -> dict:
+        return {
+            "size": heap.size_words * WORD,
+            "used": heap.used_words * WORD,
+            "free": (heap.size_words - heap.used_words) * WORD,
+            "largest_free": heap.largest_free_words() * WORD,
+        }
+
+    def verify(self) -> list[str]:
+        """Every inconsistency found in the store; an empty list means it is sound."""
+        return self.inspect()["problems"]
+
     def close(self) -> None:
         if self.segment.closed:
             return
@@ -324,4 +368,3 @@ class Store:
         self.segment.close()
 
 
-JOURNAL_HEADROOM = (1 << 16) - 4 * PAGE_WORDS
