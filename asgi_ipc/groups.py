@@ -163,7 +163,9 @@ class GroupStore:
         if not rec:
             rec = self._new(G_NAME_LENGTH, group, bucket, h)
             if not rec:
-                raise GroupMemoryFull(f"group memory is full: cannot create group {group!r}")
+                raise GroupMemoryFull(
+                    f"group memory is full: cannot create group {group.decode()!r}"
+                )
             jset(H_GROUPS, w[H_GROUPS] + 1)
         member, bucket, h = self._membership(group, channel, rec)
         if member:
@@ -172,7 +174,8 @@ class GroupStore:
             member = self._new(B_NAME_LENGTH, channel, bucket, h)
             if not member:
                 raise GroupMemoryFull(
-                    f"group memory is full: cannot add {channel!r} to group {group!r}"
+                    f"group memory is full: cannot add {channel.decode()!r} to group "
+                    f"{group.decode()!r}"
                 )
             w[member + B_GROUP] = rec
             jset(rec + G_MEMBERS, w[rec + G_MEMBERS] + 1)

@@ -137,6 +137,9 @@ class Heap:
             sl_map = w[self._meta + M_SL_BITMAP + fl]
         return w[self._bins + (fl << SL_BITS) + _lowest_bit(sl_map)]
 
+    def can_alloc(self, payload_words: int) -> bool:
+        return bool(self._find(max(payload_words + 1, MIN_BLOCK)))
+
     def alloc(self, payload_words: int) -> int:
         """A used block with room for ``payload_words`` after its header, or 0 if none is free."""
         size = max(payload_words + 1, MIN_BLOCK)
@@ -250,7 +253,8 @@ class Heap:
                 listed.add(block)
                 prev, block = block, w[block + 1]
         for fl in range(FIRST_LEVELS):
-            if bool(w[self._meta + M_SL_BITMAP + fl]) != bool(w[self._meta + M_FL_BITMAP] >> fl & 1):
+            has_bins = bool(w[self._meta + M_SL_BITMAP + fl])
+            if has_bins != bool(w[self._meta + M_FL_BITMAP] >> fl & 1):
                 problems.append(f"{where}: first-level bitmap bit {fl} is wrong")
         if listed != free_blocks:
             problems.append(f"{where}: {len(free_blocks - listed)} free blocks in no bin (leak)")

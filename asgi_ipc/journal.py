@@ -69,18 +69,20 @@ class Journal:
         self._w[H_JOURNAL_COUNT] = 0
         self._count = 0
 
-    def rollback(self) -> None:
-        """Undo every change journaled since the last commit, ours or a dead holder's."""
+    def rollback(self, savepoint: int = 0) -> None:
+        """Undo every change journaled since ``savepoint`` (by default since the last commit,
+        ours or a dead holder's)."""
         w = self._w
         n = w[H_JOURNAL_COUNT]
-        if n > JOURNAL_ENTRIES:
+        if n > JOURNAL_ENTRIES or savepoint > n:
             raise StoreCorrupted(f"undo journal claims {n} entries, more than it can hold")
         limit = len(w)
-        for k in range(n - 1, -1, -1):
+        for k in range(n - 1, savepoint - 1, -1):
             entry = self._base + 2 * k
             index = w[entry]
             if not 0 < index < limit or index == H_JOURNAL_COUNT:
                 raise StoreCorrupted(f"undo journal entry {k} points outside the store")
             w[index] = w[entry + 1]
-        w[H_JOURNAL_COUNT] = 0
-        self._count = 0
+            # Shrink as we go, so a rollback cut short is resumed where it stopped.
+            w[H_JOURNAL_COUNT] = k
+        self._count = savepoint

@@ -69,11 +69,15 @@ class IPCChannelLayer(BaseChannelLayer):
 
     def _serialize(self, message: Any, destination: str) -> bytes:
         if not isinstance(message, dict):
-            raise TypeError(f"message for {destination} must be a dict, not {type(message).__name__}")
+            raise TypeError(
+                f"message for {destination} must be a dict, not {type(message).__name__}"
+            )
         try:
             data = msgpack.packb(message, use_bin_type=True)
         except (TypeError, ValueError, OverflowError) as exc:
-            raise TypeError(f"message for {destination} cannot be serialised with msgpack: {exc}") from exc
+            raise TypeError(
+                f"message for {destination} cannot be serialised with msgpack: {exc}"
+            ) from exc
         if len(data) > MAX_MESSAGE_BYTES:
             raise MessageTooLarge(
                 f"message for {destination} is {len(data)} bytes serialised; the limit is "

@@ -165,25 +165,27 @@ class ChannelQueues:
         w, jset = self._w, self._j.set
         h = self.hash(name)
         rec = self.find(name, h)
-        created = False
         if rec:
             self._drop_expired(rec, now)
             count = w[rec + C_COUNT]
             if count >= capacity:
                 return OVER_CAPACITY
+        elif capacity < 1:
+            return OVER_CAPACITY
         else:
-            if capacity < 1:
-                return OVER_CAPACITY
-            rec = self._alloc_or_expire(lambda: self._create(name, h), now)
-            if not rec:
-                return OUT_OF_MEMORY
-            created, count = True, 0
-        node = self._alloc_or_expire(
-            lambda: self.heap.alloc(M_DATA - 1 + _words_for(len(data))), now
-        )
+            count = 0
+        payload_words = M_DATA - 1 + _words_for(len(data))
+        if not self.heap.can_alloc(payload_words) and not (
+            self.expire(now, 256) and self.heap.can_alloc(payload_words)
+        ):
+            return OUT_OF_MEMORY
+        savepoint = self._j.count
+        if not rec:
+            rec = self._create(name, h)
+        node = self.heap.alloc(payload_words) if rec else 0
         if not node:
-            if created:
-                self._delete(rec)
+            # The record took the room the message needed: undo it, to the last word.
+            self._j.rollback(savepoint)
             return OUT_OF_MEMORY
         last = w[H_EXPIRY_TAIL]
         w[node + M_NEXT] = 0
@@ -204,12 +206,6 @@ class ChannelQueues:
         if not count and w[rec + C_WAITERS]:
             self._collect_doorbells(rec, name, rings)
         return QUEUED
-
-    def _alloc_or_expire(self, alloc: Callable[[], int], now: int) -> int:
-        block = alloc()
-        if not block and self.expire(now, 256):
-            block = alloc()
-        return block
 
     def pop(self, name: bytes, now: int) -> bytes | None:
         """The oldest unexpired message of ``name``, or None."""

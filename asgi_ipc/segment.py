@@ -76,9 +76,14 @@ class Segment:
         self.lock.acquire()
         try:
             size = os.fstat(self.fd).st_size
-            if size == 0 or not self._is_ready(size):
+            if self._needs_initialising(size):
                 self._initialise(wanted)
                 size = wanted.total_bytes
+            if size < PAGE_WORDS * WORD or size % (PAGE_WORDS * WORD):
+                raise StoreCorrupted(
+                    f"{self.name} is {size} bytes, not an asgi_ipc store; "
+                    f"{removal_hint(prefix)}"
+                )
             self.mm = mmap.mmap(self.fd, size)
             self.words = memoryview(self.mm).cast("Q")
             self.geometry = self._validate(size)
@@ -103,19 +108,25 @@ class Segment:
                 return posix_ipc.SharedMemory(self.name, posix_ipc.O_CREAT, mode=0o600)
             return posix_ipc.SharedMemory(self.name)
         except posix_ipc.ExistentialError:
-            raise StoreError(f"no asgi_ipc store for prefix {self.prefix!r} ({self.name})") from None
+            raise StoreError(
+                f"no asgi_ipc store for prefix {self.prefix!r} ({self.name})"
+            ) from None
         except posix_ipc.PermissionsError:
             raise StoreError(
                 f"no permission to open {self.name}: it belongs to another user"
             ) from None
 
-    def _is_ready(self, size: int) -> bool:
+    def _needs_initialising(self, size: int) -> bool:
+        """True for an object nobody finished initialising: empty, or with our magic word (or
+        none yet) but no ready flag. Anything else is left alone for ``_validate`` to judge."""
+        if size == 0:
+            return True
         if size < PAGE_WORDS * WORD:
             return False
         with mmap.mmap(self.fd, PAGE_WORDS * WORD) as header:
             words = memoryview(header).cast("Q")
             try:
-                return bool(words[H_READY]) or words[H_MAGIC] not in (0, MAGIC)
+                return not words[H_READY] and words[H_MAGIC] in (0, MAGIC)
             finally:
                 words.release()
 
@@ -147,8 +158,6 @@ class Segment:
     def _validate(self, size: int) -> Geometry:
         words = self.words
         hint = removal_hint(self.prefix)
-        if size < PAGE_WORDS * WORD:
-            raise StoreCorrupted(f"{self.name} is only {size} bytes, not an asgi_ipc store; {hint}")
         if words[H_MAGIC] != MAGIC:
             raise StoreCorrupted(f"{self.name} is not an asgi_ipc store (bad magic); {hint}")
         if words[H_VERSION] != LAYOUT_VERSION:

@@ -1,0 +1,290 @@
+"""What asgi_ipc promises beyond the shared contract: failed calls change nothing, memory full
+and expiry behave, corrupt or foreign objects are refused clearly, and OS objects are private."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import stat
+
+import posix_ipc
+import pytest
+from channels.exceptions import ChannelFull, MessageTooLarge
+
+import asgi_ipc
+from asgi_ipc import GroupMemoryFull, IPCChannelLayer, StoreCorrupted
+from asgi_ipc.layout import H_LOCK_PID, H_SWEEP_CHANNEL, H_SWEEP_GROUP
+
+from .conftest import MiB, shm_path
+
+HINT_WORDS = (H_LOCK_PID, H_SWEEP_CHANNEL, H_SWEEP_GROUP)
+
+
+def layer_for(prefix, **config):
+    config.setdefault("channel_memory", 1 * MiB)
+    config.setdefault("group_memory", 256 * 1024)
+    return IPCChannelLayer(prefix=prefix, **config)
+
+
+def snapshot(layer) -> bytes:
+    """The whole segment, less the words that are hints rather than state, and less the undo
+    journal's entries, which are scratch space once the count that covers them is 0."""
+    store = layer._open()
+    words = store.words
+    saved = [words[i] for i in HINT_WORDS]
+    for i in HINT_WORDS:
+        words[i] = 0
+    data = bytearray(store.segment.mm)
+    for i, value in zip(HINT_WORDS, saved, strict=True):
+        words[i] = value
+    g = store.geometry
+    data[g.journal * 8 : g.channel_index * 8] = bytes((g.channel_index - g.journal) * 8)
+    return bytes(data)
+
+
+async def test_failed_calls_leave_the_store_byte_for_byte_unchanged(prefix):
+    layer = layer_for(prefix, capacity=2)
+    await layer.send("c.full", {"a": 1})
+    await layer.send("c.full", {"a": 2})
+    await layer.group_add("g", "c.member")
+    before = snapshot(layer)
+    failing = [
+        (ChannelFull, layer.send("c.full", {"a": 3})),
+        (TypeError, layer.send("c.x", ["not", "a", "dict"])),
+        (TypeError, layer.send("bad name", {"a": 1})),
+        (TypeError, layer.send("c.x", {"bad": {1, 2}})),
+        (TypeError, layer.send("c.x", {"huge": 2**64})),
+        (MessageTooLarge, layer.send("c.x", {"blob": b"x" * (1024 * 1024)})),
+        (TypeError, layer.group_add("bad!group", "c.x")),
+        (TypeError, layer.group_send("g", {"bad": object()})),
+    ]
+    for expected, call in failing:
+        with pytest.raises(expected) as info:
+            await call
+        assert str(info.value) or expected is ChannelFull
+        assert snapshot(layer) == before, f"{expected.__name__} changed the store"
+    assert layer._open().verify() == []
+    await layer.close()
+
+
+async def test_error_messages_name_the_problem(prefix):
+    layer = layer_for(prefix, capacity=1)
+    with pytest.raises(TypeError, match="must be a dict"):
+        await layer.send("c", "text")
+    with pytest.raises(TypeError, match="msgpack"):
+        await layer.send("c", {"s": {1}})
+    with pytest.raises(MessageTooLarge, match="limit is 1048576"):
+        await layer.send("c", {"b": b"x" * (1024 * 1024)})
+    await layer.send("c", {})
+    with pytest.raises(ChannelFull, match="capacity"):
+        await layer.send("c", {})
+    await layer.close()
+
+
+async def test_full_channel_memory_raises_channel_full_then_recovers(prefix):
+    layer = layer_for(prefix, channel_memory=256 * 1024, capacity=100000)
+    blob = b"x" * 4000
+    sent = 0
+    with pytest.raises(ChannelFull, match="channel memory"):
+        while True:
+            await layer.send("c.fill", {"blob": blob})
+            sent += 1
+    assert 50 < sent < 70  # 256 KiB holds ~62 messages of 4 KB
+    before = snapshot(layer)
+    with pytest.raises(ChannelFull):
+        await layer.send("c.other", {"blob": blob})
+    assert snapshot(layer) == before
+    for _ in range(sent):
+        await layer.receive("c.fill")
+    # Drained and merged: one message as large as half the memory fits again.
+    await layer.send("c.other", {"blob": b"y" * (120 * 1024)})
+    assert (await layer.receive("c.other"))["blob"] == b"y" * (120 * 1024)
+    report = layer._open().inspect()
+    assert report["problems"] == [] and report["channel_memory"]["used"] == 0
+    await layer.close()
+
+
+async def test_expired_messages_of_unread_channels_are_reclaimed(prefix):
+    layer = layer_for(prefix, expiry=0.2, capacity=1000)
+    for i in range(300):
+        await layer.send(f"c.abandoned{i % 30}", {"i": i})
+    assert layer._open().inspect()["messages"] == 300
+    await asyncio.sleep(0.3)
+    # Every send reclaims a couple of expired messages wherever they are queued.
+    for i in range(200):
+        await layer.send("c.busy", {"i": i})
+        await layer.receive("c.busy")
+    report = layer._open().inspect()
+    assert report["messages"] == 0 and report["channels"] == 0
+    assert report["channel_memory"]["used"] == 0
+    assert report["problems"] == []
+    await layer.close()
+
+
+async def test_full_memory_reclaims_expired_messages_first(prefix):
+    layer = layer_for(prefix, channel_memory=256 * 1024, expiry=0.2, capacity=100000)
+    blob = b"x" * 4000
+    with pytest.raises(ChannelFull):
+        for i in range(1000):
+            await layer.send(f"c.gone{i}", {"blob": blob})
+    await asyncio.sleep(0.3)
+    for _ in range(50):  # all of them fit again as the expired ones are reclaimed
+        await layer.send("c.new", {"blob": blob})
+    await layer.close()
+
+
+async def test_full_group_memory_raises_and_changes_nothing(prefix):
+    layer = layer_for(prefix, group_memory=64 * 1024)
+    added = 0
+    with pytest.raises(GroupMemoryFull, match="group memory is full"):
+        while True:
+            await layer.group_add("big", f"c.member{added:06d}")
+            added += 1
+    # ~50 KiB of group memory, about 64 bytes a membership here.
+    assert added > 500
+    before = snapshot(layer)
+    with pytest.raises(GroupMemoryFull):
+        await layer.group_add("another", "c.x")
+    assert snapshot(layer) == before
+    for n in range(3):  # room for a group record and a membership
+        await layer.group_discard("big", f"c.member{n:06d}")
+    await layer.group_add("another", "c.x")
+    assert layer._open().verify() == []
+    await layer.close()
+
+
+def test_memberships_per_mib_of_group_memory(prefix):
+    # The bound the documentation gives: at least 4000 memberships of new_channel() names.
+    async def count():
+        layer = layer_for(prefix, group_memory=1 * MiB)
+        added = 0
+        try:
+            while True:
+                await layer.group_add(f"room{added % 100}", f"specific.ipc!{added:032x}")
+                added += 1
+        except GroupMemoryFull:
+            pass
+        await layer.close()
+        return added
+
+    assert asyncio.run(count()) >= 4000
+
+
+def test_unlink_removes_the_object_and_close_keeps_the_data(prefix):
+    async def run():
+        layer = layer_for(prefix)
+        await layer.send("c.kept", {"a": 1})
+        await layer.close()
+        again = layer_for(prefix)
+        assert await again.receive("c.kept") == {"a": 1}
+        await again.close()
+
+    asyncio.run(run())
+    assert os.path.exists(shm_path(prefix))
+    assert asgi_ipc.unlink(prefix) is True
+    assert not os.path.exists(shm_path(prefix))
+    assert asgi_ipc.unlink(prefix) is False
+
+
+def test_objects_are_private_and_sparse(prefix):
+    async def run():
+        layer = IPCChannelLayer(prefix=prefix)  # the default 100 MiB + 20 MiB
+        await layer.send("c", {"a": 1})
+        info = os.stat(shm_path(prefix))
+        assert stat.S_IMODE(info.st_mode) == 0o600
+        assert info.st_size > 120 * MiB
+        assert info.st_blocks * 512 < 2 * MiB  # only touched pages cost memory
+        await layer.close()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "../etc", "a/b", "x" * 21, ".hidden", "-dash", "sp ace", "é", None, 42]
+)
+def test_prefix_is_validated(bad):
+    with pytest.raises(ValueError, match="prefix"):
+        IPCChannelLayer(prefix=bad)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{"capacity": 0}, {"capacity": 1.5}, {"expiry": 0}, {"group_expiry": -1},
+     {"channel_memory": 1000}, {"group_memory": "big"}],
+)
+def test_bad_options_are_refused(config):
+    with pytest.raises(ValueError):
+        IPCChannelLayer(prefix="unused", **config)
+
+
+def test_existing_store_keeps_its_sizes_and_warns(prefix, caplog):
+    async def run():
+        first = layer_for(prefix, channel_memory=1 * MiB)
+        await first.send("c", {"a": 1})
+        with caplog.at_level(logging.WARNING):
+            second = layer_for(prefix, channel_memory=2 * MiB)
+            assert await second.receive("c") == {"a": 1}
+        assert "exists with channel_memory=1048576" in caplog.text
+        assert second._open().geometry.channel_memory == 1 * MiB
+        await first.close()
+        await second.close()
+
+    asyncio.run(run())
+
+
+def _write_object(prefix: str, data: bytes) -> None:
+    shm = posix_ipc.SharedMemory(f"/asgi_ipc.{prefix}", posix_ipc.O_CREX, mode=0o600,
+                                 size=len(data))
+    with open(shm_path(prefix), "r+b") as f:
+        f.write(data)
+    shm.close_fd()
+
+
+@pytest.mark.parametrize(
+    "content", [os.urandom(8192), b"\x01" * 100, b"\x01" * 10000],
+    ids=["random", "short", "ones"],
+)
+def test_foreign_objects_are_refused_clearly(prefix, content):
+    _write_object(prefix, content)
+
+    async def run():
+        layer = layer_for(prefix)
+        with pytest.raises(StoreCorrupted) as info:
+            await layer.send("c", {"a": 1})
+        assert f"asgi-ipc unlink --prefix {prefix}" in str(info.value)
+
+    asyncio.run(run())
+
+
+def test_other_layout_version_and_truncation_are_refused(prefix):
+    async def run():
+        layer = layer_for(prefix)
+        await layer.send("c", {"a": 1})
+        await layer.close()
+
+    asyncio.run(run())
+    with open(shm_path(prefix), "r+b") as f:
+        f.seek(8)
+        f.write((99).to_bytes(8, "little"))
+    with pytest.raises(StoreCorrupted, match="layout version 99"):
+        asyncio.run(layer_for(prefix).send("c", {}))
+    with open(shm_path(prefix), "r+b") as f:
+        f.seek(8)
+        f.write((1).to_bytes(8, "little"))
+        f.truncate(64 * 1024)
+    with pytest.raises(StoreCorrupted, match="truncated"):
+        asyncio.run(layer_for(prefix).send("c", {}))
+
+
+def test_an_uninitialised_object_is_initialised(prefix):
+    # What a creator that died before sizing its object leaves: an empty object.
+    posix_ipc.SharedMemory(f"/asgi_ipc.{prefix}", posix_ipc.O_CREX, mode=0o600).close_fd()
+
+    async def run():
+        layer = layer_for(prefix)
+        await layer.send("c", {"a": 1})
+        assert await layer.receive("c") == {"a": 1}
+        await layer.close()
+
+    asyncio.run(run())
