@@ -220,13 +220,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.bench_args)
 
 
+def _prefix(value: str) -> str:
+    try:
+        return validate_prefix(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asgi-ipc", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     def with_prefix(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--prefix", default="asgi", type=validate_prefix,
+        sub.add_argument("--prefix", default="asgi", type=_prefix,
                          help="the layer's prefix (default: asgi)")
         return sub
 
