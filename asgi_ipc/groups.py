@@ -265,9 +265,9 @@ class GroupStore:
                 indexed, member, steps = indexed + 1, w[member + B_NEXT], steps + 1
         if indexed != total:
             problems.append(f"member index holds {indexed} memberships, groups hold {total}")
-        if block_words != self.heap.used_words:
+        if block_words != self.heap.used_words():
             problems.append(
-                f"group memory: {self.heap.used_words} words allocated, {block_words} "
+                f"group memory: {self.heap.used_words()} words allocated, {block_words} "
                 "reachable (leak or double use)"
             )
         return {"problems": problems, "groups": groups, "memberships": total,

@@ -13,7 +13,7 @@ Every change to these words goes through the journal. When a block is handed out
 new owner will overwrite without journaling (the free-list links and the footer) are recorded with
 ``Journal.keep`` so that a rollback can turn it back into the free block it was.
 
-Metadata, in the area's page of allocator metadata: words in use, the first-level bitmap, one
+Metadata, in the area's page of allocator metadata: (word 0 unused) the first-level bitmap, one
 second-level bitmap per power of two, then the bin heads.
 """
 
@@ -28,7 +28,6 @@ MIN_BLOCK = 4
 SL_BITS = 3
 FIRST_LEVELS = 40
 
-M_USED = 0
 M_FL_BITMAP = 1
 M_SL_BITMAP = 2
 M_BINS = M_SL_BITMAP + FIRST_LEVELS
@@ -69,21 +68,36 @@ class Heap:
         w[self._meta + M_SL_BITMAP + (idx >> SL_BITS)] = 1 << (idx & 7)
         w[self._meta + M_FL_BITMAP] = 1 << (idx >> SL_BITS)
 
-    @property
     def used_words(self) -> int:
-        return self._w[self._meta + M_USED]
+        """Words in used blocks, headers included (walks the heap: for stats only)."""
+        w, block, used = self._w, self.start, 0
+        while block < self.end - 1:
+            header = w[block]
+            if header >> 2 < MIN_BLOCK:
+                raise StoreCorrupted(f"heap at word {self.start}: block {block} has a bad size")
+            if header & USED:
+                used += header >> 2
+            block += header >> 2
+        return used
 
     @property
     def size_words(self) -> int:
         return self.end - 1 - self.start
 
-    def _insert(self, block: int, size: int) -> None:
+    def _insert(self, block: int, size: int, carved: bool = False) -> None:
+        """File a free block. ``carved``: it was cut from the body of a free block, whose
+        rollback never needs those words back, so its header and links need no journal."""
         w, jset = self._w, self._j.set
         idx = _bin(size)
         bin_word = self._bins + idx
         head = w[bin_word]
-        jset(block + 1, head)
-        jset(block + 2, 0)
+        if carved:
+            w[block] = size << 2 | PREV_USED
+            w[block + 1] = head
+            w[block + 2] = 0
+        else:
+            jset(block + 1, head)
+            jset(block + 2, 0)
         jset(block + size - 1, size)
         if head:
             jset(head + 2, block)
@@ -147,6 +161,9 @@ class Heap:
         if not block:
             return 0
         w, j = self._w, self._j
+        if j.freed:
+            # Whatever was freed so far is done for good before its space is reused.
+            j.commit()
         header = w[block]
         free_size = header >> 2
         if header & USED or free_size < size or block + free_size >= self.end:
@@ -156,16 +173,14 @@ class Heap:
         j.keep(block + 2)
         rest = free_size - size
         if rest >= MIN_BLOCK:
-            remainder = block + size
-            j.set(remainder, rest << 2 | PREV_USED)
-            self._insert(remainder, rest)
+            # The remainder's footer is the old block's footer, which _insert journals.
+            self._insert(block + size, rest, carved=True)
         else:
             size = free_size
             j.keep(block + size - 1)
             after = block + size
             j.set(after, w[after] | PREV_USED)
         j.set(block, size << 2 | USED | (header & PREV_USED))
-        j.set(self._meta + M_USED, w[self._meta + M_USED] + size)
         return block
 
     def free(self, block: int) -> None:
@@ -174,7 +189,7 @@ class Heap:
         size = header >> 2
         if not header & USED or size < MIN_BLOCK or block + size >= self.end:
             raise StoreCorrupted(f"freeing {block}, which is not a used block of its heap")
-        jset(self._meta + M_USED, w[self._meta + M_USED] - size)
+        self._j.freed = True
         start, total, prev_used = block, size, header & PREV_USED
         after = block + size
         after_header = w[after]
@@ -236,8 +251,6 @@ class Heap:
             block += size
         if w[self.end - 1] & USED == 0 or w[self.end - 1] >> 2:
             problems.append(f"{where}: end sentinel overwritten")
-        if used != w[self._meta + M_USED]:
-            problems.append(f"{where}: {used} words in use, metadata says {w[self._meta + M_USED]}")
         listed = set()
         for idx in range(FIRST_LEVELS << SL_BITS):
             block, prev = w[self._bins + idx], 0

@@ -8,6 +8,8 @@ An operation changes the store only under the global lock, and only in two ways:
 * bytes inside a block that the operation itself allocated are written directly, since nothing
   reaches them until a journaled word links the block in (the allocator journals the old contents
   of a block's free-list words when it hands the block out, so that an undo can put them back).
+  A block freed by an operation is never handed out again before that free commits: the
+  allocator commits first (``freed``), since an undo would need the whole old contents back.
 
 The operation commits with one aligned 8-byte store: ``H_JOURNAL_COUNT = 0``. A process killed
 before that store leaves a non-zero count; the next holder of the lock finds it and writes the old
@@ -35,6 +37,8 @@ class Journal:
         self._w = words
         self._base = base
         self._count = 0
+        # Set when a block is freed; see the module docstring.
+        self.freed = False
 
     @property
     def count(self) -> int:
@@ -68,6 +72,7 @@ class Journal:
     def commit(self) -> None:
         self._w[H_JOURNAL_COUNT] = 0
         self._count = 0
+        self.freed = False
 
     def rollback(self, savepoint: int = 0) -> None:
         """Undo every change journaled since ``savepoint`` (by default since the last commit,
@@ -86,3 +91,5 @@ class Journal:
             # Shrink as we go, so a rollback cut short is resumed where it stopped.
             w[H_JOURNAL_COUNT] = k
         self._count = savepoint
+        if not savepoint:
+            self.freed = False

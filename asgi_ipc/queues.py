@@ -14,7 +14,8 @@ previous tail's ``next``, the record's tail and count); a receive when the journ
 unlinking. See ``journal.py`` for what a kill in between leaves.
 
 Layouts, in words from the block header (word 0):
-  channel record   1 next in bucket, 2 hash, 3 head, 4 tail, 5 count, 6 waiters, 7 name length,
+  channel record   (kept while it has messages or waiters, and until the sweep passes after)
+                   1 next in bucket, 2 hash, 3 head, 4 tail, 5 count, 6 waiters, 7 name length,
                    8... name
   message          1 next in channel, 2 next sent, 3 previous sent, 4 channel record, 5 expiry
                    (ms since the epoch), 6 length | crc32 << 32, 7... msgpack bytes
@@ -175,10 +176,14 @@ class ChannelQueues:
         else:
             count = 0
         payload_words = M_DATA - 1 + _words_for(len(data))
-        if not self.heap.can_alloc(payload_words) and not (
-            self.expire(now, 256) and self.heap.can_alloc(payload_words)
-        ):
-            return OUT_OF_MEMORY
+        if not self.heap.can_alloc(payload_words):
+            # Short of memory: reclaim expired messages and idle records, a bounded amount.
+            self.expire(now, 256)
+            self.sweep(1024)
+            if not self.heap.can_alloc(payload_words):
+                return OUT_OF_MEMORY
+        if self._j.freed:
+            self._j.commit()  # expired messages dropped above stay dropped
         savepoint = self._j.count
         if not rec:
             rec = self._create(name, h)
@@ -219,7 +224,6 @@ class ChannelQueues:
             if w[node + M_EXPIRES] > now:
                 data = self._read(node)
             self.heap.free(node)
-        self._delete_if_idle(rec)
         return data
 
     def expire(self, now: int, limit: int) -> int:
@@ -233,7 +237,6 @@ class ChannelQueues:
             if not self.heap.start <= rec < self.heap.end or w[rec + C_HEAD] != node:
                 raise StoreCorrupted(f"the oldest message {node} is not first in its channel")
             self.heap.free(self._unlink_head(rec))
-            self._delete_if_idle(rec)
             done += 1
         return done
 
@@ -260,7 +263,6 @@ class ChannelQueues:
         rec = self.find(name, self.hash(name))
         if rec:
             self._prune_waiters(rec, lambda s, t: s == slot and t == token)
-            self._delete_if_idle(rec)
 
     def _prune_waiters(self, rec: int, drop: Callable[[int, int], bool]) -> None:
         w, jset = self._w, self._j.set
@@ -288,15 +290,19 @@ class ChannelQueues:
             node = w[node + W_NEXT]
 
     def sweep(self, buckets: int) -> None:
-        """Drop stale registrations and idle records from the next ``buckets`` buckets."""
+        """Free the idle records (no message, no live waiter) of the next ``buckets`` buckets.
+
+        An emptied channel keeps its record until the sweep passes, so that a channel used
+        over and over (a consumer's own) is not created and freed for every message."""
         w = self._w
         hand = w[H_SWEEP_CHANNEL] & self._mask
         for i in range(buckets):
             rec = w[self._index + ((hand + i) & self._mask)]
             while rec:
                 following = w[rec + C_NEXT]
-                if not w[rec + C_COUNT] and w[rec + C_WAITERS]:
-                    self._prune_waiters(rec, self._stale)
+                if not w[rec + C_COUNT]:
+                    if w[rec + C_WAITERS]:
+                        self._prune_waiters(rec, self._stale)
                     self._delete_if_idle(rec)
                 rec = following
         w[H_SWEEP_CHANNEL] = (hand + buckets) & self._mask  # a hint: never journaled
@@ -326,7 +332,7 @@ class ChannelQueues:
     def verify(self, now: int) -> dict:
         """Walk every record, message and waiter; report problems and what they add up to."""
         w, problems = self._w, []
-        messages = expired = records = block_words = 0
+        messages = expired = records = block_words = idle = 0
         depths = []
         for bucket, rec in self.records():
             records += 1
@@ -355,8 +361,7 @@ class ChannelQueues:
             while waiter and waiters <= MAX_CHAIN:
                 block_words += w[waiter] >> 2
                 waiter, waiters = w[waiter + W_NEXT], waiters + 1
-            if not count and not waiters:
-                problems.append(f"channel record {rec} is idle but was not freed")
+            idle += not count and not waiters
             depths.append((count, name.decode("ascii", "replace"), waiters))
             messages += count
         if records != w[H_CHANNELS]:
@@ -371,14 +376,15 @@ class ChannelQueues:
                 f"{messages} messages in channels, {sent} in the order of sending, "
                 f"header says {w[H_MESSAGES]}"
             )
-        if block_words != self.heap.used_words:
+        if block_words != self.heap.used_words():
             problems.append(
-                f"channel memory: {self.heap.used_words} words allocated, {block_words} "
+                f"channel memory: {self.heap.used_words()} words allocated, {block_words} "
                 "reachable (leak or double use)"
             )
         return {
             "problems": problems,
-            "channels": records,
+            "channels": records - idle,
+            "idle_records": idle,
             "messages": messages,
             "expired_bytes": expired * WORD,
             "deepest": sorted(depths, reverse=True)[:10],

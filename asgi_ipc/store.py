@@ -342,10 +342,11 @@ class Store:
 
     @staticmethod
     def _heap_figures(heap: Heap) -> dict:
+        used = heap.used_words()
         return {
             "size": heap.size_words * WORD,
-            "used": heap.used_words * WORD,
-            "free": (heap.size_words - heap.used_words) * WORD,
+            "used": used * WORD,
+            "free": (heap.size_words - used) * WORD,
             "largest_free": heap.largest_free_words() * WORD,
         }
 

@@ -101,7 +101,8 @@ async def test_full_channel_memory_raises_channel_full_then_recovers(prefix):
     await layer.send("c.other", {"blob": b"y" * (120 * 1024)})
     assert (await layer.receive("c.other"))["blob"] == b"y" * (120 * 1024)
     report = layer._open().inspect()
-    assert report["problems"] == [] and report["channel_memory"]["used"] == 0
+    assert report["problems"] == [] and report["messages"] == 0
+    assert report["channel_memory"]["used"] < 1024  # at most the emptied channel's record
     await layer.close()
 
 
@@ -111,13 +112,15 @@ async def test_expired_messages_of_unread_channels_are_reclaimed(prefix):
         await layer.send(f"c.abandoned{i % 30}", {"i": i})
     assert layer._open().inspect()["messages"] == 300
     await asyncio.sleep(0.3)
-    # Every send reclaims a couple of expired messages wherever they are queued.
-    for i in range(200):
+    # Every send reclaims a couple of expired messages wherever they are queued, and sweeps
+    # four buckets of the channel index (2048 of them here) for idle records.
+    for i in range(600):
         await layer.send("c.busy", {"i": i})
         await layer.receive("c.busy")
     report = layer._open().inspect()
     assert report["messages"] == 0 and report["channels"] == 0
-    assert report["channel_memory"]["used"] == 0
+    # What is left are records of emptied channels that the sweep has not passed yet.
+    assert report["channel_memory"]["used"] <= 128 * report["idle_records"]
     assert report["problems"] == []
     await layer.close()
 
