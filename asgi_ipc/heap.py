@@ -131,6 +131,34 @@ class Heap:
         if nxt:
             jset(nxt + 2, prv)
 
+    def _replace(self, old: int, old_size: int, new: int, new_size: int, carved: bool) -> None:
+        """Refile free block ``old`` as ``new`` (split off or merged): when both fall in the
+        same bin, ``new`` takes ``old``'s place in its list and the bitmaps stay as they are."""
+        idx = _bin(new_size)
+        if idx != _bin(old_size):
+            self._remove(old, old_size)
+            self._insert(new, new_size, carved)
+            return
+        w, jset = self._w, self._j.set
+        if new != old:
+            nxt, prv = w[old + 1], w[old + 2]
+            if carved:
+                w[new] = new_size << 2 | PREV_USED
+                w[new + 1] = nxt
+                w[new + 2] = prv
+            else:
+                jset(new + 1, nxt)
+                jset(new + 2, prv)
+            if prv:
+                jset(prv + 1, new)
+            elif w[self._bins + idx] == old:
+                jset(self._bins + idx, new)
+            else:
+                raise StoreCorrupted(f"free block {old} is not the head of its bin")
+            if nxt:
+                jset(nxt + 2, new)
+        jset(new + new_size - 1, new_size)
+
     def _find(self, size: int) -> int:
         """A free block of at least ``size`` words, or 0."""
         bits = size.bit_length()
@@ -168,14 +196,14 @@ class Heap:
         free_size = header >> 2
         if header & USED or free_size < size or block + free_size >= self.end:
             raise StoreCorrupted(f"free list of the heap at {self.start} holds a bad block")
-        self._remove(block, free_size)
         j.keep(block + 1)
         j.keep(block + 2)
         rest = free_size - size
         if rest >= MIN_BLOCK:
-            # The remainder's footer is the old block's footer, which _insert journals.
-            self._insert(block + size, rest, carved=True)
+            # The remainder's footer is the old block's footer, which _replace journals.
+            self._replace(block, free_size, block + size, rest, carved=True)
         else:
+            self._remove(block, free_size)
             size = free_size
             j.keep(block + size - 1)
             after = block + size
@@ -193,19 +221,22 @@ class Heap:
         start, total, prev_used = block, size, header & PREV_USED
         after = block + size
         after_header = w[after]
-        if not after_header & USED:
-            after_size = after_header >> 2
-            self._remove(after, after_size)
-            total += after_size
+        after_size = 0 if after_header & USED else after_header >> 2
         if not prev_used:
             prev_size = w[block - 1]
             prev = block - prev_size
             if prev < self.start or w[prev] >> 2 != prev_size or w[prev] & USED:
                 raise StoreCorrupted(f"block {block} of the heap has a bad free predecessor")
-            self._remove(prev, prev_size)
-            start, total, prev_used = prev, total + prev_size, w[prev] & PREV_USED
+            if after_size:
+                self._remove(after, after_size)
+            start, total, prev_used = prev, prev_size + size + after_size, w[prev] & PREV_USED
+            self._replace(prev, prev_size, prev, total, carved=False)
+        elif after_size:
+            total += after_size
+            self._replace(after, after_size, block, total, carved=False)
+        else:
+            self._insert(block, size)
         jset(start, total << 2 | prev_used)
-        self._insert(start, total)
         after = start + total
         jset(after, w[after] & ~PREV_USED)
 
