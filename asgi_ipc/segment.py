@@ -92,7 +92,7 @@ class Segment:
             self._close_handles()
             raise
         self.lock.release()
-        if self.geometry != wanted:
+        if create and self.geometry != wanted:
             logger.warning(
                 "asgi_ipc store %s exists with channel_memory=%d and group_memory=%d; using those "
                 "instead of the configured %d and %d (flush and unlink it to resize)",

@@ -1,0 +1,1 @@
+"""The chat app: room pages, the room WebSocket consumer and the shouting worker."""
