@@ -53,12 +53,11 @@ H_FLUSHING = 19  # epoch a flush in progress moves to; 0 when none is under way
 H_EPOCH = 20  # bumped by every flush, so waiting processes know to register again
 H_EXPIRY_HEAD = 21  # oldest queued message, in the order of sending
 H_EXPIRY_TAIL = 22
-H_MESSAGES = 23  # messages queued in all channels
-H_CHANNELS = 24  # channel records
-H_GROUPS = 25
-H_MEMBERSHIPS = 26
-H_SWEEP_CHANNEL = 27  # clock hand of the incremental sweep over the channel index
-H_SWEEP_GROUP = 28  # clock hand of the incremental sweep over the group index
+H_CHANNELS = 23  # channel records
+H_GROUPS = 24
+H_MEMBERSHIPS = 25
+H_SWEEP_CHANNEL = 26  # clock hand of the incremental sweep over the channel index
+H_SWEEP_GROUP = 27  # clock hand of the incremental sweep over the group index
 
 PREFIX_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,19}$")
 # macOS limits shared-memory names to 31 bytes: "/asgi_ipc." is 10 of them, the prefix at most 20.

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from .exceptions import StoreCorrupted
 from .heap import Heap
 from .journal import Journal
-from .layout import H_CHANNELS, H_EXPIRY_HEAD, H_EXPIRY_TAIL, H_MESSAGES, H_SWEEP_CHANNEL, WORD
+from .layout import H_CHANNELS, H_EXPIRY_HEAD, H_EXPIRY_TAIL, H_SWEEP_CHANNEL, WORD
 from .wakeup import ProcessSlots
 
 C_NEXT, C_HASH, C_HEAD, C_TAIL, C_COUNT, C_WAITERS, C_NAME_LENGTH, C_NAME = range(1, 9)
@@ -135,7 +135,6 @@ class ChannelQueues:
         before, after = w[node + M_SENT_PREV], w[node + M_SENT_NEXT]
         jset(before + M_SENT_NEXT if before else H_EXPIRY_HEAD, after)
         jset(after + M_SENT_PREV if after else H_EXPIRY_TAIL, before)
-        jset(H_MESSAGES, w[H_MESSAGES] - 1)
         return node
 
     def _drop_expired(self, rec: int, now: int) -> None:
@@ -207,7 +206,6 @@ class ChannelQueues:
         jset(rec + C_COUNT, count + 1)
         jset(last + M_SENT_NEXT if last else H_EXPIRY_HEAD, node)
         jset(H_EXPIRY_TAIL, node)
-        jset(H_MESSAGES, w[H_MESSAGES] + 1)
         if not count and w[rec + C_WAITERS]:
             self._collect_doorbells(rec, name, rings)
         return QUEUED
@@ -352,7 +350,7 @@ class ChannelQueues:
                     expired += w[node] >> 2
                 block_words += w[node] >> 2
                 last, node, count = node, w[node + M_NEXT], count + 1
-                if count > w[H_MESSAGES] + 1:
+                if count > self.heap.size_words:
                     problems.append(f"the message list of channel record {rec} loops")
                     break
             if count != w[rec + C_COUNT] or last != w[rec + C_TAIL]:
@@ -371,10 +369,9 @@ class ChannelQueues:
             if w[node + M_SENT_PREV] != prev:
                 problems.append(f"message {node} has a wrong back link in the order of sending")
             prev, node, sent = node, w[node + M_SENT_NEXT], sent + 1
-        if sent != messages or messages != w[H_MESSAGES] or prev != w[H_EXPIRY_TAIL]:
+        if sent != messages or prev != w[H_EXPIRY_TAIL]:
             problems.append(
-                f"{messages} messages in channels, {sent} in the order of sending, "
-                f"header says {w[H_MESSAGES]}"
+                f"{messages} messages in channels, {sent} in the order of sending"
             )
         if block_words != self.heap.used_words():
             problems.append(

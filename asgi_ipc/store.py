@@ -38,7 +38,6 @@ from .layout import (
     H_LOCK_PID,
     H_MAGIC,
     H_MEMBERSHIPS,
-    H_MESSAGES,
     JOURNAL_ENTRIES,
     MAGIC,
     WORD,
@@ -87,7 +86,7 @@ def format_areas(words: memoryview, g: Geometry) -> None:
     _clear(words, g.group_index, g.group_heap_end)
     for heap in _heaps(words, Journal(words, g.journal), g):
         heap.format()
-    for word in (H_EXPIRY_HEAD, H_EXPIRY_TAIL, H_MESSAGES, H_CHANNELS, H_GROUPS, H_MEMBERSHIPS):
+    for word in (H_EXPIRY_HEAD, H_EXPIRY_TAIL, H_CHANNELS, H_GROUPS, H_MEMBERSHIPS):
         words[word] = 0
 
 
