@@ -23,7 +23,7 @@ import mmap
 import os
 import time
 
-from .exceptions import StoreCorrupted
+from .exceptions import StoreCorrupted, StoreError
 from .groups import GroupStore
 from .heap import Heap
 from .journal import Journal
@@ -57,7 +57,7 @@ SWEEP_BUCKETS_PER_SEND = 4
 # One member's delivery needs far fewer entries than this; past it group_send commits early.
 JOURNAL_HEADROOM = JOURNAL_ENTRIES - 2048
 
-_CORRUPTION = (IndexError, ValueError, OverflowError, TypeError, MemoryError)
+_CORRUPTION = (IndexError, ValueError, OverflowError, TypeError)
 
 
 def _heaps(words: memoryview, journal: Journal, g: Geometry) -> tuple[Heap, Heap]:
@@ -251,12 +251,16 @@ class Store:
         if self.slots.token(doorbell.slot) != doorbell.token:
             doorbell.slot = self.slots.claim(doorbell.token)
             if doorbell.slot < 0:
-                raise RuntimeError(f"{self.name}: every process slot is taken")
+                raise StoreError(f"{self.name}: every process slot is taken by a live process")
         waiter = Waiter(asyncio.get_running_loop())
-        if doorbell.add(channel, waiter):
-            if not self.queues.add_waiter(channel, doorbell.slot, doorbell.token):
-                doorbell.discard(channel, waiter)
-                raise MemoryError  # unreachable in a sane store: a waiter is 32 bytes
+        if doorbell.add(channel, waiter) and not self.queues.add_waiter(
+            channel, doorbell.slot, doorbell.token
+        ):
+            doorbell.discard(channel, waiter)
+            raise StoreError(
+                f"the channel memory of {self.name} is full: no room to register a receive "
+                f"waiting on {channel.decode()!r}"
+            )
         return waiter
 
     def _stop_waiting_locked(self, channel: bytes, waiter: Waiter) -> None:
