@@ -17,6 +17,7 @@ see the new epoch, register their waits again and are rung to look again.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import mmap
@@ -163,6 +164,7 @@ class Store:
         self._gone: list[bytes] = []
         self._ringer = Ringer()
         self._doorbell: Doorbell | None = None
+        self._lapse_loop: asyncio.AbstractEventLoop | None = None
         self._pid = os.getpid()
         self._epoch = words[H_EPOCH]
 
@@ -186,14 +188,19 @@ class Store:
         w[H_LOCK_PID] = self._pid
         if self._gone:
             self._reap_gone()
-        if w[H_EPOCH] != self._epoch:
-            self._epoch = w[H_EPOCH]
-            self._register_again()
+        doorbell = self._doorbell
+        if doorbell is not None:
+            if w[H_EPOCH] != self._epoch or self.slots.token(doorbell.slot) != doorbell.token:
+                self._register_again(doorbell)
+            elif time.monotonic() >= doorbell.next_lapse:
+                self._drop_lapsed(doorbell)
+        self._epoch = w[H_EPOCH]
 
     def _forget_parent_process(self) -> None:
         # A forked child shares nothing process-local with its parent but the mapping.
         self._pid = os.getpid()
         self._doorbell = None
+        self._lapse_loop = None
         self._ringer = Ringer()
         self._rings, self._gone = [], []
 
@@ -204,15 +211,36 @@ class Store:
                 self.slots.release(slot, token)
         self.journal.commit()
 
-    def _register_again(self) -> None:
-        doorbell = self._doorbell
-        if doorbell is None:
-            return
+    def _register_again(self, doorbell: Doorbell) -> None:
+        """After a flush, or when this process's slot was taken back, register the receives
+        still waiting here again."""
         if self.slots.token(doorbell.slot) != doorbell.token:
             doorbell.slot = self.slots.claim(doorbell.token)
-        for channel in doorbell.channels():
-            self.queues.add_waiter(channel, doorbell.slot, doorbell.token)
+            if doorbell.slot < 0:
+                raise StoreError(f"{self.name}: every process slot is taken by a live process")
+        for channel in doorbell.forget_registrations():
+            if self.queues.add_waiter(channel, doorbell.slot, doorbell.token):
+                doorbell.registered.add(channel)
         self.journal.commit()
+
+    def _drop_lapsed(self, doorbell: Doorbell) -> None:
+        for channel in doorbell.lapsed():
+            self.queues.remove_waiter(channel, doorbell.slot, doorbell.token)
+        self.journal.commit()
+
+    def _lapse_later(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Make sure lingering registrations are dropped even if this process goes quiet."""
+        pending = self._lapse_loop
+        if (pending is not None and pending.is_running()) or loop.is_closed():
+            return
+        self._lapse_loop = loop
+        loop.call_later(Doorbell.LINGER * 1.5, self._lapse_now)
+
+    def _lapse_now(self) -> None:
+        self._lapse_loop = None
+        if not self.segment.closed:
+            with self._txn:  # taking the lock drops what has lapsed
+                pass
 
     # --- operations ------------------------------------------------------------------------
 
@@ -243,30 +271,26 @@ class Store:
             return waiter
 
     def _start_waiting_locked(self, channel: bytes) -> Waiter:
-        import asyncio
-
         doorbell = self._doorbell
         if doorbell is None:
             doorbell = self._doorbell = Doorbell(self.prefix)
-        if self.slots.token(doorbell.slot) != doorbell.token:
-            doorbell.slot = self.slots.claim(doorbell.token)
-            if doorbell.slot < 0:
-                raise StoreError(f"{self.name}: every process slot is taken by a live process")
+            self._register_again(doorbell)  # claims a slot
         waiter = Waiter(asyncio.get_running_loop())
-        if doorbell.add(channel, waiter) and not self.queues.add_waiter(
-            channel, doorbell.slot, doorbell.token
-        ):
-            doorbell.discard(channel, waiter)
-            raise StoreError(
-                f"the channel memory of {self.name} is full: no room to register a receive "
-                f"waiting on {channel.decode()!r}"
-            )
+        if doorbell.add(channel, waiter):
+            if not self.queues.add_waiter(channel, doorbell.slot, doorbell.token):
+                doorbell.discard(channel, waiter)
+                raise StoreError(
+                    f"the channel memory of {self.name} is full: no room to register a "
+                    f"receive waiting on {channel.decode()!r}"
+                )
+            doorbell.registered.add(channel)
         return waiter
 
     def _stop_waiting_locked(self, channel: bytes, waiter: Waiter) -> None:
         doorbell = self._doorbell
-        if doorbell is not None and doorbell.discard(channel, waiter):
-            self.queues.remove_waiter(channel, doorbell.slot, doorbell.token)
+        if doorbell is not None:
+            doorbell.discard(channel, waiter)
+            self._lapse_later(waiter.loop)
 
     def stop_waiting(self, channel: bytes, waiter: Waiter) -> None:
         """A waiting receive gave up (cancelled): drop its registration."""

@@ -22,10 +22,13 @@ doorbell that know its token, which lives in the store (mode 0600).
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import secrets
 import socket
 import threading
+import time
+import weakref
 
 from .journal import Journal
 from .layout import SLOT_WORDS, SLOTS
@@ -124,7 +127,14 @@ def _wake(future: asyncio.Future) -> None:
 
 
 class Doorbell:
-    """This process's doorbell socket and its receives waiting for it, by channel."""
+    """This process's doorbell socket, its receives waiting for it by channel, and which
+    channels it is registered on in the store.
+
+    A registration outlives the receive that made it by ``LINGER`` seconds, so that a consumer
+    looping on ``receive()`` registers once rather than once per message; a registration with no
+    receive behind it costs a sender at most one datagram, when the channel turns non-empty."""
+
+    LINGER = 2.0
 
     def __init__(self, prefix: str) -> None:
         self.token = secrets.randbits(63) | 1
@@ -134,39 +144,57 @@ class Doorbell:
         self._sock.setblocking(False)
         self._guard = threading.Lock()
         self._waiting: dict[bytes, set[Waiter]] = {}
-        self._loops: dict[asyncio.AbstractEventLoop, int] = {}
+        self._readers: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+        # Channels registered in the store, and since when those with no receive have been so.
+        # Both are changed under the store lock only.
+        self.registered: set[bytes] = set()
+        self._idle_since: dict[bytes, float] = {}
+        self.next_lapse = math.inf
 
     def add(self, channel: bytes, waiter: Waiter) -> bool:
-        """Track ``waiter``; True if it is the first of this process on ``channel``."""
+        """Track ``waiter``; True if the store must register this process on ``channel``."""
         with self._guard:
-            waiters = self._waiting.setdefault(channel, set())
-            first = not waiters
-            waiters.add(waiter)
-            readers = self._loops.get(waiter.loop, 0)
-            self._loops[waiter.loop] = readers + 1
-        if not readers:
+            self._waiting.setdefault(channel, set()).add(waiter)
+        self._idle_since.pop(channel, None)
+        if waiter.loop not in self._readers:
+            # Left in place when the loop's receives end: the next one needs it again.
             waiter.loop.add_reader(self._sock.fileno(), self._on_readable)
-        return first
+            self._readers.add(waiter.loop)
+        return channel not in self.registered
 
-    def discard(self, channel: bytes, waiter: Waiter) -> bool:
-        """Stop tracking ``waiter``; True if it was the last of this process on ``channel``."""
+    def discard(self, channel: bytes, waiter: Waiter) -> None:
+        """Stop tracking ``waiter``; its channel's registration starts to linger if it was the
+        last receive of this process on it."""
         with self._guard:
             waiters = self._waiting.get(channel)
             if waiters is None or waiter not in waiters:
-                return False
+                return
             waiters.discard(waiter)
-            if not waiters:
-                del self._waiting[channel]
-            readers = self._loops[waiter.loop] - 1
-            if readers:
-                self._loops[waiter.loop] = readers
-            else:
-                del self._loops[waiter.loop]
-        if not readers and not waiter.loop.is_closed():
-            waiter.loop.remove_reader(self._sock.fileno())
-        return not waiters
+            if waiters:
+                return
+            del self._waiting[channel]
+        if channel in self.registered:
+            now = time.monotonic()
+            self._idle_since[channel] = now
+            self.next_lapse = min(self.next_lapse, now + self.LINGER)
 
-    def channels(self) -> list[bytes]:
+    def lapsed(self) -> list[bytes]:
+        """Registrations that lingered long enough: they are dropped here, for the store to
+        drop too."""
+        deadline = time.monotonic() - self.LINGER
+        gone = [channel for channel, since in self._idle_since.items() if since <= deadline]
+        for channel in gone:
+            del self._idle_since[channel]
+            self.registered.discard(channel)
+        self.next_lapse = min(self._idle_since.values(), default=math.inf) + self.LINGER
+        return gone
+
+    def forget_registrations(self) -> list[bytes]:
+        """The store lost every registration (flush, or a slot taken back): the channels that
+        still have receives waiting, to register again."""
+        self.registered.clear()
+        self._idle_since.clear()
+        self.next_lapse = math.inf
         with self._guard:
             return list(self._waiting)
 
@@ -199,10 +227,8 @@ class Doorbell:
 
     def close(self) -> None:
         with self._guard:
-            loops = list(self._loops)
-            self._loops.clear()
             self._waiting.clear()
-        for loop in loops:
+        for loop in list(self._readers):
             if not loop.is_closed():
                 try:
                     loop.remove_reader(self._sock.fileno())
