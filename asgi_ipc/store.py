@@ -108,8 +108,10 @@ class _Transaction:
         store.segment.lock.acquire()
         try:
             store._recover()
-        except BaseException:
+        except BaseException as exc:
             store.segment.lock.release()
+            if isinstance(exc, _CORRUPTION):
+                raise store.corrupted(exc) from exc
             raise
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -120,7 +122,7 @@ class _Transaction:
             else:
                 try:
                     store.journal.rollback()
-                except StoreCorrupted:
+                except (StoreCorrupted, *_CORRUPTION):
                     logger.exception("could not roll back a failed operation on %s", store.name)
         finally:
             rings, store._rings = store._rings, []
@@ -129,11 +131,7 @@ class _Transaction:
             if not store._ringer.ring(address, payload):
                 store._gone.append(address)
         if exc_type is not None and issubclass(exc_type, _CORRUPTION):
-            raise StoreCorrupted(
-                f"the store {store.name} is inconsistent ({exc_type.__name__}: {exc}); "
-                f"run `asgi-ipc verify --prefix {store.prefix}`, or "
-                f"{removal_hint(store.prefix)}"
-            ) from exc
+            raise store.corrupted(exc) from exc
         return False
 
 
@@ -170,6 +168,12 @@ class Store:
 
     def transaction(self) -> _Transaction:
         return self._txn
+
+    def corrupted(self, exc: BaseException) -> StoreCorrupted:
+        return StoreCorrupted(
+            f"the store {self.name} is inconsistent ({type(exc).__name__}: {exc}); "
+            f"run `asgi-ipc verify --prefix {self.prefix}`, or {removal_hint(self.prefix)}"
+        )
 
     # --- recovery --------------------------------------------------------------------------
 

@@ -49,6 +49,8 @@ def process_start_time(pid: int) -> int:
 
 
 def process_alive(pid: int, start_time: int) -> bool:
+    if not 0 < pid < 1 << 31:
+        return False  # not a pid at all: a slot holding it is free to take
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
