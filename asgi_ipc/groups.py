@@ -152,6 +152,7 @@ class GroupStore:
             if not member or w[member + B_ADDED] >= oldest:
                 return True
             last = w[rec + G_MEMBERS] == 1
+            self._j.checkpoint()
             self._remove_member(rec, member, group)
             if last:
                 return False

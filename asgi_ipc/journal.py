@@ -69,6 +69,12 @@ class Journal:
         self._count = n + 1
         w[H_JOURNAL_COUNT] = n + 1
 
+    def checkpoint(self) -> None:
+        """Between two self-contained steps of housekeeping (dropping expired messages or
+        memberships), commit if the journal is filling up, so that any amount of it fits."""
+        if self._count > JOURNAL_ENTRIES - 4096:
+            self.commit()
+
     def commit(self) -> None:
         self._w[H_JOURNAL_COUNT] = 0
         self._count = 0

@@ -143,6 +143,7 @@ class ChannelQueues:
             head = w[rec + C_HEAD]
             if not head or w[head + M_EXPIRES] > now:
                 return
+            self._j.checkpoint()
             self.heap.free(self._unlink_head(rec))
 
     def _read(self, node: int) -> bytes:
@@ -159,8 +160,8 @@ class ChannelQueues:
     ) -> int:
         """Queue ``data`` on ``name`` unless it holds ``capacity`` messages already.
 
-        Returns QUEUED, OVER_CAPACITY or OUT_OF_MEMORY; appends to ``rings`` the doorbells to
-        ring once the lock is released.
+        Returns QUEUED, OVER_CAPACITY or OUT_OF_MEMORY; appends to ``rings`` the
+        (slot, token, channel) of each doorbell to ring once the lock is released.
         """
         w, jset = self._w, self._j.set
         h = self.hash(name)
@@ -218,6 +219,7 @@ class ChannelQueues:
             return None
         data = None
         while data is None and w[rec + C_HEAD]:
+            self._j.checkpoint()  # a channel whose whole backlog expired
             node = self._unlink_head(rec)
             if w[node + M_EXPIRES] > now:
                 data = self._read(node)
@@ -257,6 +259,10 @@ class ChannelQueues:
         self._j.set(rec + C_WAITERS, node)
         return True
 
+    def has_messages(self, name: bytes) -> bool:
+        rec = self.find(name, self.hash(name))
+        return bool(rec and self._w[rec + C_COUNT])
+
     def remove_waiter(self, name: bytes, slot: int, token: int) -> None:
         rec = self.find(name, self.hash(name))
         if rec:
@@ -284,7 +290,7 @@ class ChannelQueues:
         w = self._w
         node = w[rec + C_WAITERS]
         while node:
-            rings.append((self._slots.address(w[node + W_TOKEN]), name))
+            rings.append((w[node + W_SLOT], w[node + W_TOKEN], name))
             node = w[node + W_NEXT]
 
     def sweep(self, buckets: int) -> None:

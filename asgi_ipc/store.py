@@ -39,14 +39,22 @@ from .layout import (
     H_LOCK_PID,
     H_MAGIC,
     H_MEMBERSHIPS,
-    JOURNAL_ENTRIES,
     MAGIC,
     WORD,
     Geometry,
 )
 from .queues import OUT_OF_MEMORY, OVER_CAPACITY, QUEUED, ChannelQueues
 from .segment import Segment, removal_hint
-from .wakeup import Doorbell, ProcessSlots, Ringer, Waiter
+from .wakeup import (
+    CHECK_INTERVAL,
+    FULL,
+    GONE,
+    RING_BYTES,
+    Doorbell,
+    ProcessSlots,
+    Ringer,
+    Waiter,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +63,6 @@ __all__ = ["OUT_OF_MEMORY", "OVER_CAPACITY", "QUEUED", "Store", "format_areas"]
 # Bounded background work that each send does for the store as a whole.
 EXPIRE_PER_SEND = 2
 SWEEP_BUCKETS_PER_SEND = 4
-# One member's delivery needs far fewer entries than this; past it group_send commits early.
-JOURNAL_HEADROOM = JOURNAL_ENTRIES - 2048
 
 _CORRUPTION = (IndexError, ValueError, OverflowError, TypeError)
 
@@ -127,9 +133,8 @@ class _Transaction:
         finally:
             rings, store._rings = store._rings, []
             store.segment.lock.release()
-        for address, payload in rings:
-            if not store._ringer.ring(address, payload):
-                store._gone.append(address)
+        if rings:
+            store._ring(rings)
         if exc_type is not None and issubclass(exc_type, _CORRUPTION):
             raise store.corrupted(exc) from exc
         return False
@@ -158,11 +163,11 @@ class Store:
             g.group_index, g.group_buckets, g.member_index, g.member_buckets, self._hash,
         )
         self._txn = _Transaction(self)
-        self._rings: list[tuple[bytes, bytes]] = []
-        self._gone: list[bytes] = []
+        self._rings: list[tuple[int, int, bytes]] = []
+        self._gone: list[tuple[int, int]] = []
         self._ringer = Ringer()
         self._doorbell: Doorbell | None = None
-        self._lapse_loop: asyncio.AbstractEventLoop | None = None
+        self._check_loop: asyncio.AbstractEventLoop | None = None
         self._pid = os.getpid()
         self._epoch = words[H_EPOCH]
 
@@ -204,16 +209,32 @@ class Store:
         # A forked child shares nothing process-local with its parent but the mapping.
         self._pid = os.getpid()
         self._doorbell = None
-        self._lapse_loop = None
+        self._check_loop = None
         self._ringer = Ringer()
         self._rings, self._gone = [], []
 
     def _reap_gone(self) -> None:
-        gone, self._gone = set(self._gone), []
-        for slot, _pid, token in self.slots.live():
-            if self.slots.address(token) in gone:
-                self.slots.release(slot, token)
+        gone, self._gone = self._gone, []
+        for slot, token in gone:
+            self.slots.release(slot, token)
         self.journal.commit()
+
+    def _ring(self, rings: list[tuple[int, int, bytes]]) -> None:
+        """Ring each process once for all the channels an operation made non-empty."""
+        channels: dict[tuple[int, int], set[bytes]] = {}
+        for slot, token, channel in rings:
+            channels.setdefault((slot, token), set()).add(channel)
+        for (slot, token), names in channels.items():
+            payload = b"\n".join(names)
+            if b"" in names or len(payload) > RING_BYTES:
+                payload = b""
+            address = self.slots.address(token)
+            result = self._ringer.ring(address, payload)
+            if result == FULL:
+                self.slots.mark_missed(slot)
+                result = self._ringer.ring(address, b"")
+            if result == GONE:
+                self._gone.append((slot, token))
 
     def _register_again(self, doorbell: Doorbell) -> None:
         """After a flush, or when this process's slot was taken back, register the receives
@@ -232,19 +253,25 @@ class Store:
             self.queues.remove_waiter(channel, doorbell.slot, doorbell.token)
         self.journal.commit()
 
-    def _lapse_later(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Make sure lingering registrations are dropped even if this process goes quiet."""
-        pending = self._lapse_loop
+    def _check_later(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Make sure the periodic check runs while this process has receives waiting or
+        registrations lingering (see wakeup.py)."""
+        pending = self._check_loop
         if (pending is not None and pending.is_running()) or loop.is_closed():
             return
-        self._lapse_loop = loop
-        loop.call_later(Doorbell.LINGER * 1.5, self._lapse_now)
+        self._check_loop = loop
+        loop.call_later(CHECK_INTERVAL, self._check)
 
-    def _lapse_now(self) -> None:
-        self._lapse_loop = None
-        if not self.segment.closed:
-            with self._txn:  # taking the lock drops what has lapsed
-                pass
+    def _check(self) -> None:
+        self._check_loop = None
+        doorbell = self._doorbell
+        if self.segment.closed or doorbell is None:
+            return
+        with self._txn:  # taking the lock also drops the registrations that have lapsed
+            ready = [c for c in doorbell.waiting_channels() if self.queues.has_messages(c)]
+        doorbell.wake(ready)
+        if doorbell.registered:
+            self._check_later(asyncio.get_running_loop())
 
     # --- operations ------------------------------------------------------------------------
 
@@ -277,9 +304,12 @@ class Store:
     def _start_waiting_locked(self, channel: bytes) -> Waiter:
         doorbell = self._doorbell
         if doorbell is None:
-            doorbell = self._doorbell = Doorbell(self.prefix)
+            doorbell = self._doorbell = Doorbell(
+                self.prefix, lambda: self.slots.take_missed(doorbell.slot)
+            )
             self._register_again(doorbell)  # claims a slot
         waiter = Waiter(asyncio.get_running_loop())
+        self._check_later(waiter.loop)
         if doorbell.add(channel, waiter):
             if not self.queues.add_waiter(channel, doorbell.slot, doorbell.token):
                 doorbell.discard(channel, waiter)
@@ -294,10 +324,12 @@ class Store:
         doorbell = self._doorbell
         if doorbell is not None:
             doorbell.discard(channel, waiter)
-            self._lapse_later(waiter.loop)
+            self._check_later(waiter.loop)
 
     def stop_waiting(self, channel: bytes, waiter: Waiter) -> None:
         """A waiting receive gave up (cancelled): drop its registration."""
+        if self.segment.closed:
+            return  # close() dropped every registration of this process already
         with self._txn:
             self._stop_waiting_locked(channel, waiter)
 
@@ -318,9 +350,7 @@ class Store:
             members = self.groups.members(group, now - group_expiry_ms)
             self.groups.sweep(now - group_expiry_ms)
             for channel in members:
-                if self.journal.count > JOURNAL_HEADROOM:
-                    # A group too large for one journal commits member by member from here.
-                    self.journal.commit()
+                self.journal.checkpoint()
                 result = self.queues.append(
                     channel, data, capacity_of(channel), now + expiry_ms, now, self._rings
                 )
@@ -339,8 +369,8 @@ class Store:
         w[H_EPOCH] = w[H_FLUSHING]
         w[H_FLUSHING] = 0
         # Every waiting process must register again: ring them all.
-        for _slot, _pid, token in self.slots.live():
-            self._rings.append((self.slots.address(token), b""))
+        for slot, _pid, token in self.slots.live():
+            self._rings.append((slot, token, b""))
 
     # --- inspection ------------------------------------------------------------------------
 

@@ -5,8 +5,19 @@ a random token) and binds a Unix datagram socket, its *doorbell*, at an abstract
 the prefix and the token. A waiting receive registers ``(slot, token)`` on its channel's record,
 under the same lock hold in which it found the channel empty, so no send can fall between the
 check and the registration. A send that makes an empty channel non-empty collects the doorbells
-registered on it and, once it has released the lock, sends each one datagram holding the channel
-name. An empty datagram (after ``flush``) means "look at every channel again".
+registered on it and, once it has released the lock, sends each process one datagram naming its
+channels (a group_send to a thousand members in four processes sends four). An empty datagram
+(after ``flush``, or for too many channels) means "look at every channel again".
+
+A doorbell's queue holds only ``net.unix.max_dgram_qlen`` datagrams (10 by default). A sender
+that finds it full marks the process slot as having missed a ring, then rings once more; the
+receiving process reads the mark after draining its queue and then wakes every receive it has.
+
+A ring can still be lost for good: the sender may die after its commit and before its ring, or a
+flush after wiping the registrations and before telling anyone. So each process with receives
+waiting looks once a second (``CHECK_INTERVAL``), under one lock hold, at just the channels it
+waits on, and wakes those that hold messages: a lost ring costs at most a second, and an idle
+process one lock hold per second.
 
 In the receiving process the doorbell is read by whichever event loop has a receive waiting
 (``loop.add_reader``), which wakes the receives of the named channel in its own loop directly and
@@ -29,6 +40,7 @@ import socket
 import threading
 import time
 import weakref
+from collections.abc import Callable
 
 from .journal import Journal
 from .layout import SLOT_WORDS, SLOTS
@@ -36,6 +48,14 @@ from .layout import SLOT_WORDS, SLOTS
 SLOT_PID = 0
 SLOT_START = 1
 SLOT_TOKEN = 2
+SLOT_MISSED = 3  # set by a sender that found the doorbell's queue full
+
+# Past this many bytes of channel names a ring says "look at everything" instead.
+RING_BYTES = 16384
+# Seconds between the checks that make up for lost rings (see the module docstring).
+CHECK_INTERVAL = 1.0
+
+RUNG, FULL, GONE = range(3)
 
 
 def process_start_time(pid: int) -> int:
@@ -93,6 +113,17 @@ class ProcessSlots:
             return slot
         return -1
 
+    def mark_missed(self, slot: int) -> None:
+        # A hint written without the lock: at worst a spurious "look at everything".
+        self._w[self._base + slot * SLOT_WORDS + SLOT_MISSED] = 1
+
+    def take_missed(self, slot: int) -> bool:
+        at = self._base + slot * SLOT_WORDS + SLOT_MISSED
+        if 0 <= slot < SLOTS and self._w[at]:
+            self._w[at] = 0
+            return True
+        return False
+
     def release(self, slot: int, token: int) -> None:
         """Free ``slot`` if it still holds ``token``; its registrations become stale."""
         at = self._base + slot * SLOT_WORDS
@@ -138,8 +169,9 @@ class Doorbell:
 
     LINGER = 2.0
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, take_missed: Callable[[], bool]) -> None:
         self.token = secrets.randbits(63) | 1
+        self._take_missed = take_missed
         self.slot = -1
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self._sock.bind(doorbell_address(prefix, self.token))
@@ -204,11 +236,23 @@ class Doorbell:
         names = set()
         while True:
             try:
-                names.add(self._sock.recv(256))
+                names.update(self._sock.recv(RING_BYTES).split(b"\n"))
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 return
+        # Read after draining: a sender that found the queue full marks the slot, then rings
+        # again, so a mark set after this read comes with a datagram that calls us back.
+        if self._take_missed():
+            names.add(b"")
+        self.wake(names)
+
+    def waiting_channels(self) -> list[bytes]:
+        with self._guard:
+            return list(self._waiting)
+
+    def wake(self, names: set[bytes] | list[bytes]) -> None:
+        """Wake the receives waiting on ``names`` (every receive, if b"" is among them)."""
         with self._guard:
             if b"" in names:
                 targets = [w for waiters in self._waiting.values() for w in waiters]
@@ -246,15 +290,16 @@ class Ringer:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self._sock.setblocking(False)
 
-    def ring(self, address: bytes, payload: bytes) -> bool:
-        """Ring one doorbell; False if nobody is listening there any more."""
+    def ring(self, address: bytes, payload: bytes) -> int:
+        """Ring one doorbell: RUNG, FULL (its queue is full: the ring is lost) or GONE
+        (nobody listens there any more)."""
         try:
             self._sock.sendto(payload, address)
         except (BlockingIOError, InterruptedError):
-            pass  # its queue is full of rings already: it will wake
+            return FULL
         except (ConnectionRefusedError, FileNotFoundError):
-            return False
-        return True
+            return GONE
+        return RUNG
 
     def close(self) -> None:
         self._sock.close()

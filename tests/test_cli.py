@@ -117,9 +117,12 @@ def test_missing_foreign_and_invalid_prefixes_exit_2(prefix):
 
 
 def test_demo_runs_processes_and_cleans_up():
-    before = set(os.listdir("/dev/shm"))
+    def demo_stores():
+        return {name for name in os.listdir("/dev/shm") if name.startswith("asgi_ipc.demo")}
+
+    before = demo_stores()
     result = cli("demo", "--processes", "2", "--rounds", "2")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("HELLO NUMBER 1") == 2
     assert "3 processes talked through shared memory" in result.stdout
-    assert set(os.listdir("/dev/shm")) <= before
+    assert demo_stores() <= before
