@@ -179,9 +179,6 @@ class Heap:
             sl_map = w[self._meta + M_SL_BITMAP + fl]
         return w[self._bins + (fl << SL_BITS) + _lowest_bit(sl_map)]
 
-    def can_alloc(self, payload_words: int) -> bool:
-        return bool(self._find(max(payload_words + 1, MIN_BLOCK)))
-
     def alloc(self, payload_words: int) -> int:
         """A used block with room for ``payload_words`` after its header, or 0 if none is free."""
         size = max(payload_words + 1, MIN_BLOCK)

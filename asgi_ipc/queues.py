@@ -156,9 +156,17 @@ class ChannelQueues:
         return data
 
     def append(
-        self, name: bytes, data: bytes, capacity: int, expires: int, now: int, rings: list
+        self,
+        name: bytes,
+        data: bytes,
+        crc: int,
+        capacity: int,
+        expires: int,
+        now: int,
+        rings: list,
     ) -> int:
-        """Queue ``data`` on ``name`` unless it holds ``capacity`` messages already.
+        """Queue ``data`` (whose CRC-32 is ``crc``) on ``name`` unless it holds ``capacity``
+        messages already.
 
         Returns QUEUED, OVER_CAPACITY or OUT_OF_MEMORY; appends to ``rings`` the
         (slot, token, channel) of each doorbell to ring once the lock is released.
@@ -168,37 +176,40 @@ class ChannelQueues:
         rec = self.find(name, h)
         if rec:
             self._drop_expired(rec, now)
-            count = w[rec + C_COUNT]
-            if count >= capacity:
+            if w[rec + C_COUNT] >= capacity:
                 return OVER_CAPACITY
         elif capacity < 1:
             return OVER_CAPACITY
-        else:
-            count = 0
         payload_words = M_DATA - 1 + _words_for(len(data))
-        if not self.heap.can_alloc(payload_words):
-            # Short of memory: reclaim expired messages and idle records, a bounded amount.
-            self.expire(now, 256)
-            self.sweep(1024)
-            if not self.heap.can_alloc(payload_words):
-                return OUT_OF_MEMORY
         if self._j.freed:
             self._j.commit()  # expired messages dropped above stay dropped
         savepoint = self._j.count
+        node = self.heap.alloc(payload_words)
+        if not node:
+            # Short of memory: reclaim expired messages and idle records, a bounded amount,
+            # for good. The sweep may free this very record, so look it up again.
+            self.expire(now, 256)
+            self.sweep(1024)
+            self._j.commit()
+            savepoint = 0
+            node = self.heap.alloc(payload_words)
+            if not node:
+                return OUT_OF_MEMORY
+            rec = self.find(name, h)
         if not rec:
             rec = self._create(name, h)
-        node = self.heap.alloc(payload_words) if rec else 0
-        if not node:
-            # The record took the room the message needed: undo it, to the last word.
-            self._j.rollback(savepoint)
-            return OUT_OF_MEMORY
+            if not rec:
+                # The message took the room the record needed: undo its allocation.
+                self._j.rollback(savepoint)
+                return OUT_OF_MEMORY
+        count = w[rec + C_COUNT]
         last = w[H_EXPIRY_TAIL]
         w[node + M_NEXT] = 0
         w[node + M_SENT_NEXT] = 0
         w[node + M_SENT_PREV] = last
         w[node + M_CHANNEL] = rec
         w[node + M_EXPIRES] = expires
-        w[node + M_LENGTH] = len(data) | zlib.crc32(data) << 32
+        w[node + M_LENGTH] = len(data) | crc << 32
         start = (node + M_DATA) * WORD
         self._b[start : start + len(data)] = data
         tail = w[rec + C_TAIL]

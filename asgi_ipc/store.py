@@ -23,6 +23,7 @@ import logging
 import mmap
 import os
 import time
+import zlib
 
 from .exceptions import StoreCorrupted, StoreError
 from .groups import GroupStore
@@ -63,6 +64,8 @@ __all__ = ["OUT_OF_MEMORY", "OVER_CAPACITY", "QUEUED", "Store", "format_areas"]
 # Bounded background work that each send does for the store as a whole.
 EXPIRE_PER_SEND = 2
 SWEEP_BUCKETS_PER_SEND = 4
+
+HASH_CACHE_SIZE = 1 << 16
 
 _CORRUPTION = (IndexError, ValueError, OverflowError, TypeError)
 
@@ -150,9 +153,21 @@ class Store:
         self.journal = Journal(words, g.journal)
         message_heap, group_heap = _heaps(words, self.journal, g)
         key = self.segment.hash_key
-        self._hash = lambda data: int.from_bytes(
-            hashlib.blake2b(data, key=key, digest_size=8).digest(), "little"
-        )
+        hashes: dict[bytes, int] = {}
+
+        def keyed_hash(name: bytes) -> int:
+            # Keyed, so that names chosen by an attacker cannot pile into one bucket; cached,
+            # since the same channels come back again and again.
+            h = hashes.get(name)
+            if h is None:
+                if len(hashes) >= HASH_CACHE_SIZE:
+                    hashes.clear()
+                h = hashes[name] = int.from_bytes(
+                    hashlib.blake2b(name, key=key, digest_size=8).digest(), "little"
+                )
+            return h
+
+        self._hash = keyed_hash
         self.slots = ProcessSlots(words, self.journal, g.slots, prefix)
         self.queues = ChannelQueues(
             words, self.segment.mm, self.journal, message_heap, self.slots,
@@ -277,9 +292,10 @@ class Store:
 
     def send(self, channel: bytes, data: bytes, capacity: int, expiry_ms: int) -> int:
         now = now_ms()
+        crc = zlib.crc32(data)
         with self._txn:
             result = self.queues.append(
-                channel, data, capacity, now + expiry_ms, now, self._rings
+                channel, data, crc, capacity, now + expiry_ms, now, self._rings
             )
             self.queues.expire(now, EXPIRE_PER_SEND)
             self.queues.sweep(SWEEP_BUCKETS_PER_SEND)
@@ -345,6 +361,7 @@ class Store:
                    group_expiry_ms: int) -> tuple[int, int]:
         """Queue ``data`` on every member with room; (members, members skipped)."""
         now = now_ms()
+        crc = zlib.crc32(data)
         skipped = 0
         with self._txn:
             members = self.groups.members(group, now - group_expiry_ms)
@@ -352,7 +369,7 @@ class Store:
             for channel in members:
                 self.journal.checkpoint()
                 result = self.queues.append(
-                    channel, data, capacity_of(channel), now + expiry_ms, now, self._rings
+                    channel, data, crc, capacity_of(channel), now + expiry_ms, now, self._rings
                 )
                 skipped += result != QUEUED
             self.queues.expire(now, EXPIRE_PER_SEND)
