@@ -25,7 +25,7 @@ import mmap
 from collections.abc import Callable
 
 from .exceptions import GroupMemoryFull, StoreCorrupted
-from .heap import Heap
+from .heap import MIN_BLOCK, Heap
 from .journal import Journal
 from .layout import H_GROUPS, H_MEMBERSHIPS, H_SWEEP_GROUP, WORD
 
@@ -62,6 +62,7 @@ class GroupStore:
         self._members = member_index
         self._member_mask = member_buckets - 1
         self._hash = hasher
+        self._most_records = heap.size_words // MIN_BLOCK
 
     def _name(self, rec: int, length_field: int) -> bytes:
         start = (rec + length_field + 1) * WORD
@@ -196,7 +197,12 @@ class GroupStore:
         if not rec or not self._drop_expired(rec, group, oldest, 1 << 62):
             return []
         w, names, member = self._w, [], self._w[rec + G_FIRST]
-        while member and len(names) <= w[rec + G_MEMBERS]:
+        # Counts come from the store too: only its size bounds a walk that a damaged link
+        # could turn into a loop.
+        limit = min(w[rec + G_MEMBERS], self._most_records)
+        while member:
+            if len(names) >= limit or w[member + B_GROUP] != rec:
+                raise StoreCorrupted(f"the member list of group {group.decode()!r} is damaged")
             names.append(self._name(member, B_NAME_LENGTH))
             member = w[member + B_LIST_NEXT]
         return names
@@ -247,7 +253,7 @@ class GroupStore:
                     problems.append(f"membership {member} is missing from the member index")
                 added = w[member + B_ADDED]
                 prev, member, count = member, w[member + B_LIST_NEXT], count + 1
-                if count > w[H_MEMBERSHIPS] + 1:
+                if count > self._most_records:
                     problems.append(f"the member list of group {name!r} loops")
                     break
             if count != w[rec + G_MEMBERS] or prev != w[rec + G_LAST] or not count:

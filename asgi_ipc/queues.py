@@ -127,6 +127,9 @@ class ChannelQueues:
     def _unlink_head(self, rec: int) -> int:
         w, jset = self._w, self._j.set
         node = w[rec + C_HEAD]
+        if w[node + M_CHANNEL] != rec:
+            # A damaged link must not hand one channel's message to another's receiver.
+            raise StoreCorrupted(f"message {node} is linked into a channel not its own")
         following = w[node + M_NEXT]
         jset(rec + C_HEAD, following)
         if not following:

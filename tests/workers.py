@@ -1,0 +1,507 @@
+"""Code that runs in the child processes of the robustness tests (chaos, model, fuzz, wake-up).
+
+Children are started by ``context()``: a forkserver that has imported this module (and with it
+asgi_ipc and Channels) once, so that a replacement for a killed child runs in milliseconds, not
+in the fraction of a second a fresh interpreter needs for those imports. Each child is still a
+process of its own that attaches to the store after it starts: the forkserver never opens one.
+
+Children that log what they did write one line per event with a single ``os.write`` to a file
+opened with ``O_APPEND``, *after* the event: a line in a sender's log means ``send()`` returned,
+a line in a receiver's log means ``receive()`` returned that message. A SIGKILL can therefore cut
+off at most the one line of the event under way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import random
+import resource
+import sys
+import time
+import traceback
+
+from channels.exceptions import ChannelFull
+
+import asgi_ipc.store
+from asgi_ipc import GroupMemoryFull, IPCChannelLayer, StoreError
+from asgi_ipc.heap import Heap
+from asgi_ipc.journal import Journal
+from asgi_ipc.wakeup import Ringer
+
+MiB = 1024 * 1024
+
+# Every layer of a chaos run, in every process, is built from this.
+CHAOS_CONFIG = {
+    "channel_memory": 32 * MiB,
+    "group_memory": MiB,
+    "capacity": 1_000_000,
+    # Nobody reads the dummy channels: a small capacity makes group_send skip full members.
+    "channel_capacity": {"dummy.*": 5},
+}
+
+
+def context():
+    """A multiprocessing context whose children start in milliseconds (see the docstring)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["tests.workers"])
+    return ctx
+
+
+def _log(path: str):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    return lambda line: os.write(fd, line.encode() + b"\n")
+
+
+def _logged_errors(path: str, body) -> None:
+    """Run ``body``; a traceback goes to the log, so the parent can show why a child failed."""
+    try:
+        body()
+    except BaseException:
+        _log(path)("error " + traceback.format_exc().replace("\n", " | "))
+        raise
+
+
+# --- chaos -------------------------------------------------------------------------------------
+
+
+def chaos_sender(prefix: str, sender: int, channels: list[str], log_path: str) -> None:
+    """Send numbered messages round the channels; log ``seq channel`` once send() returned."""
+
+    async def run() -> None:
+        log = _log(log_path)
+        layer = IPCChannelLayer(prefix=prefix, **CHAOS_CONFIG)
+        layer._open()
+        log("ready")
+        seq = 0
+        while True:
+            channel = channels[seq % len(channels)]
+            try:
+                await layer.send(channel, {"k": "s", "id": sender, "q": seq})
+            except ChannelFull:
+                await asyncio.sleep(0.001)
+                continue
+            log(f"{seq} {channel}")
+            seq += 1
+
+    _logged_errors(log_path, lambda: asyncio.run(run()))
+
+
+def chaos_group_sender(prefix: str, sender: int, group: str, log_path: str) -> None:
+    """group_send numbered messages; log ``seq`` once group_send() returned."""
+
+    async def run() -> None:
+        log = _log(log_path)
+        layer = IPCChannelLayer(prefix=prefix, **CHAOS_CONFIG)
+        layer._open()
+        log("ready")
+        seq = 0
+        while True:
+            await layer.group_send(group, {"k": "g", "id": sender, "q": seq})
+            log(str(seq))
+            seq += 1
+
+    _logged_errors(log_path, lambda: asyncio.run(run()))
+
+
+def chaos_receiver(prefix: str, channel: str, log_path: str) -> None:
+    """Receive from ``channel`` for ever; log ``kind sender seq`` as soon as receive() returns."""
+
+    async def run() -> None:
+        log = _log(log_path)
+        layer = IPCChannelLayer(prefix=prefix, **CHAOS_CONFIG)
+        layer._open()
+        log("ready")
+        while True:
+            message = await layer.receive(channel)
+            log(f"{message['k']} {message['id']} {message['q']}")
+
+    _logged_errors(log_path, lambda: asyncio.run(run()))
+
+
+def churn_keys(slot: int) -> tuple[list[str], list[str]]:
+    """The groups and channels whose memberships the churner of ``slot`` alone changes."""
+    return [f"churn.{slot}.{g}" for g in range(3)], [f"dummy.{slot}.{c}" for c in range(4)]
+
+
+def chaos_churner(prefix: str, slot: int, log_path: str) -> None:
+    """Add, discard and group_send at random on this slot's own groups.
+
+    Logs ``try add|discard|send group [channel]`` before each call and ``ok`` after it returned,
+    so the parent knows the final membership of every (group, channel): the effect of the last
+    call that returned, or of the one a kill cut off, which may or may not have happened."""
+
+    async def run() -> None:
+        log = _log(log_path)
+        layer = IPCChannelLayer(prefix=prefix, **CHAOS_CONFIG)
+        layer._open()
+        log("ready")
+        groups, channels = churn_keys(slot)
+        rng = random.Random(os.getpid())
+        while True:
+            group = rng.choice(groups)
+            what = rng.choice(("add", "add", "discard", "send"))
+            if what == "send":
+                log(f"try send {group}")
+                await layer.group_send(group, {"k": "churn"})
+            else:
+                channel = rng.choice(channels)
+                log(f"try {what} {group} {channel}")
+                await getattr(layer, f"group_{what}")(group, channel)
+            log("ok")
+
+    _logged_errors(log_path, lambda: asyncio.run(run()))
+
+
+# --- a child that stops for good at a chosen point of an operation ------------------------------
+
+
+def _caller() -> str:
+    """``module.function`` of the library code that made the journaled write (two frames up:
+    past the wrapper that calls this)."""
+    code = sys._getframe(2).f_code
+    return f"{os.path.basename(code.co_filename).removesuffix('.py')}.{code.co_name}"
+
+
+def _run_op(layer: IPCChannelLayer, op: str, args: tuple):
+    return asyncio.run(getattr(layer, op)(*args))
+
+
+def stall_after_journaled_writes(prefix, config, op, args, stall_at, conn) -> None:
+    """Run ``layer.<op>(*args)``, but after its ``stall_at``-th ``Journal.set`` has been written
+    report the writers so far and sleep for ever, still holding the store lock.
+
+    If the operation makes fewer writes it completes and reports ``("done", writers)``."""
+    layer = IPCChannelLayer(prefix=prefix, **config)
+    layer._open()
+    writers: list[str] = []
+    original = Journal.set
+
+    def set_then_maybe_stall(self, index, value):
+        original(self, index, value)
+        writers.append(_caller())
+        if len(writers) == stall_at:
+            conn.send(("stalled", writers))
+            time.sleep(3600)
+
+    Journal.set = set_then_maybe_stall
+    _run_op(layer, op, args)
+    conn.send(("done", writers))
+
+
+def stall_in_flush(prefix, config, stall_at, conn) -> None:
+    """Flush, but stop for good (holding the lock) after ``stall_at`` of its steps: the three
+    clearings of areas and the two heap formats; 0 stops right after the flush's commit point,
+    before anything is cleared."""
+    layer = IPCChannelLayer(prefix=prefix, **config)
+    layer._open()
+    steps: list[str] = []
+    clear, heap_format = asgi_ipc.store._clear, Heap.format
+
+    def step(name: str) -> None:
+        if len(steps) == stall_at:
+            conn.send(("stalled", list(steps)))
+            time.sleep(3600)
+        steps.append(name)
+
+    def stalling_clear(*args):
+        step("clear")
+        clear(*args)
+
+    def stalling_format(self):
+        step("format")
+        heap_format(self)
+
+    asgi_ipc.store._clear = stalling_clear
+    Heap.format = stalling_format
+    _run_op(layer, "flush", ())
+    conn.send(("done", steps))
+
+
+def stall_before_ringing(prefix, config, op, args, conn) -> None:
+    """Run ``layer.<op>(*args)`` but stop for good when it is about to ring a doorbell: after
+    its commit and after the lock is released."""
+    layer = IPCChannelLayer(prefix=prefix, **config)
+    layer._open()
+
+    def stalling_ring(self, address, payload):
+        conn.send(("stalled", payload))
+        time.sleep(3600)
+
+    Ringer.ring = stalling_ring
+    _run_op(layer, op, args)
+    conn.send(("done", None))
+
+
+# --- wake-ups ------------------------------------------------------------------------------
+
+
+def receive_and_stamp(prefix, config, channel, count, conn) -> None:
+    """Receive ``count`` messages, reporting (message, time.monotonic()) as each arrives."""
+
+    async def run() -> None:
+        layer = IPCChannelLayer(prefix=prefix, **config)
+        layer._open()
+        conn.send(("ready", os.getpid()))
+        for _ in range(count):
+            message = await layer.receive(channel)
+            conn.send((message, time.monotonic()))
+        await layer.close()
+
+    asyncio.run(run())
+
+
+def receive_each(prefix, config, channels, conn) -> None:
+    """Wait on every channel at once; report (channel, message, time.monotonic()) as each of
+    the receives returns."""
+
+    async def one(layer, channel):
+        message = await layer.receive(channel)
+        conn.send((channel, message, time.monotonic()))
+
+    async def run() -> None:
+        layer = IPCChannelLayer(prefix=prefix, **config)
+        layer._open()
+        conn.send(("ready", os.getpid()))
+        await asyncio.gather(*(one(layer, c) for c in channels))
+        await layer.close()
+
+    asyncio.run(run())
+
+
+def idle_receivers(prefix, config, channels, seconds, conn) -> None:
+    """Wait in receive() on every channel for ``seconds``; report the CPU time that took."""
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    async def run() -> None:
+        layer = IPCChannelLayer(prefix=prefix, **config)
+        waits = [asyncio.ensure_future(layer.receive(c)) for c in channels]
+        await asyncio.sleep(0.2)  # let every receive register before the clock starts
+        conn.send("waiting")
+        started, wall = cpu(), time.monotonic()
+        done, _ = await asyncio.wait(waits, timeout=seconds)
+        used, elapsed = cpu() - started, time.monotonic() - wall
+        for wait in waits:
+            wait.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+        await layer.close()
+        conn.send((used, elapsed, len(done)))
+
+    asyncio.run(run())
+
+
+def receive_until_stop(prefix, config, channel, conn) -> None:
+    """Report every message received on ``channel`` until one has ``stop``, then the list."""
+
+    async def run() -> None:
+        layer = IPCChannelLayer(prefix=prefix, **config)
+        layer._open()
+        conn.send(("ready", os.getpid()))
+        got = []
+        while True:
+            message = await layer.receive(channel)
+            if message.get("stop"):
+                break
+            got.append(message)
+        await layer.close()
+        conn.send(("got", got))
+
+    asyncio.run(run())
+
+
+# --- fuzz ----------------------------------------------------------------------------------
+
+# What an operation on a damaged store may raise, besides returning normally.
+DOCUMENTED = (StoreError, ChannelFull, GroupMemoryFull)
+
+
+def fuzz_session(prefix, config, channels, groups, conn) -> None:
+    """Attach, wait for the parent to damage the store, then run every operation on it.
+
+    Reports ``(events, received)``: each event is (operation, outcome, seconds, detail), the
+    outcome ``ok`` or the exception's class name; received holds (channel, message) pairs."""
+    events: list[tuple[str, str, float, str]] = []
+    received: list[tuple[str, object]] = []
+
+    async def attempt(name, call, timeout=None):
+        started = time.monotonic()
+        try:
+            if timeout is None:
+                result = await call()
+            else:
+                result = await asyncio.wait_for(call(), timeout)
+        except asyncio.TimeoutError:
+            events.append((name, "TimeoutError", time.monotonic() - started, ""))
+            return None
+        except Exception as exc:
+            detail = str(exc) if isinstance(exc, DOCUMENTED) else traceback.format_exc()
+            events.append((name, type(exc).__name__, time.monotonic() - started, detail))
+            return exc
+        events.append((name, "ok", time.monotonic() - started, ""))
+        return result
+
+    async def drain(layer, channel: str) -> None:
+        for _ in range(20):
+            got = await attempt(f"receive {channel}", lambda: layer.receive(channel), 0.05)
+            if not isinstance(got, dict):
+                return
+            received.append((channel, got))
+
+    async def exercise(layer, tag: str) -> None:
+        async def verify():
+            problems = layer._open().verify()
+            if problems:
+                # Found and reported: what verify is for.
+                events.append(("verify", "problems", 0.0, "; ".join(problems[:3])))
+            return problems
+
+        await asyncio.gather(*(drain(layer, c) for c in channels))
+        for n, channel in enumerate(channels):
+            message = {"ch": channel, "new": f"{tag}{n}"}
+            await attempt(f"send {channel}", lambda c=channel, m=message: layer.send(c, m))
+        bad = await attempt("send not-a-dict", lambda: layer.send(channels[0], ["no"]))
+        if not isinstance(bad, TypeError):
+            events.append(("send not-a-dict", "no TypeError", 0.0, repr(bad)))
+        for group in groups:
+            channel = channels[len(group) % len(channels)]
+            await attempt(f"group_add {group}", lambda g=group, c=channel: layer.group_add(g, c))
+            await attempt(
+                f"group_send {group}", lambda g=group: layer.group_send(g, {"ch": "*", "g": g})
+            )
+            await attempt(
+                f"group_discard {group}", lambda g=group, c=channel: layer.group_discard(g, c)
+            )
+        await asyncio.gather(*(drain(layer, c) for c in channels))
+        await attempt("verify", verify)
+
+    async def attach(layer):
+        return layer._open()
+
+    async def run() -> None:
+        first = IPCChannelLayer(prefix=prefix, **config)
+        await attempt("attach", lambda: attach(first))
+        conn.send("attached")
+        conn.recv()  # the store is damaged now
+        await exercise(first, "a")
+        # A process attaching only now also validates the header.
+        second = IPCChannelLayer(prefix=prefix, **config)
+        await attempt("attach again", lambda: attach(second))
+        await exercise(second, "b")
+        flushed = await attempt("flush", second.flush)
+        if flushed is None:
+            # An emptied store holds nothing damaged but what flush keeps: header and slots.
+            await exercise(second, "c")
+        for layer in (first, second):
+            await attempt("close", layer.close)
+
+    try:
+        asyncio.run(run())
+    except BaseException:
+        events.append(("session", "crashed", 0.0, traceback.format_exc()))
+    conn.send((events, received))
+
+
+def attempt_ops(prefix, config, ops, conn, memory_limit=768 * MiB) -> None:
+    """Run each ``(method, args)`` on one layer (``verify`` means the store's), reporting
+    ``(method, outcome, result or error message)`` as each ends.
+
+    The address space is capped: an operation that collects without end must not take the
+    machine's memory with it before its deadline."""
+    resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+
+    async def run() -> None:
+        layer = IPCChannelLayer(prefix=prefix, **config)
+        for method, args in ops:
+            try:
+                if method == "verify":
+                    problems = layer._open().verify()
+                    conn.send((method, "problems" if problems else "ok", problems))
+                    continue
+                result = await asyncio.wait_for(getattr(layer, method)(*args), 2)
+            except asyncio.TimeoutError:
+                conn.send((method, "TimeoutError", None))
+            except Exception as exc:
+                conn.send((method, type(exc).__name__, str(exc)))
+            else:
+                conn.send((method, "ok", result))
+        await layer.close()
+
+    asyncio.run(run())
+
+
+def open_and_use(prefix, config, conn) -> None:
+    """Attach to ``prefix`` and round-trip one message; report ``ok`` or the error."""
+
+    async def run():
+        layer = IPCChannelLayer(prefix=prefix, **config)
+        try:
+            await layer.send("probe", {"n": 1})
+            got = await asyncio.wait_for(layer.receive("probe"), 2)
+            problems = layer._open().verify()
+            return ("ok", got, problems)
+        finally:
+            await layer.close()
+
+    try:
+        conn.send(asyncio.run(run()))
+    except Exception as exc:
+        conn.send((type(exc).__name__, str(exc), None))
+
+
+# --- model ---------------------------------------------------------------------------------
+
+
+def model_server(conn) -> None:
+    """Execute layer operations sent by a test, on this process's own layer.
+
+    Commands: ("open", prefix, config), ("op", clock_ms, name, args, timeout),
+    ("begin_receive", clock_ms, channel), ("end_receive", clock_ms, timeout), ("close",),
+    ("exit",). ``asgi_ipc.store.now_ms`` reads the clock the test sends with each command."""
+    clock = [0]
+    asgi_ipc.store.now_ms = lambda: clock[0]
+    loop = asyncio.new_event_loop()
+    layer = None
+    pending = None
+
+    def outcome(coro, timeout):
+        try:
+            if timeout is not None:
+                coro = asyncio.wait_for(coro, timeout)
+            return ("ok", loop.run_until_complete(coro))
+        except asyncio.TimeoutError:
+            return ("timeout", None)
+        except Exception as exc:
+            return ("error", f"{type(exc).__name__}: {exc}")
+
+    while True:
+        command = conn.recv()
+        kind = command[0]
+        if kind == "open":
+            layer = IPCChannelLayer(prefix=command[1], **command[2])
+            layer._open()
+            conn.send(("ok", os.getpid()))
+        elif kind == "op":
+            clock[0] = command[1]
+            conn.send(outcome(getattr(layer, command[2])(*command[3]), command[4]))
+        elif kind == "begin_receive":
+            clock[0] = command[1]
+            pending = loop.create_task(layer.receive(command[2]))
+            # Run the loop until the receive has found the channel empty and registered.
+            loop.run_until_complete(asyncio.sleep(0.01))
+            conn.send(("ok", pending.done()))
+        elif kind == "end_receive":
+            clock[0] = command[1]
+            conn.send(outcome(pending, command[2]))
+            pending = None
+        elif kind == "close":
+            loop.run_until_complete(layer.close())
+            layer = None
+            conn.send(("ok", None))
+        else:
+            loop.close()
+            conn.send(("ok", None))
+            return
