@@ -39,6 +39,17 @@ def prefix():
     assert not os.path.exists(shm_path(name))
 
 
+@pytest.fixture
+def children():
+    """Processes a test starts; whatever is still alive at its end is killed."""
+    started: list = []
+    yield started
+    for child in started:
+        if child.is_alive():
+            child.kill()
+        child.join(10)
+
+
 def pytest_sessionfinish(session, exitstatus):
     left = [p for p in _made_prefixes if os.path.exists(shm_path(p))]
     for p in left:

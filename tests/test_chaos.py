@@ -31,17 +31,6 @@ NEXT_OPERATION_BOUND = 1.0  # seconds from a kill to the end of another process'
 VOLATILE = ("lock_holder", "waiting_processes", "epoch", "problems", "expired_bytes")
 
 
-@pytest.fixture
-def children():
-    """Processes started by a test; whatever is still alive at its end is killed."""
-    started: list = []
-    yield started
-    for child in started:
-        if child.is_alive():
-            child.kill()
-        child.join(10)
-
-
 def _kill(child) -> None:
     os.kill(child.pid, signal.SIGKILL)
     child.join(10)

@@ -17,16 +17,6 @@ MiB = 1024 * 1024
 spawn = multiprocessing.get_context("spawn")
 
 
-@pytest.fixture
-def children():
-    started = []
-    yield started
-    for child in started:
-        if child.is_alive():
-            child.kill()
-        child.join(5)
-
-
 def start(children, target, *args):
     child = spawn.Process(target=target, args=args)
     child.start()

@@ -30,16 +30,6 @@ CONFIG = {"channel_memory": MiB, "group_memory": 256 * 1024, "capacity": 1000}
 
 
 @pytest.fixture
-def children():
-    started: list = []
-    yield started
-    for child in started:
-        if child.is_alive():
-            child.kill()
-        child.join(10)
-
-
-@pytest.fixture
 def layer(prefix):
     loop = asyncio.new_event_loop()
     layer = IPCChannelLayer(prefix=prefix, **CONFIG)
