@@ -237,9 +237,6 @@ class Heap:
         after = start + total
         jset(after, w[after] & ~PREV_USED)
 
-    def block_words(self, block: int) -> int:
-        return self._w[block] >> 2
-
     def largest_free_words(self) -> int:
         """Size of the largest free block, found from the highest non-empty bin."""
         w = self._w

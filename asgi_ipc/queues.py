@@ -338,9 +338,6 @@ class ChannelQueues:
                 if steps > MAX_CHAIN:
                     raise StoreCorrupted("a channel index chain loops")
 
-    def depth(self, rec: int) -> int:
-        return self._w[rec + C_COUNT]
-
     def waiter_count(self, rec: int) -> int:
         w, node, n = self._w, self._w[rec + C_WAITERS], 0
         while node and n <= MAX_CHAIN:
