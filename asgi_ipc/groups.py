@@ -211,11 +211,13 @@ class GroupStore:
         """Drop expired memberships of the groups in the next bucket of the group index."""
         w = self._w
         hand = w[H_SWEEP_GROUP] & self._group_mask
-        rec = w[self._groups + hand]
+        rec, steps = w[self._groups + hand], 0
         while rec:
             following = w[rec + G_NEXT]
             self._drop_expired(rec, self._name(rec, G_NAME_LENGTH), oldest, SWEEP_PER_GROUP)
-            rec = following
+            rec, steps = following, steps + 1
+            if steps > MAX_CHAIN:
+                raise StoreCorrupted("a group index chain loops")
         w[H_SWEEP_GROUP] = (hand + 1) & self._group_mask  # a hint: never journaled
 
     def groups(self):

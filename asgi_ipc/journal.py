@@ -24,11 +24,11 @@ same way before the exception leaves the store, so a failed call leaves the stor
 
 from __future__ import annotations
 
-from .exceptions import StoreCorrupted
+from .exceptions import StoreCorrupted, StoreError
 from .layout import H_JOURNAL_COUNT, JOURNAL_ENTRIES
 
 
-class JournalFull(Exception):
+class JournalFull(StoreError):
     """The operation changed more words than the journal holds; it is rolled back."""
 
 
@@ -68,6 +68,12 @@ class Journal:
         w[entry + 1] = w[index]
         self._count = n + 1
         w[H_JOURNAL_COUNT] = n + 1
+
+    def begin(self) -> None:
+        """Start an operation on a journal found empty: forget whatever this process knew of
+        an earlier one (cut off by a failure, or inherited across fork())."""
+        self._count = 0
+        self.freed = False
 
     def checkpoint(self) -> None:
         """Between two self-contained steps of housekeeping (dropping expired messages or

@@ -250,6 +250,7 @@ class ChannelQueues:
             rec = w[node + M_CHANNEL]
             if not self.heap.start <= rec < self.heap.end or w[rec + C_HEAD] != node:
                 raise StoreCorrupted(f"the oldest message {node} is not first in its channel")
+            self._j.checkpoint()
             self.heap.free(self._unlink_head(rec))
             done += 1
         return done
@@ -288,6 +289,7 @@ class ChannelQueues:
         while w[at]:
             node = w[at]
             if drop(w[node + W_SLOT], w[node + W_TOKEN]):
+                self._j.checkpoint()
                 jset(at, w[node + W_NEXT])
                 self.heap.free(node)
             else:
@@ -315,14 +317,17 @@ class ChannelQueues:
         w = self._w
         hand = w[H_SWEEP_CHANNEL] & self._mask
         for i in range(buckets):
-            rec = w[self._index + ((hand + i) & self._mask)]
+            rec, steps = w[self._index + ((hand + i) & self._mask)], 0
             while rec:
                 following = w[rec + C_NEXT]
                 if not w[rec + C_COUNT]:
+                    self._j.checkpoint()
                     if w[rec + C_WAITERS]:
                         self._prune_waiters(rec, self._stale)
                     self._delete_if_idle(rec)
-                rec = following
+                rec, steps = following, steps + 1
+                if steps > MAX_CHAIN:
+                    raise StoreCorrupted("a channel index chain loops")
         w[H_SWEEP_CHANNEL] = (hand + buckets) & self._mask  # a hint: never journaled
 
     # --- inspection ------------------------------------------------------------------------

@@ -118,6 +118,10 @@ class _Transaction:
         try:
             store._recover()
         except BaseException as exc:
+            try:
+                store.journal.rollback()
+            except (StoreCorrupted, *_CORRUPTION):
+                pass  # reported below; the next holder tries again
             store.segment.lock.release()
             if isinstance(exc, _CORRUPTION):
                 raise store.corrupted(exc) from exc
@@ -206,6 +210,7 @@ class Store:
         if w[H_JOURNAL_COUNT]:
             logger.warning("%s: rolling back an operation cut off by a dead process", self.name)
             self.journal.rollback()
+        self.journal.begin()
         if w[H_FLUSHING]:
             logger.warning("%s: finishing a flush cut off by a dead process", self.name)
             self._finish_flush()
@@ -229,8 +234,8 @@ class Store:
         self._rings, self._gone = [], []
 
     def _reap_gone(self) -> None:
-        gone, self._gone = self._gone, []
-        for slot, token in gone:
+        while self._gone:  # appended to by rings outside the lock: pop, never swap
+            slot, token = self._gone.pop()
             self.slots.release(slot, token)
         self.journal.commit()
 
@@ -259,12 +264,14 @@ class Store:
             if doorbell.slot < 0:
                 raise StoreError(f"{self.name}: every process slot is taken by a live process")
         for channel in doorbell.forget_registrations():
+            self.journal.checkpoint()
             if self.queues.add_waiter(channel, doorbell.slot, doorbell.token):
                 doorbell.registered.add(channel)
         self.journal.commit()
 
     def _drop_lapsed(self, doorbell: Doorbell) -> None:
         for channel in doorbell.lapsed():
+            self.journal.checkpoint()
             self.queues.remove_waiter(channel, doorbell.slot, doorbell.token)
         self.journal.commit()
 
@@ -283,9 +290,16 @@ class Store:
         if self.segment.closed or doorbell is None:
             return
         with self._txn:  # taking the lock also drops the registrations that have lapsed
-            ready = [c for c in doorbell.waiting_channels() if self.queues.has_messages(c)]
+            waiting = doorbell.waiting_channels()
+            for channel in waiting:
+                # A registration that failed for want of memory is tried again here.
+                if channel not in doorbell.registered and self.queues.add_waiter(
+                    channel, doorbell.slot, doorbell.token
+                ):
+                    doorbell.registered.add(channel)
+            ready = [c for c in waiting if self.queues.has_messages(c)]
         doorbell.wake(ready)
-        if doorbell.registered:
+        if doorbell.registered or waiting:
             self._check_later(asyncio.get_running_loop())
 
     # --- operations ------------------------------------------------------------------------

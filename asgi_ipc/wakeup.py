@@ -295,10 +295,12 @@ class Ringer:
         (nobody listens there any more)."""
         try:
             self._sock.sendto(payload, address)
-        except (BlockingIOError, InterruptedError):
-            return FULL
         except (ConnectionRefusedError, FileNotFoundError):
             return GONE
+        except OSError:
+            # Full, or any other trouble: the message is queued either way, so never raise
+            # here; the missed-ring mark and the periodic check make up for it.
+            return FULL
         return RUNG
 
     def close(self) -> None:
