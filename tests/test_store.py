@@ -291,3 +291,47 @@ def test_an_uninitialised_object_is_initialised(prefix):
         await layer.close()
 
     asyncio.run(run())
+
+
+async def test_a_process_waiting_on_thousands_of_channels_survives_a_flush(prefix):
+    """Registering 9000 waits again after a flush is more than one journal holds: it must be
+    done in steps, and the process must go on working."""
+    waiting = layer_for(prefix, channel_memory=16 * MiB)
+    other = layer_for(prefix, channel_memory=16 * MiB)
+    receives = [asyncio.ensure_future(waiting.receive(f"c.{i}")) for i in range(9000)]
+    await asyncio.sleep(0.5)
+    await other.flush()
+    await waiting.send("c.x", {"after": "flush"})
+    assert await waiting.receive("c.x") == {"after": "flush"}
+    await other.send("c.17", {"to": 17})
+    assert await asyncio.wait_for(receives[17], 3) == {"to": 17}
+    for receive in receives:
+        receive.cancel()
+    await asyncio.gather(*receives, return_exceptions=True)
+    assert other._open().verify() == []
+    await waiting.close()
+    await other.close()
+
+
+async def test_memory_full_of_a_dead_process_registrations_is_reclaimed(prefix):
+    """A process registered on thousands of channels dies (its slot is taken back): a send
+    that finds memory full reclaims the stale registrations in steps and succeeds."""
+    dying = layer_for(prefix, channel_memory=1 * MiB)
+    other = layer_for(prefix, channel_memory=1 * MiB)
+    receives = []
+    while not receives or not receives[-1].done():  # until registering finds no room
+        receives.append(asyncio.ensure_future(dying.receive(f"c.{len(receives)}")))
+        await asyncio.sleep(0)
+    assert isinstance(receives[-1].exception(), asgi_ipc.StoreError)
+    store = dying._open()
+    doorbell = store._doorbell
+    with store.transaction():
+        store.slots.release(doorbell.slot, doorbell.token)  # as the reaper does for the dead
+    for size in (200, 100_000):
+        await other.send(f"c.size{size}", {"blob": b"x" * size})
+    assert other._open().verify() == []
+    for receive in receives:
+        receive.cancel()
+    await asyncio.gather(*receives, return_exceptions=True)
+    await dying.close()
+    await other.close()
