@@ -13,8 +13,8 @@ Every change to these words goes through the journal. When a block is handed out
 new owner will overwrite without journaling (the free-list links and the footer) are recorded with
 ``Journal.keep`` so that a rollback can turn it back into the free block it was.
 
-Metadata, in the area's page of allocator metadata: (word 0 unused) the first-level bitmap, one
-second-level bitmap per power of two, then the bin heads.
+Metadata, in the area's page of allocator metadata: the first-level bitmap, one second-level
+bitmap per power of two, then the bin heads.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ MIN_BLOCK = 4
 SL_BITS = 3
 FIRST_LEVELS = 40
 
-M_FL_BITMAP = 1
-M_SL_BITMAP = 2
+M_FL_BITMAP = 0
+M_SL_BITMAP = 1
 M_BINS = M_SL_BITMAP + FIRST_LEVELS
 
 
