@@ -208,6 +208,26 @@ class Heap:
         j.set(block, size << 2 | USED | (header & PREV_USED))
         return block
 
+    def alloc_run(self, payload_words: int, count: int) -> list[int]:
+        """``count`` used blocks with room for ``payload_words`` each, cut from one allocation
+        so that they cost one allocation's journaling; [] if no free block is large enough.
+        Each is an ordinary block from then on, freed on its own."""
+        size = max(payload_words + 1, MIN_BLOCK)
+        block = self.alloc(size * count - 1)
+        if not block or count == 1:
+            return [block] if block else []
+        w = self._w
+        header = w[block]
+        blocks = list(range(block, block + size * count, size))
+        # Written without the journal: these words lie inside the block just handed out, and
+        # undoing the allocation restores its first header, all the free block needs back.
+        w[block] = size << 2 | (header & (USED | PREV_USED))
+        for sub in blocks[1:]:
+            w[sub] = size << 2 | USED | PREV_USED
+        last = blocks[-1]
+        w[last] = ((header >> 2) - (last - block)) << 2 | USED | PREV_USED
+        return blocks
+
     def free(self, block: int) -> None:
         w, jset = self._w, self._j.set
         header = w[block] if self.start <= block < self.end else 0

@@ -39,6 +39,9 @@ class Journal:
         self._count = 0
         # Set when a block is freed; see the module docstring.
         self.freed = False
+        # Commits made by this process, so that an operation committed in steps can tell
+        # which of its steps are done for good.
+        self.commits = 0
 
     @property
     def count(self) -> int:
@@ -85,6 +88,7 @@ class Journal:
         self._w[H_JOURNAL_COUNT] = 0
         self._count = 0
         self.freed = False
+        self.commits += 1
 
     def rollback(self, savepoint: int = 0) -> None:
         """Undo every change journaled since ``savepoint`` (by default since the last commit,

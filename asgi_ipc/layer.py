@@ -113,20 +113,8 @@ class IPCChannelLayer(BaseChannelLayer):
     async def receive(self, channel: str) -> dict:
         """Wait for the next message on ``channel``. Cancelling the wait loses no message."""
         self.require_valid_channel_name(channel)
-        store = self._open()
-        name = channel.encode("ascii")
-        waiter = None
-        try:
-            while True:
-                got = store.take(name, waiter)
-                if isinstance(got, bytes):
-                    waiter = None
-                    return self._deserialize(got)
-                waiter = got
-                await waiter.future
-        finally:
-            if waiter is not None:
-                store.stop_waiting(name, waiter)
+        data = await self._open().receive(channel.encode("ascii"))
+        return self._deserialize(data)
 
     async def new_channel(self, prefix: str = "specific.") -> str:
         """A channel name no other process on this machine will ever return."""

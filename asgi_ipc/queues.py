@@ -41,7 +41,13 @@ W_NEXT, W_SLOT, W_TOKEN = range(1, 4)
 # How send() reports that the message was not queued.
 QUEUED, OVER_CAPACITY, OUT_OF_MEMORY = range(3)
 
-MAX_CHAIN = 1 << 20  # a longer bucket chain can only be a cycle in a corrupt store
+MAX_CHAIN = 1 << 20
+
+# A group_send cuts the copies for up to this many channels, and this many words, from one
+# allocation (see ``append_to_all``); it journals three words per copy, well within the room
+# that ``Journal.checkpoint`` leaves.
+RUN_CHANNELS = 512
+RUN_WORDS = 1 << 15  # a longer bucket chain can only be a cycle in a corrupt store
 
 
 def _words_for(nbytes: int) -> int:
@@ -210,11 +216,7 @@ class ChannelQueues:
         w[node + M_NEXT] = 0
         w[node + M_SENT_NEXT] = 0
         w[node + M_SENT_PREV] = last
-        w[node + M_CHANNEL] = rec
-        w[node + M_EXPIRES] = expires
-        w[node + M_LENGTH] = len(data) | crc << 32
-        start = (node + M_DATA) * WORD
-        self._b[start : start + len(data)] = data
+        self._write_message(node, rec, data, crc, expires)
         tail = w[rec + C_TAIL]
         jset(tail + M_NEXT if tail else rec + C_HEAD, node)
         jset(rec + C_TAIL, node)
@@ -225,20 +227,135 @@ class ChannelQueues:
             self._collect_doorbells(rec, name, rings)
         return QUEUED
 
-    def pop(self, name: bytes, now: int) -> bytes | None:
-        """The oldest unexpired message of ``name``, or None."""
+    def append_to_all(
+        self,
+        names: list[bytes],
+        data: bytes,
+        crc: int,
+        capacity_of: Callable[[bytes], int],
+        expires: int,
+        now: int,
+        rings: list,
+    ) -> int:
+        """Queue ``data`` on each channel of ``names`` that has room (a group_send): the
+        number of channels skipped, full or out of memory. Each channel gets its copy or not on
+        its own; the copies for up to a run of channels are cut from one allocation and linked
+        into the order of sending together, which makes a copy about half the work of a send."""
+        w, jset = self._w, self._j.set
+        payload_words = M_DATA - 1 + _words_for(len(data))
+        run = max(1, min(RUN_CHANNELS, RUN_WORDS // (payload_words + 1)))
+        skipped = 0
+        for first in range(0, len(names), run):
+            accepted: list[tuple[bytes, int]] = []
+            for name in names[first : first + run]:
+                self._j.checkpoint()
+                capacity = capacity_of(name)
+                h = self.hash(name)
+                rec = self.find(name, h)
+                if rec:
+                    self._drop_expired(rec, now)
+                    if w[rec + C_COUNT] >= capacity:
+                        skipped += 1
+                        continue
+                elif capacity < 1:
+                    skipped += 1
+                    continue
+                accepted.append((name, rec or self._create(name, h)))
+            if not accepted:
+                continue
+            self._j.checkpoint()
+            if self._j.freed:
+                self._j.commit()  # as the allocator would, but before the links below
+            nodes = []
+            if all(rec for _name, rec in accepted):
+                nodes = self.heap.alloc_run(payload_words, len(accepted))
+            if not nodes:
+                # No room for the run in one piece: one send at a time, which reclaims
+                # memory where it can and skips the channels that still find none.
+                for name, _rec in accepted:
+                    self._j.checkpoint()
+                    result = self.append(name, data, crc, capacity_of(name), expires, now, rings)
+                    skipped += result != QUEUED
+                continue
+            last = w[H_EXPIRY_TAIL]
+            previous, woken = last, []
+            for (name, rec), node, following in zip(accepted, nodes, [*nodes[1:], 0], strict=True):
+                w[node + M_NEXT] = 0
+                w[node + M_SENT_NEXT] = following
+                w[node + M_SENT_PREV] = previous
+                self._write_message(node, rec, data, crc, expires)
+                previous = node
+                count, tail = w[rec + C_COUNT], w[rec + C_TAIL]
+                jset(tail + M_NEXT if tail else rec + C_HEAD, node)
+                jset(rec + C_TAIL, node)
+                jset(rec + C_COUNT, count + 1)
+                if not count and w[rec + C_WAITERS]:
+                    woken.append((name, rec))
+            jset(last + M_SENT_NEXT if last else H_EXPIRY_HEAD, nodes[0])
+            jset(H_EXPIRY_TAIL, nodes[-1])
+            # Only now that the whole run is linked: pruning stale waiters may commit.
+            for name, rec in woken:
+                self._collect_doorbells(rec, name, rings)
+        return skipped
+
+    def pop(self, name: bytes, now: int) -> tuple[bytes, int] | None:
+        """The oldest unexpired message of ``name`` and its expiry, or None."""
         w = self._w
         rec = self.find(name, self.hash(name))
         if not rec:
             return None
-        data = None
-        while data is None and w[rec + C_HEAD]:
+        found = None
+        while found is None and w[rec + C_HEAD]:
             self._j.checkpoint()  # a channel whose whole backlog expired
             node = self._unlink_head(rec)
-            if w[node + M_EXPIRES] > now:
-                data = self._read(node)
+            expires = w[node + M_EXPIRES]
+            if expires > now:
+                found = self._read(node), expires
             self.heap.free(node)
-        return data
+        return found
+
+    def put_back(self, name: bytes, data: bytes, crc: int, expires: int, rings: list) -> bool:
+        """Queue ``data`` first on ``name`` again, as if it had never been taken: a receive
+        that was handed it got cancelled. Capacity does not apply (it was counted before);
+        False if there is no memory left for it."""
+        w, jset = self._w, self._j.set
+        h = self.hash(name)
+        if self._j.freed:
+            self._j.commit()  # as the allocator would, but before the savepoint is taken
+        savepoint = self._j.count
+        node = self.heap.alloc(M_DATA - 1 + _words_for(len(data)))
+        if not node:
+            return False
+        rec = self.find(name, h) or self._create(name, h)
+        if not rec:
+            self._j.rollback(savepoint)
+            return False
+        head = w[rec + C_HEAD]
+        # In the order of sending it goes just before its channel's first message (or last
+        # of all), which keeps the oldest message of the store first in its own channel.
+        before = w[head + M_SENT_PREV] if head else w[H_EXPIRY_TAIL]
+        w[node + M_NEXT] = head
+        w[node + M_SENT_NEXT] = head
+        w[node + M_SENT_PREV] = before
+        self._write_message(node, rec, data, crc, expires)
+        jset(before + M_SENT_NEXT if before else H_EXPIRY_HEAD, node)
+        jset(head + M_SENT_PREV if head else H_EXPIRY_TAIL, node)
+        jset(rec + C_HEAD, node)
+        if not head:
+            jset(rec + C_TAIL, node)
+        count = w[rec + C_COUNT]
+        jset(rec + C_COUNT, count + 1)
+        if not count and w[rec + C_WAITERS]:
+            self._collect_doorbells(rec, name, rings)
+        return True
+
+    def _write_message(self, node: int, rec: int, data: bytes, crc: int, expires: int) -> None:
+        w = self._w
+        w[node + M_CHANNEL] = rec
+        w[node + M_EXPIRES] = expires
+        w[node + M_LENGTH] = len(data) | crc << 32
+        start = (node + M_DATA) * WORD
+        self._b[start : start + len(data)] = data
 
     def expire(self, now: int, limit: int) -> int:
         """Reclaim up to ``limit`` expired messages, oldest first, wherever they are queued."""
@@ -257,22 +374,28 @@ class ChannelQueues:
 
     # --- waiting receivers -----------------------------------------------------------------
 
-    def add_waiter(self, name: bytes, slot: int, token: int) -> bool:
-        """Register a process's doorbell on ``name``; False if channel memory is full."""
+    def add_waiter(self, name: bytes, slot: int, token: int) -> int:
+        """Register a process's doorbell on ``name``: the channel's record, which stays put
+        while the registration lasts, or 0 if channel memory is full."""
         w = self._w
         h = self.hash(name)
         rec = self.find(name, h) or self._create(name, h)
         if not rec:
-            return False
+            return 0
         node = self.heap.alloc(W_TOKEN)
         if not node:
             self._delete_if_idle(rec)
-            return False
+            return 0
         w[node + W_NEXT] = w[rec + C_WAITERS]
         w[node + W_SLOT] = slot
         w[node + W_TOKEN] = token
         self._j.set(rec + C_WAITERS, node)
-        return True
+        return rec
+
+    def queued_at(self, rec: int) -> int:
+        """The message count of the record at ``rec``. Read without the lock by a receive
+        whose registration keeps the record in place (see ``Store.receive``)."""
+        return self._w[rec + C_COUNT]
 
     def has_messages(self, name: bytes) -> bool:
         rec = self.find(name, self.hash(name))

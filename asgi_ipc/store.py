@@ -22,6 +22,7 @@ import hashlib
 import logging
 import mmap
 import os
+import threading
 import time
 import zlib
 
@@ -189,6 +190,7 @@ class Store:
         self._check_loop: asyncio.AbstractEventLoop | None = None
         self._pid = os.getpid()
         self._epoch = words[H_EPOCH]
+        self._local = threading.local()  # each thread's receives to serve together
 
     def transaction(self) -> _Transaction:
         return self._txn
@@ -232,6 +234,7 @@ class Store:
         self._check_loop = None
         self._ringer = Ringer()
         self._rings, self._gone = [], []
+        self._local = threading.local()
 
     def _reap_gone(self) -> None:
         while self._gone:  # appended to by rings outside the lock: pop, never swap
@@ -265,8 +268,9 @@ class Store:
                 raise StoreError(f"{self.name}: every process slot is taken by a live process")
         for channel in doorbell.forget_registrations():
             self.journal.checkpoint()
-            if self.queues.add_waiter(channel, doorbell.slot, doorbell.token):
-                doorbell.registered.add(channel)
+            rec = self.queues.add_waiter(channel, doorbell.slot, doorbell.token)
+            if rec:
+                doorbell.note_registered(channel, rec)
         self.journal.commit()
 
     def _drop_lapsed(self, doorbell: Doorbell) -> None:
@@ -292,11 +296,12 @@ class Store:
         with self._txn:  # taking the lock also drops the registrations that have lapsed
             waiting = doorbell.waiting_channels()
             for channel in waiting:
+                if channel in doorbell.registered:
+                    continue
                 # A registration that failed for want of memory is tried again here.
-                if channel not in doorbell.registered and self.queues.add_waiter(
-                    channel, doorbell.slot, doorbell.token
-                ):
-                    doorbell.registered.add(channel)
+                rec = self.queues.add_waiter(channel, doorbell.slot, doorbell.token)
+                if rec:
+                    doorbell.note_registered(channel, rec)
             ready = [c for c in waiting if self.queues.has_messages(c)]
         doorbell.wake(ready)
         if doorbell.registered or waiting:
@@ -315,53 +320,157 @@ class Store:
             self.queues.sweep(SWEEP_BUCKETS_PER_SEND)
         return result
 
-    def take(self, channel: bytes, waiter: Waiter | None) -> bytes | Waiter:
-        """Pop the next message of ``channel``, or register ``waiter`` (a new one if None)
-        so that the next send rings this process; the caller then awaits ``waiter.future``."""
-        now = now_ms()
-        with self._txn:
-            data = self.queues.pop(channel, now)
-            if data is not None:
-                if waiter is not None:
-                    self._stop_waiting_locked(channel, waiter)
-                return data
-            if waiter is None:
-                waiter = self._start_waiting_locked(channel)
-            else:
-                waiter.renew()
-            return waiter
+    async def receive(self, channel: bytes) -> bytes:
+        """The next message of ``channel``, waiting for one as long as it takes.
 
-    def _start_waiting_locked(self, channel: bytes) -> Waiter:
+        A receive on a channel this process is still registered on, found empty, waits
+        without taking the lock (``_wait_unlocked``). Otherwise it is served at once, in a lock
+        hold of its own, unless its event loop is *gathering*: the last lock hold of this loop
+        handed out several messages, whose receivers will soon ask again, so the receives are
+        collected until the running callbacks are done and served together in one lock hold.
+        That is how a process draining many channels takes one message from each per hold."""
+        waiter = Waiter(asyncio.get_running_loop(), channel)
+        if not self._wait_unlocked(waiter):
+            loop = self._loop_state(waiter.loop)
+            if loop.gathering:
+                if not loop.batch:
+                    waiter.loop.call_soon(self._serve_gathered, loop.batch)
+                loop.batch.append(waiter)
+            else:
+                self._serve([waiter])
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            self._abandon(waiter)
+            raise
+
+    def _loop_state(self, loop: asyncio.AbstractEventLoop) -> threading.local:
+        state = self._local
+        if getattr(state, "loop", None) is not loop:
+            state.loop, state.batch, state.gathering = loop, [], False
+        return state
+
+    def _serve_gathered(self, batch: list[Waiter]) -> None:
+        waiters = batch[:]
+        batch.clear()
+        self._serve(waiters)
+
+    def _wait_unlocked(self, waiter: Waiter) -> bool:
+        """Start ``waiter`` waiting without the lock, if that is safe: True if it waits.
+
+        It is safe when this process is still registered on the channel (its registration
+        lingers) and the channel is empty: any send that makes it non-empty then rings this
+        process, and the waiter, tracked before the count was read, is found by that ring.
+        Reading the epoch after the count rules out a flush that moved the record; one that
+        comes later rings every process anyway."""
+        doorbell = self._doorbell
+        if doorbell is None or self._pid != os.getpid():
+            return False
+        rec = doorbell.registered.get(waiter.channel)
+        if rec and self.queues.queued_at(rec):
+            return False  # a message is there already (or the record moved): take it locked
+        rec = doorbell.add(waiter.channel, waiter)
+        w = self.words
+        if (
+            not rec
+            or self.queues.queued_at(rec)
+            or w[H_FLUSHING]
+            or w[H_EPOCH] != self._epoch
+            or self.slots.token(doorbell.slot) != doorbell.token
+        ):
+            return False
+        self._check_later(waiter.loop)
+        return True
+
+    def _serve(self, waiters: list[Waiter]) -> None:
+        """In one lock hold, hand each receive of ``waiters`` (all of the running event loop)
+        the next message of its channel, or make sure that a send will ring for it."""
+        waiters = [w for w in dict.fromkeys(waiters) if not w.future.done()]
+        if not waiters or self.segment.closed:
+            return
+        handed: list[tuple[Waiter, bytes]] = []
+        failed: list[tuple[Waiter, BaseException]] = []
+        journal = self.journal
+        # The journal may commit between waiters (when it fills up, or before memory is
+        # reused): the messages handed before such a commit are taken for good.
+        commits, settled = journal.commits, 0
+        now = now_ms()
+        try:
+            with self._txn:
+                epoch = self.words[H_EPOCH]
+                for waiter in waiters:
+                    journal.checkpoint()
+                    found = self.queues.pop(waiter.channel, now)
+                    if found is None:
+                        try:
+                            self._wait_locked(waiter)
+                        except StoreError as exc:
+                            failed.append((waiter, exc))
+                    if journal.commits != commits:
+                        commits, settled = journal.commits, len(handed)
+                    if found is not None:
+                        handed.append((waiter, found[0]))
+                        waiter.expires, waiter.epoch = found[1], epoch
+            settled = len(handed)
+        except Exception as exc:
+            if journal.commits != commits:
+                settled = len(handed)
+            served = {waiter for waiter, _data in handed[:settled]}
+            failed = [(waiter, exc) for waiter in waiters if waiter not in served]
+        for waiter, data in handed[:settled]:
+            self._stop_tracking(waiter)
+            waiter.future.set_result(data)
+        for waiter, exc in failed:
+            self._stop_tracking(waiter)
+            waiter.future.set_exception(exc)
+        self._loop_state(waiters[0].loop).gathering = settled > 1
+
+    def _wait_locked(self, waiter: Waiter) -> None:
+        """Under the lock, with ``waiter``'s channel found empty: make sure a send rings."""
         doorbell = self._doorbell
         if doorbell is None:
             doorbell = self._doorbell = Doorbell(
-                self.prefix, lambda: self.slots.take_missed(doorbell.slot)
+                self.prefix, lambda: self.slots.take_missed(doorbell.slot), self._serve
             )
             self._register_again(doorbell)  # claims a slot
-        waiter = Waiter(asyncio.get_running_loop())
         self._check_later(waiter.loop)
-        if doorbell.add(channel, waiter):
-            if not self.queues.add_waiter(channel, doorbell.slot, doorbell.token):
-                doorbell.discard(channel, waiter)
-                raise StoreError(
-                    f"the channel memory of {self.name} is full: no room to register a "
-                    f"receive waiting on {channel.decode()!r}"
-                )
-            doorbell.registered.add(channel)
-        return waiter
+        if doorbell.add(waiter.channel, waiter):
+            return
+        rec = self.queues.add_waiter(waiter.channel, doorbell.slot, doorbell.token)
+        if not rec:
+            doorbell.discard(waiter.channel, waiter)
+            raise StoreError(
+                f"the channel memory of {self.name} is full: no room to register a "
+                f"receive waiting on {waiter.channel.decode()!r}"
+            )
+        doorbell.note_registered(waiter.channel, rec)
 
-    def _stop_waiting_locked(self, channel: bytes, waiter: Waiter) -> None:
+    def _stop_tracking(self, waiter: Waiter) -> None:
         doorbell = self._doorbell
         if doorbell is not None:
-            doorbell.discard(channel, waiter)
-            self._check_later(waiter.loop)
+            doorbell.discard(waiter.channel, waiter)
 
-    def stop_waiting(self, channel: bytes, waiter: Waiter) -> None:
-        """A waiting receive gave up (cancelled): drop its registration."""
-        if self.segment.closed:
-            return  # close() dropped every registration of this process already
+    def _abandon(self, waiter: Waiter) -> None:
+        """A receive was cancelled. If a message had been handed to it already, it goes back
+        first in its channel; otherwise the receive just stops waiting."""
+        future = waiter.future
+        if not future.done() or future.cancelled() or future.exception() is not None:
+            self._stop_tracking(waiter)
+            return
+        data = future.result()
+        if self.segment.closed or waiter.expires <= now_ms():
+            return
         with self._txn:
-            self._stop_waiting_locked(channel, waiter)
+            if self.words[H_EPOCH] != waiter.epoch:
+                return  # flushed since: it would have gone with the rest
+            if self.queues.put_back(
+                waiter.channel, data, zlib.crc32(data), waiter.expires, self._rings
+            ):
+                return
+        logger.warning(
+            "%s: a message taken by a cancelled receive on %r was lost: no channel memory "
+            "left to put it back", self.name, waiter.channel.decode(),
+        )
 
     def group_add(self, group: bytes, channel: bytes) -> None:
         with self._txn:
@@ -375,17 +484,12 @@ class Store:
                    group_expiry_ms: int) -> tuple[int, int]:
         """Queue ``data`` on every member with room; (members, members skipped)."""
         now = now_ms()
-        crc = zlib.crc32(data)
-        skipped = 0
         with self._txn:
             members = self.groups.members(group, now - group_expiry_ms)
             self.groups.sweep(now - group_expiry_ms)
-            for channel in members:
-                self.journal.checkpoint()
-                result = self.queues.append(
-                    channel, data, crc, capacity_of(channel), now + expiry_ms, now, self._rings
-                )
-                skipped += result != QUEUED
+            skipped = self.queues.append_to_all(
+                members, data, zlib.crc32(data), capacity_of, now + expiry_ms, now, self._rings
+            )
             self.queues.expire(now, EXPIRE_PER_SEND)
         return len(members), skipped
 

@@ -142,36 +142,43 @@ class ProcessSlots:
 
 
 class Waiter:
-    """One receive() waiting in this process: its loop and the future it awaits."""
+    """One receive() in this process: its channel, its loop, and the future that the message
+    (or the error) is handed to."""
 
-    __slots__ = ("loop", "future")
+    __slots__ = ("loop", "channel", "future", "expires", "epoch")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, channel: bytes) -> None:
         self.loop = loop
+        self.channel = channel
         self.future = loop.create_future()
-
-    def renew(self) -> None:
-        self.future = self.loop.create_future()
-
-
-def _wake(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(None)
+        # Of the message handed over, for putting it back if the receive is cancelled.
+        self.expires = 0
+        self.epoch = 0
 
 
 class Doorbell:
-    """This process's doorbell socket, its receives waiting for it by channel, and which
-    channels it is registered on in the store.
+    """This process's doorbell socket, its receives waiting by channel, and the channels it is
+    registered on in the store.
 
     A registration outlives the receive that made it by ``LINGER`` seconds, so that a consumer
     looping on ``receive()`` registers once rather than once per message; a registration with no
-    receive behind it costs a sender at most one datagram, when the channel turns non-empty."""
+    receive behind it costs a sender at most one datagram, when the channel turns non-empty.
+
+    ``registered`` maps each channel registered in the store to its record there. It changes
+    under the store lock and ``_guard`` both, so ``add`` (under the guard only) sees either the
+    registration or its absence, never half a lapse."""
 
     LINGER = 2.0
 
-    def __init__(self, prefix: str, take_missed: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        take_missed: Callable[[], bool],
+        deliver: Callable[[list[Waiter]], None],
+    ) -> None:
         self.token = secrets.randbits(63) | 1
         self._take_missed = take_missed
+        self._deliver = deliver
         self.slot = -1
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self._sock.bind(doorbell_address(prefix, self.token))
@@ -179,22 +186,28 @@ class Doorbell:
         self._guard = threading.Lock()
         self._waiting: dict[bytes, set[Waiter]] = {}
         self._readers: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
-        # Channels registered in the store, and since when those with no receive have been so.
-        # Both are changed under the store lock only.
-        self.registered: set[bytes] = set()
+        self.registered: dict[bytes, int] = {}
+        # Since when the registrations with no receive behind them have been so.
         self._idle_since: dict[bytes, float] = {}
         self.next_lapse = math.inf
 
-    def add(self, channel: bytes, waiter: Waiter) -> bool:
-        """Track ``waiter``; True if the store must register this process on ``channel``."""
+    def add(self, channel: bytes, waiter: Waiter) -> int:
+        """Track ``waiter``, so that a ring from now on finds it: the channel's record if this
+        process is registered on it, else 0 (the store must register it)."""
         with self._guard:
             self._waiting.setdefault(channel, set()).add(waiter)
-        self._idle_since.pop(channel, None)
+            self._idle_since.pop(channel, None)
+            rec = self.registered.get(channel, 0)
         if waiter.loop not in self._readers:
             # Left in place when the loop's receives end: the next one needs it again.
             waiter.loop.add_reader(self._sock.fileno(), self._on_readable)
             self._readers.add(waiter.loop)
-        return channel not in self.registered
+        return rec
+
+    def note_registered(self, channel: bytes, rec: int) -> None:
+        """The store registered this process on ``channel``, whose record is at ``rec``."""
+        with self._guard:
+            self.registered[channel] = rec
 
     def discard(self, channel: bytes, waiter: Waiter) -> None:
         """Stop tracking ``waiter``; its channel's registration starts to linger if it was the
@@ -207,29 +220,30 @@ class Doorbell:
             if waiters:
                 return
             del self._waiting[channel]
-        if channel in self.registered:
-            now = time.monotonic()
-            self._idle_since[channel] = now
-            self.next_lapse = min(self.next_lapse, now + self.LINGER)
+            if channel in self.registered:
+                now = time.monotonic()
+                self._idle_since[channel] = now
+                self.next_lapse = min(self.next_lapse, now + self.LINGER)
 
     def lapsed(self) -> list[bytes]:
         """Registrations that lingered long enough: they are dropped here, for the store to
-        drop too."""
+        drop too (under its lock)."""
         deadline = time.monotonic() - self.LINGER
-        gone = [channel for channel, since in self._idle_since.items() if since <= deadline]
-        for channel in gone:
-            del self._idle_since[channel]
-            self.registered.discard(channel)
-        self.next_lapse = min(self._idle_since.values(), default=math.inf) + self.LINGER
+        with self._guard:
+            gone = [channel for channel, since in self._idle_since.items() if since <= deadline]
+            for channel in gone:
+                del self._idle_since[channel]
+                del self.registered[channel]
+            self.next_lapse = min(self._idle_since.values(), default=math.inf) + self.LINGER
         return gone
 
     def forget_registrations(self) -> list[bytes]:
         """The store lost every registration (flush, or a slot taken back): the channels that
         still have receives waiting, to register again."""
-        self.registered.clear()
-        self._idle_since.clear()
-        self.next_lapse = math.inf
         with self._guard:
+            self.registered.clear()
+            self._idle_since.clear()
+            self.next_lapse = math.inf
             return list(self._waiting)
 
     def _on_readable(self) -> None:
@@ -252,24 +266,28 @@ class Doorbell:
             return list(self._waiting)
 
     def wake(self, names: set[bytes] | list[bytes]) -> None:
-        """Wake the receives waiting on ``names`` (every receive, if b"" is among them)."""
+        """Hand the receives waiting on ``names`` (every receive, if b"" is among them) to the
+        store to serve, all those of one event loop together, in that loop."""
         with self._guard:
             if b"" in names:
                 targets = [w for waiters in self._waiting.values() for w in waiters]
             else:
                 targets = [w for name in names for w in self._waiting.get(name, ())]
+        by_loop: dict[asyncio.AbstractEventLoop, list[Waiter]] = {}
+        for waiter in targets:
+            by_loop.setdefault(waiter.loop, []).append(waiter)
         try:
             current = asyncio.get_running_loop()
         except RuntimeError:
             current = None
-        for waiter in targets:
-            if waiter.loop is current:
-                _wake(waiter.future)
+        for loop, waiters in by_loop.items():
+            if loop is current:
+                self._deliver(waiters)
             else:
                 try:
-                    waiter.loop.call_soon_threadsafe(_wake, waiter.future)
+                    loop.call_soon_threadsafe(self._deliver, waiters)
                 except RuntimeError:
-                    pass  # its loop is closed: the receive will never look again
+                    pass  # its loop is closed: those receives will never look again
 
     def close(self) -> None:
         with self._guard:

@@ -269,6 +269,31 @@ async def test_cancel_racing_a_send_neither_loses_nor_duplicates(make_layer):
     await nothing_within(layer, channel)
 
 
+async def test_cancel_at_each_step_of_a_delivery_keeps_every_message_in_order(make_layer):
+    """The cancel lands some loop steps after a send from another layer: before the wake-up,
+    between the message being handed over and the receive resuming, or after it returned."""
+    layer, sender = make_layer(), make_layer()
+    channel = await layer.new_channel()
+    delivered = []
+    for steps in range(12):
+        waiting = asyncio.ensure_future(layer.receive(channel))
+        await asyncio.sleep(0.005)
+        await sender.send(channel, {"i": 2 * steps})
+        await sender.send(channel, {"i": 2 * steps + 1})
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        waiting.cancel()
+        try:
+            delivered.append((await waiting)["i"])
+        except asyncio.CancelledError:
+            pass
+        while len(delivered) < 2 * steps + 2:
+            delivered.append((await receive_within(layer, channel))["i"])
+    assert delivered == list(range(24))
+    await nothing_within(layer, channel)
+    verify_clean(layer)
+
+
 async def test_concurrent_receivers_get_distinct_messages(make_layer):
     layer = make_layer(capacity=1000)
     receivers = [asyncio.ensure_future(layer.receive("test.many")) for _ in range(10)]
