@@ -325,18 +325,24 @@ class Store:
 
         A receive on a channel this process is still registered on, found empty, waits
         without taking the lock (``_wait_unlocked``). Otherwise it is served at once, in a lock
-        hold of its own, unless its event loop is *gathering*: the last lock hold of this loop
-        handed out several messages, whose receivers will soon ask again, so the receives are
-        collected until the running callbacks are done and served together in one lock hold.
-        That is how a process draining many channels takes one message from each per hold."""
-        waiter = Waiter(asyncio.get_running_loop(), channel)
+        hold of its own, unless its event loop is *gathering*: another task of the loop was
+        served so in the same pass of the loop, or the last lock hold handed out several
+        messages, whose receivers will soon ask again. Then receives are collected until the
+        running callbacks are done and served together in one lock hold: that is how a process
+        draining many channels takes one message from each per hold."""
+        loop = asyncio.get_running_loop()
+        waiter = Waiter(loop, channel)
         if not self._wait_unlocked(waiter):
-            loop = self._loop_state(waiter.loop)
-            if loop.gathering:
-                if not loop.batch:
-                    waiter.loop.call_soon(self._serve_gathered, loop.batch)
-                loop.batch.append(waiter)
+            state = self._loop_state(loop)
+            task = asyncio.current_task()
+            if state.gathering or state.served_task not in (None, task):
+                if not state.batch:
+                    loop.call_soon(self._serve_gathered, state.batch)
+                state.batch.append(waiter)
             else:
+                if state.served_task is None:
+                    loop.call_soon(self._next_pass, state)
+                state.served_task = task
                 self._serve([waiter])
         try:
             return await waiter.future
@@ -347,8 +353,12 @@ class Store:
     def _loop_state(self, loop: asyncio.AbstractEventLoop) -> threading.local:
         state = self._local
         if getattr(state, "loop", None) is not loop:
-            state.loop, state.batch, state.gathering = loop, [], False
+            state.loop, state.batch, state.gathering, state.served_task = loop, [], False, None
         return state
+
+    @staticmethod
+    def _next_pass(state: threading.local) -> None:
+        state.served_task = None
 
     def _serve_gathered(self, batch: list[Waiter]) -> None:
         waiters = batch[:]
