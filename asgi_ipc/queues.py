@@ -298,10 +298,11 @@ class ChannelQueues:
                 self._collect_doorbells(rec, name, rings)
         return skipped
 
-    def pop(self, name: bytes, now: int) -> tuple[bytes, int] | None:
-        """The oldest unexpired message of ``name`` and its expiry, or None."""
+    def pop(self, name: bytes, now: int, rec: int = 0) -> tuple[bytes, int] | None:
+        """The oldest unexpired message of ``name`` and its expiry, or None. ``rec``, when
+        the caller knows it (a registration of its own keeps it in place), saves the lookup."""
         w = self._w
-        rec = self.find(name, self.hash(name))
+        rec = rec or self.find(name, self.hash(name))
         if not rec:
             return None
         found = None

@@ -408,9 +408,11 @@ class Store:
         try:
             with self._txn:
                 epoch = self.words[H_EPOCH]
+                # Taken under the lock, after recovery brought them up to date.
+                records = self._doorbell.registered if self._doorbell is not None else {}
                 for waiter in waiters:
                     journal.checkpoint()
-                    found = self.queues.pop(waiter.channel, now)
+                    found = self.queues.pop(waiter.channel, now, records.get(waiter.channel, 0))
                     if found is None:
                         try:
                             self._wait_locked(waiter)

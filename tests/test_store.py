@@ -335,3 +335,45 @@ async def test_memory_full_of_a_dead_process_registrations_is_reclaimed(prefix):
     await asyncio.gather(*receives, return_exceptions=True)
     await dying.close()
     await other.close()
+
+
+async def test_group_send_into_fragmented_memory_copies_one_by_one(prefix):
+    """Memory full but for holes of one message each: a group_send finds no room to cut its
+    copies from one piece and places them one by one, skipping (and counting) the rest."""
+    layer = layer_for(prefix, channel_memory=256 * 1024, capacity=10**6)
+    body = {"pad": b"x" * 80}
+    sent = 0
+    with pytest.raises(ChannelFull):
+        while True:
+            await layer.send(f"c.fill{sent % 2}", body)
+            sent += 1
+    holes = (sent + 1) // 2
+    for _ in range(holes):
+        await layer.receive("c.fill0")  # every other block of the heap is free now
+    members = [f"c.member{i}" for i in range(holes + 50)]
+    for channel in members:
+        await layer.group_add("g", channel)
+    store = layer._open()
+    taken, skipped = store.group_send(
+        b"g", layer._serialize(body, "g"), lambda name: 10**6, 60_000, 86_400_000
+    )
+    assert taken == len(members) and 0 < skipped < len(members)
+    assert store.verify() == []
+    assert store.inspect()["messages"] == sent - holes + len(members) - skipped
+    await layer.close()
+
+
+async def test_group_send_to_more_members_than_one_run_reaches_each_once(prefix):
+    layer = layer_for(prefix, channel_memory=4 * MiB, group_memory=1 * MiB)
+    members = [f"c.m{i}" for i in range(1300)]  # more than two runs of copies
+    for channel in members:
+        await layer.group_add("big", channel)
+    for n in range(2):
+        await layer.group_send("big", {"n": n})
+    store = layer._open()
+    assert store.verify() == []
+    assert store.inspect()["messages"] == 2 * len(members)
+    for channel in members:
+        assert [await layer.receive(channel) for _ in range(2)] == [{"n": 0}, {"n": 1}]
+    assert store.inspect()["messages"] == 0 and store.verify() == []
+    await layer.close()
