@@ -11,7 +11,11 @@ message of the store is always the first of its own channel.
 
 Visibility: a send becomes visible when the journal commits the words that link its block in (the
 previous tail's ``next``, the record's tail and count); a receive when the journal commits the
-unlinking. See ``journal.py`` for what a kill in between leaves.
+unlinking. A group_send cuts the copies for a run of members from one allocation, writes them
+unjournaled (nothing reaches them yet), then links each into its channel with three journaled
+words and the run into the order of sending with two; all of it commits with the group_send. A
+message handed to a receive that was then cancelled is linked back in first (``put_back``). See
+``journal.py`` for what a kill in between leaves.
 
 Layouts, in words from the block header (word 0):
   channel record   (kept while it has messages or waiters, and until the sweep passes after)

@@ -1,5 +1,6 @@
 """A prefix's store as one process sees it: the segment, its lock and journal, and the channel,
-group and process tables, with every operation as one lock hold.
+group and process tables, with every operation as one lock hold (a receive may need none, and
+the receives of one event loop share one; see ``Store.receive``).
 
 An operation runs inside ``with store.transaction():``. Entering takes the global lock and
 repairs what a dead holder left (``_recover``): it rolls back an open undo journal, and finishes
@@ -13,6 +14,11 @@ the areas (returning their pages to the kernel), bumps the epoch and clears ``H_
 process that finds ``H_FLUSHING`` set when it takes the lock does the same again, which is
 harmless since clearing twice is clearing once. Process slots survive a flush; waiting processes
 see the new epoch, register their waits again and are rung to look again.
+
+A receive's message leaves the store when the lock hold that serves it commits, and reaches its
+caller after the lock is released: a process killed in between loses it (delivery is at most
+once). A receive cancelled in between puts its message back first in its channel, unless a flush
+came in between, which would have taken it with the rest.
 """
 
 from __future__ import annotations
@@ -395,7 +401,9 @@ class Store:
     def _serve(self, waiters: list[Waiter]) -> None:
         """In one lock hold, hand each receive of ``waiters`` (all of the running event loop)
         the next message of its channel, or make sure that a send will ring for it."""
-        waiters = [w for w in dict.fromkeys(waiters) if not w.future.done()]
+        if len(waiters) > 1:
+            waiters = list(dict.fromkeys(waiters))  # a receive rung twice is served once
+        waiters = [w for w in waiters if not w.future.done()]
         if not waiters or self.segment.closed:
             return
         handed: list[tuple[Waiter, bytes]] = []
@@ -429,8 +437,10 @@ class Store:
                 settled = len(handed)
             served = {waiter for waiter, _data in handed[:settled]}
             failed = [(waiter, exc) for waiter in waiters if waiter not in served]
+        doorbell = self._doorbell
         for waiter, data in handed[:settled]:
-            self._stop_tracking(waiter)
+            if doorbell is not None:
+                doorbell.discard(waiter.channel, waiter)
             waiter.future.set_result(data)
         for waiter, exc in failed:
             self._stop_tracking(waiter)

@@ -20,8 +20,15 @@ waits on, and wakes those that hold messages: a lost ring costs at most a second
 process one lock hold per second.
 
 In the receiving process the doorbell is read by whichever event loop has a receive waiting
-(``loop.add_reader``), which wakes the receives of the named channel in its own loop directly and
-those in other loops with ``call_soon_threadsafe``. Nothing runs while nobody sends.
+(``loop.add_reader``). It hands the receives waiting on the named channels to the store, which
+serves all those of one event loop in one lock hold, in that loop (``call_soon_threadsafe`` for
+the other loops): each gets the next message of its channel, or waits on. Nothing runs while
+nobody sends.
+
+A registration lingers after its receive (``Doorbell.LINGER``), and while it does, a receive that
+finds its channel empty need not take the lock at all: it puts itself where a ring will find it,
+then reads the channel's message count from the record its registration keeps in place. Any send
+that makes the channel non-empty after that read rings this process (see ``Store.receive``).
 
 A doorbell that answers ``ECONNREFUSED`` belongs to a dead process: the sender frees that slot at
 its next lock hold, which makes every registration carrying the slot's old token stale. Stale
