@@ -45,13 +45,13 @@ W_NEXT, W_SLOT, W_TOKEN = range(1, 4)
 # How send() reports that the message was not queued.
 QUEUED, OVER_CAPACITY, OUT_OF_MEMORY = range(3)
 
-MAX_CHAIN = 1 << 20
+MAX_CHAIN = 1 << 20  # a longer bucket chain can only be a cycle in a corrupt store
 
 # A group_send cuts the copies for up to this many channels, and this many words, from one
 # allocation (see ``append_to_all``); it journals three words per copy, well within the room
 # that ``Journal.checkpoint`` leaves.
 RUN_CHANNELS = 512
-RUN_WORDS = 1 << 15  # a longer bucket chain can only be a cycle in a corrupt store
+RUN_WORDS = 1 << 15
 
 
 def _words_for(nbytes: int) -> int:
@@ -250,7 +250,7 @@ class ChannelQueues:
         run = max(1, min(RUN_CHANNELS, RUN_WORDS // (payload_words + 1)))
         skipped = 0
         for first in range(0, len(names), run):
-            accepted: list[tuple[bytes, int]] = []
+            accepted: list[tuple[bytes, int, int]] = []
             for name in names[first : first + run]:
                 self._j.checkpoint()
                 capacity = capacity_of(name)
@@ -264,26 +264,28 @@ class ChannelQueues:
                 elif capacity < 1:
                     skipped += 1
                     continue
-                accepted.append((name, rec or self._create(name, h)))
+                accepted.append((name, rec or self._create(name, h), capacity))
             if not accepted:
                 continue
             self._j.checkpoint()
             if self._j.freed:
                 self._j.commit()  # as the allocator would, but before the links below
             nodes = []
-            if all(rec for _name, rec in accepted):
+            if all(rec for _name, rec, _capacity in accepted):
                 nodes = self.heap.alloc_run(payload_words, len(accepted))
             if not nodes:
                 # No room for the run in one piece: one send at a time, which reclaims
                 # memory where it can and skips the channels that still find none.
-                for name, _rec in accepted:
+                for name, _rec, capacity in accepted:
                     self._j.checkpoint()
-                    result = self.append(name, data, crc, capacity_of(name), expires, now, rings)
+                    result = self.append(name, data, crc, capacity, expires, now, rings)
                     skipped += result != QUEUED
                 continue
             last = w[H_EXPIRY_TAIL]
             previous, woken = last, []
-            for (name, rec), node, following in zip(accepted, nodes, [*nodes[1:], 0], strict=True):
+            for (name, rec, _capacity), node, following in zip(
+                accepted, nodes, [*nodes[1:], 0], strict=True
+            ):
                 w[node + M_NEXT] = 0
                 w[node + M_SENT_NEXT] = following
                 w[node + M_SENT_PREV] = previous

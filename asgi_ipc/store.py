@@ -437,10 +437,8 @@ class Store:
                 settled = len(handed)
             served = {waiter for waiter, _data in handed[:settled]}
             failed = [(waiter, exc) for waiter in waiters if waiter not in served]
-        doorbell = self._doorbell
         for waiter, data in handed[:settled]:
-            if doorbell is not None:
-                doorbell.discard(waiter.channel, waiter)
+            self._stop_tracking(waiter)
             waiter.future.set_result(data)
         for waiter, exc in failed:
             self._stop_tracking(waiter)
