@@ -14,5 +14,11 @@ class StoreCorrupted(StoreError):
     layout version, or with inconsistent contents."""
 
 
+class ForeignObject(StoreError):
+    """A path the layer would use (its store, or its wake-up directory or sockets) exists but is
+    not a private object of this user of the expected type: a symlink, another user's, or open
+    to other users. Nothing was read from it or written into it."""
+
+
 class GroupMemoryFull(StoreError):
     """``group_add`` found no room left in the group memory area."""

@@ -78,6 +78,22 @@ def shm_name(prefix: str) -> str:
     return NAME_PREFIX + validate_prefix(prefix)
 
 
+# Linux keeps POSIX shared memory as files in this tmpfs; the layer opens them there directly,
+# so that it can refuse symlinks and check the owner (see private.py).
+SHM_DIR = "/dev/shm"
+# The directory of a prefix's wake-up sockets. "+" cannot occur in a prefix, so no store's name
+# can ever be a wake-up directory's, nor the reverse.
+WAKE_DIR_SUFFIX = "+wake"
+
+
+def store_path(prefix: str) -> str:
+    return SHM_DIR + shm_name(prefix)
+
+
+def wake_dir(prefix: str) -> str:
+    return store_path(prefix) + WAKE_DIR_SUFFIX
+
+
 def _pages(words: int) -> int:
     return -(-words // PAGE_WORDS) * PAGE_WORDS
 
