@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import math
 import multiprocessing
@@ -1131,12 +1132,14 @@ def render_table(rows: list[Row], header: dict) -> str:
                 cell = "-"
             line += f" {cell:>24}"
         line += f" {_num(row.ratio):>10}"
-        if row.target:
+        if row.target and not header["quick"]:
             verdict = {True: "met", False: "MISSED", None: "n/a"}[row.met]
             line += f"  {row.target} {verdict}"
         lines.append(line)
     lines += ["", "n = messages (deliveries, records) counted intact and in order; "
                   "'!' marks a count short of what was sent."]
+    if header["quick"]:
+        lines.append("A quick run is too short to judge the targets: run without --quick.")
     return "\n".join(lines)
 
 
@@ -1194,7 +1197,12 @@ def main(argv: list[str] | None = None) -> int:
             redis_url = None
             if not args.no_redis:
                 binary = shutil.which("redis-server")
-                if binary is None:
+                if importlib.util.find_spec("channels_redis") is None:
+                    redis_note = (
+                        "skipped (channels_redis is not installed: "
+                        "pip install 'asgi_ipc[bench]')"
+                    )
+                elif binary is None:
                     redis_note = "skipped (redis-server not found)"
                 else:
                     server = stack.enter_context(RedisServer(binary))
