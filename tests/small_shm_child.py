@@ -25,9 +25,9 @@ def layer_for(prefix: str, channel_memory: int) -> IPCChannelLayer:
                            capacity=1 << 30)
 
 
-def fill_tmpfs() -> None:
+def fill_tmpfs(name: str) -> None:
     """Take every free page of /dev/shm with a file of our own."""
-    fd = os.open("/dev/shm/filler", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(f"/dev/shm/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         for chunk in (MiB, 4096):
             while True:
@@ -72,7 +72,7 @@ async def fills_up(prefix: str) -> dict:
     layer = layer_for(prefix, 8 * MiB)
     for _ in range(10):
         await layer.send("c", MESSAGE)  # the store fits, and is in use
-    fill_tmpfs()
+    fill_tmpfs("filler")
     report: dict = {}
     report["sent"], report["writer"] = await send_until_full(layer, 100000)
     # Another process, and this one again, after the first refusal.
@@ -98,9 +98,16 @@ async def fills_up(prefix: str) -> dict:
         received += await layer.receive("c") == MESSAGE
     report["received"] = received
     report["send_after_receive"] = (await send_until_full(layer, 1))[1]
+    # A flush gives the heaps' pages back; once something else has taken them, the store must
+    # not write to them as if they were still its own.
+    await layer.flush()
+    fill_tmpfs("filler2")
+    report["after_flush"] = await send_until_full(layer, 100000)
+    report["problems_after_flush"] = layer._open().verify()
     await layer.close()
     asgi_ipc.unlink(prefix)
     os.unlink("/dev/shm/filler")
+    os.unlink("/dev/shm/filler2")
     return report
 
 

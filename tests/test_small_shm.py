@@ -65,6 +65,7 @@ def test_a_full_tmpfs_gives_channel_full_and_group_memory_full_not_sigbus(prefix
     assert report["problems"] == []
     assert report["received"] == report["sent"] + 10
     assert report["send_after_receive"] == "no error"
+    assert report["after_flush"][1] == "ChannelFull" and report["problems_after_flush"] == []
 
 
 async def test_reading_a_big_sparse_store_allocates_nothing(prefix):
