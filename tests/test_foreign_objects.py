@@ -5,6 +5,7 @@ The layer, ``unlink`` and every command refuse them without reading or writing t
 from __future__ import annotations
 
 import asyncio
+import getpass
 import os
 import secrets
 import subprocess
@@ -71,7 +72,7 @@ def planted(request, prefix, other_user, tmp_path):
         target = tmp_path / "precious"
         target.write_bytes(content)
         os.symlink(target, path)
-        named, watched = [path, "symbolic link"], str(target)
+        named, watched = [path, "symbolic link", f"owned by {getpass.getuser()}"], str(target)
     before = fingerprint(watched)
     yield path, named, watched
     assert fingerprint(watched) == before, "the refused object was written to"
