@@ -2,7 +2,8 @@
 list the stores of this user, run a demo, and run the benchmark.
 
 Exit status: 0 when all is well, 1 when ``verify`` finds problems, 2 when the store is missing,
-corrupt or not ours, or the command was misused.
+corrupt or not ours (a symlink, another user's, open to others: ``ForeignObject``), or the
+command was misused; each of those is one line on stderr. No command follows a symlink.
 """
 
 from __future__ import annotations
@@ -13,15 +14,16 @@ import json
 import multiprocessing
 import os
 import secrets
+import stat
 import sys
 import time
 
 from .exceptions import StoreError
-from .layout import NAME_PREFIX, validate_prefix
+from .layout import NAME_PREFIX, SHM_DIR, WAKE_DIR_SUFFIX, store_path, validate_prefix
+from .private import check_private, describe
 from .segment import unlink
 from .store import Store
 
-SHM_DIR = "/dev/shm"
 FILE_PREFIX = NAME_PREFIX.lstrip("/")
 
 
@@ -40,7 +42,7 @@ def _size(nbytes: int) -> str:
 
 def _users_of(prefix: str) -> list[int]:
     """Pids of the other processes that have the store of ``prefix`` mapped."""
-    path = f"{SHM_DIR}/{FILE_PREFIX}{prefix}"
+    path = store_path(prefix)
     users = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -133,17 +135,34 @@ def cmd_unlink(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    rows = []
+    """This user's stores, and every object under an asgi_ipc name that the layer would refuse
+    (it is a symlink, another user's, or open to others), marked foreign. A prefix's own
+    wake-up directory is part of its store, not a store."""
+    rows, foreign = [], []
     for entry in sorted(os.listdir(SHM_DIR)):
         if not entry.startswith(FILE_PREFIX):
             continue
-        stat = os.stat(f"{SHM_DIR}/{entry}")
-        if stat.st_uid == os.getuid():
-            rows.append((entry[len(FILE_PREFIX):], stat.st_size, stat.st_blocks * 512))
+        path = f"{SHM_DIR}/{entry}"
+        is_wake_dir = entry.endswith(WAKE_DIR_SUFFIX)
+        try:
+            st = os.lstat(path)
+            if is_wake_dir:
+                check_private(path, st, stat.S_IFDIR, "a directory")
+            else:
+                check_private(path, st, stat.S_IFREG, "a regular file")
+        except FileNotFoundError:
+            continue  # removed since listdir
+        except StoreError:
+            foreign.append(f"{path} FOREIGN: {describe(st)}")
+            continue
+        if not is_wake_dir:
+            rows.append((entry[len(FILE_PREFIX):], st.st_size, st.st_blocks * 512))
     if not rows:
         print("no asgi_ipc stores for this user")
     for prefix, size, resident in rows:
         print(f"{prefix:22} {_size(size):>10} reserved {_size(resident):>10} in memory")
+    for line in foreign:
+        print(line)
     return 0
 
 
@@ -269,4 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except PermissionError as exc:
         print(f"asgi-ipc: no permission: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"asgi-ipc: {exc}", file=sys.stderr)
         return 2

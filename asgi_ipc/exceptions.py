@@ -20,5 +20,11 @@ class ForeignObject(StoreError):
     to other users. Nothing was read from it or written into it."""
 
 
+class SharedMemoryTooSmall(StoreError):
+    """The tmpfs of /dev/shm has no room for the store this process would create: it names the
+    sizes and how to give /dev/shm more room or configure a smaller store. Nothing is left
+    behind."""
+
+
 class GroupMemoryFull(StoreError):
     """``group_add`` found no room left in the group memory area."""

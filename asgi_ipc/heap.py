@@ -15,12 +15,36 @@ new owner will overwrite without journaling (the free-list links and the footer)
 
 Metadata, in the area's page of allocator metadata: the first-level bitmap, one second-level
 bitmap per power of two, then the bin heads.
+
+Memory is reserved before it is touched. The store is a sparse file on tmpfs, and touching a page
+of it when the tmpfs is full raises SIGBUS in whichever process touches it (reading a hole
+through a shared mapping allocates the page too). So each heap keeps a high-water mark of the
+words reserved with ``posix_fallocate`` (a header word of its own); the first and last pages,
+which ``format`` writes, are reserved when the store is created. Before ``alloc`` hands out a
+block, or carves the header of its remainder, past the mark, it reserves the next chunk (at
+least ``RESERVE_WORDS``, page-aligned, never past the end), and when the tmpfs has no room left
+it returns 0 as if the heap were full. Why that covers every access, by induction over what is
+written: ``alloc`` writes the block it hands out (whose owner writes only inside it) and the
+remainder's header and links, all below the mark; ``alloc_run`` writes inside one such block;
+``free`` and the merges write the headers, links and footers of blocks that exist already (each
+written on reserved memory when it was made) and the footer of the freed block, which lies inside
+it. The footer of the one free block that reaches the end lies in the last page. Readers
+(``verify``, ``used_words``, the bins, the records and messages of the callers) read only such
+words, so nothing ever reads a hole either.
+
+The mark is written without the journal: it only grows (until a flush gives the pages back and
+sets it down again, see ``store.format_areas``) and states a physical fact, the pages reserved,
+which a rollback does not undo. A process killed between the reservation and the store of the
+mark leaves pages reserved above the mark, which the next reservation takes again at no cost.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .exceptions import StoreCorrupted
 from .journal import Journal
+from .layout import PAGE_WORDS
 
 USED = 1
 PREV_USED = 2
@@ -31,6 +55,12 @@ FIRST_LEVELS = 40
 M_FL_BITMAP = 0
 M_SL_BITMAP = 1
 M_BINS = M_SL_BITMAP + FIRST_LEVELS
+
+# Words reserved at a time when a heap grows past its mark: 1 MiB, so that a reservation (a
+# syscall) is paid once per thousands of small messages, not once per page.
+RESERVE_WORDS = 1 << 17
+# Free blocks of the exact size class looked at when the good fit finds nothing (see _find).
+EXACT_BIN_STEPS = 8
 
 
 def _bin(size: int) -> int:
@@ -45,18 +75,38 @@ def _lowest_bit(mask: int) -> int:
     return (mask & -mask).bit_length() - 1
 
 
+def _page_up(word: int) -> int:
+    return -(-word // PAGE_WORDS) * PAGE_WORDS
+
+
 class Heap:
-    def __init__(self, words: memoryview, journal: Journal, meta: int, start: int, end: int):
+    def __init__(
+        self,
+        words: memoryview,
+        journal: Journal,
+        meta: int,
+        start: int,
+        end: int,
+        mark: int,
+        reserve: Callable[[int, int], bool],
+    ):
+        """The heap of words [start, end), page-aligned, whose metadata page is at ``meta``
+        and whose reserved high-water mark is kept in the word ``mark``. ``reserve(a, b)``
+        reserves the memory of words [a, b), False when there is none left."""
         self._w = words
         self._j = journal
         self._meta = meta
         self._bins = meta + M_BINS
+        self._mark = mark
+        self._reserve_words = reserve
         self.start = start
         self.end = end
 
     def format(self) -> None:
-        """Make the area one free block (the metadata page must read as zeros)."""
+        """Make the area one free block (the metadata page must read as zeros, and the first
+        and last pages must be reserved). The pages in between are unreserved from then on."""
         w = self._w
+        w[self._mark] = min(self.start + PAGE_WORDS, self.end)
         size = self.end - 1 - self.start
         w[self.start] = size << 2 | PREV_USED
         w[self.end - 1] = USED
@@ -162,6 +212,7 @@ class Heap:
     def _find(self, size: int) -> int:
         """A free block of at least ``size`` words, or 0."""
         bits = size.bit_length()
+        wanted = size
         if bits > SL_BITS:
             # Round up to the next bin boundary, so that every block of the bin found fits.
             size += (1 << (bits - SL_BITS - 1)) - 1
@@ -174,10 +225,35 @@ class Heap:
         if not sl_map:
             fl_map = w[self._meta + M_FL_BITMAP] & (-1 << (fl + 1))
             if not fl_map:
-                return 0
+                return self._find_in_own_bin(wanted)
             fl = _lowest_bit(fl_map)
             sl_map = w[self._meta + M_SL_BITMAP + fl]
         return w[self._bins + (fl << SL_BITS) + _lowest_bit(sl_map)]
+
+    def _find_in_own_bin(self, size: int) -> int:
+        """A block of at least ``size`` words among the first few of ``size``'s own bin, which
+        the rounding of the good fit skips: without this look, a full heap refuses a message of
+        exactly the size a receive just freed. Bounded, so that alloc stays O(1)."""
+        w = self._w
+        block = w[self._bins + _bin(size)]
+        for _ in range(EXACT_BIN_STEPS):
+            if not block or w[block] >> 2 >= size:
+                return block
+            block = w[block + 1]
+        return 0
+
+    def _reserve(self, upto: int) -> bool:
+        """Make sure words below ``upto`` are reserved (see the module docstring)."""
+        w = self._w
+        mark = w[self._mark]
+        if upto <= mark:
+            return True
+        needed = min(_page_up(upto), self.end)
+        for target in (min(max(needed, mark + RESERVE_WORDS), self.end), needed):
+            if self._reserve_words(mark, target):
+                w[self._mark] = target
+                return True
+        return False
 
     def alloc(self, payload_words: int) -> int:
         """A used block with room for ``payload_words`` after its header, or 0 if none is free."""
@@ -186,16 +262,19 @@ class Heap:
         if not block:
             return 0
         w, j = self._w, self._j
-        if j.freed:
-            # Whatever was freed so far is done for good before its space is reused.
-            j.commit()
         header = w[block]
         free_size = header >> 2
         if header & USED or free_size < size or block + free_size >= self.end:
             raise StoreCorrupted(f"free list of the heap at {self.start} holds a bad block")
+        rest = free_size - size
+        # The block handed out, and the header and links of the remainder carved after it.
+        if not self._reserve(block + (size + 3 if rest >= MIN_BLOCK else free_size)):
+            return 0
+        if j.freed:
+            # Whatever was freed so far is done for good before its space is reused.
+            j.commit()
         j.keep(block + 1)
         j.keep(block + 2)
-        rest = free_size - size
         if rest >= MIN_BLOCK:
             # The remainder's footer is the old block's footer, which _replace journals.
             self._replace(block, free_size, block + size, rest, carved=True)
@@ -275,6 +354,8 @@ class Heap:
         """Walk every block and every bin; return what is inconsistent."""
         w, problems = self._w, []
         where = f"heap at word {self.start}"
+        if not min(self.start + PAGE_WORDS, self.end) <= w[self._mark] <= self.end:
+            problems.append(f"{where}: reserved mark {w[self._mark]} lies outside the heap")
         block, prev_free, used, free_blocks = self.start, False, 0, set()
         while block < self.end - 1:
             header = w[block]

@@ -16,7 +16,10 @@ start on page boundaries so that each can be returned to the kernel on ``flush``
     member index    hash buckets: (group, channel) -> membership record
     group memory    group records and memberships                     (group_memory bytes)
 
-The object is created with ``ftruncate`` and so is sparse: a page costs memory only once written.
+The object is created with ``ftruncate`` and so is sparse, but no page is touched before it is
+reserved with ``posix_fallocate``: on a full tmpfs, touching an unreserved page raises SIGBUS,
+while a reservation fails with ENOSPC. Every area but the heaps is reserved whole at creation,
+and of each heap its first and last pages; the rest of a heap is reserved as it fills (heap.py).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import re
 from dataclasses import dataclass
 
 MAGIC = int.from_bytes(b"ASGI-IPC", "little")
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 WORD = 8
 PAGE_WORDS = 512
@@ -58,6 +61,10 @@ H_GROUPS = 24
 H_MEMBERSHIPS = 25
 H_SWEEP_CHANNEL = 26  # clock hand of the incremental sweep over the channel index
 H_SWEEP_GROUP = 27  # clock hand of the incremental sweep over the group index
+# The reserved high-water marks of the two heaps (see heap.py): word index below which the heap's
+# memory is reserved with posix_fallocate. Never journaled: they state a physical fact.
+H_MESSAGE_RESERVED = 28
+H_GROUP_RESERVED = 29
 
 PREFIX_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,19}$")
 # macOS limits shared-memory names to 31 bytes: "/asgi_ipc." is 10 of them, the prefix at most 20.
@@ -171,3 +178,13 @@ class Geometry:
     @property
     def total_bytes(self) -> int:
         return self.group_heap_end * WORD
+
+    def reserved_at_creation(self) -> list[tuple[int, int]]:
+        """The word ranges reserved when the store is created, whatever its load: the header,
+        allocator metadata, process slots, journal and indexes, and the first and last pages
+        of each heap (which ``Heap.format`` writes)."""
+        return [
+            (0, self.message_heap + PAGE_WORDS),
+            (self.message_heap_end - PAGE_WORDS, self.group_heap + PAGE_WORDS),
+            (self.group_heap_end - PAGE_WORDS, self.group_heap_end),
+        ]

@@ -79,7 +79,9 @@ def open_private_file(path: str, create: bool) -> tuple[int, bool]:
         fd = os.open(path, flags | os.O_NONBLOCK)  # O_NONBLOCK: a planted FIFO must not hang us
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise foreign(path, None, "a regular file", "a symlink is never followed") from None
+            raise foreign(
+                path, _lstat(path), "a regular file", "a symlink is never followed"
+            ) from None
         if exc.errno in (errno.EACCES, errno.EPERM):
             raise foreign(path, _lstat(path), "a regular file", "no permission") from None
         raise

@@ -1,11 +1,20 @@
 """Creating, attaching to and removing the shared-memory object of a prefix.
 
-Creation is race-free without a second lock: whoever opens the object first creates it empty
-(``O_CREAT | O_EXCL``, mode 0600), and every process then takes the store lock and looks. Under the
-lock, an object of size 0 or without the ready flag is one nobody has initialised yet (or whose
-initialiser died half way): the process that sees it sizes it, formats every area, writes the
-magic word and sets the ready flag, in that order. Nobody maps an object before it is ready, so
-resizing one that is not is safe.
+The object is the file ``layout.store_path(prefix)`` in /dev/shm, opened with
+``private.open_private_file``: created exclusively with mode 0600, never through a symlink, and
+accepted when it exists only if it is a regular file of this user closed to everyone else;
+anything else raises ``ForeignObject`` and is neither read nor written.
+
+Creation is race-free without a second lock: whoever opens the object first creates it empty,
+and every process then takes the store lock and looks. Under the lock, an object of size 0 or
+without the ready flag is one nobody has initialised yet (or whose initialiser died half way):
+the process that sees it checks that /dev/shm has room for it (``SharedMemoryTooSmall``
+otherwise, naming the sizes and the fixes), sizes it, reserves with ``posix_fallocate`` every
+page that is touched whatever the load (``Geometry.reserved_at_creation``), then formats every
+area, writes the magic word and sets the ready flag, in that order. Nobody maps an object before
+it is ready, so resizing one that is not is safe. An initialiser that finds no room empties and
+removes the object under the lock; a process that was waiting for the lock on it finds it
+unlinked (no links left) and starts again from the path.
 
 An existing store keeps the sizes it was created with; a process configured with other sizes uses
 it as it is and logs a warning. Anything that is not a ready store of this layout version raises
@@ -14,17 +23,17 @@ it as it is and logs a warning. Anything that is not a ready store of this layou
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import logging
 import mmap
 import os
 import secrets
+import stat
 import weakref
 
-import posix_ipc
-
-from .exceptions import StoreCorrupted, StoreError
+from .exceptions import SharedMemoryTooSmall, StoreCorrupted, StoreError
 from .layout import (
     H_CHANNEL_BUCKETS,
     H_CHANNEL_MEMORY,
@@ -42,11 +51,15 @@ from .layout import (
     LAYOUT_VERSION,
     MAGIC,
     PAGE_WORDS,
+    SHM_DIR,
     WORD,
     Geometry,
     shm_name,
+    store_path,
+    wake_dir,
 )
 from .lock import StoreLock
+from .private import check_private, open_private_file
 
 logger = logging.getLogger(__name__)
 
@@ -62,18 +75,35 @@ def removal_hint(prefix: str) -> str:
     return f"remove it with `asgi-ipc unlink --prefix {prefix} --force` (its messages are lost)"
 
 
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.1f} MiB"
+
+
+def _too_small(path: str, geometry: Geometry) -> SharedMemoryTooSmall:
+    fs = os.statvfs(SHM_DIR)
+    return SharedMemoryTooSmall(
+        f"{SHM_DIR} has no room for the asgi_ipc store {path}: it needs "
+        f"{_mib(geometry.total_bytes)} (channel_memory {_mib(geometry.channel_memory)}, "
+        f"group_memory {_mib(geometry.group_memory)}, the rest indexes and journal), and "
+        f"{SHM_DIR} has {_mib(fs.f_bavail * fs.f_frsize)} free of "
+        f"{_mib(fs.f_blocks * fs.f_frsize)}. Give /dev/shm more room (docker run "
+        f"--shm-size=..., Compose shm_size:, in Kubernetes an emptyDir with medium: Memory "
+        f"and a sizeLimit mounted at /dev/shm) or configure a smaller channel_memory or "
+        f"group_memory"
+    )
+
+
 class Segment:
     """One process's attachment to a prefix's shared-memory object."""
 
     def __init__(self, prefix: str, channel_memory: int, group_memory: int, create: bool = True):
         self.prefix = prefix
         self.name = shm_name(prefix)
+        self.path = store_path(prefix)
         self._pid = os.getpid()
         wanted = Geometry.for_sizes(channel_memory, group_memory)
-        shm = self._open(create)
-        self.fd = shm.fd
-        self.lock = StoreLock(self.fd)
-        self.lock.acquire()
+        self.fd = -1
+        self._open_locked(create)
         try:
             size = os.fstat(self.fd).st_size
             if self._needs_initialising(size):
@@ -102,19 +132,36 @@ class Segment:
         self.hash_key = self.words[H_HASH_KEY:H_HASH_KEY + 2].tobytes()
         _attached.add(self)
 
-    def _open(self, create: bool) -> posix_ipc.SharedMemory:
+    def _open_locked(self, create: bool) -> None:
+        """Open the store file and take its lock, starting again if the file was removed
+        meanwhile (an initialiser that found no room removes it under the lock)."""
+        while True:
+            try:
+                self.fd = open_private_file(self.path, create)[0]
+            except FileNotFoundError:
+                if create:
+                    continue  # removed between our exclusive create and our open: create it
+                raise StoreError(
+                    f"no asgi_ipc store for prefix {self.prefix!r} ({self.path})"
+                ) from None
+            self.lock = StoreLock(self.fd)
+            self.lock.acquire()
+            if os.fstat(self.fd).st_nlink:
+                return
+            self.lock.release()
+            os.close(self.fd)
+            self.fd = -1
+
+    def reserve(self, start: int, end: int) -> bool:
+        """Reserve the memory of words [start, end) of the store; False when /dev/shm has no
+        room for it. Touching a page that is not reserved could raise SIGBUS (see layout)."""
         try:
-            if create:
-                return posix_ipc.SharedMemory(self.name, posix_ipc.O_CREAT, mode=0o600)
-            return posix_ipc.SharedMemory(self.name)
-        except posix_ipc.ExistentialError:
-            raise StoreError(
-                f"no asgi_ipc store for prefix {self.prefix!r} ({self.name})"
-            ) from None
-        except posix_ipc.PermissionsError:
-            raise StoreError(
-                f"no permission to open {self.name}: it belongs to another user"
-            ) from None
+            os.posix_fallocate(self.fd, start * WORD, (end - start) * WORD)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                return False
+            raise
+        return True
 
     def _needs_initialising(self, size: int) -> bool:
         """True for an object nobody finished initialising: empty, or with our magic word (or
@@ -123,6 +170,9 @@ class Segment:
             return True
         if size < PAGE_WORDS * WORD:
             return False
+        # A dead initialiser may have left the header page a hole: reading it would take a page.
+        if not self.reserve(0, PAGE_WORDS):
+            raise SharedMemoryTooSmall(f"{SHM_DIR} is full: no room to read {self.path}")
         with mmap.mmap(self.fd, PAGE_WORDS * WORD) as header:
             words = memoryview(header).cast("Q")
             try:
@@ -131,10 +181,28 @@ class Segment:
                 words.release()
 
     def _initialise(self, geometry: Geometry) -> None:
+        os.ftruncate(self.fd, 0)  # drop whatever a dead initialiser wrote
+        fs = os.statvfs(SHM_DIR)
+        # A tmpfs mounted without a size limit reports no blocks at all.
+        fits = not fs.f_blocks or geometry.total_bytes <= fs.f_bavail * fs.f_frsize
+        if fits:
+            os.ftruncate(self.fd, geometry.total_bytes)
+            fits = all(self.reserve(start, end) for start, end in geometry.reserved_at_creation())
+        if not fits:
+            error = _too_small(self.path, geometry)
+            os.ftruncate(self.fd, 0)
+            st = os.fstat(self.fd)
+            try:
+                if os.path.samestat(st, os.lstat(self.path)):
+                    os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            raise error
+        self._format(geometry)
+
+    def _format(self, geometry: Geometry) -> None:
         from .store import format_areas  # the areas' formats belong to the store
 
-        os.ftruncate(self.fd, 0)  # drop whatever a dead initialiser wrote
-        os.ftruncate(self.fd, geometry.total_bytes)
         with mmap.mmap(self.fd, geometry.total_bytes) as mm:
             words = memoryview(mm).cast("Q")
             try:
@@ -150,7 +218,7 @@ class Segment:
                 words[H_MEMBER_BUCKETS] = geometry.member_buckets
                 words[H_MAGIC] = MAGIC
                 words[H_GEOMETRY_SUM] = _geometry_sum(words)
-                format_areas(words, geometry)
+                format_areas(words, geometry, self.reserve)
                 words[H_READY] = 1
             finally:
                 words.release()
@@ -186,8 +254,8 @@ class Segment:
     def lock_holder(self) -> int | None:
         """The pid holding the store lock right now, or None (asked without waiting)."""
         try:
-            probe = os.open(f"/dev/shm/{self.name[1:]}", os.O_RDONLY)
-        except OSError:
+            probe = self._reopen()
+        except (OSError, StoreError):
             return None
         try:
             fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -197,10 +265,19 @@ class Segment:
             os.close(probe)
         return None
 
+    def _reopen(self) -> int:
+        """A new open file description of this store, through its path and its checks; it
+        must still be the very file this process has mapped."""
+        fd = open_private_file(self.path, False)[0]
+        if not os.path.samestat(os.fstat(fd), os.fstat(self.fd)):
+            os.close(fd)
+            raise StoreError(f"{self.path} was removed or replaced since this process opened it")
+        return fd
+
     def reopen_after_fork(self) -> None:
         """Give a forked child its own open file description, so its flock excludes the parent."""
         inherited = self.fd
-        self.fd = posix_ipc.SharedMemory(self.name).fd
+        self.fd = self._reopen()
         os.close(inherited)
         self.lock.reset_after_fork(self.fd)
         self._pid = os.getpid()
@@ -226,16 +303,37 @@ class Segment:
 
 
 def unlink(prefix: str) -> bool:
-    """Remove the shared-memory object of ``prefix``; False if there was none.
+    """Remove the store file of ``prefix`` and its wake-up directory with the sockets in it;
+    False if there was neither. Either of them that is not a private object of this user
+    raises ``ForeignObject`` before anything is removed (no symlink is followed).
 
     Processes still attached keep their mapping but share nothing with processes that attach
     after this: stop them first.
     """
-    try:
-        posix_ipc.unlink_shared_memory(shm_name(prefix))
-    except posix_ipc.ExistentialError:
-        return False
-    return True
+    path, directory = store_path(prefix), wake_dir(prefix)
+    found = {}
+    for where, kind, expected in (
+        (path, stat.S_IFREG, "a regular file"),
+        (directory, stat.S_IFDIR, "a directory"),
+    ):
+        try:
+            found[where] = st = os.lstat(where)
+        except FileNotFoundError:
+            continue
+        check_private(where, st, kind, expected)
+    if directory in found:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if not os.path.samestat(os.fstat(fd), found[directory]):
+                raise StoreError(f"{directory} was replaced while being removed")
+            for entry in os.listdir(fd):
+                os.unlink(entry, dir_fd=fd)
+        finally:
+            os.close(fd)
+        os.rmdir(directory)
+    if path in found:
+        os.unlink(path)
+    return bool(found)
 
 
 def _after_fork_in_child() -> None:

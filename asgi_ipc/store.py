@@ -31,6 +31,7 @@ import os
 import threading
 import time
 import zlib
+from collections.abc import Callable
 
 from .exceptions import StoreCorrupted, StoreError
 from .groups import GroupStore
@@ -42,12 +43,15 @@ from .layout import (
     H_EXPIRY_HEAD,
     H_EXPIRY_TAIL,
     H_FLUSHING,
+    H_GROUP_RESERVED,
     H_GROUPS,
     H_JOURNAL_COUNT,
     H_LOCK_PID,
     H_MAGIC,
     H_MEMBERSHIPS,
+    H_MESSAGE_RESERVED,
     MAGIC,
+    PAGE_WORDS,
     WORD,
     Geometry,
 )
@@ -77,32 +81,52 @@ HASH_CACHE_SIZE = 1 << 16
 _CORRUPTION = (IndexError, ValueError, OverflowError, TypeError)
 
 
-def _heaps(words: memoryview, journal: Journal, g: Geometry) -> tuple[Heap, Heap]:
+def _heaps(
+    words: memoryview, journal: Journal, g: Geometry, reserve: Callable[[int, int], bool]
+) -> tuple[Heap, Heap]:
     return (
-        Heap(words, journal, g.message_heap_meta, g.message_heap, g.message_heap_end),
-        Heap(words, journal, g.group_heap_meta, g.group_heap, g.group_heap_end),
+        Heap(words, journal, g.message_heap_meta, g.message_heap, g.message_heap_end,
+             H_MESSAGE_RESERVED, reserve),
+        Heap(words, journal, g.group_heap_meta, g.group_heap, g.group_heap_end,
+             H_GROUP_RESERVED, reserve),
     )
 
 
+_ZEROS = memoryview(bytes(1 << 20)).cast("Q")
+
+
 def _clear(words: memoryview, start: int, end: int) -> None:
-    """Zero words [start, end), giving whole pages back to the kernel where possible."""
+    """Zero words [start, end) by writing: they stay reserved."""
+    for at in range(start, end, len(_ZEROS)):
+        chunk = min(len(_ZEROS), end - at)
+        words[at : at + chunk] = _ZEROS[:chunk]
+
+
+def _give_back(words: memoryview, start: int, end: int) -> None:
+    """Give the pages of words [start, end) back to the kernel. Where that cannot be done they
+    are left as they are: they lie inside a heap's one free block, whose body nobody reads."""
     obj = words.obj
-    if isinstance(obj, mmap.mmap) and hasattr(mmap, "MADV_REMOVE"):
+    if start < end and isinstance(obj, mmap.mmap) and hasattr(mmap, "MADV_REMOVE"):
         try:
             obj.madvise(mmap.MADV_REMOVE, start * WORD, (end - start) * WORD)
-            return
         except OSError:
             pass
-    words[start:end] = memoryview(bytes((end - start) * WORD)).cast("Q")
 
 
-def format_areas(words: memoryview, g: Geometry) -> None:
-    """Empty every channel, group and index (the process slots are kept)."""
+def format_areas(words: memoryview, g: Geometry, reserve: Callable[[int, int], bool]) -> None:
+    """Empty every channel, group and index (the process slots are kept).
+
+    Only what was reserved at creation is written (``Geometry.reserved_at_creation``: the
+    allocator metadata, the indexes, the first and last pages of each heap), and those pages
+    are zeroed in place rather than given back, so they stay reserved and a flush never needs
+    to reserve anything. The rest of each heap is given back to the kernel: its mark is set
+    down first (``Heap.format``), so that no page above it is ever taken for reserved."""
     _clear(words, g.message_heap_meta, g.slots)
-    _clear(words, g.channel_index, g.message_heap_end)
-    _clear(words, g.group_index, g.group_heap_end)
-    for heap in _heaps(words, Journal(words, g.journal), g):
+    _clear(words, g.channel_index, g.message_heap)
+    _clear(words, g.group_index, g.group_heap)
+    for heap in _heaps(words, Journal(words, g.journal), g, reserve):
         heap.format()
+        _give_back(words, heap.start + PAGE_WORDS, heap.end - PAGE_WORDS)
     for word in (H_EXPIRY_HEAD, H_EXPIRY_TAIL, H_CHANNELS, H_GROUPS, H_MEMBERSHIPS):
         words[word] = 0
 
@@ -162,7 +186,7 @@ class Store:
         g = self.geometry = self.segment.geometry
         words = self.words = self.segment.words
         self.journal = Journal(words, g.journal)
-        message_heap, group_heap = _heaps(words, self.journal, g)
+        message_heap, group_heap = _heaps(words, self.journal, g, self.segment.reserve)
         key = self.segment.hash_key
         hashes: dict[bytes, int] = {}
 
@@ -520,7 +544,7 @@ class Store:
 
     def _finish_flush(self) -> None:
         w = self.words
-        format_areas(w, self.geometry)
+        format_areas(w, self.geometry, self.segment.reserve)
         w[H_EPOCH] = w[H_FLUSHING]
         w[H_FLUSHING] = 0
         # Every waiting process must register again: ring them all.

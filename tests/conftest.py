@@ -15,13 +15,19 @@ import pytest
 
 import asgi_ipc
 from asgi_ipc import IPCChannelLayer
+from asgi_ipc.layout import store_path, wake_dir
 
 MiB = 1024 * 1024
 _made_prefixes: set[str] = set()
 
 
 def shm_path(prefix: str) -> str:
-    return f"/dev/shm/asgi_ipc.{prefix}"
+    return store_path(prefix)
+
+
+def left_behind(prefix: str) -> bool:
+    """Whether anything of ``prefix`` (its store, its wake-up directory) is in /dev/shm."""
+    return any(os.path.lexists(path) for path in (store_path(prefix), wake_dir(prefix)))
 
 
 def new_prefix() -> str:
@@ -32,11 +38,12 @@ def new_prefix() -> str:
 
 @pytest.fixture
 def prefix():
-    """A prefix no other test uses; its shared memory must be gone when the test ends."""
+    """A prefix no other test uses; its store and wake-up directory must be gone when the test
+    ends."""
     name = new_prefix()
     yield name
     asgi_ipc.unlink(name)
-    assert not os.path.exists(shm_path(name))
+    assert not left_behind(name)
 
 
 @pytest.fixture
@@ -51,7 +58,7 @@ def children():
 
 
 def pytest_sessionfinish(session, exitstatus):
-    left = [p for p in _made_prefixes if os.path.exists(shm_path(p))]
+    left = [p for p in _made_prefixes if left_behind(p)]
     for p in left:
         asgi_ipc.unlink(p)
     if left:

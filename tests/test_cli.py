@@ -9,8 +9,6 @@ import subprocess
 import sys
 import textwrap
 
-import posix_ipc
-
 from asgi_ipc import IPCChannelLayer
 
 from .conftest import MiB, shm_path
@@ -105,10 +103,9 @@ def test_missing_foreign_and_invalid_prefixes_exit_2(prefix):
     missing = cli("stats", "--prefix", prefix)
     assert missing.returncode == 2 and "no asgi_ipc store" in missing.stderr
     assert not os.path.exists(shm_path(prefix))
-    shm = posix_ipc.SharedMemory(f"/asgi_ipc.{prefix}", posix_ipc.O_CREX, mode=0o600, size=8192)
-    with open(shm_path(prefix), "r+b") as f:
-        f.write(os.urandom(8192))
-    shm.close_fd()
+    fd = os.open(shm_path(prefix), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, os.urandom(8192))
+    os.close(fd)
     foreign = cli("verify", "--prefix", prefix)
     assert foreign.returncode == 2 and "not an asgi_ipc store" in foreign.stderr
     assert f"asgi-ipc unlink --prefix {prefix}" in foreign.stderr

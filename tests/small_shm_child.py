@@ -1,0 +1,124 @@
+"""Run inside a mount namespace whose /dev/shm is a 16 MiB tmpfs (see test_small_shm.py):
+``python small_shm_child.py SCENARIO PREFIX``. Prints one JSON object of what happened; the
+test asserts on it. Every process it starts runs in the same namespace."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import subprocess
+import sys
+
+from channels.exceptions import ChannelFull
+
+import asgi_ipc
+from asgi_ipc import GroupMemoryFull, IPCChannelLayer, SharedMemoryTooSmall
+
+MiB = 1 << 20
+MESSAGE = {"type": "m", "text": "x" * 1000}
+
+
+def layer_for(prefix: str, channel_memory: int) -> IPCChannelLayer:
+    return IPCChannelLayer(prefix=prefix, channel_memory=channel_memory, group_memory=MiB,
+                           capacity=1 << 30)
+
+
+def fill_tmpfs(name: str) -> None:
+    """Take every free page of /dev/shm with a file of our own."""
+    fd = os.open(f"/dev/shm/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for chunk in (MiB, 4096):
+            while True:
+                try:
+                    os.write(fd, bytes(chunk))
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    break
+    finally:
+        os.close(fd)
+
+
+async def send_until_full(layer: IPCChannelLayer, limit: int) -> tuple[int, str]:
+    sent = 0
+    try:
+        while sent < limit:
+            await layer.send("c", MESSAGE)
+            sent += 1
+    except ChannelFull:
+        return sent, "ChannelFull"
+    return sent, "no error"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "asgi_ipc", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+async def too_large(prefix: str) -> dict:
+    layer = layer_for(prefix, 64 * MiB)
+    try:
+        await layer.send("c", MESSAGE)
+        outcome = "created"
+    except SharedMemoryTooSmall as exc:
+        outcome = str(exc)
+    await layer.close()
+    return {"outcome": outcome, "left": sorted(os.listdir("/dev/shm"))}
+
+
+async def fills_up(prefix: str) -> dict:
+    layer = layer_for(prefix, 8 * MiB)
+    for _ in range(10):
+        await layer.send("c", MESSAGE)  # the store fits, and is in use
+    fill_tmpfs("filler")
+    report: dict = {}
+    report["sent"], report["writer"] = await send_until_full(layer, 100000)
+    # Another process, and this one again, after the first refusal.
+    other = subprocess.run([sys.executable, __file__, "send", prefix], capture_output=True,
+                           text=True, timeout=120)
+    report["other"] = (other.returncode, other.stdout.strip(), other.stderr[-2000:])
+    report["writer_again"] = (await send_until_full(layer, 10))[1]
+    added = 0
+    try:
+        while added < 100000:
+            await layer.group_add("g", f"member.{added:06d}")
+            added += 1
+        report["group_add"] = "no error"
+    except GroupMemoryFull:
+        report["group_add"] = "GroupMemoryFull"
+    report["members"] = added
+    stats, verify = cli("stats", "--prefix", prefix), cli("verify", "--prefix", prefix)
+    report["stats"] = (stats.returncode, stats.stderr[-2000:])
+    report["verify"] = (verify.returncode, verify.stdout.strip())
+    report["problems"] = layer._open().verify()
+    received = 0
+    for _ in range(report["sent"] + 10):
+        received += await layer.receive("c") == MESSAGE
+    report["received"] = received
+    report["send_after_receive"] = (await send_until_full(layer, 1))[1]
+    # A flush gives the heaps' pages back; once something else has taken them, the store must
+    # not write to them as if they were still its own.
+    await layer.flush()
+    fill_tmpfs("filler2")
+    report["after_flush"] = await send_until_full(layer, 100000)
+    report["problems_after_flush"] = layer._open().verify()
+    await layer.close()
+    asgi_ipc.unlink(prefix)
+    os.unlink("/dev/shm/filler")
+    os.unlink("/dev/shm/filler2")
+    return report
+
+
+async def send(prefix: str) -> dict:
+    layer = layer_for(prefix, 8 * MiB)
+    sent, outcome = await send_until_full(layer, 10)
+    await layer.close()
+    return {"sent": sent, "outcome": outcome}
+
+
+if __name__ == "__main__":
+    scenario, prefix = sys.argv[1:]
+    run = {"too_large": too_large, "fills_up": fills_up, "send": send}[scenario]
+    print(json.dumps(asyncio.run(run(prefix))))

@@ -1,0 +1,90 @@
+"""A /dev/shm smaller than the store, as Docker's 64 MiB default is smaller than the default
+channel_memory: refused at creation when the store cannot fit, and a store that fills the tmpfs
+up gets ChannelFull and GroupMemoryFull, never SIGBUS. Run in a mount namespace of its own with a
+real 16 MiB tmpfs on /dev/shm; and on the real /dev/shm, reading a big sparse store allocates
+nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from asgi_ipc import IPCChannelLayer
+from asgi_ipc.layout import store_path
+
+from .conftest import MiB
+
+CHILD = os.path.join(os.path.dirname(__file__), "small_shm_child.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="needs root and unshare to mount a tmpfs of its own",
+)
+
+
+def in_small_shm(scenario: str, prefix: str) -> dict:
+    """Run a scenario of small_shm_child.py with a 16 MiB tmpfs on /dev/shm."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (ROOT, os.environ.get("PYTHONPATH")) if p
+    ))
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'mount -t tmpfs -o size=16m tmpfs /dev/shm && exec "$0" "$@"',
+         sys.executable, CHILD, scenario, prefix],
+        capture_output=True, text=True, timeout=240, env=env,
+    )
+    assert result.returncode == 0, f"exit status {result.returncode}: {result.stderr[-3000:]}"
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_store_larger_than_dev_shm_is_refused_at_creation(prefix):
+    report = in_small_shm("too_large", prefix)
+    message = report["outcome"]
+    assert message != "created"
+    assert "64.0 MiB" in message and "16.0 MiB" in message  # channel_memory, the tmpfs
+    assert "--shm-size" in message and "channel_memory" in message
+    assert report["left"] == []  # nothing left behind
+
+
+def test_a_full_tmpfs_gives_channel_full_and_group_memory_full_not_sigbus(prefix):
+    report = in_small_shm("fills_up", prefix)
+    assert report["writer"] == "ChannelFull" and report["sent"] > 0
+    assert report["other"][0] == 0, report["other"]  # not killed by a signal
+    assert json.loads(report["other"][1]) == {"sent": 0, "outcome": "ChannelFull"}
+    assert report["writer_again"] == "ChannelFull"
+    assert report["group_add"] == "GroupMemoryFull" and report["members"] > 0
+    assert report["stats"][0] == 0, report["stats"]
+    assert report["verify"] == [0, f"store of prefix {prefix!r} is consistent"]
+    assert report["problems"] == []
+    assert report["received"] == report["sent"] + 10
+    assert report["send_after_receive"] == "no error"
+    assert report["after_flush"][1] == "ChannelFull" and report["problems_after_flush"] == []
+
+
+async def test_reading_a_big_sparse_store_allocates_nothing(prefix):
+    layer = IPCChannelLayer(prefix=prefix, channel_memory=1024 * MiB, group_memory=MiB)
+    store = layer._open()
+
+    def allocated() -> int:
+        return os.stat(store_path(prefix)).st_blocks
+
+    before = allocated()
+    stats = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "asgi_ipc", "stats", "--prefix", prefix],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert stats.returncode == 0, stats.stderr
+    assert allocated() == before, "stats allocated pages"
+    assert store.verify() == []
+    assert allocated() == before, "verify allocated pages"
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(layer.receive("empty"), 0.5)
+    assert allocated() == before, "a receive on an empty channel allocated pages"
+    await layer.close()
