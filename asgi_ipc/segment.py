@@ -47,6 +47,7 @@ from .layout import (
     shm_name,
 )
 from .lock import StoreLock
+from .wakeup import remove_wake_dir
 
 logger = logging.getLogger(__name__)
 
@@ -226,11 +227,13 @@ class Segment:
 
 
 def unlink(prefix: str) -> bool:
-    """Remove the shared-memory object of ``prefix``; False if there was none.
+    """Remove the shared-memory object of ``prefix`` and its wake-up directory; False if there
+    was no object.
 
     Processes still attached keep their mapping but share nothing with processes that attach
     after this: stop them first.
     """
+    remove_wake_dir(prefix)
     try:
         posix_ipc.unlink_shared_memory(shm_name(prefix))
     except posix_ipc.ExistentialError:

@@ -14,7 +14,7 @@ from channels.exceptions import ChannelFull, MessageTooLarge
 
 import asgi_ipc
 from asgi_ipc import GroupMemoryFull, IPCChannelLayer, StoreCorrupted
-from asgi_ipc.layout import H_LOCK_PID, H_SWEEP_CHANNEL, H_SWEEP_GROUP
+from asgi_ipc.layout import H_LOCK_PID, H_SWEEP_CHANNEL, H_SWEEP_GROUP, LAYOUT_VERSION
 
 from .conftest import MiB, shm_path
 
@@ -274,7 +274,7 @@ def test_other_layout_version_and_truncation_are_refused(prefix):
         asyncio.run(layer_for(prefix).send("c", {}))
     with open(shm_path(prefix), "r+b") as f:
         f.seek(8)
-        f.write((1).to_bytes(8, "little"))
+        f.write(LAYOUT_VERSION.to_bytes(8, "little"))
         f.truncate(64 * 1024)
     with pytest.raises(StoreCorrupted, match="truncated"):
         asyncio.run(layer_for(prefix).send("c", {}))
