@@ -1,6 +1,7 @@
 """Another local user cannot ring our receivers: it finds our doorbells (every Unix socket is
 listed in /proc/net/unix) but every attempt to send to one or connect to one is refused, and the
-waiting receiver reads not one datagram from it.
+waiting receiver reads not one datagram from it. Nor can it prepare the wake-up directory for us:
+one that is not private to us is refused.
 
 The other user is a real one (``useradd -M``), running a stdlib-only script with the system
 Python, since it cannot read our tree.
@@ -10,12 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pwd
+import re
 import secrets
 import subprocess
 
 import pytest
 
-from asgi_ipc import IPCChannelLayer
+from asgi_ipc import ForeignObject, IPCChannelLayer
+from asgi_ipc.layout import wake_dir
 
 from .procs import Worker, doorbells, slot_table, wait_for, workers  # noqa: F401
 
@@ -107,3 +112,39 @@ def test_another_user_cannot_ring_a_waiting_receiver(prefix, workers, other_user
     assert receiver.proc.wait(30) == 0
     asyncio.run(layer.close())
     assert doorbells(prefix) == []
+
+
+@pytest.mark.parametrize("plant", ["open to others", "another user's", "symlink"])
+def test_a_planted_wake_up_directory_is_refused(prefix, other_user, plant, tmp_path):
+    """Whatever sits where the wake-up directory goes and is not private to us fails the
+    receive that would bind there, clearly, and is left as it was; sends still work."""
+    path = wake_dir(prefix)
+    if plant == "symlink":
+        os.symlink(tmp_path, path)
+    else:
+        os.mkdir(path, 0o777 if plant == "open to others" else 0o700)
+        os.chmod(path, 0o777 if plant == "open to others" else 0o700)
+        if plant == "another user's":
+            os.chown(path, pwd.getpwnam(other_user).pw_uid, -1)
+    before = os.lstat(path)
+
+    async def run() -> None:
+        layer = IPCChannelLayer(prefix=prefix, **CONFIG)
+        with pytest.raises(ForeignObject, match=re.escape(path)):
+            await asyncio.wait_for(layer.receive("c"), 10)
+        await layer.send("c", {"n": 1})
+        assert await layer.receive("c") == {"n": 1}
+        await layer.close()
+
+    try:
+        asyncio.run(run())
+        after = os.lstat(path)
+        assert (after.st_mode, after.st_uid, after.st_ino) == (
+            before.st_mode, before.st_uid, before.st_ino
+        )
+        assert os.listdir(tmp_path) == []
+    finally:
+        if plant == "symlink":
+            os.unlink(path)
+        else:
+            os.rmdir(path)
