@@ -5,16 +5,20 @@ its *slot byte* in the store file is locked: an open-file-description lock (``F_
 taken on the process's own descriptor of the store. The kernel drops it when that descriptor is
 closed, and so when the holder dies however it dies, and any process that has the store open can
 test it (``F_OFD_GETLK``), whatever PID namespace either is in: no pid is ever compared. (A lock
-shows no conflict to its own holder, so a process knows its own slot by its token.) A process
-claims a slot by locking the byte of any slot that is not locked, without the global lock; the
-next lock hold records the slot's random token (and the pid, for display only). If every byte is
-locked (``SLOTS`` processes wait), the receive that needed a slot raises ``StoreError``; the
-process tries again no sooner than ``CHECK_INTERVAL`` later, and its other operations go on.
+shows no conflict to its own holder, so a process knows its own slot by its token. On Linux these
+locks and the ``flock`` of the global lock ignore each other; a forked child opens the store
+again, so it holds no slot of its parent's.) The first time one of its receives has to wait, a
+process claims a slot by locking the byte of any slot that is not locked, without the global
+lock, right after the lock hold that found the channel empty; the next lock hold records the
+slot's random token (and the pid, for display only) and serves the receive again. If every byte
+is locked (``SLOTS`` processes wait), that receive raises ``StoreError``; the process looks for
+a free slot again no sooner than ``CHECK_INTERVAL`` later, and its other operations go on.
 
 With the slot comes the process's *doorbell*: a Unix datagram socket bound at a path named by the
 token inside the prefix's wake-up directory (``layout.wake_dir``, mode 0700, checked to be ours).
 A path reaches the process from every namespace that sees the same /dev/shm, whatever its network
-namespace, and no other user can connect to it, as the directory is closed to them. A waiting
+namespace; the directory is closed to other users, so only processes of the same user can ring
+a doorbell (and they learn its token from the store, mode 0600). A waiting
 receive registers ``(slot, token)`` on its channel's record, under the same lock hold in which it
 found the channel empty, so no send can fall between the check and the registration. A send that
 makes an empty channel non-empty collects the doorbells registered on it and, once it has
@@ -50,7 +54,8 @@ clears the token at its next lock hold. A process that claims a slot whose token
 left removes that socket too. A changed token makes every registration carrying the old one
 stale; stale registrations are dropped by the next send that meets them and by the incremental
 sweep, so a dead receiver slows nobody down and leaves nothing behind for long. A ring refused
-while the byte is locked frees nothing: the holder lives, and will record its token again.
+while the byte is locked frees nothing: the byte's holder lives (it may be a process that has
+just claimed a dead one's slot and not yet recorded its token, which makes the old one stale).
 """
 
 from __future__ import annotations
