@@ -8,7 +8,7 @@ start on page boundaries so that each can be returned to the kernel on ``flush``
     header          page 0: magic, layout version, geometry, and the live counters below
     message heap    allocator metadata of the channel memory          (1 page)
     group heap      allocator metadata of the group memory            (1 page)
-    process slots   one slot per process that waits in receive()      (SLOTS x 4 words)
+    process slots   one slot per process that waits in receive()      (SLOTS x 3 words)
     journal         the undo journal of the operation in progress     (JOURNAL_ENTRIES x 2 words)
     channel index   hash buckets: channel name -> channel record      (the capacity lookups)
     channel memory  channel records, waiter records, queued messages  (channel_memory bytes)
@@ -20,6 +20,10 @@ The object is created with ``ftruncate`` and so is sparse, but no page is touche
 reserved with ``posix_fallocate``: on a full tmpfs, touching an unreserved page raises SIGBUS,
 while a reservation fails with ENOSPC. Every area but the heaps is reserved whole at creation,
 and of each heap its first and last pages; the rest of a heap is reserved as it fills (heap.py).
+
+The first byte of each process slot is also that slot's lock byte: a slot is live while a process
+holds an open-file-description lock on it (see ``wakeup.py``). ``SLOTS`` is therefore fixed by
+the layout: it bounds the processes that can wait in receive() on one prefix at the same time.
 """
 
 from __future__ import annotations
@@ -28,12 +32,12 @@ import re
 from dataclasses import dataclass
 
 MAGIC = int.from_bytes(b"ASGI-IPC", "little")
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 2  # 2: slots live by their byte lock, doorbells at paths
 
 WORD = 8
 PAGE_WORDS = 512
 SLOTS = 1024
-SLOT_WORDS = 4
+SLOT_WORDS = 3
 JOURNAL_ENTRIES = 1 << 16
 
 # Header words. Words 0 to H_GEOMETRY_END describe the geometry and never change after creation.

@@ -52,11 +52,15 @@ from .layout import (
     H_MESSAGE_RESERVED,
     MAGIC,
     PAGE_WORDS,
+    SLOTS,
     WORD,
     Geometry,
 )
 from .queues import OUT_OF_MEMORY, OVER_CAPACITY, QUEUED, ChannelQueues
 from .segment import Segment, removal_hint
+
+# CHECK_INTERVAL is read from this module each time a check is scheduled: a test that must
+# see a lost ring hang rather than be made up for raises it here before opening a layer.
 from .wakeup import (
     CHECK_INTERVAL,
     FULL,
@@ -66,6 +70,7 @@ from .wakeup import (
     ProcessSlots,
     Ringer,
     Waiter,
+    remove_doorbell,
 )
 
 logger = logging.getLogger(__name__)
@@ -217,6 +222,8 @@ class Store:
         self._gone: list[tuple[int, int]] = []
         self._ringer = Ringer()
         self._doorbell: Doorbell | None = None
+        self._slot_guard = threading.Lock()  # one slot claim at a time
+        self._slots_full_until = 0.0  # no new claim before (monotonic): every slot was held
         self._check_loop: asyncio.AbstractEventLoop | None = None
         self._pid = os.getpid()
         self._epoch = words[H_EPOCH]
@@ -261,12 +268,15 @@ class Store:
         # A forked child shares nothing process-local with its parent but the mapping.
         self._pid = os.getpid()
         self._doorbell = None
+        self._slot_guard = threading.Lock()
+        self._slots_full_until = 0.0
         self._check_loop = None
         self._ringer = Ringer()
         self._rings, self._gone = [], []
         self._local = threading.local()
 
     def _reap_gone(self) -> None:
+        # Each was found with its socket gone or refusing and its slot byte unlocked: dead.
         while self._gone:  # appended to by rings outside the lock: pop, never swap
             slot, token = self._gone.pop()
             self.slots.release(slot, token)
@@ -286,16 +296,28 @@ class Store:
             if result == FULL:
                 self.slots.mark_missed(slot)
                 result = self._ringer.ring(address, b"")
-            if result == GONE:
+            if result == GONE and self._died(slot, token):
                 self._gone.append((slot, token))
 
+    def _died(self, slot: int, token: int) -> bool:
+        """A ring to ``(slot, token)`` found no one: True if its process is dead (its slot byte
+        is unlocked), after removing its socket. Asked outside the lock; the slot is freed at
+        the next lock hold only if it still carries ``token``."""
+        doorbell = self._doorbell
+        if doorbell is not None and doorbell.slot == slot:
+            return False  # our own byte reads as unlocked to us; and we are alive
+        if self.segment.closed or self.slots.locked(self.segment.fd, slot):
+            return False  # the holder lives (a new one that has not recorded its token yet)
+        remove_doorbell(self.prefix, token)
+        return True
+
     def _register_again(self, doorbell: Doorbell) -> None:
-        """After a flush, or when this process's slot was taken back, register the receives
+        """After a flush, or once this process has claimed its slot, register the receives
         still waiting here again."""
         if self.slots.token(doorbell.slot) != doorbell.token:
-            doorbell.slot = self.slots.claim(doorbell.token)
-            if doorbell.slot < 0:
-                raise StoreError(f"{self.name}: every process slot is taken by a live process")
+            # Its slot byte is ours from claim to close, so no live process can have the slot:
+            # record our token (the first time, or again if someone cleared it).
+            self.slots.record(doorbell.slot, doorbell.token)
         for channel in doorbell.forget_registrations():
             self.journal.checkpoint()
             rec = self.queues.add_waiter(channel, doorbell.slot, doorbell.token)
@@ -395,6 +417,60 @@ class Store:
         batch.clear()
         self._serve(waiters)
 
+    def _claim_and_serve(self, waiter: Waiter) -> None:
+        """After the lock hold that found ``waiter``'s channel empty while this process had no
+        slot: claim one without the lock, then serve the receive again; or fail it if every
+        slot is held."""
+        if waiter.future.done() or self.segment.closed:
+            return
+        try:
+            self._take_slot()
+        except Exception as exc:  # the wake-up directory is not ours (ForeignObject), ...
+            waiter.future.set_exception(exc)
+            return
+        if self._doorbell is None:
+            waiter.future.set_exception(self._slots_full())
+        else:
+            self._serve([waiter])
+
+    def _slots_full(self) -> StoreError:
+        return StoreError(
+            f"{self.name}: all {SLOTS} process slots are held by processes waiting in "
+            f"receive(), so this one cannot wait (the limit is fixed by the store's layout); "
+            f"run fewer receiving processes with prefix {self.prefix!r}, or spread them over "
+            f"several prefixes. Sends and other operations still work; a receive looks for a "
+            f"free slot again after {CHECK_INTERVAL:g} s"
+        )
+
+    def _take_slot(self) -> None:
+        """Without the lock: claim a process slot (lock its byte) and bind this process's
+        doorbell, which the next lock hold records. Every slot held: none is looked for again
+        for ``CHECK_INTERVAL``."""
+        with self._slot_guard:
+            if (
+                self._doorbell is not None
+                or self.segment.closed
+                or time.monotonic() < self._slots_full_until
+            ):
+                return
+            fd = self.segment.fd
+            slot = self.slots.claim(fd)
+            if slot < 0:
+                self._slots_full_until = time.monotonic() + CHECK_INTERVAL
+                return
+            try:
+                doorbell = Doorbell(
+                    self.prefix, lambda: self.slots.take_missed(doorbell.slot), self._serve
+                )
+            except BaseException:
+                self.slots.unlock(fd, slot)
+                raise
+            doorbell.slot = slot
+            dead = self.slots.token(slot)
+            if dead:
+                remove_doorbell(self.prefix, dead)  # its holder died: we hold its byte now
+            self._doorbell = doorbell
+
     def _wait_unlocked(self, waiter: Waiter) -> bool:
         """Start ``waiter`` waiting without the lock, if that is safe: True if it waits.
 
@@ -473,10 +549,13 @@ class Store:
         """Under the lock, with ``waiter``'s channel found empty: make sure a send rings."""
         doorbell = self._doorbell
         if doorbell is None:
-            doorbell = self._doorbell = Doorbell(
-                self.prefix, lambda: self.slots.take_missed(doorbell.slot), self._serve
-            )
-            self._register_again(doorbell)  # claims a slot
+            # The first wait of this process: a slot is claimed without the lock, after it.
+            if time.monotonic() < self._slots_full_until:
+                raise self._slots_full()
+            waiter.loop.call_soon(self._claim_and_serve, waiter)
+            return
+        if self.slots.token(doorbell.slot) != doorbell.token:
+            self._register_again(doorbell)  # records the slot claimed without the lock
         self._check_later(waiter.loop)
         if doorbell.add(waiter.channel, waiter):
             return
@@ -565,7 +644,12 @@ class Store:
                 self.queues.heap.verify() + self.groups.heap.verify()
                 + queues.pop("problems") + groups.pop("problems")
             )
-            live = self.slots.live()
+            doorbell, fd = self._doorbell, self.segment.fd
+            live = [
+                (slot, pid, token) for slot, pid, token in self.slots.live()
+                if self.slots.locked(fd, slot)
+                or (doorbell is not None and (slot, token) == (doorbell.slot, doorbell.token))
+            ]
             report = {
                 "prefix": self.prefix,
                 "name": self.name,
@@ -604,7 +688,8 @@ class Store:
                     self.slots.release(doorbell.slot, doorbell.token)
             except StoreCorrupted:
                 pass
-            doorbell.close()
+            doorbell.close()  # removes its socket while the byte still says we live
+            self.slots.unlock(self.segment.fd, doorbell.slot)
         self._ringer.close()
         self.segment.close()
 

@@ -1,13 +1,30 @@
 """Waking a receive() in another process at once, without polling.
 
-Each process that waits in ``receive()`` claims a *process slot* in the store (pid, start time and
-a random token) and binds a Unix datagram socket, its *doorbell*, at an abstract address made of
-the prefix and the token. A waiting receive registers ``(slot, token)`` on its channel's record,
-under the same lock hold in which it found the channel empty, so no send can fall between the
-check and the registration. A send that makes an empty channel non-empty collects the doorbells
-registered on it and, once it has released the lock, sends each process one datagram naming its
-channels (a group_send to a thousand members in four processes sends four). An empty datagram
-(after ``flush``, or for too many channels) means "look at every channel again".
+Each process that waits in ``receive()`` holds a *process slot* in the store. A slot is live iff
+its *slot byte* in the store file is locked: an open-file-description lock (``F_OFD_SETLK``)
+taken on the process's own descriptor of the store. The kernel drops it when that descriptor is
+closed, and so when the holder dies however it dies, and any process that has the store open can
+test it (``F_OFD_GETLK``), whatever PID namespace either is in: no pid is ever compared. (A lock
+shows no conflict to its own holder, so a process knows its own slot by its token. On Linux these
+locks and the ``flock`` of the global lock ignore each other; a forked child opens the store
+again, so it holds no slot of its parent's.) The first time one of its receives has to wait, a
+process claims a slot by locking the byte of any slot that is not locked, without the global
+lock, right after the lock hold that found the channel empty; the next lock hold records the
+slot's random token (and the pid, for display only) and serves the receive again. If every byte
+is locked (``SLOTS`` processes wait), that receive raises ``StoreError``; the process looks for
+a free slot again no sooner than ``CHECK_INTERVAL`` later, and its other operations go on.
+
+With the slot comes the process's *doorbell*: a Unix datagram socket bound at a path named by the
+token inside the prefix's wake-up directory (``layout.wake_dir``, mode 0700, checked to be ours).
+A path reaches the process from every namespace that sees the same /dev/shm, whatever its network
+namespace; the directory is closed to other users, so only processes of the same user can ring
+a doorbell (and they learn its token from the store, mode 0600). A waiting
+receive registers ``(slot, token)`` on its channel's record, under the same lock hold in which it
+found the channel empty, so no send can fall between the check and the registration. A send that
+makes an empty channel non-empty collects the doorbells registered on it and, once it has
+released the lock, sends each process one datagram naming its channels (a group_send to a
+thousand members in four processes sends four). An empty datagram (after ``flush``, or for too
+many channels) means "look at every channel again".
 
 A doorbell's queue holds only ``net.unix.max_dgram_qlen`` datagrams (10 by default). A sender
 that finds it full marks the process slot as having missed a ring, then rings once more; the
@@ -30,69 +47,77 @@ finds its channel empty need not take the lock at all: it puts itself where a ri
 then reads the channel's message count from the record its registration keeps in place. Any send
 that makes the channel non-empty after that read rings this process (see ``Store.receive``).
 
-A doorbell that answers ``ECONNREFUSED`` belongs to a dead process: the sender frees that slot at
-its next lock hold, which makes every registration carrying the slot's old token stale. Stale
-registrations are dropped by the next send that meets them and by the incremental sweep, so a dead
-receiver slows nobody down and leaves nothing behind for long. Only processes can read or ring a
-doorbell that know its token, which lives in the store (mode 0600).
+What frees a slot: its process closing the store (it clears its token, removes its socket, then
+unlocks the byte), or, for a process that died, a sender whose ring finds the socket missing or
+refusing (``ENOENT``/``ECONNREFUSED``) *and* the slot byte unlocked: it removes the socket and
+clears the token at its next lock hold. A process that claims a slot whose token a dead process
+left removes that socket too. A changed token makes every registration carrying the old one
+stale; stale registrations are dropped by the next send that meets them and by the incremental
+sweep, so a dead receiver slows nobody down and leaves nothing behind for long. A ring refused
+while the byte is locked frees nothing: the byte's holder lives (it may be a process that has
+just claimed a dead one's slot and not yet recorded its token, which makes the old one stale).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import math
 import os
 import secrets
 import socket
+import struct
 import threading
 import time
 import weakref
 from collections.abc import Callable
 
 from .journal import Journal
-from .layout import SLOT_WORDS, SLOTS
+from .layout import SLOT_WORDS, SLOTS, WORD, wake_dir
+from .private import make_private_dir
 
-SLOT_PID = 0
-SLOT_START = 1
-SLOT_TOKEN = 2
-SLOT_MISSED = 3  # set by a sender that found the doorbell's queue full
+SLOT_PID = 0  # for display only: a pid means nothing in another PID namespace
+SLOT_TOKEN = 1
+SLOT_MISSED = 2  # set by a sender that found the doorbell's queue full
 
 # Past this many bytes of channel names a ring says "look at everything" instead.
 RING_BYTES = 16384
-# Seconds between the checks that make up for lost rings (see the module docstring).
+# Seconds between the checks that make up for lost rings (see the module docstring), and the
+# least time before a process that found every slot taken looks for a free one again.
 CHECK_INTERVAL = 1.0
 
 RUNG, FULL, GONE = range(3)
+# Binding retries when the wake-up directory vanishes between its creation and the bind.
+BIND_TRIES = 10
+
+# struct flock of Linux on 64-bit machines: l_type, l_whence, l_start, l_len, l_pid (0 for OFD
+# locks), padded to 32 bytes.
+_FLOCK = struct.Struct("hhqqi4x")
+assert _FLOCK.size == 32
 
 
-def process_start_time(pid: int) -> int:
-    """The kernel's start time of ``pid`` (0 if unknown), which tells a reused pid apart."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[1].split()
-        return int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return 0
+def _slot_lock(fd: int, cmd: int, kind: int, offset: int) -> int:
+    """One OFD lock request on the byte at ``offset``; the lock type the kernel answers."""
+    answer = fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0))
+    return _FLOCK.unpack(answer)[0]
 
 
-def process_alive(pid: int, start_time: int) -> bool:
-    if not 0 < pid < 1 << 31:
-        return False  # not a pid at all: a slot holding it is free to take
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not start_time or process_start_time(pid) in (0, start_time)
+def doorbell_address(prefix: str, token: int) -> str:
+    """The path of the doorbell of the process whose slot holds ``token``."""
+    return f"{wake_dir(prefix)}/{token:016x}"
 
 
-def doorbell_address(prefix: str, token: int) -> bytes:
-    return b"\0asgi_ipc." + prefix.encode() + b"." + b"%016x" % token
+def remove_doorbell(prefix: str, token: int) -> None:
+    """Remove a doorbell's socket, and the wake-up directory if that leaves it empty."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(doorbell_address(prefix, token))
+    with contextlib.suppress(OSError):  # not empty: other processes wait
+        os.rmdir(wake_dir(prefix))
 
 
 class ProcessSlots:
-    """The table of processes that wait in receive(), in the store."""
+    """The table of processes that wait in receive(), in the store, and their slot bytes."""
 
     def __init__(self, words: memoryview, journal: Journal, base: int, prefix: str) -> None:
         self._w = words
@@ -103,22 +128,44 @@ class ProcessSlots:
     def token(self, slot: int) -> int:
         return self._w[self._base + slot * SLOT_WORDS + SLOT_TOKEN] if 0 <= slot < SLOTS else 0
 
-    def address(self, token: int) -> bytes:
+    def address(self, token: int) -> str:
         return doorbell_address(self._prefix, token)
 
-    def claim(self, token: int) -> int:
-        """Take a free slot, or the slot of a dead process, for this process; -1 if none."""
-        w, jset = self._w, self._j.set
-        pid = os.getpid()
+    def lock_offset(self, slot: int) -> int:
+        """The file offset of ``slot``'s slot byte: its first byte in the store."""
+        return (self._base + slot * SLOT_WORDS) * WORD
+
+    def try_lock(self, fd: int, slot: int) -> bool:
+        """Lock ``slot``'s byte through ``fd`` without waiting: True if it is ours now."""
+        try:
+            _slot_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK, self.lock_offset(slot))
+        except (BlockingIOError, PermissionError):
+            return False
+        return True
+
+    def unlock(self, fd: int, slot: int) -> None:
+        _slot_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, self.lock_offset(slot))
+
+    def locked(self, fd: int, slot: int) -> bool:
+        """True if a process holds ``slot``'s byte. Asked through the holder's own descriptor,
+        this answers False: a process must know its own slot."""
+        offset = self.lock_offset(slot)
+        return _slot_lock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, offset) != fcntl.F_UNLCK
+
+    def claim(self, fd: int) -> int:
+        """Lock the byte of a slot nobody holds, without the global lock: the slot, or -1 if
+        every slot is held. ``record`` then writes the token, under the lock."""
         for slot in range(SLOTS):
-            at = self._base + slot * SLOT_WORDS
-            if w[at + SLOT_TOKEN] and process_alive(w[at + SLOT_PID], w[at + SLOT_START]):
-                continue
-            jset(at + SLOT_PID, pid)
-            jset(at + SLOT_START, process_start_time(pid))
-            jset(at + SLOT_TOKEN, token)
-            return slot
+            if self.try_lock(fd, slot):
+                return slot
         return -1
+
+    def record(self, slot: int, token: int) -> None:
+        """Under the lock: ``slot``, whose byte this process holds, carries ``token`` now."""
+        at = self._base + slot * SLOT_WORDS
+        self._j.set(at + SLOT_PID, os.getpid())
+        self._j.set(at + SLOT_TOKEN, token)
+        self._w[at + SLOT_MISSED] = 0  # a mark left for the previous holder
 
     def mark_missed(self, slot: int) -> None:
         # A hint written without the lock: at worst a spurious "look at everything".
@@ -139,7 +186,8 @@ class ProcessSlots:
             self._j.set(at + SLOT_PID, 0)
 
     def live(self) -> list[tuple[int, int, int]]:
-        """(slot, pid, token) of every slot in use."""
+        """(slot, pid, token) of every slot with a token recorded (its holder may have died
+        since: ``locked`` tells)."""
         w, found = self._w, []
         for slot in range(SLOTS):
             at = self._base + slot * SLOT_WORDS
@@ -187,9 +235,9 @@ class Doorbell:
         self._take_missed = take_missed
         self._deliver = deliver
         self.slot = -1
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self._sock.bind(doorbell_address(prefix, self.token))
-        self._sock.setblocking(False)
+        self._prefix = prefix
+        self._sock = self._bind()
+        self.datagrams = 0  # read so far: what tests count
         self._guard = threading.Lock()
         self._waiting: dict[bytes, set[Waiter]] = {}
         self._readers: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
@@ -197,6 +245,24 @@ class Doorbell:
         # Since when the registrations with no receive behind them have been so.
         self._idle_since: dict[bytes, float] = {}
         self.next_lapse = math.inf
+
+    def _bind(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            for attempt in range(BIND_TRIES):
+                try:
+                    make_private_dir(wake_dir(self._prefix))
+                    sock.bind(doorbell_address(self._prefix, self.token))
+                    break
+                except FileNotFoundError:
+                    # The last doorbell of the prefix removed the empty directory in between.
+                    if attempt == BIND_TRIES - 1:
+                        raise
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def add(self, channel: bytes, waiter: Waiter) -> int:
         """Track ``waiter``, so that a ring from now on finds it: the channel's record if this
@@ -258,6 +324,7 @@ class Doorbell:
         while True:
             try:
                 names.update(self._sock.recv(RING_BYTES).split(b"\n"))
+                self.datagrams += 1
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
@@ -306,6 +373,7 @@ class Doorbell:
                 except RuntimeError:
                     pass
         self._sock.close()
+        remove_doorbell(self._prefix, self.token)
 
 
 class Ringer:
@@ -315,9 +383,10 @@ class Ringer:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self._sock.setblocking(False)
 
-    def ring(self, address: bytes, payload: bytes) -> int:
+    def ring(self, address: str, payload: bytes) -> int:
         """Ring one doorbell: RUNG, FULL (its queue is full: the ring is lost) or GONE
-        (nobody listens there any more)."""
+        (no socket there, or nobody bound to it: the caller asks the slot byte whether its
+        process died)."""
         try:
             self._sock.sendto(payload, address)
         except (ConnectionRefusedError, FileNotFoundError):
