@@ -16,6 +16,7 @@ import pytest
 from channels.exceptions import ChannelFull
 
 from asgi_ipc import IPCChannelLayer
+from asgi_ipc.layer import SKIM_FROM
 
 MiB = 1024 * 1024
 spawn = multiprocessing.get_context("spawn")
@@ -165,16 +166,23 @@ def bad_message(kind: str) -> dict:
         return {"type": "x", "scores": {("alice", 1): 10}}
     if kind == "nested tuple key":
         return {"type": "x", "rows": [{"k": {((1, 2), "b"): None}}]}
-    if kind == "too deep":
+    if kind.startswith("too deep"):
         message = _deepest_packable()
         if message is None:
             pytest.skip("this msgpack decodes everything it packs at any depth")
+        if kind == "too deep, large":  # large enough to be skimmed rather than decoded
+            message["pad"] = "x" * (2 * SKIM_FROM)
         return message
     raise AssertionError(kind)
 
 
-BAD_KINDS = ["tuple key", "nested tuple key", "too deep"]
-NAMED = {"tuple key": "('alice', 1)", "nested tuple key": "((1, 2), 'b')", "too deep": "deep"}
+BAD_KINDS = ["tuple key", "nested tuple key", "too deep", "too deep, large"]
+NAMED = {
+    "tuple key": "('alice', 1)",
+    "nested tuple key": "((1, 2), 'b')",
+    "too deep": "under the key 'deep'",
+    "too deep, large": "under the key 'deep'",
+}
 
 
 @pytest.mark.parametrize("kind", BAD_KINDS)
@@ -234,7 +242,7 @@ def _sender(prefix: str, kinds: list[str], results) -> None:
 def test_what_send_accepts_receive_returns_across_processes(prefix, children):
     kinds = ["tuple key", "nested tuple key"]
     if _deepest_packable() is not None:
-        kinds.append("too deep")
+        kinds += ["too deep", "too deep, large"]
     results = spawn.Queue()
     child = spawn.Process(target=_sender, args=(prefix, kinds, results))
     child.start()
