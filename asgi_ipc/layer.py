@@ -42,15 +42,15 @@ logger = logging.getLogger(__name__)
 KiB = 1024
 MiB = 1024 * KiB
 MAX_MESSAGE_BYTES = MiB
-# Each memory area: at least 64 KiB (below that the fixed-size records leave little room), at
-# most 1 TiB: more than any machine's /dev/shm, and well inside what the allocator's size classes
-# reach (blocks of up to 2**42 words).
+# Each memory area: at least 64 KiB (the layer's minimum since 2.0; a 1 MiB message needs a
+# little more than 1 MiB of channel memory), at most 1 TiB: more than any machine's /dev/shm, and
+# well inside what the allocator's size classes reach (blocks of up to 2**42 words).
 MIN_MEMORY = 64 * KiB
 MAX_MEMORY = 1 << 40
 # Expiries in seconds. At least a millisecond, since the store counts whole milliseconds and a
 # shorter one would expire every message as it is sent. At most 10**12 s (31 700 years): its
 # 10**15 ms is a whole number a float still counts exactly (below 2**53), and the time of expiry,
-# now plus that, fits the store's 64-bit words with three orders of magnitude to spare.
+# now plus that, fits the store's 64-bit words with four orders of magnitude to spare.
 MIN_EXPIRY = 0.001
 MAX_EXPIRY = 10**12
 # A channel's message count is a 64-bit word.
