@@ -260,7 +260,7 @@ class GroupStore:
                     break
             if count != w[rec + G_MEMBERS] or prev != w[rec + G_LAST] or not count:
                 problems.append(f"group {name!r} counts {w[rec + G_MEMBERS]}, holds {count}")
-            largest.append((count, name.decode("ascii", "replace")))
+            largest.append((count, name.decode("utf-8", "replace")))
             total += count
         if groups != w[H_GROUPS] or total != w[H_MEMBERSHIPS]:
             problems.append(

@@ -70,7 +70,9 @@ H_SWEEP_GROUP = 27  # clock hand of the incremental sweep over the group index
 H_MESSAGE_RESERVED = 28
 H_GROUP_RESERVED = 29
 
-PREFIX_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,19}$")
+# \Z, not $: "$" would also let a trailing newline through into the object's name.
+PREFIX_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,19}\Z")
+PREFIX_RULE = "1 to 20 ASCII letters, digits, '-', '_' or '.', not starting with '-' or '.'"
 # macOS limits shared-memory names to 31 bytes: "/asgi_ipc." is 10 of them, the prefix at most 20.
 NAME_PREFIX = "/asgi_ipc."
 
@@ -78,10 +80,7 @@ NAME_PREFIX = "/asgi_ipc."
 def validate_prefix(prefix: object) -> str:
     """Return ``prefix`` if it may name a store, else raise ValueError saying why not."""
     if not isinstance(prefix, str) or not PREFIX_RE.match(prefix):
-        raise ValueError(
-            f"invalid asgi_ipc prefix {prefix!r}: use 1 to 20 ASCII letters, digits, '-', '_' "
-            "or '.', not starting with '-' or '.'"
-        )
+        raise ValueError(f"invalid asgi_ipc prefix {prefix!r}: use {PREFIX_RULE}")
     return prefix
 
 

@@ -512,7 +512,7 @@ class ChannelQueues:
                 block_words += w[waiter] >> 2
                 waiter, waiters = w[waiter + W_NEXT], waiters + 1
             idle += not count and not waiters
-            depths.append((count, name.decode("ascii", "replace"), waiters))
+            depths.append((count, name.decode("utf-8", "replace"), waiters))
             messages += count
         if records != w[H_CHANNELS]:
             problems.append(f"{records} channel records, header says {w[H_CHANNELS]}")

@@ -1,0 +1,243 @@
+"""Configuration: every option is checked when the layer is built, with an error naming the
+option, the value and what is accepted; and the Django system check (asgi_ipc.checks) reports the
+same problems from ``manage.py check``, run here as a real subprocess on a settings module."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from asgi_ipc import IPCChannelLayer
+from asgi_ipc.layer import config_problems
+
+from .conftest import shm_path
+
+MiB = 1024 * 1024
+EXPIRY_RANGE = "from 0.001 to 10**12"
+CAPACITY_RANGE = "from 1 to 2**63 - 1"
+MEMORY_RANGE = "from 65536 (64 KiB) to 2**40 (1 TiB)"
+
+# (option, value, what the message must say is accepted)
+BAD_VALUES = [
+    ("expiry", math.nan, EXPIRY_RANGE),
+    ("expiry", math.inf, EXPIRY_RANGE),
+    ("expiry", -math.inf, EXPIRY_RANGE),
+    ("expiry", 1e300, EXPIRY_RANGE),
+    ("expiry", 10**12 + 1, EXPIRY_RANGE),
+    ("expiry", 0.0001, EXPIRY_RANGE),
+    ("expiry", "60", EXPIRY_RANGE),
+    ("expiry", True, EXPIRY_RANGE),
+    ("group_expiry", math.nan, EXPIRY_RANGE),
+    ("group_expiry", math.inf, EXPIRY_RANGE),
+    ("group_expiry", 1e300, EXPIRY_RANGE),
+    ("group_expiry", 0, EXPIRY_RANGE),
+    ("capacity", 0, CAPACITY_RANGE),
+    ("capacity", 2**63, CAPACITY_RANGE),
+    ("capacity", 1.5, CAPACITY_RANGE),
+    ("capacity", True, CAPACITY_RANGE),
+    ("channel_memory", 1000, MEMORY_RANGE),
+    ("channel_memory", 2**40 + 1, MEMORY_RANGE),
+    ("channel_memory", 1.5 * MiB, MEMORY_RANGE),
+    ("group_memory", "big", MEMORY_RANGE),
+    ("group_memory", 2**41, MEMORY_RANGE),
+    ("channel_capacity", {"a*": 0}, CAPACITY_RANGE),
+    ("channel_capacity", {"a*": "10"}, CAPACITY_RANGE),
+    ("channel_capacity", {"a*": 1.5}, CAPACITY_RANGE),
+    ("channel_capacity", {"a*": 2**64}, CAPACITY_RANGE),
+    ("channel_capacity", {"a*": True}, CAPACITY_RANGE),
+    ("channel_capacity", {5: 3}, "a glob (str) or a compiled regex"),
+    ("channel_capacity", [("a*", 5)], "a dict of channel name patterns to capacities"),
+    ("prefix", "asgi\n", "1 to 20 ASCII letters"),
+]
+
+
+def _shown(option, value) -> str:
+    if isinstance(value, dict):
+        pattern, capacity = next(iter(value.items()))
+        return f"{option}[{pattern!r}]={capacity!r}"
+    return f"{option}={value!r}"
+
+
+@pytest.mark.parametrize(("option", "value", "accepted"), BAD_VALUES)
+def test_a_bad_value_is_refused_at_construction_naming_option_value_and_range(
+    prefix, option, value, accepted
+):
+    config = {"prefix": prefix, option: value}
+    with pytest.raises(ValueError) as refused:
+        IPCChannelLayer(**config)
+    message = str(refused.value)
+    assert _shown(option, value) in message and accepted in message, message
+    assert not os.path.exists(shm_path(prefix))
+
+
+@pytest.mark.parametrize(
+    "config", [{"expiry": 1e300}, {"channel_capacity": {"c*": "10"}}, {"expiry": math.nan}]
+)
+def test_a_configuration_mistake_never_surfaces_as_a_damaged_store(prefix, config):
+    """These were accepted, then failed on every send (the first two as StoreCorrupted)."""
+
+    async def run():
+        try:
+            layer = IPCChannelLayer(prefix=prefix, channel_memory=MiB, group_memory=MiB, **config)
+        except ValueError:
+            return "refused"
+        try:
+            await layer.send("c.x", {"n": 1})
+        finally:
+            await layer.close()
+        return "sent"
+
+    assert asyncio.run(run()) == "refused"
+    assert not os.path.exists(shm_path(prefix))
+
+
+def test_the_bounds_themselves_are_accepted_and_work(prefix):
+    async def run():
+        layer = IPCChannelLayer(
+            prefix=prefix, channel_memory=MiB, group_memory=64 * 1024,
+            expiry=10**12, group_expiry=10**12, capacity=2**63 - 1,
+            channel_capacity={"b.*": 2**63 - 1},
+        )
+        await layer.group_add("g", "b.one")
+        await layer.send("b.one", {"n": 1})
+        await layer.group_send("g", {"n": 2})
+        assert [await layer.receive("b.one") for _ in range(2)] == [{"n": 1}, {"n": 2}]
+        await layer.close()
+        for option, just_over in (("expiry", 10**12 + 0.5), ("capacity", 2**63)):
+            with pytest.raises(ValueError, match=option):
+                IPCChannelLayer(prefix=prefix, **{option: just_over})
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    "option",
+    ["hosts", "symmetric_encryption_keys", "serializer_format", "random_prefix_length",
+     "on_disconnect", "on_reconnect"],
+)
+def test_a_channels_redis_option_says_what_to_do_instead(option):
+    with pytest.raises(TypeError) as refused:
+        IPCChannelLayer(prefix="unused", **{option: None})
+    message = str(refused.value)
+    assert f"'{option}'" in message and "channels_redis" in message
+    assert f"Remove `{option}`" in message
+
+
+def test_an_unknown_option_is_named_with_a_suggestion():
+    with pytest.raises(TypeError, match=r"no option 'expiri'.*did you mean 'expiry'"):
+        IPCChannelLayer(prefix="unused", expiri=3)
+
+
+def test_config_problems_reports_every_problem_the_layer_would_raise():
+    problems = config_problems(
+        {"expiry": math.nan, "hosts": ["redis"], "colour": "blue", "capacity": 5,
+         "channel_capacity": {"a": 0, "b": 2}}
+    )
+    assert [(p.option, p.kind) for p in problems] == [
+        ("expiry", "value"),
+        ("hosts", "channels_redis"),
+        ("colour", "unknown"),
+        ("channel_capacity['a']", "value"),
+    ]
+    assert config_problems({"prefix": "ok", "expiry": 5, "channel_capacity": None}) == []
+    for problem in problems:
+        assert isinstance(problem.error(), TypeError if problem.kind != "value" else ValueError)
+
+
+# --- the Django system check, run by a real `django check` ------------------------------------
+
+SETTINGS = """
+SECRET_KEY = "test-only"
+INSTALLED_APPS = ["channels", "asgi_ipc"]
+DATABASES = {{}}
+CHANNEL_LAYERS = {layers}
+"""
+
+
+def django_check(tmp_path, layers: str, wrap: list[str] | None = None):
+    (tmp_path / "checksettings.py").write_text(textwrap.dedent(SETTINGS.format(layers=layers)))
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "checksettings",
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p
+        ),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    command = [sys.executable, "-m", "django", "check"]
+    if wrap:
+        command = [*wrap[:-1], f"{wrap[-1]} {shlex.join(command)}"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_django_check_reports_each_problem_with_an_id_and_a_hint(tmp_path):
+    code, output = django_check(tmp_path, """{
+        "default": {
+            "BACKEND": "asgi_ipc.IPCChannelLayer",
+            "CONFIG": {"prefix": "site", "expiry": float("nan"), "hosts": [("h", 6379)]},
+            "TEST_CONFIG": {"prefix": "site-test", "channel_capacity": {"x*": 0}, "expiri": 3},
+        },
+        "other": {"BACKEND": "asgi_ipc.layer.IPCChannelLayer", "CONFIG": ["prefix"]},
+        "redis": {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"hosts": 1}},
+    }""")
+    assert code == 1, output
+    found = re.findall(r"\(asgi_ipc\.(E\d{3})\) CHANNEL_LAYERS\['(\w+)'\]\['(\w+)'\]", output)
+    assert sorted(found) == sorted([
+        ("E001", "other", "CONFIG"),
+        ("E002", "default", "CONFIG"),
+        ("E004", "default", "CONFIG"),
+        ("E002", "default", "TEST_CONFIG"),
+        ("E003", "default", "TEST_CONFIG"),
+    ]), output
+    assert "expiry=nan" in output and EXPIRY_RANGE in output
+    assert "HINT: asgi_ipc needs no server" in output and "Remove `hosts`" in output
+    assert "did you mean 'expiry'" in output
+    assert "'redis'" not in output  # another backend's options are not ours to judge
+
+
+def test_django_check_passes_a_good_configuration(tmp_path):
+    code, output = django_check(tmp_path, """{
+        "default": {
+            "BACKEND": "asgi_ipc.IPCChannelLayer",
+            "CONFIG": {"prefix": "site", "channel_memory": 1024 * 1024,
+                       "group_memory": 1024 * 1024, "channel_capacity": {"x*": 5}},
+        },
+    }""")
+    assert code == 0 and "no issues" in output, output
+    # The same site with one mistake: the check is there, and it is what speaks.
+    code, output = django_check(tmp_path, """{
+        "default": {
+            "BACKEND": "asgi_ipc.IPCChannelLayer",
+            "CONFIG": {"prefix": "site", "channel_memory": 1024 * 1024,
+                       "group_memory": 1024 * 1024, "channel_capacity": {"x*": 5.5}},
+        },
+    }""")
+    assert code == 1 and "(asgi_ipc.E002)" in output and "5.5" in output, output
+
+
+def test_django_check_warns_when_dev_shm_is_smaller_than_the_store(tmp_path):
+    """A /dev/shm of 16 MiB, as a container might have: the default 100 MiB + 1 MiB store does
+    not fit; one of 4 MiB + 1 MiB does."""
+    outputs = {}
+    for memory in ("", '"channel_memory": 4 * 1024 * 1024,'):
+        code, outputs[memory] = django_check(
+            tmp_path,
+            '{"default": {"BACKEND": "asgi_ipc.IPCChannelLayer", "CONFIG": {"prefix": "site", '
+            + memory + ' "group_memory": 1024 * 1024}}}',
+            wrap=["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                  "mount -t tmpfs -o size=16m tmpfs /dev/shm && exec"],
+        )
+        assert code == 0, outputs[memory]
+    warned = outputs[""]
+    assert "(asgi_ipc.W001)" in warned, warned
+    assert "16777216 bytes of /dev/shm" in warned and "--shm-size" in warned
+    assert "asgi_ipc.W001" not in outputs['"channel_memory": 4 * 1024 * 1024,']
