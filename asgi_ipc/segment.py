@@ -73,8 +73,9 @@ class Segment:
         shm = self._open(create)
         self.fd = shm.fd
         self.lock = StoreLock(self.fd)
-        self.lock.acquire()
+        handle = self.lock.handle()
         try:
+            self.lock.acquire(handle)
             size = os.fstat(self.fd).st_size
             if self._needs_initialising(size):
                 self._initialise(wanted)
@@ -88,10 +89,10 @@ class Segment:
             self.words = memoryview(self.mm).cast("Q")
             self.geometry = self._validate(size)
         except BaseException:
-            self.lock.release()
             self._close_handles()
             raise
-        self.lock.release()
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)  # one C call: see lock.py
         if create and self.geometry != wanted:
             logger.warning(
                 "asgi_ipc store %s exists with channel_memory=%d and group_memory=%d; using those "
@@ -218,6 +219,7 @@ class Segment:
 
     def close(self) -> None:
         _attached.discard(self)
+        self.lock.close()
         self._close_handles()
 
     @property
