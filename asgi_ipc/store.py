@@ -59,6 +59,7 @@ from .layout import (
     WORD,
     Geometry,
 )
+from .lock import Handle as StoreHandle
 from .queues import OUT_OF_MEMORY, OVER_CAPACITY, QUEUED, ChannelQueues
 from .segment import Segment, removal_hint
 from .wakeup import (
@@ -170,18 +171,20 @@ class Store:
         lock held: the release is one C call in the ``finally`` (see lock.py)."""
         lock = self.segment.lock
         handle = lock.handle()
+        rings: list[tuple[int, int, bytes]] = []
         try:
             lock.acquire(handle)
             self._recover()
             result = operation(*args)
             self.journal.commit()
+            rings, self._rings = self._rings, []
         except BaseException as exc:
-            self._abort(handle)
+            if self._abort(handle):  # the rings are ours to take only while holding the lock
+                rings, self._rings = rings + self._rings, []
             if isinstance(exc, _CORRUPTION):
                 raise self.corrupted(exc) from exc
             raise
         finally:
-            rings, self._rings = self._rings, []
             fcntl.flock(handle, fcntl.LOCK_UN)
             if rings:
                 self._ring(rings)
@@ -194,24 +197,27 @@ class Store:
         (see lock.py): the store's own operations use ``_locked``."""
         lock = self.segment.lock
         handle = lock.handle()
+        rings: list[tuple[int, int, bytes]] = []
         try:
             lock.acquire(handle)
             self._recover()
             yield
             self.journal.commit()
+            rings, self._rings = self._rings, []
         except BaseException as exc:
-            self._abort(handle)
+            if self._abort(handle):  # the rings are ours to take only while holding the lock
+                rings, self._rings = rings + self._rings, []
             if isinstance(exc, _CORRUPTION):
                 raise self.corrupted(exc) from exc
             raise
         finally:
-            rings, self._rings = self._rings, []
             fcntl.flock(handle, fcntl.LOCK_UN)
             if rings:
                 self._ring(rings)
 
-    def _abort(self, handle) -> None:
-        """Undo what an operation cut short had changed, if this thread holds the lock.
+    def _abort(self, handle: StoreHandle) -> bool:
+        """Undo what an operation cut short had changed, if this thread holds the lock; False
+        if another does.
 
         Whether it got as far as taking the lock is unknown (the exception may have landed
         right after ``flock`` returned), so it asks without waiting. Held by another: this
@@ -221,11 +227,12 @@ class Store:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return
+            return False
         try:
             self.journal.rollback()
         except (StoreCorrupted, *_CORRUPTION):
             logger.exception("could not roll back a failed operation on %s", self.name)
+        return True
 
     def corrupted(self, exc: BaseException) -> StoreCorrupted:
         return StoreCorrupted(
