@@ -3,9 +3,11 @@ lock held: the interrupted process carries on, and so does every other process.
 
 A spawned child runs sends, receives of messages it knows are there, group_add, group_send and
 group_discard in a loop in its main thread, with a one-shot ``ITIMER_REAL`` of a random few
-microseconds re-armed every round and a SIGALRM handler that raises. It catches the exception
-and goes on, until thousands have landed. Then the child must still send and receive, this
-process must find the lock free and send, receive and verify a sound store.
+microseconds re-armed every round and a SIGALRM handler that raises whenever it lands in
+asgi_ipc's code. It catches the exception and goes on, until thousands have landed; in a variant
+a second thread works with the same layer all along. Then the child must still send and
+receive, and this process must find the lock free, send, receive and verify a sound store. (A
+lock left held shows as a child that hangs on its own next operation.)
 """
 
 from __future__ import annotations
@@ -41,16 +43,15 @@ def _layer(prefix: str) -> IPCChannelLayer:
                            capacity=1_000_000)
 
 
-def _other_thread(prefix: str, stop: threading.Event, done: list) -> None:
-    """Send and receive on a channel of its own until told to stop (signal handlers never run
-    here, but the process-directed SIGALRM may well be delivered to this thread)."""
+def _other_thread(layer: IPCChannelLayer, stop: threading.Event, done: list) -> None:
+    """With the main thread's layer, in an event loop of its own, send and receive on a channel
+    of its own until told to stop. Signal handlers never run here, but the process-directed
+    SIGALRM may well be delivered to this thread, and the handler then runs in the main one."""
     async def run():
-        layer = _layer(prefix)
         while not stop.is_set():
             await layer.send("sig.thread", {"n": done[0]})
             await asyncio.wait_for(layer.receive("sig.thread"), HANG)
             done[0] += 1
-        await layer.close()
 
     asyncio.run(run())
 
@@ -84,7 +85,7 @@ def interrupted_child(prefix: str, raising: str, threaded: bool, conn) -> None:
     layer = _layer(prefix)
     stop, done = threading.Event(), [0]
     if threaded:
-        helper = threading.Thread(target=_other_thread, args=(prefix, stop, done))
+        helper = threading.Thread(target=_other_thread, args=(layer, stop, done))
         helper.start()
     counts = {"rounds": 0, "interrupted": 0, "gave_up": 0}
 
