@@ -60,6 +60,8 @@ import io
 import threading
 import weakref
 
+from .exceptions import StoreError
+
 SPIN_TRIES = 50
 
 
@@ -93,7 +95,13 @@ class StoreLock:
             return self._local.handle
         except AttributeError:
             pass
-        handle = self._local.handle = Handle(f"/proc/self/fd/{self._fd}", "r")
+        try:
+            handle = self._local.handle = Handle(f"/proc/self/fd/{self._fd}", "r")
+        except OSError as exc:
+            raise StoreError(
+                f"cannot open the store again through /proc/self/fd for this thread's lock "
+                f"(is /proc mounted?): {exc}"
+            ) from exc
         self._handles.add(handle)
         return handle
 
