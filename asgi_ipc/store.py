@@ -173,6 +173,7 @@ class Store:
         handle = lock.handle()
         rings: list[tuple[int, int, bytes]] = []
         try:
+            handle.busy = True
             lock.acquire(handle)
             self._recover()
             result = operation(*args)
@@ -185,6 +186,7 @@ class Store:
                 raise self.corrupted(exc) from exc
             raise
         finally:
+            handle.busy = False
             fcntl.flock(handle, fcntl.LOCK_UN)
             if rings:
                 self._ring(rings)
@@ -199,6 +201,7 @@ class Store:
         handle = lock.handle()
         rings: list[tuple[int, int, bytes]] = []
         try:
+            handle.busy = True
             lock.acquire(handle)
             self._recover()
             yield
@@ -211,6 +214,7 @@ class Store:
                 raise self.corrupted(exc) from exc
             raise
         finally:
+            handle.busy = False
             fcntl.flock(handle, fcntl.LOCK_UN)
             if rings:
                 self._ring(rings)

@@ -202,3 +202,40 @@ def test_exceptions_from_a_signal_handler_never_leave_the_lock_held(
     parent_end.send("done")
     child.join(HANG)
     assert child.exitcode == 0
+
+
+def nested_child(prefix: str, conn) -> None:
+    layer = _layer(prefix)
+    store = layer._open()
+    outcome = None
+    with store.transaction():
+        try:
+            store.send(b"sig.nested", b"\x80", 10, 60_000)
+        except RuntimeError as exc:
+            outcome = str(exc)
+
+    async def still_works():
+        await layer.send("sig.nested", {"ok": 1})
+        return await asyncio.wait_for(layer.receive("sig.nested"), HANG)
+
+    conn.send((outcome, asyncio.run(still_works())))
+    asyncio.run(layer.close())
+
+
+def test_taking_the_lock_inside_its_own_hold_is_refused_not_run_nor_waited_on(prefix, children):
+    """A signal handler calling the store while its thread is in the middle of an operation
+    would find the lock its own: it gets a clear error (it used to wait on itself forever)."""
+    parent_end, child_end = spawn.Pipe()
+    child = spawn.Process(target=nested_child, args=(prefix, child_end))
+    child.start()
+    children.append(child)
+    assert parent_end.poll(HANG), "the nested lock hold hung"
+    outcome, after = parent_end.recv()
+    assert outcome is not None and "taken again by the thread that holds it" in outcome
+    assert after == {"ok": 1}
+    child.join(HANG)
+    assert child.exitcode == 0
+    assert lock_is_free(prefix)
+    layer = _layer(prefix)
+    verify_clean(layer)
+    asyncio.run(layer.close())
