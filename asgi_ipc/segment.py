@@ -58,7 +58,7 @@ from .layout import (
     store_path,
     wake_dir,
 )
-from .lock import StoreLock
+from .lock import Handle, StoreLock
 from .private import check_private, open_private_file
 
 logger = logging.getLogger(__name__)
@@ -103,8 +103,10 @@ class Segment:
         self._pid = os.getpid()
         wanted = Geometry.for_sizes(channel_memory, group_memory)
         self.fd = -1
-        self._open_locked(create)
+        self.lock: StoreLock | None = None
+        handle = None
         try:
+            handle = self._open_locked(create)
             size = os.fstat(self.fd).st_size
             if self._needs_initialising(size):
                 self._initialise(wanted)
@@ -118,10 +120,12 @@ class Segment:
             self.words = memoryview(self.mm).cast("Q")
             self.geometry = self._validate(size)
         except BaseException:
-            self.lock.release()
+            # Closing the lock's handles drops the flock, wherever the exception landed.
+            if self.lock is not None:
+                self.lock.close()
             self._close_handles()
             raise
-        self.lock.release()
+        fcntl.flock(handle, fcntl.LOCK_UN)
         if create and self.geometry != wanted:
             logger.warning(
                 "asgi_ipc store %s exists with channel_memory=%d and group_memory=%d; using those "
@@ -132,9 +136,10 @@ class Segment:
         self.hash_key = self.words[H_HASH_KEY:H_HASH_KEY + 2].tobytes()
         _attached.add(self)
 
-    def _open_locked(self, create: bool) -> None:
-        """Open the store file and take its lock, starting again if the file was removed
-        meanwhile (an initialiser that found no room removes it under the lock)."""
+    def _open_locked(self, create: bool) -> Handle:
+        """Open the store file and take its lock, on the handle returned, starting again if the
+        file was removed meanwhile (an initialiser that found no room removes it under the
+        lock)."""
         while True:
             try:
                 self.fd = open_private_file(self.path, create)[0]
@@ -145,10 +150,11 @@ class Segment:
                     f"no asgi_ipc store for prefix {self.prefix!r} ({self.path})"
                 ) from None
             self.lock = StoreLock(self.fd)
-            self.lock.acquire()
+            handle = self.lock.handle()
+            self.lock.acquire(handle)
             if os.fstat(self.fd).st_nlink:
-                return
-            self.lock.release()
+                return handle
+            self.lock.close()
             os.close(self.fd)
             self.fd = -1
 
@@ -295,6 +301,7 @@ class Segment:
 
     def close(self) -> None:
         _attached.discard(self)
+        self.lock.close()
         self._close_handles()
 
     @property

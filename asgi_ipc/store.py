@@ -2,11 +2,15 @@
 group and process tables, with every operation as one lock hold (a receive may need none, and
 the receives of one event loop share one; see ``Store.receive``).
 
-An operation runs inside ``with store.transaction():``. Entering takes the global lock and
-repairs what a dead holder left (``_recover``): it rolls back an open undo journal, and finishes
-a flush that was cut off. Leaving commits the journal (or rolls it back if the body raised), then
-releases the lock, then rings the doorbells the operation collected, so no other process ever
-waits on a syscall made under the lock.
+An operation runs as ``Store._locked(operation)``. It takes the global lock and repairs what a
+dead holder left (``_recover``): it rolls back an open undo journal, and finishes a flush that
+was cut off. Then it runs the operation, commits the journal (or rolls it back if anything
+raised), releases the lock, and rings the doorbells the operation collected, so no other process
+ever waits on a syscall made under the lock. The release is written so that no exception can
+skip it, one from a signal handler included, wherever it lands (see lock.py); an exception that
+cuts the rollback itself short leaves the journal open for the next holder to finish, as a dead
+holder's would be. ``with store.transaction():`` does the same around a block, for tests and
+tools only: its release can be skipped.
 
 ``flush`` cannot be undone cheaply (it may free millions of blocks), so it is redone instead: it
 first stores the epoch it moves to in ``H_FLUSHING``; that store is its commit. Then it clears
@@ -24,6 +28,8 @@ came in between, which would have taken it with the rest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import hashlib
 import logging
 import mmap
@@ -31,7 +37,8 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from .exceptions import StoreCorrupted, StoreError
 from .groups import GroupStore
@@ -56,6 +63,7 @@ from .layout import (
     WORD,
     Geometry,
 )
+from .lock import Handle as StoreHandle
 from .queues import OUT_OF_MEMORY, OVER_CAPACITY, QUEUED, ChannelQueues
 from .segment import Segment, removal_hint
 
@@ -84,6 +92,8 @@ SWEEP_BUCKETS_PER_SEND = 4
 HASH_CACHE_SIZE = 1 << 16
 
 _CORRUPTION = (IndexError, ValueError, OverflowError, TypeError)
+
+T = TypeVar("T")
 
 
 def _heaps(
@@ -140,49 +150,6 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-class _Transaction:
-    """One lock hold; see the module docstring."""
-
-    __slots__ = ("_store",)
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-
-    def __enter__(self) -> None:
-        store = self._store
-        store.segment.lock.acquire()
-        try:
-            store._recover()
-        except BaseException as exc:
-            try:
-                store.journal.rollback()
-            except (StoreCorrupted, *_CORRUPTION):
-                pass  # reported below; the next holder tries again
-            store.segment.lock.release()
-            if isinstance(exc, _CORRUPTION):
-                raise store.corrupted(exc) from exc
-            raise
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        store = self._store
-        try:
-            if exc_type is None:
-                store.journal.commit()
-            else:
-                try:
-                    store.journal.rollback()
-                except (StoreCorrupted, *_CORRUPTION):
-                    logger.exception("could not roll back a failed operation on %s", store.name)
-        finally:
-            rings, store._rings = store._rings, []
-            store.segment.lock.release()
-        if rings:
-            store._ring(rings)
-        if exc_type is not None and issubclass(exc_type, _CORRUPTION):
-            raise store.corrupted(exc) from exc
-        return False
-
-
 class Store:
     def __init__(self, prefix: str, channel_memory: int, group_memory: int, create: bool = True):
         self.segment = Segment(prefix, channel_memory, group_memory, create=create)
@@ -217,7 +184,6 @@ class Store:
             words, self.segment.mm, self.journal, group_heap,
             g.group_index, g.group_buckets, g.member_index, g.member_buckets, self._hash,
         )
-        self._txn = _Transaction(self)
         self._rings: list[tuple[int, int, bytes]] = []
         self._gone: list[tuple[int, int]] = []
         self._ringer = Ringer()
@@ -229,8 +195,78 @@ class Store:
         self._epoch = words[H_EPOCH]
         self._local = threading.local()  # each thread's receives to serve together
 
-    def transaction(self) -> _Transaction:
-        return self._txn
+    def _locked(self, operation: Callable[..., T], *args) -> T:
+        """Run ``operation(*args)`` as one lock hold: take the lock and recover, run it, commit
+        (or roll back if it raised), release, ring. No exception, wherever it lands, keeps the
+        lock held: the release is one C call in the ``finally`` (see lock.py)."""
+        lock = self.segment.lock
+        handle = lock.handle()
+        rings: list[tuple[int, int, bytes]] = []
+        try:
+            handle.busy = True
+            lock.acquire(handle)
+            self._recover()
+            result = operation(*args)
+            self.journal.commit()
+            rings, self._rings = self._rings, []
+        except BaseException as exc:
+            if self._abort(handle):  # the rings are ours to take only while holding the lock
+                rings, self._rings = rings + self._rings, []
+            if isinstance(exc, _CORRUPTION):
+                raise self.corrupted(exc) from exc
+            raise
+        finally:
+            handle.busy = False
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            if rings:
+                self._ring(rings)
+        return result
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One lock hold around a ``with`` block, for tests and tools. Its release runs in
+        contextlib's Python ``__exit__``, which an exception from a signal handler can skip
+        (see lock.py): the store's own operations use ``_locked``."""
+        lock = self.segment.lock
+        handle = lock.handle()
+        rings: list[tuple[int, int, bytes]] = []
+        try:
+            handle.busy = True
+            lock.acquire(handle)
+            self._recover()
+            yield
+            self.journal.commit()
+            rings, self._rings = self._rings, []
+        except BaseException as exc:
+            if self._abort(handle):  # the rings are ours to take only while holding the lock
+                rings, self._rings = rings + self._rings, []
+            if isinstance(exc, _CORRUPTION):
+                raise self.corrupted(exc) from exc
+            raise
+        finally:
+            handle.busy = False
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            if rings:
+                self._ring(rings)
+
+    def _abort(self, handle: StoreHandle) -> bool:
+        """Undo what an operation cut short had changed, if this thread holds the lock; False
+        if another does.
+
+        Whether it got as far as taking the lock is unknown (the exception may have landed
+        right after ``flock`` returned), so it asks without waiting. Held by another: this
+        thread changed nothing. Free, or ours: the shared journal count covers exactly the
+        words changed since the last commit, ours or a dead holder's, so rolling it back is
+        right either way; the caller's ``finally`` releases."""
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        try:
+            self.journal.rollback()
+        except (StoreCorrupted, *_CORRUPTION):
+            logger.exception("could not roll back a failed operation on %s", self.name)
+        return True
 
     def corrupted(self, exc: BaseException) -> StoreCorrupted:
         return StoreCorrupted(
@@ -345,7 +381,9 @@ class Store:
         doorbell = self._doorbell
         if self.segment.closed or doorbell is None:
             return
-        with self._txn:  # taking the lock also drops the registrations that have lapsed
+
+        def hold() -> tuple[list[bytes], list[bytes]]:
+            # Taking the lock also drops the registrations that have lapsed.
             waiting = doorbell.waiting_channels()
             for channel in waiting:
                 if channel in doorbell.registered:
@@ -354,7 +392,9 @@ class Store:
                 rec = self.queues.add_waiter(channel, doorbell.slot, doorbell.token)
                 if rec:
                     doorbell.note_registered(channel, rec)
-            ready = [c for c in waiting if self.queues.has_messages(c)]
+            return waiting, [c for c in waiting if self.queues.has_messages(c)]
+
+        waiting, ready = self._locked(hold)
         doorbell.wake(ready)
         if doorbell.registered or waiting:
             self._check_later(asyncio.get_running_loop())
@@ -364,13 +404,16 @@ class Store:
     def send(self, channel: bytes, data: bytes, capacity: int, expiry_ms: int) -> int:
         now = now_ms()
         crc = zlib.crc32(data)
-        with self._txn:
+
+        def hold() -> int:
             result = self.queues.append(
                 channel, data, crc, capacity, now + expiry_ms, now, self._rings
             )
             self.queues.expire(now, EXPIRE_PER_SEND)
             self.queues.sweep(SWEEP_BUCKETS_PER_SEND)
-        return result
+            return result
+
+        return self._locked(hold)
 
     async def receive(self, channel: bytes) -> bytes:
         """The next message of ``channel``, waiting for one as long as it takes.
@@ -513,24 +556,28 @@ class Store:
         # reused): the messages handed before such a commit are taken for good.
         commits, settled = journal.commits, 0
         now = now_ms()
+
+        def hold() -> None:
+            nonlocal commits, settled
+            epoch = self.words[H_EPOCH]
+            # Taken under the lock, after recovery brought them up to date.
+            records = self._doorbell.registered if self._doorbell is not None else {}
+            for waiter in waiters:
+                journal.checkpoint()
+                found = self.queues.pop(waiter.channel, now, records.get(waiter.channel, 0))
+                if found is None:
+                    try:
+                        self._wait_locked(waiter)
+                    except StoreError as exc:
+                        failed.append((waiter, exc))
+                if journal.commits != commits:
+                    commits, settled = journal.commits, len(handed)
+                if found is not None:
+                    handed.append((waiter, found[0]))
+                    waiter.expires, waiter.epoch = found[1], epoch
+
         try:
-            with self._txn:
-                epoch = self.words[H_EPOCH]
-                # Taken under the lock, after recovery brought them up to date.
-                records = self._doorbell.registered if self._doorbell is not None else {}
-                for waiter in waiters:
-                    journal.checkpoint()
-                    found = self.queues.pop(waiter.channel, now, records.get(waiter.channel, 0))
-                    if found is None:
-                        try:
-                            self._wait_locked(waiter)
-                        except StoreError as exc:
-                            failed.append((waiter, exc))
-                    if journal.commits != commits:
-                        commits, settled = journal.commits, len(handed)
-                    if found is not None:
-                        handed.append((waiter, found[0]))
-                        waiter.expires, waiter.epoch = found[1], epoch
+            self._locked(hold)
             settled = len(handed)
         except Exception as exc:
             if journal.commits != commits:
@@ -583,43 +630,50 @@ class Store:
         data = future.result()
         if self.segment.closed or waiter.expires <= now_ms():
             return
-        with self._txn:
+
+        def hold() -> bool:
             if self.words[H_EPOCH] != waiter.epoch:
-                return  # flushed since: it would have gone with the rest
-            if self.queues.put_back(
+                return True  # flushed since: it would have gone with the rest
+            return self.queues.put_back(
                 waiter.channel, data, zlib.crc32(data), waiter.expires, self._rings
-            ):
-                return
+            )
+
+        if self._locked(hold):
+            return
         logger.warning(
             "%s: a message taken by a cancelled receive on %r was lost: no channel memory "
             "left to put it back", self.name, waiter.channel.decode(),
         )
 
     def group_add(self, group: bytes, channel: bytes) -> None:
-        with self._txn:
-            self.groups.add(group, channel, now_ms())
+        self._locked(self.groups.add, group, channel, now_ms())
 
     def group_discard(self, group: bytes, channel: bytes) -> None:
-        with self._txn:
-            self.groups.discard(group, channel)
+        self._locked(self.groups.discard, group, channel)
 
     def group_send(self, group: bytes, data: bytes, capacity_of, expiry_ms: int,
                    group_expiry_ms: int) -> tuple[int, int]:
         """Queue ``data`` on every member with room; (members, members skipped)."""
         now = now_ms()
-        with self._txn:
+
+        def hold() -> tuple[int, int]:
             members = self.groups.members(group, now - group_expiry_ms)
             self.groups.sweep(now - group_expiry_ms)
             skipped = self.queues.append_to_all(
                 members, data, zlib.crc32(data), capacity_of, now + expiry_ms, now, self._rings
             )
             self.queues.expire(now, EXPIRE_PER_SEND)
-        return len(members), skipped
+            return len(members), skipped
+
+        return self._locked(hold)
 
     def flush(self) -> None:
-        with self._txn:
+
+        def hold() -> None:
             self.words[H_FLUSHING] = self.words[H_EPOCH] + 1
             self._finish_flush()
+
+        self._locked(hold)
 
     def _finish_flush(self) -> None:
         w = self.words
@@ -636,7 +690,8 @@ class Store:
         """Walk the whole store under the lock: its problems (empty when consistent) and
         figures. O(everything): for the command line and tests, not for serving."""
         lock_holder = self.segment.lock_holder()
-        with self._txn:
+
+        def hold() -> dict:
             w = self.words
             queues = self.queues.verify(now_ms())
             groups = self.groups.verify()
@@ -650,7 +705,7 @@ class Store:
                 if self.slots.locked(fd, slot)
                 or (doorbell is not None and (slot, token) == (doorbell.slot, doorbell.token))
             ]
-            report = {
+            return {
                 "prefix": self.prefix,
                 "name": self.name,
                 "problems": problems,
@@ -662,7 +717,8 @@ class Store:
                 **queues,
                 **groups,
             }
-        return report
+
+        return self._locked(hold)
 
     @staticmethod
     def _heap_figures(heap: Heap) -> dict:
@@ -684,8 +740,7 @@ class Store:
         doorbell, self._doorbell = self._doorbell, None
         if doorbell is not None and self._pid == os.getpid():
             try:
-                with self._txn:
-                    self.slots.release(doorbell.slot, doorbell.token)
+                self._locked(self.slots.release, doorbell.slot, doorbell.token)
             except StoreCorrupted:
                 pass
             doorbell.close()  # removes its socket while the byte still says we live
