@@ -1,6 +1,6 @@
 """asgi_ipc: a Django Channels layer over POSIX shared memory, for processes of one machine."""
 
-from .exceptions import ForeignObject, GroupMemoryFull, StoreCorrupted, StoreError
+from .exceptions import ForeignObject, GroupMemoryFull, StoreClosed, StoreCorrupted, StoreError
 from .layer import IPCChannelLayer
 from .segment import unlink
 
@@ -10,6 +10,7 @@ __all__ = [
     "ForeignObject",
     "GroupMemoryFull",
     "IPCChannelLayer",
+    "StoreClosed",
     "StoreCorrupted",
     "StoreError",
     "unlink",

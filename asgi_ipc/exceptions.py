@@ -20,5 +20,10 @@ class ForeignObject(StoreError):
     to other users. Nothing was read from it or written into it."""
 
 
+class StoreClosed(StoreError):
+    """The layer's store was closed (``IPCChannelLayer.close()``) while a receive waited on it,
+    or before it was called. The layer itself opens its store again on its next call."""
+
+
 class GroupMemoryFull(StoreError):
     """``group_add`` found no room left in the group memory area."""
