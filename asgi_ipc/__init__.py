@@ -4,6 +4,7 @@ from .exceptions import (
     ForeignObject,
     GroupMemoryFull,
     SharedMemoryTooSmall,
+    StoreClosed,
     StoreCorrupted,
     StoreError,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "GroupMemoryFull",
     "IPCChannelLayer",
     "SharedMemoryTooSmall",
+    "StoreClosed",
     "StoreCorrupted",
     "StoreError",
     "unlink",

@@ -26,5 +26,10 @@ class SharedMemoryTooSmall(StoreError):
     behind."""
 
 
+class StoreClosed(StoreError):
+    """The layer's store was closed (``IPCChannelLayer.close()``) while a receive waited on it,
+    or before it was called. The layer itself opens its store again on its next call."""
+
+
 class GroupMemoryFull(StoreError):
     """``group_add`` found no room left in the group memory area."""

@@ -388,8 +388,11 @@ class IPCChannelLayer(BaseChannelLayer):
         self._open().flush()
 
     async def close(self) -> None:
-        """Release this process's handles on the store; its contents stay."""
-        store, self._store = self._store, None
+        """Release this process's handles on the store; its contents stay. Every receive of
+        this layer still waiting, in any event loop or thread, raises ``StoreClosed``; the
+        layer's next call opens the store again."""
+        with self._opening:
+            store, self._store = self._store, None
         if store is not None:
             store.close()
 

@@ -23,6 +23,12 @@ A receive's message leaves the store when the lock hold that serves it commits, 
 caller after the lock is released: a process killed in between loses it (delivery is at most
 once). A receive cancelled in between puts its message back first in its channel, unless a flush
 came in between, which would have taken it with the rest.
+
+No receive is left waiting for ever: one whose lock hold fails (whatever the exception) gets the
+error, unless its message was taken for good, which it gets; ``close`` ends every receive still
+waiting, in any event loop or thread, with ``StoreClosed``; and while any receive of the process
+waits, a thread of the store (``_run_checks``) makes up for lost rings, whichever event loops
+have closed meanwhile.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from .exceptions import StoreCorrupted, StoreError
+from .exceptions import StoreClosed, StoreCorrupted, StoreError
 from .groups import GroupStore
 from .heap import Heap
 from .journal import Journal
@@ -190,7 +196,10 @@ class Store:
         self._doorbell: Doorbell | None = None
         self._slot_guard = threading.Lock()  # one slot claim at a time
         self._slots_full_until = 0.0  # no new claim before (monotonic): every slot was held
-        self._check_loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        # The checker thread and the event that stops it, while one runs (see _run_checks).
+        self._checker: tuple[threading.Thread, threading.Event] | None = None
+        self._checker_guard = threading.Lock()
         self._pid = os.getpid()
         self._epoch = words[H_EPOCH]
         self._local = threading.local()  # each thread's receives to serve together
@@ -306,7 +315,8 @@ class Store:
         self._doorbell = None
         self._slot_guard = threading.Lock()
         self._slots_full_until = 0.0
-        self._check_loop = None
+        self._checker = None  # the parent's thread does not exist here
+        self._checker_guard = threading.Lock()
         self._ringer = Ringer()
         self._rings, self._gone = [], []
         self._local = threading.local()
@@ -367,20 +377,58 @@ class Store:
             self.queues.remove_waiter(channel, doorbell.slot, doorbell.token)
         self.journal.commit()
 
-    def _check_later(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Make sure the periodic check runs while this process has receives waiting or
-        registrations lingering (see wakeup.py)."""
-        pending = self._check_loop
-        if (pending is not None and pending.is_running()) or loop.is_closed():
-            return
-        self._check_loop = loop
-        loop.call_later(CHECK_INTERVAL, self._check)
+    def _leave(self, doorbell: Doorbell) -> None:
+        """Under the lock, on close: drop this process's registrations and free its slot, so
+        that nothing stale is left for senders and the sweep to prune."""
+        for channel in list(doorbell.registered):
+            self.journal.checkpoint()
+            self.queues.remove_waiter(channel, doorbell.slot, doorbell.token)
+        self.slots.release(doorbell.slot, doorbell.token)
+
+    def _check_later(self) -> None:
+        """Make sure the checker thread runs: called once a receive is tracked (so that a
+        thread deciding to end, under the same guard, sees it or is replaced)."""
+        with self._checker_guard:
+            if self._checker is None:
+                stop = threading.Event()
+                thread = threading.Thread(
+                    target=self._run_checks, args=(stop,), daemon=True,
+                    name=f"asgi_ipc check {self.prefix}",
+                )
+                self._checker = (thread, stop)
+                thread.start()
+
+    def _run_checks(self, stop: threading.Event) -> None:
+        """The checker thread: the periodic check every ``CHECK_INTERVAL`` while this process
+        has receives waiting or registrations lingering (see wakeup.py), then it ends.
+
+        A thread rather than ``loop.call_later``, because a callback scheduled in an event loop
+        dies with it, and loops come and go while receives of other loops still wait. A check
+        that fails (every process slot taken, say) is logged and tried again at the next
+        interval: the receives it stands guard over may depend on it."""
+        while not stop.wait(CHECK_INTERVAL):
+            try:
+                self._check()
+            except Exception:
+                logger.exception(
+                    "%s: the periodic check of waiting receives failed; trying again in %s s",
+                    self.name, CHECK_INTERVAL,
+                )
+            with self._checker_guard:
+                if self._checker is None or self._checker[1] is not stop:
+                    return  # closed
+                doorbell = self._doorbell
+                if doorbell is None or not doorbell.needs_checking():
+                    self._checker = None
+                    return
 
     def _check(self) -> None:
-        self._check_loop = None
+        """One periodic check: register the receives that could not be (memory was full),
+        and wake those whose channels hold messages, each in its own event loop."""
         doorbell = self._doorbell
-        if self.segment.closed or doorbell is None:
+        if self._closed or doorbell is None or self._pid != os.getpid():
             return
+        doorbell.drop_closed_loops()
 
         def hold() -> tuple[list[bytes], list[bytes]]:
             # Taking the lock also drops the registrations that have lapsed.
@@ -389,6 +437,7 @@ class Store:
                 if channel in doorbell.registered:
                     continue
                 # A registration that failed for want of memory is tried again here.
+                self.journal.checkpoint()
                 rec = self.queues.add_waiter(channel, doorbell.slot, doorbell.token)
                 if rec:
                     doorbell.note_registered(channel, rec)
@@ -396,8 +445,6 @@ class Store:
 
         waiting, ready = self._locked(hold)
         doorbell.wake(ready)
-        if doorbell.registered or waiting:
-            self._check_later(asyncio.get_running_loop())
 
     # --- operations ------------------------------------------------------------------------
 
@@ -425,6 +472,8 @@ class Store:
         messages, whose receivers will soon ask again. Then receives are collected until the
         running callbacks are done and served together in one lock hold: that is how a process
         draining many channels takes one message from each per hold."""
+        if self._closed:
+            raise self._closed_error()
         loop = asyncio.get_running_loop()
         waiter = Waiter(loop, channel)
         if not self._wait_unlocked(waiter):
@@ -464,14 +513,16 @@ class Store:
         """After the lock hold that found ``waiter``'s channel empty while this process had no
         slot: claim one without the lock, then serve the receive again; or fail it if every
         slot is held."""
-        if waiter.future.done() or self.segment.closed:
+        if waiter.future.done():
             return
         try:
             self._take_slot()
         except Exception as exc:  # the wake-up directory is not ours (ForeignObject), ...
             waiter.future.set_exception(exc)
             return
-        if self._doorbell is None:
+        if self._closed:
+            waiter.future.set_exception(self._closed_error())
+        elif self._doorbell is None:
             waiter.future.set_exception(self._slots_full())
         else:
             self._serve([waiter])
@@ -492,7 +543,7 @@ class Store:
         with self._slot_guard:
             if (
                 self._doorbell is not None
-                or self.segment.closed
+                or self._closed
                 or time.monotonic() < self._slots_full_until
             ):
                 return
@@ -538,40 +589,57 @@ class Store:
             or self.slots.token(doorbell.slot) != doorbell.token
         ):
             return False
-        self._check_later(waiter.loop)
+        self._check_later()
         return True
 
     def _serve(self, waiters: list[Waiter]) -> None:
         """In one lock hold, hand each receive of ``waiters`` (all of the running event loop)
-        the next message of its channel, or make sure that a send will ring for it."""
+        the next message of its channel, or make sure that a send will ring for it.
+
+        Every receive taken here that does not wait on is settled before this returns, even
+        when an exception (``KeyboardInterrupt`` included) cuts the lock hold short: with its
+        message if that was taken for good, else with the error."""
         if len(waiters) > 1:
             waiters = list(dict.fromkeys(waiters))  # a receive rung twice is served once
         waiters = [w for w in waiters if not w.future.done()]
-        if not waiters or self.segment.closed:
+        if not waiters:
+            return
+        if self._closed:
+            for waiter in waiters:
+                waiter.future.set_exception(self._closed_error())
             return
         handed: list[tuple[Waiter, bytes]] = []
         failed: list[tuple[Waiter, BaseException]] = []
+        # Channels this hold registered on since the journal last committed: if the hold
+        # fails, the rollback takes those registrations back.
+        fresh: list[bytes] = []
         journal = self.journal
         # The journal may commit between waiters (when it fills up, or before memory is
         # reused): the messages handed before such a commit are taken for good.
         commits, settled = journal.commits, 0
         now = now_ms()
+        interrupted: BaseException | None = None
 
         def hold() -> None:
-            nonlocal commits, settled
+            nonlocal commits, settled, fresh
+            if self._closed:  # closed by another thread since the look above
+                raise self._closed_error()
             epoch = self.words[H_EPOCH]
             # Taken under the lock, after recovery brought them up to date.
             records = self._doorbell.registered if self._doorbell is not None else {}
             for waiter in waiters:
                 journal.checkpoint()
                 found = self.queues.pop(waiter.channel, now, records.get(waiter.channel, 0))
+                registered = False
                 if found is None:
                     try:
-                        self._wait_locked(waiter)
+                        registered = self._wait_locked(waiter)
                     except StoreError as exc:
                         failed.append((waiter, exc))
                 if journal.commits != commits:
-                    commits, settled = journal.commits, len(handed)
+                    commits, settled, fresh = journal.commits, len(handed), []
+                if registered:
+                    fresh.append(waiter.channel)
                 if found is not None:
                     handed.append((waiter, found[0]))
                     waiter.expires, waiter.epoch = found[1], epoch
@@ -579,11 +647,18 @@ class Store:
         try:
             self._locked(hold)
             settled = len(handed)
-        except Exception as exc:
+        except BaseException as exc:
             if journal.commits != commits:
                 settled = len(handed)
+            if self._doorbell is not None:
+                self._doorbell.forget(fresh)
+            error = exc
+            if not isinstance(exc, Exception):
+                interrupted = exc
+                error = StoreError(f"the receive was interrupted by {type(exc).__name__}")
+                error.__cause__ = exc
             served = {waiter for waiter, _data in handed[:settled]}
-            failed = [(waiter, exc) for waiter in waiters if waiter not in served]
+            failed = [(waiter, error) for waiter in waiters if waiter not in served]
         for waiter, data in handed[:settled]:
             self._stop_tracking(waiter)
             waiter.future.set_result(data)
@@ -591,29 +666,38 @@ class Store:
             self._stop_tracking(waiter)
             waiter.future.set_exception(exc)
         self._loop_state(waiters[0].loop).gathering = settled > 1
+        if interrupted is not None:
+            raise interrupted
 
-    def _wait_locked(self, waiter: Waiter) -> None:
-        """Under the lock, with ``waiter``'s channel found empty: make sure a send rings."""
+    def _wait_locked(self, waiter: Waiter) -> bool:
+        """Under the lock, with ``waiter``'s channel found empty: make sure a send rings.
+        True if this registered the process on the channel.
+
+        When channel memory has no room for the registration (a small block), the receive
+        waits unregistered rather than fail: no send rings for it, but the periodic check
+        registers it once memory frees, and hands it a message as soon as its channel holds
+        one, so in that degraded mode a receive learns of its message within
+        ``CHECK_INTERVAL``. Reserving the room instead would cost every waiting channel
+        memory of its own up front, and a full store is exactly when a message must get
+        through to the receivers that drain it."""
         doorbell = self._doorbell
         if doorbell is None:
             # The first wait of this process: a slot is claimed without the lock, after it.
             if time.monotonic() < self._slots_full_until:
                 raise self._slots_full()
             waiter.loop.call_soon(self._claim_and_serve, waiter)
-            return
+            return False
         if self.slots.token(doorbell.slot) != doorbell.token:
             self._register_again(doorbell)  # records the slot claimed without the lock
-        self._check_later(waiter.loop)
         if doorbell.add(waiter.channel, waiter):
-            return
+            self._check_later()
+            return False
+        self._check_later()
         rec = self.queues.add_waiter(waiter.channel, doorbell.slot, doorbell.token)
         if not rec:
-            doorbell.discard(waiter.channel, waiter)
-            raise StoreError(
-                f"the channel memory of {self.name} is full: no room to register a "
-                f"receive waiting on {waiter.channel.decode()!r}"
-            )
+            return False  # waits unregistered: see above
         doorbell.note_registered(waiter.channel, rec)
+        return True
 
     def _stop_tracking(self, waiter: Waiter) -> None:
         doorbell = self._doorbell
@@ -734,18 +818,47 @@ class Store:
         """Every inconsistency found in the store; an empty list means it is sound."""
         return self.inspect()["problems"]
 
+    def _closed_error(self) -> StoreClosed:
+        return StoreClosed(f"the store {self.name} was closed in this process")
+
     def close(self) -> None:
-        if self.segment.closed:
+        """Detach from the store; its contents stay. Every receive of this store still
+        waiting, in whichever event loop or thread, raises ``StoreClosed`` (settled in its own
+        loop); a receive called after this raises it at once."""
+        if self._closed:
             return
+        self._closed = True
+        with self._checker_guard:
+            checker, self._checker = self._checker, None
+        if checker is not None and self._pid == os.getpid():
+            thread, stop = checker
+            stop.set()
+            if thread is not threading.current_thread():
+                thread.join()  # at most one check under way: the segment must outlive it
         doorbell, self._doorbell = self._doorbell, None
-        if doorbell is not None and self._pid == os.getpid():
-            try:
-                self._locked(self.slots.release, doorbell.slot, doorbell.token)
-            except StoreCorrupted:
-                pass
-            doorbell.close()  # removes its socket while the byte still says we live
+        if doorbell is not None:
+            if self._pid == os.getpid():
+                try:
+                    # After it, no lock hold of this process tracks a receive.
+                    self._locked(self._leave, doorbell)
+                except StoreCorrupted:
+                    pass
+            waiters = doorbell.close()  # removes its socket while the byte still says we live
             self.slots.unlock(self.segment.fd, doorbell.slot)
+            for waiter in waiters:
+                self._end_elsewhere(waiter, self._closed_error())
         self._ringer.close()
         self.segment.close()
 
+    @staticmethod
+    def _end_elsewhere(waiter: Waiter, exc: BaseException) -> None:
+        """Settle ``waiter`` with ``exc`` in its own event loop, from any thread."""
 
+        def end() -> None:
+            if not waiter.future.done():
+                waiter.future.set_exception(exc)
+
+        try:
+            waiter.loop.call_soon_threadsafe(end)
+        except RuntimeError:
+            pass  # its loop is closed: nobody waits on it any more

@@ -34,7 +34,9 @@ A ring can still be lost for good: the sender may die after its commit and befor
 flush after wiping the registrations and before telling anyone. So each process with receives
 waiting looks once a second (``CHECK_INTERVAL``), under one lock hold, at just the channels it
 waits on, and wakes those that hold messages: a lost ring costs at most a second, and an idle
-process one lock hold per second.
+process one lock hold per second. The check runs in a thread of its own (``Store._run_checks``),
+not in an event loop: loops come and go (``async_to_sync`` may run each call in a new one), and
+a check scheduled in a loop dies with it, leaving the receives of every other loop without it.
 
 In the receiving process the doorbell is read by whichever event loop has a receive waiting
 (``loop.add_reader``). It hands the receives waiting on the named channels to the store, which
@@ -73,6 +75,7 @@ import time
 import weakref
 from collections.abc import Callable
 
+from .exceptions import StoreClosed
 from .journal import Journal
 from .layout import SLOT_WORDS, SLOTS, WORD, wake_dir
 from .private import make_private_dir
@@ -221,7 +224,10 @@ class Doorbell:
 
     ``registered`` maps each channel registered in the store to its record there. It changes
     under the store lock and ``_guard`` both, so ``add`` (under the guard only) sees either the
-    registration or its absence, never half a lapse."""
+    registration or its absence, never half a lapse.
+
+    Once closed it tracks nothing more: ``add`` raises ``StoreClosed``, and ``close`` hands
+    back the receives it tracked, for the store to end them."""
 
     LINGER = 2.0
 
@@ -245,6 +251,7 @@ class Doorbell:
         # Since when the registrations with no receive behind them have been so.
         self._idle_since: dict[bytes, float] = {}
         self.next_lapse = math.inf
+        self._closed = False
 
     def _bind(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
@@ -268,6 +275,8 @@ class Doorbell:
         """Track ``waiter``, so that a ring from now on finds it: the channel's record if this
         process is registered on it, else 0 (the store must register it)."""
         with self._guard:
+            if self._closed:
+                raise StoreClosed("the store was closed")
             self._waiting.setdefault(channel, set()).add(waiter)
             self._idle_since.pop(channel, None)
             rec = self.registered.get(channel, 0)
@@ -281,6 +290,15 @@ class Doorbell:
         """The store registered this process on ``channel``, whose record is at ``rec``."""
         with self._guard:
             self.registered[channel] = rec
+
+    def forget(self, channels: list[bytes]) -> None:
+        """The registrations on ``channels`` were rolled back with the lock hold that made
+        them: this process is not registered there any more (the periodic check registers
+        the receives still waiting again)."""
+        with self._guard:
+            for channel in channels:
+                self.registered.pop(channel, None)
+                self._idle_since.pop(channel, None)
 
     def discard(self, channel: bytes, waiter: Waiter) -> None:
         """Stop tracking ``waiter``; its channel's registration starts to linger if it was the
@@ -339,6 +357,25 @@ class Doorbell:
         with self._guard:
             return list(self._waiting)
 
+    def needs_checking(self) -> bool:
+        """Whether the periodic check still has work here: receives waiting, or registrations
+        lingering (which lapse at the check's lock holds)."""
+        with self._guard:
+            return bool(self._waiting or self.registered)
+
+    def drop_closed_loops(self) -> None:
+        """Stop tracking the receives whose event loop was closed under them: nothing can
+        hand them a message any more, and their registrations may lapse."""
+        with self._guard:
+            dead = [
+                (channel, waiter)
+                for channel, waiters in self._waiting.items()
+                for waiter in waiters
+                if waiter.loop.is_closed()
+            ]
+        for channel, waiter in dead:
+            self.discard(channel, waiter)
+
     def wake(self, names: set[bytes] | list[bytes]) -> None:
         """Hand the receives waiting on ``names`` (every receive, if b"" is among them) to the
         store to serve, all those of one event loop together, in that loop."""
@@ -363,8 +400,11 @@ class Doorbell:
                 except RuntimeError:
                     pass  # its loop is closed: those receives will never look again
 
-    def close(self) -> None:
+    def close(self) -> list[Waiter]:
+        """Close the socket; the receives still tracked, which nothing will wake any more."""
         with self._guard:
+            self._closed = True
+            waiters = [w for waiters in self._waiting.values() for w in waiters]
             self._waiting.clear()
         for loop in list(self._readers):
             if not loop.is_closed():
@@ -374,6 +414,7 @@ class Doorbell:
                     pass
         self._sock.close()
         remove_doorbell(self._prefix, self.token)
+        return waiters
 
 
 class Ringer:

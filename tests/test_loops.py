@@ -1,0 +1,223 @@
+"""Receives that wait in event loops that come and go, in several threads: none is ever left
+waiting for ever. The check that makes up for lost rings outlives the loop that started it and
+its own errors; ``close()`` ends every pending receive in every loop; a full channel memory
+delays a receive instead of failing it.
+
+A lost ring is made deterministically: a child process commits a send, stops just before it
+rings (``workers.stall_before_ringing``) and is SIGKILLed. Timeouts are generous: they only turn
+a receive left waiting for ever into a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import signal
+import threading
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.exceptions import ChannelFull
+
+from asgi_ipc import IPCChannelLayer, StoreClosed, StoreError
+
+from . import workers
+from .test_wakeup import CONFIG, receive, start, wait_until, waiters
+
+pytestmark = pytest.mark.timeout(120)
+
+HANG = 20  # seconds after which a receive counts as waiting for ever
+
+
+class LoopThread:
+    """An event loop running in a thread of its own, as a server or asgiref thread has."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def submit(self, coro) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(HANG)
+        self.loop.close()
+
+
+@pytest.fixture
+def layer(prefix):
+    layer = IPCChannelLayer(prefix=prefix, **CONFIG)
+    yield layer
+    asyncio.run(layer.close())
+
+
+def lose_a_ring(children, layer: IPCChannelLayer, op: str, args: tuple) -> None:
+    """Run ``op`` in a child that is killed after its commit, before it rings anyone."""
+    child, conn = start(children, workers.stall_before_ringing, layer.prefix, CONFIG, op, args)
+    state, _payload = receive(conn)
+    assert state == "stalled"
+    os.kill(child.pid, signal.SIGKILL)
+    child.join(10)
+
+
+def test_async_to_sync_receives_in_many_threads_survive_a_lost_ring(layer, children):
+    """Each thread receives through async_to_sync, in loops made and closed per call; the loop
+    of the first waiting receive closes while the others wait; a ring lost after that is still
+    made up for in every thread."""
+    store = layer._open()
+    channels = [f"sync.{i}" for i in range(4)]
+    results: dict[str, list] = {channel: [] for channel in channels}
+    for channel in channels:
+        async_to_sync(layer.send)(channel, {"n": 0})
+        async_to_sync(layer.group_add)("sync", channel)
+
+    def first() -> None:
+        async_to_sync(layer.receive)("sync.first")
+
+    def each(channel: str) -> None:
+        for _ in range(2):  # the first returns at once: a loop that came and went
+            results[channel].append(async_to_sync(layer.receive)(channel))
+
+    starter = threading.Thread(target=first, daemon=True)
+    starter.start()
+    wait_until(lambda: waiters(store, "sync.first") == 1, what="the first receive to wait")
+    threads = [threading.Thread(target=each, args=(c,), daemon=True) for c in channels]
+    for thread in threads:
+        thread.start()
+    for channel in channels:
+        wait_until(lambda c=channel: waiters(store, c) == 1, what=f"{channel} to wait")
+    async_to_sync(layer.send)("sync.first", {"go": True})
+    starter.join(HANG)
+    assert not starter.is_alive()
+    lose_a_ring(children, layer, "group_send", ("sync", {"n": 1}))
+    for thread in threads:
+        thread.join(HANG)
+    assert results == {channel: [{"n": 0}, {"n": 1}] for channel in channels}
+    assert store.verify() == []
+
+
+def test_a_receive_keeps_its_safety_net_after_the_loop_that_started_it_closed(layer, children):
+    store = layer._open()
+    a, b = LoopThread(), LoopThread()
+    try:
+        in_a = a.submit(layer.receive("loop.a"))  # waits first: its loop adds the reader
+        wait_until(lambda: waiters(store, "loop.a") == 1, what="the receive in A to wait")
+        in_b = b.submit(layer.receive("loop.b"))
+        wait_until(lambda: waiters(store, "loop.b") == 1, what="the receive in B to wait")
+        asyncio.run(layer.send("loop.a", {"to": "a"}))
+        assert in_a.result(HANG) == {"to": "a"}
+        a.close()
+        lose_a_ring(children, layer, "send", ("loop.b", {"lost": "ring"}))
+        assert in_b.result(HANG) == {"lost": "ring"}
+        # A ring still reaches B, though the reader was first added by A, now closed.
+        again = b.submit(layer.receive("loop.b"))
+        wait_until(lambda: waiters(store, "loop.b") == 1, what="B to wait again")
+        asyncio.run(layer.send("loop.b", {"rung": True}))
+        assert again.result(HANG) == {"rung": True}
+    finally:
+        b.close()
+        if not a.loop.is_closed():
+            a.close()
+
+
+async def test_a_check_that_fails_once_is_tried_again(layer, children):
+    store = layer._open()
+    failures = []
+    has_messages = store.queues.has_messages
+
+    def fails_once(name: bytes) -> bool:
+        if not failures:
+            failures.append(name)
+            raise OSError("a check that fails once")
+        return has_messages(name)
+
+    store.queues.has_messages = fails_once  # only the periodic check asks this
+    waiting = asyncio.ensure_future(layer.receive("retry"))
+    for _ in range(HANG * 100):
+        if failures:
+            break
+        await asyncio.sleep(0.01)
+    assert failures == [b"retry"]
+    lose_a_ring(children, layer, "send", ("retry", {"after": "failure"}))
+    assert await asyncio.wait_for(waiting, HANG) == {"after": "failure"}
+
+
+def test_close_ends_the_receives_waiting_in_every_loop(layer):
+    store = layer._open()
+    loops = [LoopThread(), LoopThread()]
+    try:
+        pending = [t.submit(layer.receive(f"closing.{i}")) for i, t in enumerate(loops)]
+        for i in range(len(loops)):
+            wait_until(lambda i=i: waiters(store, f"closing.{i}") == 1, what="receives to wait")
+        asyncio.run(layer.close())
+        for future in pending:
+            with pytest.raises(StoreClosed):
+                future.result(HANG)
+        with pytest.raises(StoreClosed):
+            asyncio.run(asyncio.wait_for(store.receive(b"closing.0"), HANG))
+        # The layer opens its store again, and its receives are rung as before.
+        again = loops[0].submit(layer.receive("closing.0"))
+        wait_until(lambda: waiters(layer._open(), "closing.0") == 1, what="the new receive")
+        asyncio.run(layer.send("closing.0", {"open": "again"}))
+        assert again.result(HANG) == {"open": "again"}
+    finally:
+        for t in loops:
+            t.close()
+
+
+async def test_a_receive_waits_while_channel_memory_is_full(prefix):
+    layer = IPCChannelLayer(
+        prefix=prefix, channel_memory=256 * 1024, group_memory=64 * 1024, capacity=10**6
+    )
+    # Fill channel memory down to the last crumb, so no registration fits anywhere.
+    for size in (4096, 256, 16, 0):
+        while True:
+            try:
+                await layer.send("full", {"b": b"x" * size})
+            except ChannelFull:
+                break
+    waiting = asyncio.ensure_future(layer.receive("ours"))
+    await asyncio.sleep(0.2)
+    assert not waiting.done(), waiting
+    assert await layer.receive("full") == {"b": b"x" * 4096}
+    await layer.send("ours", {"room": "again"})
+    assert await asyncio.wait_for(waiting, HANG) == {"room": "again"}
+    assert layer._open().verify() == []
+    await layer.flush()
+    await layer.close()
+
+
+def test_an_interrupted_lock_hold_settles_every_receive_it_took(layer):
+    """A KeyboardInterrupt in the lock hold that serves receives gathered together escapes the
+    loop, and still leaves none of those receives waiting for ever."""
+    store = layer._open()
+    pop = store.queues.pop
+
+    def interrupted(name: bytes, *args):
+        if name == b"cut.1":
+            raise KeyboardInterrupt
+        return pop(name, *args)
+
+    async def both():
+        # Two tasks in one pass of the loop: the second is gathered and served in a callback.
+        return await asyncio.gather(
+            layer.receive("cut.0"), layer.receive("cut.1"), return_exceptions=True
+        )
+
+    loop = asyncio.new_event_loop()
+    try:
+        store.queues.pop = interrupted
+        task = loop.create_task(both())
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(task)
+        del store.queues.pop
+        loop.run_until_complete(layer.send("cut.0", {"n": 0}))
+        first, second = loop.run_until_complete(asyncio.wait_for(task, HANG))
+    finally:
+        loop.close()
+    assert first == {"n": 0}
+    assert isinstance(second, StoreError) and "KeyboardInterrupt" in str(second)
+    assert store.verify() == []
