@@ -627,22 +627,28 @@ class Store:
             epoch = self.words[H_EPOCH]
             # Taken under the lock, after recovery brought them up to date.
             records = self._doorbell.registered if self._doorbell is not None else {}
-            for waiter in waiters:
-                journal.checkpoint()
-                found = self.queues.pop(waiter.channel, now, records.get(waiter.channel, 0))
-                registered = False
-                if found is None:
-                    try:
-                        registered = self._wait_locked(waiter)
-                    except StoreError as exc:
-                        failed.append((waiter, exc))
-                if journal.commits != commits:
-                    commits, settled, fresh = journal.commits, len(handed), []
-                if registered:
-                    fresh.append(waiter.channel)
-                if found is not None:
-                    handed.append((waiter, found[0]))
-                    waiter.expires, waiter.epoch = found[1], epoch
+            try:
+                for waiter in waiters:
+                    journal.checkpoint()
+                    found = self.queues.pop(waiter.channel, now, records.get(waiter.channel, 0))
+                    registered = False
+                    if found is None:
+                        try:
+                            registered = self._wait_locked(waiter)
+                        except StoreError as exc:
+                            failed.append((waiter, exc))
+                    if journal.commits != commits:
+                        commits, settled, fresh = journal.commits, len(handed), []
+                    if registered:
+                        fresh.append(waiter.channel)
+                    if found is not None:
+                        handed.append((waiter, found[0]))
+                        waiter.expires, waiter.epoch = found[1], epoch
+            except BaseException:
+                # Forgotten under the lock, before the rollback takes them back.
+                if self._doorbell is not None:
+                    self._doorbell.forget(fresh)
+                raise
 
         try:
             self._locked(hold)
@@ -650,8 +656,6 @@ class Store:
         except BaseException as exc:
             if journal.commits != commits:
                 settled = len(handed)
-            if self._doorbell is not None:
-                self._doorbell.forget(fresh)
             error = exc
             if not isinstance(exc, Exception):
                 interrupted = exc
