@@ -2,15 +2,15 @@
 group and process tables, with every operation as one lock hold (a receive may need none, and
 the receives of one event loop share one; see ``Store.receive``).
 
-An operation runs as ``Store._locked(operation)``. It takes the global lock and repairs what a
+An operation runs as ``Store.locked(operation)``. It takes the global lock and repairs what a
 dead holder left (``_recover``): it rolls back an open undo journal, and finishes a flush that
 was cut off. Then it runs the operation, commits the journal (or rolls it back if anything
 raised), releases the lock, and rings the doorbells the operation collected, so no other process
 ever waits on a syscall made under the lock. The release is written so that no exception can
 skip it, one from a signal handler included, wherever it lands (see lock.py); an exception that
 cuts the rollback itself short leaves the journal open for the next holder to finish, as a dead
-holder's would be. ``with store.transaction():`` does the same around a block, for tests and
-tools only: its release can be skipped.
+holder's would be. ``Store.locked`` is also the seam through which tools and tests read the
+store consistently.
 
 ``flush`` cannot be undone cheaply (it may free millions of blocks), so it is redone instead: it
 first stores the epoch it moves to in ``H_FLUSHING``; that store is its commit. Then it clears
@@ -34,7 +34,6 @@ have closed meanwhile.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import hashlib
 import logging
@@ -43,7 +42,7 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TypeVar
 
 from .exceptions import StoreClosed, StoreCorrupted, StoreError
@@ -204,7 +203,7 @@ class Store:
         self._epoch = words[H_EPOCH]
         self._local = threading.local()  # each thread's receives to serve together
 
-    def _locked(self, operation: Callable[..., T], *args) -> T:
+    def locked(self, operation: Callable[..., T], *args) -> T:
         """Run ``operation(*args)`` as one lock hold: take the lock and recover, run it, commit
         (or roll back if it raised), release, ring. No exception, wherever it lands, keeps the
         lock held: the release is one C call in the ``finally`` (see lock.py)."""
@@ -230,33 +229,6 @@ class Store:
             if rings:
                 self._ring(rings)
         return result
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        """One lock hold around a ``with`` block, for tests and tools. Its release runs in
-        contextlib's Python ``__exit__``, which an exception from a signal handler can skip
-        (see lock.py): the store's own operations use ``_locked``."""
-        lock = self.segment.lock
-        handle = lock.handle()
-        rings: list[tuple[int, int, bytes]] = []
-        try:
-            handle.busy = True
-            lock.acquire(handle)
-            self._recover()
-            yield
-            self.journal.commit()
-            rings, self._rings = self._rings, []
-        except BaseException as exc:
-            if self._abort(handle):  # the rings are ours to take only while holding the lock
-                rings, self._rings = rings + self._rings, []
-            if isinstance(exc, _CORRUPTION):
-                raise self.corrupted(exc) from exc
-            raise
-        finally:
-            handle.busy = False
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            if rings:
-                self._ring(rings)
 
     def _abort(self, handle: StoreHandle) -> bool:
         """Undo what an operation cut short had changed, if this thread holds the lock; False
@@ -443,7 +415,7 @@ class Store:
                     doorbell.note_registered(channel, rec)
             return waiting, [c for c in waiting if self.queues.has_messages(c)]
 
-        waiting, ready = self._locked(hold)
+        waiting, ready = self.locked(hold)
         doorbell.wake(ready)
 
     # --- operations ------------------------------------------------------------------------
@@ -460,7 +432,7 @@ class Store:
             self.queues.sweep(SWEEP_BUCKETS_PER_SEND)
             return result
 
-        return self._locked(hold)
+        return self.locked(hold)
 
     async def receive(self, channel: bytes) -> bytes:
         """The next message of ``channel``, waiting for one as long as it takes.
@@ -651,7 +623,7 @@ class Store:
                 raise
 
         try:
-            self._locked(hold)
+            self.locked(hold)
             settled = len(handed)
         except BaseException as exc:
             if journal.commits != commits:
@@ -726,7 +698,7 @@ class Store:
                 waiter.channel, data, zlib.crc32(data), waiter.expires, self._rings
             )
 
-        if self._locked(hold):
+        if self.locked(hold):
             return
         logger.warning(
             "%s: a message taken by a cancelled receive on %r was lost: no channel memory "
@@ -734,10 +706,10 @@ class Store:
         )
 
     def group_add(self, group: bytes, channel: bytes) -> None:
-        self._locked(self.groups.add, group, channel, now_ms())
+        self.locked(self.groups.add, group, channel, now_ms())
 
     def group_discard(self, group: bytes, channel: bytes) -> None:
-        self._locked(self.groups.discard, group, channel)
+        self.locked(self.groups.discard, group, channel)
 
     def group_send(self, group: bytes, data: bytes, capacity_of, expiry_ms: int,
                    group_expiry_ms: int) -> tuple[int, int]:
@@ -753,7 +725,7 @@ class Store:
             self.queues.expire(now, EXPIRE_PER_SEND)
             return len(members), skipped
 
-        return self._locked(hold)
+        return self.locked(hold)
 
     def flush(self) -> None:
 
@@ -761,7 +733,7 @@ class Store:
             self.words[H_FLUSHING] = self.words[H_EPOCH] + 1
             self._finish_flush()
 
-        self._locked(hold)
+        self.locked(hold)
 
     def _finish_flush(self) -> None:
         w = self.words
@@ -806,7 +778,7 @@ class Store:
                 **groups,
             }
 
-        return self._locked(hold)
+        return self.locked(hold)
 
     @staticmethod
     def _heap_figures(heap: Heap) -> dict:
@@ -844,7 +816,7 @@ class Store:
             if self._pid == os.getpid():
                 try:
                     # After it, no lock hold of this process tracks a receive.
-                    self._locked(self._leave, doorbell)
+                    self.locked(self._leave, doorbell)
                 except StoreCorrupted:
                     pass
             waiters = doorbell.close()  # removes its socket while the byte still says we live

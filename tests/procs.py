@@ -72,8 +72,7 @@ def workers():
 def slot_table(layer: IPCChannelLayer) -> list[tuple[int, int]]:
     """(slot, token) of every slot with a token recorded."""
     store = layer._open()
-    with store.transaction():
-        return [(slot, token) for slot, _pid, token in store.slots.live()]
+    return store.locked(lambda: [(slot, token) for slot, _pid, token in store.slots.live()])
 
 
 def wait_for(condition, what: str, timeout: float = PATIENCE):

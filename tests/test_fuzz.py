@@ -301,9 +301,10 @@ def test_a_damaged_link_never_hands_a_message_to_another_channel(prefix):
 
     populate(prefix)
     store = IPCChannelLayer(prefix=prefix, **CONFIG)._open()
-    with store.transaction():
-        heads = {c: store.words[store.queues.find(c.encode(), store.queues.hash(c.encode()))
-                                + C_HEAD] for c in ("f.a", "f.c")}
+    heads = store.locked(lambda: {
+        c: store.words[store.queues.find(c.encode(), store.queues.hash(c.encode())) + C_HEAD]
+        for c in ("f.a", "f.c")
+    })
     store.close()
     mm, words = _words_of(prefix)
     words[heads["f.a"] + M_NEXT] = heads["f.c"]  # f.a's first message now leads into f.c
@@ -323,8 +324,7 @@ def test_a_member_list_that_loops_is_refused_not_walked_forever(prefix, method):
 
     populate(prefix)
     store = IPCChannelLayer(prefix=prefix, **CONFIG)._open()
-    with store.transaction():
-        rec = store.groups._group(b"fg.y")[0]
+    rec = store.locked(lambda: store.groups._group(b"fg.y")[0])
     store.close()
     mm, words = _words_of(prefix)
     words[words[rec + G_LAST] + B_LIST_NEXT] = words[rec + G_FIRST]

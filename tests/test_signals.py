@@ -207,12 +207,14 @@ def test_exceptions_from_a_signal_handler_never_leave_the_lock_held(
 def nested_child(prefix: str, conn) -> None:
     layer = _layer(prefix)
     store = layer._open()
-    outcome = None
-    with store.transaction():
+    def nested() -> str | None:
         try:
             store.send(b"sig.nested", b"\x80", 10, 60_000)
         except RuntimeError as exc:
-            outcome = str(exc)
+            return str(exc)
+        return None
+
+    outcome = store.locked(nested)
 
     async def still_works():
         await layer.send("sig.nested", {"ok": 1})

@@ -56,9 +56,11 @@ def receive(conn, timeout: float = 10):
 def waiters(store, channel: str) -> int:
     """Registrations of waiting processes on ``channel``, read from its record."""
     name = channel.encode()
-    with store.transaction():
+    def count() -> int:
         record = store.queues.find(name, store.queues.hash(name))
         return store.queues.waiter_count(record) if record else 0
+
+    return store.locked(count)
 
 
 def wait_until(condition, timeout: float = 10, what: str = "") -> None:
