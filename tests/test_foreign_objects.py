@@ -116,13 +116,19 @@ def test_list_marks_a_planted_store_foreign(planted):
     assert len(lines) == 1 and "FOREIGN" in lines[0], result.stdout
 
 
-def test_a_foreign_wake_up_directory_is_refused_and_left_alone(prefix, other_user):
-    async def make_store():
+def make_store(prefix: str) -> None:
+    """A store of our own holding one message, closed again."""
+
+    async def make():
         layer = IPCChannelLayer(prefix=prefix, channel_memory=MiB, group_memory=MiB)
         await layer.send("c", {"a": 1})
         await layer.close()
 
-    asyncio.run(make_store())
+    asyncio.run(make())
+
+
+def test_a_foreign_wake_up_directory_is_refused_and_left_alone(prefix, other_user):
+    make_store(prefix)
     directory = wake_dir(prefix)
     as_user(other_user, f"import os; os.mkdir({directory!r}); os.chmod({directory!r}, 0o777)")
     try:
@@ -146,12 +152,7 @@ def test_unlink_removes_our_wake_up_directory_with_its_sockets(prefix):
     """What another part of the layer creates: mode 0700, one socket per waiting process."""
     import socket
 
-    async def make_store():
-        layer = IPCChannelLayer(prefix=prefix, channel_memory=MiB, group_memory=MiB)
-        await layer.send("c", {"a": 1})
-        await layer.close()
-
-    asyncio.run(make_store())
+    make_store(prefix)
     directory = wake_dir(prefix)
     os.mkdir(directory, 0o700)
     sockets = []
