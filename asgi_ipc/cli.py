@@ -1,9 +1,20 @@
-"""The ``asgi-ipc`` command line: look inside a prefix's store, check it, empty it, remove it,
-list the stores of this user, run a demo, and run the benchmark.
+"""Look inside the shared-memory store of an asgi_ipc channel layer, check it, empty it or remove
+it; list this user's stores; run a demo or the benchmark.
 
-Exit status: 0 when all is well, 1 when ``verify`` finds problems, 2 when the store is missing,
-corrupt or not ours (a symlink, another user's, open to others: ``ForeignObject``), or the
-command was misused; each of those is one line on stderr. No command follows a symlink.
+which store:
+  --prefix NAME names it. Without it, the prefix is read from the asgi_ipc layer of the
+  Django settings: --settings MODULE (or DJANGO_SETTINGS_MODULE in the environment), entry
+  --alias of CHANNEL_LAYERS ("default" unless told). With neither, the prefix is "asgi".
+  Django is imported only to read settings.
+
+exit status:
+  0    all is well (also when the reader of the output stops early, as head does)
+  1    verify found problems in the store
+  2    the command cannot run: no such store, one that is not an asgi_ipc store or is
+       corrupt, one that is not ours (a symlink, another user's, open to others), bad
+       arguments or settings, no permission, a store in use (unlink without --force)
+  130  interrupted (Ctrl-C)
+  Errors are one line on stderr. No command follows a symlink.
 """
 
 from __future__ import annotations
@@ -14,17 +25,23 @@ import json
 import multiprocessing
 import os
 import secrets
+import signal
 import stat
 import sys
 import time
 
+from . import __version__
 from .exceptions import StoreError
+from .layer import IPCChannelLayer
 from .layout import NAME_PREFIX, SHM_DIR, WAKE_DIR_SUFFIX, store_path, validate_prefix
 from .private import check_private, describe
 from .segment import unlink
 from .store import Store
 
 FILE_PREFIX = NAME_PREFIX.lstrip("/")
+
+# The exit statuses listed in the module docstring.
+PROBLEMS_FOUND, CANNOT_RUN, INTERRUPTED = 1, 2, 130
 
 
 def _open(prefix: str) -> Store:
@@ -56,6 +73,26 @@ def _users_of(prefix: str) -> list[int]:
     return users
 
 
+def _keyed(report: dict) -> dict:
+    """The report of ``Store.inspect`` with its per-channel and per-group rows as objects."""
+    return {
+        **report,
+        "deepest": [
+            {"channel": name, "depth": depth, "waiting": waiting}
+            for depth, name, waiting in report["deepest"]
+        ],
+        "largest": [{"group": name, "members": members} for members, name in report["largest"]],
+    }
+
+
+def _shown(listed: int, total: int) -> str:
+    return f"all {total}" if listed == total else f"{listed} of {total}"
+
+
+def _pids(pids: list[int]) -> str:
+    return " ".join(map(str, pids)) or "-"
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     store = _open(args.prefix)
     try:
@@ -63,6 +100,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     finally:
         store.close()
     report["processes_attached"] = _users_of(args.prefix)
+    report = _keyed(report)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -70,24 +108,32 @@ def cmd_stats(args: argparse.Namespace) -> int:
     for area in ("channel_memory", "group_memory"):
         figures = report[area]
         print(
-            f"  {area:15} {_size(figures['used']):>10} used of {_size(figures['size'])}, "
-            f"{_size(figures['free'])} free, largest free block {_size(figures['largest_free'])}"
+            f"  {area.replace('_', ' '):16} {_size(figures['used']):>10} used of "
+            f"{_size(figures['size'])}, {_size(figures['free'])} free, "
+            f"largest free block {_size(figures['largest_free'])}"
         )
-    print(f"  channels        {report['channels']}, messages in flight {report['messages']}")
-    print(f"  expired, not yet reclaimed: {_size(report['expired_bytes'])}")
-    print(f"  groups          {report['groups']}, memberships {report['memberships']}")
+    print(f"  {'channels':16} {report['channels']} with messages or waiting receives, "
+          f"{report['idle_records']} empty kept until the sweep")
+    print(f"  {'messages':16} {report['messages']} queued; expired, not yet reclaimed: "
+          f"{_size(report['expired_bytes'])}")
+    print(f"  {'groups':16} {report['groups']}, memberships {report['memberships']}")
     holder = report["lock_holder"]
-    print(f"  lock            {f'held by pid {holder}' if holder else 'free'}")
-    print(f"  waiting pids    {report['waiting_processes'] or '-'}")
-    print(f"  attached pids   {report['processes_attached'] or '-'}")
+    print(f"  {'global lock':16} {f'held by pid {holder}' if holder else 'free'}")
+    print(f"  {'receiving pids':16} {_pids(report['waiting_processes'])}")
+    print(f"  {'attached pids':16} {_pids(report['processes_attached'])}")
+    if report["dead_waiters"]:
+        print(f"  {'exited waiters':16} {report['dead_waiters']} receives of processes that "
+              "have exited, not counted above")
     if report["deepest"]:
-        print("  deepest channels:")
-        for depth, name, waiters in report["deepest"]:
-            print(f"    {depth:8}  {name}{f'  ({waiters} waiting)' if waiters else ''}")
+        print(f"  deepest channels ({_shown(len(report['deepest']), report['channels'])}):")
+        print(f"    {'depth':>8} {'waiting':>8}  channel")
+        for row in report["deepest"]:
+            print(f"    {row['depth']:8} {row['waiting']:8}  {row['channel']}")
     if report["largest"]:
-        print("  largest groups:")
-        for size, name in report["largest"]:
-            print(f"    {size:8}  {name}")
+        print(f"  largest groups ({_shown(len(report['largest']), report['groups'])}):")
+        print(f"    {'members':>8}  group")
+        for row in report["largest"]:
+            print(f"    {row['members']:8}  {row['group']}")
     if report["problems"]:
         print(f"  {len(report['problems'])} problems: run `asgi-ipc verify --prefix {args.prefix}`")
     return 0
@@ -103,7 +149,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"store of prefix {args.prefix!r} is inconsistent:")
         for problem in problems:
             print(f"  - {problem}")
-        return 1
+        return PROBLEMS_FOUND
     print(f"store of prefix {args.prefix!r} is consistent")
     return 0
 
@@ -122,14 +168,14 @@ def cmd_unlink(args: argparse.Namespace) -> int:
     users = _users_of(args.prefix)
     if users and not args.force:
         print(
-            f"prefix {args.prefix!r} is in use by pids {users}; stop them first, or pass --force "
-            "(they would go on with a store nobody else sees)",
+            f"asgi-ipc: prefix {args.prefix!r} is in use by pids {users}; stop them first, or "
+            "pass --force (they would go on with a store nobody else sees)",
             file=sys.stderr,
         )
-        return 2
+        return CANNOT_RUN
     if not unlink(args.prefix):
-        print(f"no asgi_ipc store for prefix {args.prefix!r}", file=sys.stderr)
-        return 2
+        print(f"asgi-ipc: no asgi_ipc store for prefix {args.prefix!r}", file=sys.stderr)
+        return CANNOT_RUN
     print(f"removed the store of prefix {args.prefix!r}")
     return 0
 
@@ -167,7 +213,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def _demo_worker(prefix: str, number: int, ready) -> None:
-    from .layer import IPCChannelLayer
+    # Ctrl-C reaches the whole process group; the parent alone answers it, and ends us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     async def run() -> None:
         layer = IPCChannelLayer(prefix=prefix)
@@ -190,8 +237,6 @@ def _demo_worker(prefix: str, number: int, ready) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .layer import IPCChannelLayer
-
     prefix = "demo" + secrets.token_hex(4)
     context = multiprocessing.get_context("spawn")
     ready = context.Queue()
@@ -240,41 +285,135 @@ def _prefix(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="asgi-ipc", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+class CannotRun(Exception):
+    """The command cannot run as asked (exit status 2); the message says why."""
 
-    def with_prefix(name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--prefix", default="asgi", type=_prefix,
-                         help="the layer's prefix (default: asgi)")
+
+def _prefix_from_settings(module: str, alias: str) -> str:
+    """The prefix of CHANNEL_LAYERS[alias] in the Django settings ``module``, which must be an
+    asgi_ipc layer. Django is imported here only, so the other commands run without it."""
+    try:
+        from django.conf import settings
+        from django.utils.module_loading import import_string
+    except ImportError:
+        raise CannotRun("--settings needs Django, which is not installed here") from None
+    # Run from a project's directory, as manage.py is: its settings module is found there.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    os.environ["DJANGO_SETTINGS_MODULE"] = module
+    try:
+        layers = getattr(settings, "CHANNEL_LAYERS", None)
+    except Exception as exc:  # whatever the settings module raises while it is imported
+        raise CannotRun(f"cannot load the settings module {module!r}: {exc}") from None
+    where = f"CHANNEL_LAYERS[{alias!r}] of {module}"
+    if not isinstance(layers, dict) or alias not in layers:
+        known = ", ".join(map(repr, layers)) if isinstance(layers, dict) and layers else "none"
+        raise CannotRun(f"there is no {where} (its layers: {known})")
+    entry = layers[alias]
+    backend = entry.get("BACKEND") if isinstance(entry, dict) else None
+    try:
+        cls = import_string(backend) if isinstance(backend, str) else None
+    except ImportError:
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, IPCChannelLayer)):
+        raise CannotRun(f"{where} is not an asgi_ipc layer (BACKEND {backend!r})")
+    config = entry.get("CONFIG", {})
+    try:
+        return cls(**config).prefix  # builds no store: checks the options, fills in defaults
+    except (TypeError, ValueError) as exc:
+        raise CannotRun(f"{where}: {exc}") from None
+
+
+def _resolve_prefix(args: argparse.Namespace) -> None:
+    """Fill in ``args.prefix``: --prefix, else the settings' layer, else the layer's default."""
+    if args.prefix is not None:
+        return
+    module = args.settings or os.environ.get("DJANGO_SETTINGS_MODULE")
+    if module:
+        args.prefix = _prefix_from_settings(module, args.alias or "default")
+    elif args.alias is not None:
+        raise CannotRun("--alias needs --settings or DJANGO_SETTINGS_MODULE")
+    else:
+        args.prefix = IPCChannelLayer().prefix
+
+
+def _parser() -> argparse.ArgumentParser:
+    # The module docstring is the help text, so it is written for a terminal, not as markup.
+    summary, _, details = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(
+        prog="asgi-ipc",
+        description=summary,
+        epilog=details,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"asgi-ipc {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=summary, description=description)
+
+    def with_prefix(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        sub = command(name, summary, description)
+        which = sub.add_argument_group(
+            "which store",
+            "--prefix wins; else the prefix of the asgi_ipc layer in the Django settings "
+            "(--settings, or DJANGO_SETTINGS_MODULE); else asgi.",
+        )
+        which.add_argument("--prefix", type=_prefix, metavar="NAME", help="the layer's prefix")
+        which.add_argument("--settings", metavar="MODULE",
+                           help="a Django settings module, e.g. mysite.settings")
+        which.add_argument("--alias", help="the entry of CHANNEL_LAYERS (default: default)")
         return sub
 
-    stats = with_prefix("stats", "memory, channels, groups and processes of a store")
-    stats.add_argument("--json", action="store_true", help="print JSON")
-    stats.set_defaults(run=cmd_stats)
-    with_prefix("verify", "walk the whole store and report inconsistencies").set_defaults(
-        run=cmd_verify
+    stats = with_prefix(
+        "stats", "memory, channels, groups and processes of a store",
+        "Show a store's memory, its channels with messages or waiting receives (the deepest "
+        "ten), its groups (the largest ten), the holder of its lock, and the live processes "
+        "that receive through it or have it mapped. Receives of processes that have exited "
+        "are counted apart, never as waiting.",
     )
-    with_prefix("flush", "empty every channel and group").set_defaults(run=cmd_flush)
-    unlink_parser = with_prefix("unlink", "remove the store's shared memory for good")
+    stats.add_argument("--json", action="store_true", help="print one JSON object")
+    stats.set_defaults(run=cmd_stats)
+    with_prefix(
+        "verify", "walk the whole store and report inconsistencies",
+        "Walk every channel, message, group and block of a store under its lock and list "
+        "what does not add up. Exit status 1 when anything is found.",
+    ).set_defaults(run=cmd_verify)
+    with_prefix(
+        "flush", "empty every channel and group",
+        "Drop every message and every group membership of a store, for every process that "
+        "uses it. The store itself stays.",
+    ).set_defaults(run=cmd_flush)
+    unlink_parser = with_prefix(
+        "unlink", "remove the store's shared memory for good",
+        "Remove a store from /dev/shm, with its wake-up directory. Refused while other "
+        "processes have it mapped, unless --force.",
+    )
     unlink_parser.add_argument("--force", action="store_true",
                                help="remove it even while processes use it")
     unlink_parser.set_defaults(run=cmd_unlink)
-    commands.add_parser("list", help="the stores of this user on this machine").set_defaults(
-        run=cmd_list
+    command(
+        "list", "the stores of this user on this machine",
+        "List this user's stores in /dev/shm with their reserved and resident sizes, and "
+        "mark FOREIGN every object under an asgi_ipc name that the layer would refuse.",
+    ).set_defaults(run=cmd_list)
+    demo = command(
+        "demo", "processes exchanging messages through a store",
+        "Start worker processes that join a group on a fresh store, send them a few "
+        "group messages, print their replies, then remove the store.",
     )
-    demo = commands.add_parser("demo", help="processes exchanging messages through a store")
     demo.add_argument("--processes", type=int, default=3, help="worker processes (default 3)")
     demo.add_argument("--rounds", type=int, default=3, help="group_send rounds (default 3)")
     demo.set_defaults(run=cmd_demo)
-    commands.add_parser("bench", help="asgi_ipc against channels_redis and in-memory (see "
-                        "`asgi-ipc bench --help`)")
+    command(
+        "bench", "asgi_ipc against channels_redis and in-memory",
+        "Compare asgi_ipc with channels_redis and InMemoryChannelLayer; see "
+        "asgi-ipc bench --help for its options.",
+    )
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def _run(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:
         # The benchmark parses its own options, "--json" and "--quick" among them.
         from .bench import main as bench_main
@@ -282,13 +421,35 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
+        if hasattr(args, "prefix"):
+            _resolve_prefix(args)
         return args.run(args)
-    except StoreError as exc:
+    except (CannotRun, StoreError) as exc:
         print(f"asgi-ipc: {exc}", file=sys.stderr)
-        return 2
     except PermissionError as exc:
         print(f"asgi-ipc: no permission: {exc}", file=sys.stderr)
-        return 2
+    except BrokenPipeError:
+        raise
     except OSError as exc:
         print(f"asgi-ipc: {exc}", file=sys.stderr)
-        return 2
+    return CANNOT_RUN
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        try:
+            return _run(argv)
+        finally:
+            # Inside the try: a reader gone before the last write is seen here, not when the
+            # interpreter flushes stdout on its way out.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader stopped reading (``| head``): that is its choice, not our failure. What
+        # is still buffered goes to /dev/null, so the flush at exit cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
+    except KeyboardInterrupt:
+        return INTERRUPTED

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import mmap
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Container
 
 from .exceptions import StoreCorrupted
 from .heap import Heap
@@ -479,10 +479,15 @@ class ChannelQueues:
             node, n = w[node + W_NEXT], n + 1
         return n
 
-    def verify(self, now: int) -> dict:
-        """Walk every record, message and waiter; report problems and what they add up to."""
+    def verify(self, now: int, alive: Container[tuple[int, int]]) -> dict:
+        """Walk every record, message and waiter; report problems and what they add up to.
+
+        A waiter counts as waiting when its (slot, token) is in ``alive``; one left by a process
+        that has exited counts in ``dead_waiters`` instead. ``channels`` are the records with
+        messages or waiting receives, ``deepest`` lists the deepest of them and nothing else;
+        the other records (``idle_records``) wait for the sweep."""
         w, problems = self._w, []
-        messages = expired = records = block_words = idle = 0
+        messages = expired = records = block_words = idle = dead = 0
         depths = []
         for bucket, rec in self.records():
             records += 1
@@ -507,12 +512,18 @@ class ChannelQueues:
                     break
             if count != w[rec + C_COUNT] or last != w[rec + C_TAIL]:
                 problems.append(f"channel record {rec} counts {w[rec + C_COUNT]}, holds {count}")
-            waiter, waiters = w[rec + C_WAITERS], 0
-            while waiter and waiters <= MAX_CHAIN:
+            waiter, steps, waiters = w[rec + C_WAITERS], 0, 0
+            while waiter and steps <= MAX_CHAIN:
                 block_words += w[waiter] >> 2
-                waiter, waiters = w[waiter + W_NEXT], waiters + 1
-            idle += not count and not waiters
-            depths.append((count, name.decode("utf-8", "replace"), waiters))
+                if (w[waiter + W_SLOT], w[waiter + W_TOKEN]) in alive:
+                    waiters += 1
+                else:
+                    dead += 1
+                waiter, steps = w[waiter + W_NEXT], steps + 1
+            if count or waiters:
+                depths.append((count, name.decode("utf-8", "replace"), waiters))
+            else:
+                idle += 1
             messages += count
         if records != w[H_CHANNELS]:
             problems.append(f"{records} channel records, header says {w[H_CHANNELS]}")
@@ -534,6 +545,7 @@ class ChannelQueues:
             "problems": problems,
             "channels": records - idle,
             "idle_records": idle,
+            "dead_waiters": dead,
             "messages": messages,
             "expired_bytes": expired * WORD,
             "deepest": sorted(depths, reverse=True)[:10],

@@ -748,23 +748,29 @@ class Store:
 
     def inspect(self) -> dict:
         """Walk the whole store under the lock: its problems (empty when consistent) and
-        figures. O(everything): for the command line and tests, not for serving."""
+        figures. O(everything): for the command line and tests, not for serving.
+
+        A process that has exited is nowhere counted as waiting: not in
+        ``waiting_processes``, not in a channel's waiters; its leftover registrations are
+        ``dead_waiters``."""
         lock_holder = self.segment.lock_holder()
 
         def hold() -> dict:
             w = self.words
-            queues = self.queues.verify(now_ms())
-            groups = self.groups.verify()
-            problems = (
-                self.queues.heap.verify() + self.groups.heap.verify()
-                + queues.pop("problems") + groups.pop("problems")
-            )
+            # A slot is live while its holder keeps its byte locked: one that has exited still
+            # carries its pid and token, and its waiters are not waiting.
             doorbell, fd = self._doorbell, self.segment.fd
             live = [
                 (slot, pid, token) for slot, pid, token in self.slots.live()
                 if self.slots.locked(fd, slot)
                 or (doorbell is not None and (slot, token) == (doorbell.slot, doorbell.token))
             ]
+            queues = self.queues.verify(now_ms(), {(slot, token) for slot, _pid, token in live})
+            groups = self.groups.verify()
+            problems = (
+                self.queues.heap.verify() + self.groups.heap.verify()
+                + queues.pop("problems") + groups.pop("problems")
+            )
             return {
                 "prefix": self.prefix,
                 "name": self.name,

@@ -5,18 +5,25 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
+import asgi_ipc
 from asgi_ipc import IPCChannelLayer
 
-from .conftest import MiB, shm_path
+from .conftest import MiB, new_prefix, shm_path
+
+COMMANDS = ("stats", "verify", "flush", "unlink", "list", "demo", "bench")
 
 
-def cli(*args, timeout=60):
+def cli(*args, timeout=60, **options):
     return subprocess.run(
-        [sys.executable, "-m", "asgi_ipc", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "asgi_ipc", *args], capture_output=True, text=True,
+        timeout=timeout, **options,
     )
 
 
@@ -39,11 +46,12 @@ def test_stats_shows_what_is_inside(prefix):
     report = json.loads(result.stdout)
     assert (report["messages"], report["channels"]) == (6, 2)
     assert (report["groups"], report["memberships"]) == (1, 1)
-    assert report["deepest"][0][:2] == [5, "deep"]
+    assert report["deepest"][0] == {"channel": "deep", "depth": 5, "waiting": 0}
+    assert report["largest"] == [{"group": "room", "members": 1}]
     assert report["channel_memory"]["used"] > 0 and report["lock_holder"] is None
     text = cli("stats", "--prefix", prefix)
     assert text.returncode == 0
-    assert "messages in flight 6" in text.stdout and "deep" in text.stdout
+    assert "6 queued" in text.stdout and "deep" in text.stdout
 
 
 def test_verify_passes_then_reports_damage(prefix):
@@ -57,7 +65,7 @@ def test_verify_passes_then_reports_damage(prefix):
         f.seek(at + 3)
         f.write(b"\x7f")
     bad = cli("verify", "--prefix", prefix)
-    assert bad.returncode == 1
+    assert (bad.returncode, bad.stderr) == (1, "")
     assert "fails its CRC check" in bad.stdout
 
 
@@ -113,13 +121,195 @@ def test_missing_foreign_and_invalid_prefixes_exit_2(prefix):
     assert invalid.returncode == 2 and "invalid asgi_ipc prefix" in invalid.stderr
 
 
-def test_demo_runs_processes_and_cleans_up():
-    def demo_stores():
-        return {name for name in os.listdir("/dev/shm") if name.startswith("asgi_ipc.demo")}
+def test_expected_errors_are_one_line_and_exit_2(prefix):
+    """No traceback for what an operator can cause: each is one line naming the problem."""
+    for args in (("stats", "--prefix", prefix), ("unlink", "--prefix", prefix),
+                 ("flush", "--prefix", prefix), ("stats", "--alias", "default")):
+        result = cli(*args, env={k: v for k, v in os.environ.items()
+                                 if k != "DJANGO_SETTINGS_MODULE"})
+        assert result.returncode == 2, (args, result)
+        assert result.stdout == "" and result.stderr.count("\n") == 1, (args, result.stderr)
+        assert result.stderr.startswith("asgi-ipc: "), (args, result.stderr)
+    assert not os.path.exists(shm_path(prefix))
 
-    before = demo_stores()
-    result = cli("demo", "--processes", "2", "--rounds", "2")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count("HELLO NUMBER 1") == 2
-    assert "3 processes talked through shared memory" in result.stdout
-    assert demo_stores() <= before
+
+def run_into_closed_pipe(*args) -> subprocess.CompletedProcess:
+    """The command with its stdout a pipe whose reader is already gone, as after ``| head -1``
+    once head has its line: its first write meets EPIPE, whatever it buffers."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "asgi_ipc", *args], stdout=write_end,
+            stderr=subprocess.PIPE, text=True, timeout=60,
+        )
+    finally:
+        os.close(write_end)
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly(prefix):
+    fill(prefix)
+    for args in (("stats", "--prefix", prefix), ("stats", "--prefix", prefix, "--json"),
+                 ("verify", "--prefix", prefix), ("list",), ("--help",), ("--version",)):
+        result = run_into_closed_pipe(*args)
+        assert (result.returncode, result.stderr) == (0, ""), args
+
+
+def test_version_is_the_packages():
+    result = cli("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"asgi-ipc {asgi_ipc.__version__}\n"
+    # One source: the package metadata is built from asgi_ipc.__version__.
+    pyproject = open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml")).read()
+    assert re.search(r'^dynamic = \["version"\]$', pyproject, re.M)
+    assert 'version = { attr = "asgi_ipc.__version__" }' in pyproject
+
+
+def test_help_is_plain_text_with_exit_statuses():
+    result = cli("--help")
+    assert result.returncode == 0 and result.stderr == ""
+    assert "``" not in result.stdout and ":class:" not in result.stdout
+    statuses = result.stdout.split("exit status:")[1]
+    for status in ("0", "1", "2", "130"):
+        assert re.search(rf"^  {status} ", statuses, re.M), status
+    for command in COMMANDS:
+        assert re.search(rf"^    {command} +\w", result.stdout, re.M), command
+
+
+def test_every_command_describes_itself():
+    for command in COMMANDS:
+        result = cli(command, "--help")
+        assert result.returncode == 0 and "``" not in result.stdout
+        # argparse prints the description between the usage lines and the first option section.
+        head = result.stdout.split("\n\n")
+        assert head[0].startswith(f"usage: asgi-ipc {command}")
+        assert not head[1].startswith(("options:", "positional arguments:")), result.stdout
+        assert len(head[1].split()) >= 5, result.stdout
+
+
+def fill_idle(prefix):
+    """Channels that had messages and were emptied: records kept until the sweep."""
+    async def run():
+        layer = IPCChannelLayer(prefix=prefix, channel_memory=2 * MiB, group_memory=MiB)
+        for i in range(5):
+            await layer.send(f"emptied{i}", {"i": i})
+            await layer.receive(f"emptied{i}")
+        await layer.close()
+
+    asyncio.run(run())
+
+
+def test_stats_counts_the_channels_it_lists(prefix):
+    fill(prefix)
+    fill_idle(prefix)
+    report = json.loads(cli("stats", "--prefix", prefix, "--json").stdout)
+    assert report["channels"] == 2 and report["idle_records"] == 5
+    assert [row["channel"] for row in report["deepest"]] == ["deep", "shallow"]
+    text = cli("stats", "--prefix", prefix).stdout
+    assert "emptied" not in text
+    assert "channels         2 with messages or waiting receives, 5 empty" in text
+    assert "deepest channels (all 2)" in text
+
+
+WAITER = """
+import asyncio, sys
+from asgi_ipc import IPCChannelLayer
+
+async def main():
+    layer = IPCChannelLayer(prefix=sys.argv[1], channel_memory=2 << 20, group_memory=1 << 20)
+    await layer.receive("waiting.here")
+
+asyncio.run(main())
+"""
+
+
+def test_a_killed_receiver_is_not_shown_waiting(prefix):
+    fill(prefix)
+    waiter = subprocess.Popen([sys.executable, "-c", WAITER, prefix])
+    try:
+        def stats():
+            result = cli("stats", "--prefix", prefix, "--json")
+            assert result.returncode == 0, result.stderr
+            return json.loads(result.stdout)
+
+        deadline = time.monotonic() + 60
+        while not any(row["waiting"] for row in stats()["deepest"]):
+            assert time.monotonic() < deadline, "the receive never registered"
+            assert waiter.poll() is None
+            time.sleep(0.05)
+        alive = stats()
+        assert waiter.pid in alive["waiting_processes"] and alive["channels"] == 3
+        assert {"channel": "waiting.here", "depth": 0, "waiting": 1} in alive["deepest"]
+        waiter.send_signal(signal.SIGKILL)
+        waiter.wait(60)
+        dead = stats()
+        assert waiter.pid not in dead["waiting_processes"]
+        assert [row["waiting"] for row in dead["deepest"]] == [0, 0]
+        assert (dead["channels"], dead["dead_waiters"]) == (2, 1)
+        text = cli("stats", "--prefix", prefix).stdout
+        assert "waiting.here" not in text and str(waiter.pid) not in text
+        assert "1 receives of processes that have exited" in text
+    finally:
+        waiter.kill()
+        waiter.wait(60)
+
+
+def write_settings(directory, module, layers) -> None:
+    with open(os.path.join(directory, f"{module}.py"), "w") as f:
+        f.write(f"SECRET_KEY = 'cli'\nCHANNEL_LAYERS = {layers!r}\n")
+
+
+def test_the_prefix_comes_from_django_settings(prefix, tmp_path):
+    other = new_prefix()
+    module = "clisettings_" + prefix
+    write_settings(tmp_path, module, {
+        "default": {"BACKEND": "asgi_ipc.IPCChannelLayer", "CONFIG": {"prefix": prefix}},
+        "second": {"BACKEND": "asgi_ipc.layer.IPCChannelLayer", "CONFIG": {"prefix": other}},
+        "memory": {"BACKEND": "channels.layers.InMemoryChannelLayer"},
+    })
+    fill(prefix)
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+
+    def run(*args, **extra):
+        return cli(*args, cwd=tmp_path, env={**env, **extra})
+
+    by_option = run("stats", "--json", "--settings", module)
+    assert by_option.returncode == 0, by_option.stderr
+    assert json.loads(by_option.stdout)["prefix"] == prefix
+    by_env = run("stats", "--json", DJANGO_SETTINGS_MODULE=module)
+    assert json.loads(by_env.stdout)["prefix"] == prefix
+    # The alias picks the layer; its store does not exist.
+    second = run("verify", "--settings", module, "--alias", "second")
+    assert second.returncode == 2 and f"prefix {other!r}" in second.stderr
+    for alias, why in (("memory", "is not an asgi_ipc layer"), ("nope", "there is no")):
+        refused = run("stats", "--settings", module, "--alias", alias)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+        assert why in refused.stderr and f"CHANNEL_LAYERS[{alias!r}]" in refused.stderr
+    missing = run("stats", "--settings", "no_such_settings_module")
+    assert missing.returncode == 2 and "no_such_settings_module" in missing.stderr
+    assert missing.stderr.count("\n") == 1
+    # An explicit --prefix wins: the settings are not even read.
+    explicit = run("stats", "--json", "--prefix", prefix, "--settings", "no_such_settings_module")
+    assert explicit.returncode == 0 and json.loads(explicit.stdout)["prefix"] == prefix
+    assert not os.path.exists(shm_path(other))
+
+
+def test_an_interrupt_ends_the_command_quietly():
+    # Ctrl-C signals the terminal's whole foreground process group: the demo and its workers.
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "asgi_ipc", "demo", "--processes", "2", "--rounds", "1000000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        for _ in range(2):
+            assert demo.stdout.readline().startswith("worker joined")
+        assert demo.stdout.readline().startswith(f"pid {demo.pid} group_send")
+        os.killpg(demo.pid, signal.SIGINT)
+        _out, err = demo.communicate(timeout=60)
+        assert (demo.returncode, err) == (130, "")
+    finally:
+        try:
+            os.killpg(demo.pid, signal.SIGKILL)  # the workers too, should the demo hang
+        except ProcessLookupError:
+            pass
+        demo.wait(60)
