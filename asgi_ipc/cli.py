@@ -20,6 +20,7 @@ import time
 
 from .exceptions import StoreError
 from .layout import NAME_PREFIX, SHM_DIR, WAKE_DIR_SUFFIX, store_path, validate_prefix
+from .observe import add_commands as add_observe_commands
 from .private import check_private, describe
 from .segment import unlink
 from .store import Store
@@ -270,6 +271,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=cmd_demo)
     commands.add_parser("bench", help="asgi_ipc against channels_redis and in-memory (see "
                         "`asgi-ipc bench --help`)")
+    add_observe_commands(commands, with_prefix)
     return parser
 
 

@@ -234,8 +234,9 @@ class GroupStore:
     def size(self, rec: int) -> int:
         return self._w[rec + G_MEMBERS]
 
-    def verify(self) -> dict:
-        """Walk every group and membership; report problems and what they add up to."""
+    def verify(self, top: int = 10) -> dict:
+        """Walk every group and membership; report problems and what they add up to, with
+        the ``top`` largest groups as (members, name)."""
         w, problems, groups, total, block_words = self._w, [], 0, 0, 0
         largest = []
         for name, rec in self.groups():
@@ -280,4 +281,4 @@ class GroupStore:
                 "reachable (leak or double use)"
             )
         return {"problems": problems, "groups": groups, "memberships": total,
-                "largest": sorted(largest, reverse=True)[:10]}
+                "largest": sorted(largest, reverse=True)[:top]}

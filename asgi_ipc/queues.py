@@ -17,6 +17,11 @@ words and the run into the order of sending with two; all of it commits with the
 message handed to a receive that was then cancelled is linked back in first (``put_back``). See
 ``journal.py`` for what a kill in between leaves.
 
+Counting (the counters of layout.py): each message taken, put back or dropped as expired, and each
+group_send copy queued or skipped, is counted here with ``Journal.add`` right after the journaled
+change it counts and before the next ``checkpoint``, so the count commits or rolls back with it.
+The outcome of a send is counted by its caller (``Store.send``).
+
 Layouts, in words from the block header (word 0):
   channel record   (kept while it has messages or waiters, and until the sweep passes after)
                    1 next in bucket, 2 hash, 3 head, 4 tail, 5 count, 6 waiters, 7 name length,
@@ -28,6 +33,7 @@ Layouts, in words from the block header (word 0):
 
 from __future__ import annotations
 
+import heapq
 import mmap
 import zlib
 from collections.abc import Callable
@@ -35,7 +41,19 @@ from collections.abc import Callable
 from .exceptions import StoreCorrupted
 from .heap import Heap
 from .journal import Journal
-from .layout import H_CHANNELS, H_EXPIRY_HEAD, H_EXPIRY_TAIL, H_SWEEP_CHANNEL, WORD
+from .layout import (
+    H_CHANNELS,
+    H_DELIVERED,
+    H_EXPIRED,
+    H_EXPIRY_HEAD,
+    H_EXPIRY_TAIL,
+    H_GROUP_FULL,
+    H_NO_MEMORY,
+    H_RECEIVED,
+    H_RETURNED,
+    H_SWEEP_CHANNEL,
+    WORD,
+)
 from .wakeup import ProcessSlots
 
 C_NEXT, C_HASH, C_HEAD, C_TAIL, C_COUNT, C_WAITERS, C_NAME_LENGTH, C_NAME = range(1, 9)
@@ -44,6 +62,8 @@ W_NEXT, W_SLOT, W_TOKEN = range(1, 4)
 
 # How send() reports that the message was not queued.
 QUEUED, OVER_CAPACITY, OUT_OF_MEMORY = range(3)
+# The counter of each outcome of a group_send copy.
+_GROUP_OUTCOME = {QUEUED: H_DELIVERED, OVER_CAPACITY: H_GROUP_FULL, OUT_OF_MEMORY: H_NO_MEMORY}
 
 MAX_CHAIN = 1 << 20  # a longer bucket chain can only be a cycle in a corrupt store
 
@@ -158,6 +178,7 @@ class ChannelQueues:
                 return
             self._j.checkpoint()
             self.heap.free(self._unlink_head(rec))
+            self._j.add(H_EXPIRED)
 
     def _read(self, node: int) -> bytes:
         packed = self._w[node + M_LENGTH]
@@ -260,9 +281,11 @@ class ChannelQueues:
                     self._drop_expired(rec, now)
                     if w[rec + C_COUNT] >= capacity:
                         skipped += 1
+                        self._j.add(H_GROUP_FULL)
                         continue
                 elif capacity < 1:
                     skipped += 1
+                    self._j.add(H_GROUP_FULL)
                     continue
                 accepted.append((name, rec or self._create(name, h), capacity))
             if not accepted:
@@ -280,6 +303,7 @@ class ChannelQueues:
                     self._j.checkpoint()
                     result = self.append(name, data, crc, capacity, expires, now, rings)
                     skipped += result != QUEUED
+                    self._j.add(_GROUP_OUTCOME[result])
                 continue
             last = w[H_EXPIRY_TAIL]
             previous, woken = last, []
@@ -299,6 +323,7 @@ class ChannelQueues:
                     woken.append((name, rec))
             jset(last + M_SENT_NEXT if last else H_EXPIRY_HEAD, nodes[0])
             jset(H_EXPIRY_TAIL, nodes[-1])
+            self._j.add(H_DELIVERED, len(nodes))
             # Only now that the whole run is linked: pruning stale waiters may commit.
             for name, rec in woken:
                 self._collect_doorbells(rec, name, rings)
@@ -318,6 +343,9 @@ class ChannelQueues:
             expires = w[node + M_EXPIRES]
             if expires > now:
                 found = self._read(node), expires
+                self._j.add(H_RECEIVED)
+            else:
+                self._j.add(H_EXPIRED)
             self.heap.free(node)
         return found
 
@@ -352,6 +380,7 @@ class ChannelQueues:
             jset(rec + C_TAIL, node)
         count = w[rec + C_COUNT]
         jset(rec + C_COUNT, count + 1)
+        self._j.add(H_RETURNED)
         if not count and w[rec + C_WAITERS]:
             self._collect_doorbells(rec, name, rings)
         return True
@@ -376,6 +405,7 @@ class ChannelQueues:
                 raise StoreCorrupted(f"the oldest message {node} is not first in its channel")
             self._j.checkpoint()
             self.heap.free(self._unlink_head(rec))
+            self._j.add(H_EXPIRED)
             done += 1
         return done
 
@@ -479,11 +509,15 @@ class ChannelQueues:
             node, n = w[node + W_NEXT], n + 1
         return n
 
-    def verify(self, now: int) -> dict:
-        """Walk every record, message and waiter; report problems and what they add up to."""
+    def verify(self, now: int, top: int = 10) -> dict:
+        """Walk every record, message and waiter; report problems and what they add up to.
+
+        Of the channels, the ``top`` deepest and the ``top`` whose first message expires
+        soonest are listed as (depth, name, waiting processes, expiry of the first message in
+        ms since the epoch, 0 when empty)."""
         w, problems = self._w, []
         messages = expired = records = block_words = idle = 0
-        depths = []
+        depths, rows = [], []
         for bucket, rec in self.records():
             records += 1
             block_words += w[rec] >> 2
@@ -512,7 +546,10 @@ class ChannelQueues:
                 block_words += w[waiter] >> 2
                 waiter, waiters = w[waiter + W_NEXT], waiters + 1
             idle += not count and not waiters
-            depths.append((count, name.decode("utf-8", "replace"), waiters))
+            text = name.decode("utf-8", "replace")
+            depths.append((count, text, waiters))
+            head = w[rec + C_HEAD]
+            rows.append((count, text, waiters, w[head + M_EXPIRES] if head else 0))
             messages += count
         if records != w[H_CHANNELS]:
             problems.append(f"{records} channel records, header says {w[H_CHANNELS]}")
@@ -537,4 +574,8 @@ class ChannelQueues:
             "messages": messages,
             "expired_bytes": expired * WORD,
             "deepest": sorted(depths, reverse=True)[:10],
+            "by_depth": heapq.nlargest(top, rows, key=lambda row: row[0]),
+            "by_expiry": heapq.nsmallest(top, (row for row in rows if row[0]),
+                                         key=lambda row: row[3]),
+            "oldest_expires": w[head + M_EXPIRES] if (head := w[H_EXPIRY_HEAD]) else 0,
         }

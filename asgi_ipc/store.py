@@ -51,18 +51,23 @@ from .groups import GroupStore
 from .heap import Heap
 from .journal import Journal
 from .layout import (
+    COUNTERS,
+    H_CHANNEL_FULL,
     H_CHANNELS,
     H_EPOCH,
     H_EXPIRY_HEAD,
     H_EXPIRY_TAIL,
     H_FLUSHING,
     H_GROUP_RESERVED,
+    H_GROUP_SENDS,
     H_GROUPS,
     H_JOURNAL_COUNT,
     H_LOCK_PID,
     H_MAGIC,
     H_MEMBERSHIPS,
     H_MESSAGE_RESERVED,
+    H_NO_MEMORY,
+    H_SENT,
     MAGIC,
     PAGE_WORDS,
     SLOTS,
@@ -98,6 +103,9 @@ SWEEP_BUCKETS_PER_SEND = 4
 HASH_CACHE_SIZE = 1 << 16
 
 _CORRUPTION = (IndexError, ValueError, OverflowError, TypeError)
+
+# The counter of each outcome of a send (see layout.py).
+_SEND_OUTCOME = {QUEUED: H_SENT, OVER_CAPACITY: H_CHANNEL_FULL, OUT_OF_MEMORY: H_NO_MEMORY}
 
 T = TypeVar("T")
 
@@ -456,6 +464,7 @@ class Store:
             result = self.queues.append(
                 channel, data, crc, capacity, now + expiry_ms, now, self._rings
             )
+            self.journal.add(_SEND_OUTCOME[result])
             self.queues.expire(now, EXPIRE_PER_SEND)
             self.queues.sweep(SWEEP_BUCKETS_PER_SEND)
             return result
@@ -745,6 +754,7 @@ class Store:
         now = now_ms()
 
         def hold() -> tuple[int, int]:
+            self.journal.add(H_GROUP_SENDS)
             members = self.groups.members(group, now - group_expiry_ms)
             self.groups.sweep(now - group_expiry_ms)
             skipped = self.queues.append_to_all(
@@ -774,15 +784,18 @@ class Store:
 
     # --- inspection ------------------------------------------------------------------------
 
-    def inspect(self) -> dict:
+    def inspect(self, top: int = 10) -> dict:
         """Walk the whole store under the lock: its problems (empty when consistent) and
-        figures. O(everything): for the command line and tests, not for serving."""
+        figures, the ``top`` deepest channels and largest groups among them, and the counters
+        (layout.COUNTERS). O(everything): for the command line, observe.py and tests, not for
+        serving."""
         lock_holder = self.segment.lock_holder()
 
         def hold() -> dict:
             w = self.words
-            queues = self.queues.verify(now_ms())
-            groups = self.groups.verify()
+            now = now_ms()
+            queues = self.queues.verify(now, top)
+            groups = self.groups.verify(top)
             problems = (
                 self.queues.heap.verify() + self.groups.heap.verify()
                 + queues.pop("problems") + groups.pop("problems")
@@ -797,6 +810,8 @@ class Store:
                 "prefix": self.prefix,
                 "name": self.name,
                 "problems": problems,
+                "now": now,
+                "counters": {name: w[word] for name, word in COUNTERS.items()},
                 "epoch": w[H_EPOCH],
                 "lock_holder": lock_holder,
                 "waiting_processes": sorted({pid for _slot, pid, _token in live}),
