@@ -29,6 +29,7 @@ is that expiry minus ``expires_in``.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -168,7 +169,13 @@ def _require(module: str, hint: str) -> None:
     try:
         __import__(module)
     except ImportError:
-        raise StoreError(hint) from None
+        raise ImportError(hint) from None
+
+
+def _missing(exc: ImportError) -> int:
+    """The command line's one line for a missing optional dependency."""
+    print(f"asgi-ipc: {exc}", file=sys.stderr)
+    return 2
 
 
 class StoreCollector:
@@ -291,7 +298,10 @@ def metrics_view(request, alias: str | None = None, top: int = 10):
 
 def cmd_metrics(args: argparse.Namespace) -> int:
     """Print the metrics once, or serve them over HTTP until interrupted."""
-    _require("prometheus_client", METRICS_HINT)
+    try:
+        _require("prometheus_client", METRICS_HINT)
+    except ImportError as exc:
+        return _missing(exc)
     if args.serve is None:
         print(metrics_text([args.prefix], args.top), end="")
         return 0
@@ -420,6 +430,10 @@ def run_top(prefix: str, interval: float, iterations: int | None, top: int,
 
 
 def cmd_top(args: argparse.Namespace) -> int:
+    try:
+        _require("rich", TOP_HINT)
+    except ImportError as exc:
+        return _missing(exc)
     return run_top(args.prefix, args.interval, 1 if args.once else args.iterations, args.top)
 
 
