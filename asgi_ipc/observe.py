@@ -3,11 +3,14 @@
 (``asgi-ipc top``).
 
 Every figure comes from one ``Store.inspect`` of an existing store, opened without creating it
-and closed again: one lock hold that walks every channel, message, group and membership (the walk
-``asgi-ipc verify`` makes), so the figures are one consistent snapshot, and a store found
-inconsistent says so (``Figures.problems``). That hold pauses every other process's operations
-for the length of the walk, which grows with what the store holds: look every few seconds, not
-in a loop.
+and closed again: one lock hold, so the figures are one consistent snapshot. That hold pauses
+every other process's operations for the length of its walk. By default it walks the channel
+and group records and reads the counts they keep; with ``check=True`` it makes the walk of
+``asgi-ipc verify`` instead, over every message and membership, and also reports what it finds
+inconsistent (``Figures.problems``) and the memory held by expired messages. Measured with
+10 000 channels holding 100 000 messages and 100 groups of 100, on one core: about 0.07 s
+without the check, 0.2 s with it; so ``top`` looks once a second without it, and the check is
+for a scrape every minute or so, or for ``asgi-ipc verify``.
 
 The counters (``layout.COUNTERS``) are kept by the store itself, so they add up the work of every
 process that uses the prefix, whoever started first and whichever died since. Each is changed
@@ -32,7 +35,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .exceptions import StoreError
@@ -105,8 +108,9 @@ class Figures:
     #: Seconds until the oldest message of the store (the first sent of those queued) expires;
     #: None when nothing is queued.
     oldest_expires_in: float | None
-    #: Memory still held by messages that have expired but are not reclaimed yet.
-    expired_bytes: int
+    #: Memory still held by messages that have expired but are not reclaimed yet (None when
+    #: not checked).
+    expired_bytes: int | None
     groups: int
     memberships: int
     #: The largest groups, as (name, members), largest first.
@@ -117,8 +121,8 @@ class Figures:
     group_memory: Memory
     #: Flushes since the store was created.
     flushes: int
-    #: What verify found inconsistent; empty when the store is sound.
-    problems: list[str] = field(default_factory=list)
+    #: What the check found inconsistent, empty when the store is sound; None when not checked.
+    problems: list[str] | None = None
 
 
 def _channel(row: tuple[int, str, int, int], now_ms: int) -> Channel:
@@ -126,14 +130,15 @@ def _channel(row: tuple[int, str, int, int], now_ms: int) -> Channel:
     return Channel(name, depth, waiting, (first_expires - now_ms) / 1000 if depth else None)
 
 
-def figures(prefix: str, top: int = 10) -> Figures:
+def figures(prefix: str, top: int = 10, check: bool = False) -> Figures:
     """The figures of the existing store of ``prefix`` (StoreError if there is none; the store
-    is never created), with the ``top`` deepest channels, soonest to expire, largest groups."""
+    is never created), with the ``top`` deepest channels, soonest to expire, largest groups.
+    ``check``: also check the whole store, as ``asgi-ipc verify`` does (slower: see above)."""
     if isinstance(top, bool) or not isinstance(top, int) or top < 0:
         raise ValueError(f"top must be a whole number of channels from 0, not {top!r}")
     store = Store(prefix, 0, 0, create=False)
     try:
-        report = store.inspect(top)
+        report = store.inspect(top, check)
     finally:
         store.close()
     now = report["now"]
@@ -185,13 +190,16 @@ class StoreCollector:
     ``asgi_ipc_up`` is 1 for a store read, 0 for one that is missing or unreadable (its other
     metrics are then left out); with ``strict`` the error is raised instead. Per-channel depth
     is given for the ``top`` deepest channels only, so that the number of series stays
-    bounded however many channels come and go."""
+    bounded however many channels come and go. With ``check``, each scrape also checks the
+    stores (``asgi_ipc_problems``, ``asgi_ipc_expired_bytes``): see ``figures``."""
 
-    def __init__(self, prefixes: list[str], top: int = 10, strict: bool = False) -> None:
+    def __init__(self, prefixes: list[str], top: int = 10, strict: bool = False,
+                 check: bool = False) -> None:
         _require("prometheus_client", METRICS_HINT)
         self.prefixes = list(prefixes)
         self.top = top
         self.strict = strict
+        self.check = check
 
     def describe(self) -> list:
         return []  # figures are read at scrape time only; no read at registration
@@ -227,7 +235,7 @@ class StoreCollector:
                       ("channel",))
         for prefix in self.prefixes:
             try:
-                f = figures(prefix, self.top)
+                f = figures(prefix, self.top, self.check)
             except StoreError:
                 if self.strict:
                     raise
@@ -240,9 +248,11 @@ class StoreCollector:
             for key, value in (
                 ("channels", f.channels), ("messages", f.messages), ("groups", f.groups),
                 ("memberships", f.memberships), ("waiting", len(f.waiting_processes)),
-                ("expired_bytes", f.expired_bytes), ("problems", len(f.problems)),
+                ("expired_bytes", f.expired_bytes),
+                ("problems", None if f.problems is None else len(f.problems)),
             ):
-                gauges[key].add_metric([prefix], value)
+                if value is not None:
+                    gauges[key].add_metric([prefix], value)
             if f.oldest_expires_in is not None:
                 gauges["oldest"].add_metric([prefix], f.oldest_expires_in)
             for area, figures_of in (("channel", f.channel_memory), ("group", f.group_memory)):
@@ -259,26 +269,29 @@ class StoreCollector:
         yield depth
 
 
-def _registry(prefixes: list[str], top: int, strict: bool):
+def _registry(prefixes: list[str], top: int, strict: bool, check: bool):
     from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StoreCollector(prefixes, top, strict))
+    registry.register(StoreCollector(prefixes, top, strict, check))
     return registry
 
 
-def metrics_text(prefixes: list[str], top: int = 10, strict: bool = True) -> str:
-    """The metrics of the stores of ``prefixes`` in the Prometheus text format."""
+def metrics_text(prefixes: list[str], top: int = 10, strict: bool = True,
+                 check: bool = False) -> str:
+    """The metrics of the stores of ``prefixes`` in the Prometheus text format (see
+    ``StoreCollector``)."""
     _require("prometheus_client", METRICS_HINT)
     from prometheus_client import generate_latest
 
-    return generate_latest(_registry(prefixes, top, strict)).decode()
+    return generate_latest(_registry(prefixes, top, strict, check)).decode()
 
 
-def metrics_view(request, alias: str | None = None, top: int = 10):
+def metrics_view(request, alias: str | None = None, top: int = 10, check: bool = False):
     """A Django view serving the metrics of the store of the channel layer ``alias`` (default
-    ``channels.DEFAULT_CHANNEL_LAYER``), whose prefix it takes from the layer. Route it in
-    urls.py, behind whatever protects your other internal views::
+    ``channels.DEFAULT_CHANNEL_LAYER``), whose prefix it takes from the layer; ``top`` and
+    ``check`` as for ``StoreCollector``. Route it in urls.py, behind whatever protects your
+    other internal views::
 
         path("metrics", asgi_ipc.observe.metrics_view)
     """
@@ -292,7 +305,7 @@ def metrics_view(request, alias: str | None = None, top: int = 10):
     layer = get_channel_layer(alias or DEFAULT_CHANNEL_LAYER)
     if not isinstance(layer, IPCChannelLayer):
         raise TypeError(f"channel layer {alias or DEFAULT_CHANNEL_LAYER!r} is not asgi_ipc's")
-    body = generate_latest(_registry([layer.prefix], top, strict=False))
+    body = generate_latest(_registry([layer.prefix], top, strict=False, check=check))
     return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)
 
 
@@ -303,12 +316,13 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     except ImportError as exc:
         return _missing(exc)
     if args.serve is None:
-        print(metrics_text([args.prefix], args.top), end="")
+        print(metrics_text([args.prefix], args.top, check=args.check), end="")
         return 0
     from prometheus_client import start_http_server
 
     server, thread = start_http_server(args.serve, addr=args.bind,
-                                       registry=_registry([args.prefix], args.top, strict=False))
+                                       registry=_registry([args.prefix], args.top, strict=False,
+                                                          check=args.check))
     print(f"serving the metrics of prefix {args.prefix!r} on "
           f"http://{args.bind}:{server.server_port}/metrics", flush=True)
     try:
@@ -360,7 +374,8 @@ def render(now: Figures, before: Figures | None):
         ("channels", now.channels),
         ("messages", now.messages),
         ("oldest expires in", _seconds(now.oldest_expires_in)),
-        ("expired, unreclaimed", _size(now.expired_bytes)),
+        *((("expired, unreclaimed", _size(now.expired_bytes)),)
+          if now.expired_bytes is not None else ()),
         ("groups", now.groups),
         ("memberships", now.memberships),
         ("waiting processes", " ".join(map(str, now.waiting_processes)) or "-"),
@@ -368,7 +383,7 @@ def render(now: Figures, before: Figures | None):
         *((f"{area} memory", f"{_size(m.used)} used of {_size(m.size)}, largest free "
            f"{_size(m.largest_free)}")
           for area, m in (("channel", now.channel_memory), ("group", now.group_memory))),
-        ("problems", len(now.problems) or "none"),
+        *((("problems", len(now.problems) or "none"),) if now.problems is not None else ()),
     ):
         store.add_row(label, str(value))
 
@@ -396,10 +411,10 @@ def render(now: Figures, before: Figures | None):
 
 
 def run_top(prefix: str, interval: float, iterations: int | None, top: int,
-            sleep: Callable[[float], None] = time.sleep) -> int:
+            check: bool = False) -> int:
     """Show the store of ``prefix`` every ``interval`` seconds, ``iterations`` times (for
-    ever when None). On a terminal the view is redrawn in place; otherwise each view is
-    printed after the last, so the output can be read by a program."""
+    ever when None), checking it each time if ``check``. On a terminal the view is redrawn in
+    place; otherwise each view is printed after the last, so a program can read it."""
     _require("rich", TOP_HINT)
     from rich.console import Console
     from rich.live import Live
@@ -412,7 +427,7 @@ def run_top(prefix: str, interval: float, iterations: int | None, top: int,
         if live is not None:
             live.start()
         while True:
-            now = figures(prefix, top)
+            now = figures(prefix, top, check)
             view = render(now, before)
             if live is not None:
                 live.update(view, refresh=True)
@@ -421,7 +436,7 @@ def run_top(prefix: str, interval: float, iterations: int | None, top: int,
             before, count = now, count + 1
             if iterations is not None and count >= iterations:
                 return 0
-            sleep(interval)
+            time.sleep(interval)
     except KeyboardInterrupt:
         return 0
     finally:
@@ -434,7 +449,8 @@ def cmd_top(args: argparse.Namespace) -> int:
         _require("rich", TOP_HINT)
     except ImportError as exc:
         return _missing(exc)
-    return run_top(args.prefix, args.interval, 1 if args.once else args.iterations, args.top)
+    return run_top(args.prefix, args.interval, 1 if args.once else args.iterations, args.top,
+                   args.check)
 
 
 def _positive(kind: type) -> Callable[[str], Any]:
@@ -460,6 +476,8 @@ def add_commands(commands, with_prefix: Callable[[str, str], argparse.ArgumentPa
     top.add_argument("--once", action="store_true", help="show one view and stop")
     top.add_argument("--top", type=_positive(int), default=10,
                      help="channels and groups listed (default 10)")
+    top.add_argument("--check", action="store_true",
+                     help="check the whole store at each view (slower: pauses the store longer)")
     top.set_defaults(run=cmd_top)
 
     metrics = with_prefix("metrics", "a store's figures in the Prometheus text format")
@@ -469,4 +487,7 @@ def add_commands(commands, with_prefix: Callable[[str, str], argparse.ArgumentPa
                          help="the address to serve on (default 127.0.0.1, this machine only)")
     metrics.add_argument("--top", type=_positive(int), default=10,
                          help="deepest channels given a depth series each (default 10)")
+    metrics.add_argument("--check", action="store_true",
+                         help="check the whole store at each scrape (slower; adds "
+                         "asgi_ipc_problems and asgi_ipc_expired_bytes)")
     metrics.set_defaults(run=cmd_metrics)

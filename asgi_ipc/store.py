@@ -784,22 +784,26 @@ class Store:
 
     # --- inspection ------------------------------------------------------------------------
 
-    def inspect(self, top: int = 10) -> dict:
+    def inspect(self, top: int = 10, check: bool = True) -> dict:
         """Walk the whole store under the lock: its problems (empty when consistent) and
         figures, the ``top`` deepest channels and largest groups among them, and the counters
         (layout.COUNTERS). O(everything): for the command line, observe.py and tests, not for
-        serving."""
+        serving. With ``check`` False nothing is checked (``problems`` is None) and the walk
+        reads the counts that channel and group records keep rather than walking every
+        message and membership (see ``ChannelQueues.verify``)."""
         lock_holder = self.segment.lock_holder()
 
         def hold() -> dict:
             w = self.words
             now = now_ms()
-            queues = self.queues.verify(now, top)
-            groups = self.groups.verify(top)
-            problems = (
-                self.queues.heap.verify() + self.groups.heap.verify()
-                + queues.pop("problems") + groups.pop("problems")
-            )
+            queues = self.queues.verify(now, top, check)
+            groups = self.groups.verify(top, check)
+            in_queues, in_groups = queues.pop("problems"), groups.pop("problems")
+            problems = None
+            if check:
+                problems = (
+                    self.queues.heap.verify() + self.groups.heap.verify() + in_queues + in_groups
+                )
             doorbell, fd = self._doorbell, self.segment.fd
             live = [
                 (slot, pid, token) for slot, pid, token in self.slots.live()

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import urllib.request
+from dataclasses import replace
 
 import pytest
 from channels.exceptions import ChannelFull
@@ -52,9 +53,14 @@ def run_workers(prefix, children, processes=2):
 def test_counters_add_up_the_work_of_every_process_exactly(prefix, children):
     refused = run_workers(prefix, children)
     assert refused == [2, 2]  # the ChannelFull each process saw
-    f = figures(prefix)
+    f = figures(prefix, check=True)
     assert f.counters == observe_workers.expected_counters(2)
     assert f.problems == []
+    light = figures(prefix)  # the counts the records keep agree with the full walk
+    assert (light.counters, light.channels, light.messages, light.memberships) == (
+        f.counters, f.channels, f.messages, f.memberships
+    )
+    assert [(c.name, c.depth) for c in light.deepest] == [(c.name, c.depth) for c in f.deepest]
     # full.p0 and full.p1 hold 3 each; bulk what was sent and not received.
     assert (f.channels, f.messages) == (3, 2 * 3 + observe_workers.BULK)
     assert f.deepest[0].name == "bulk"
@@ -95,7 +101,7 @@ async def test_an_operation_that_raises_is_not_counted(prefix):
     with pytest.raises(RuntimeError, match="capacity lookup failed"):
         await layer.group_send("g", {"rolled": "back"})
     await layer.close()
-    f = figures(prefix)
+    f = figures(prefix, check=True)
     assert f.counters == {**NOTHING, "sent": 1}
     assert (f.messages, f.problems) == (1, [])
 
@@ -109,7 +115,7 @@ async def test_an_operation_cut_off_by_a_kill_is_not_counted(prefix, children):
     victim = start(children, observe_workers.killed_in_group_send, prefix, 600)
     victim.join(120)
     assert victim.exitcode == -signal.SIGKILL
-    f = figures(prefix)  # its lock hold rolls back what the dead process left
+    f = figures(prefix, check=True)  # its lock hold rolls back what the dead process left
     assert f.counters == {**NOTHING, "sent": 1}
     assert (f.messages, f.memberships, f.problems) == (1, 600, [])
 
@@ -141,7 +147,12 @@ async def test_figures_describe_the_store(prefix, children):
     assert 0 < f.channel_memory.used < f.channel_memory.size
     assert f.channel_memory.used + f.channel_memory.free == f.channel_memory.size
     assert 0 < f.group_memory.used < f.group_memory.size
-    assert (f.flushes, f.expired_bytes, f.problems) == (0, 0, [])
+    assert (f.flushes, f.expired_bytes, f.problems) == (0, None, None)  # not checked
+    checked = figures(prefix, top=5, check=True)
+    assert (checked.expired_bytes, checked.problems) == (0, [])
+    assert [replace(c, expires_in=None) for c in checked.deepest] == [
+        replace(c, expires_in=None) for c in f.deepest
+    ]
 
     waiter.kill()
     waiter.join(30)
@@ -182,9 +193,10 @@ def metric_values(text: str) -> dict[tuple, float]:
 
 def test_metrics_parse_with_the_figures_of_several_processes(prefix, children):
     run_workers(prefix, children)
-    result = cli("metrics", "--prefix", prefix)
+    result = cli("metrics", "--prefix", prefix, "--check")
     assert result.returncode == 0, result.stderr
     values = metric_values(result.stdout)
+    assert values["asgi_ipc_problems", frozenset()] == 0
     for name, count in observe_workers.expected_counters(2).items():
         assert values[f"asgi_ipc_{name}_total", frozenset()] == count, name
     assert values["asgi_ipc_up", frozenset()] == 1
@@ -223,6 +235,7 @@ async def test_metrics_served_over_http_follow_the_store(prefix):
         values = await asyncio.to_thread(scrape)
         assert values["asgi_ipc_sent_total", frozenset()] == 1
         assert values["asgi_ipc_up", frozenset()] == 1
+        assert ("asgi_ipc_problems", frozenset()) not in values  # only with --check
         asgi_ipc.unlink(prefix)
         values = await asyncio.to_thread(scrape)
         assert values["asgi_ipc_up", frozenset()] == 0
@@ -286,9 +299,10 @@ def table_rows(text: str) -> dict[str, list[str]]:
 
 async def test_top_once_shows_counters_channels_and_memory(prefix):
     await fill(prefix)
-    result = await asyncio.to_thread(cli, "top", "--prefix", prefix, "--once")
+    result = await asyncio.to_thread(cli, "top", "--prefix", prefix, "--once", "--check")
     assert result.returncode == 0, result.stderr
     rows = table_rows(result.stdout)
+    assert rows["problems"] == ["none"]
     assert rows["sent"] == ["6", "-"]
     assert rows["received"] == ["1", "-"]
     assert rows["channel_full"] == ["1", "-"]
