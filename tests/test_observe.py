@@ -63,6 +63,8 @@ def test_counters_add_up_the_work_of_every_process_exactly(prefix, children):
     assert [(c.name, c.depth) for c in light.deepest] == [(c.name, c.depth) for c in f.deepest]
     # full.p0 and full.p1 hold 3 each; bulk what was sent and not received.
     assert (f.channels, f.messages) == (3, 2 * 3 + observe_workers.BULK)
+    c = f.counters
+    assert c["sent"] + c["delivered"] + c["returned"] - c["received"] - c["expired"] == f.messages
     assert f.deepest[0].name == "bulk"
     assert sorted((c.name, c.depth) for c in f.deepest[:3]) == [
         ("bulk", observe_workers.BULK), ("full.p0", 3), ("full.p1", 3)
