@@ -365,3 +365,25 @@ def test_a_missing_extra_is_one_line(prefix, command, module, needs):
 def test_top_refuses_a_bad_interval(prefix):
     result = cli("top", "--prefix", prefix, "--interval", "0")
     assert result.returncode == 2 and "above 0" in result.stderr
+
+
+async def test_a_message_put_back_by_a_cancelled_receive_is_counted(prefix):
+    layer = observe_workers.layer(prefix)
+    await layer.send("c.a", {"n": "a"})
+    await layer.send("c.b", {"n": "b"})
+    first = asyncio.ensure_future(layer.receive("c.a"))
+    second = asyncio.ensure_future(layer.receive("c.b"))
+    await asyncio.sleep(0)
+    # Both receives ran in that pass of the loop: the first was served at once, the second
+    # waits to be served with the receives gathered in this pass, in a callback queued
+    # before this one: so the cancel lands after its message was handed over, before the
+    # receive resumed, and the message goes back.
+    asyncio.get_running_loop().call_soon(second.cancel)
+    assert await first == {"n": "a"}
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    counters = figures(prefix).counters
+    assert counters == {**NOTHING, "sent": 2, "received": 2, "returned": 1}
+    assert await layer.receive("c.b") == {"n": "b"}
+    assert figures(prefix).counters["received"] == 3
+    await layer.close()
