@@ -8,7 +8,7 @@ every other process's operations for the length of its walk. By default it walks
 and group records and reads the counts they keep; with ``check=True`` it makes the walk of
 ``asgi-ipc verify`` instead, over every message and membership, and also reports what it finds
 inconsistent (``Figures.problems``) and the memory held by expired messages. Measured with
-10 000 channels holding 100 000 messages and 100 groups of 100, on one core: about 0.07 s
+10 000 channels holding 100 000 messages and 100 groups of 100, on one core: about 0.06 s
 without the check, 0.2 s with it; so ``top`` looks once a second without it, and the check is
 for a scrape every minute or so, or for ``asgi-ipc verify``.
 
@@ -17,6 +17,10 @@ process that uses the prefix, whoever started first and whichever died since. Ea
 through the undo journal in the lock hold of the change it counts: an operation rolled back, by
 an exception or after its process was killed, is never counted, and a committed one always is.
 They survive a flush and only grow (modulo 2**64), which is what Prometheus counters need.
+What that costs: one journal entry per count, about 0.3 us; send+receive pairs in one process
+went from about 37 800/s to 36 900/s (2%). Counting outside the journal would be no cheaper and
+not exact: written before the commit, a rolled-back operation would stay counted; after it, a
+kill in between would lose the count.
 
 How old a queued message is, is not stored: a message keeps only the time it expires, which is
 its send time plus the expiry of the layer that sent it, and layers of one prefix may be
@@ -32,6 +36,7 @@ is that expiry minus ``expires_in``.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +45,8 @@ from typing import Any
 
 from .exceptions import StoreError
 from .store import Store
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "COUNTER_HELP",
@@ -52,7 +59,7 @@ __all__ = [
     "metrics_view",
 ]
 
-# What each counter counts, for the documentation of the metrics (and the help of top).
+# What each counter counts: the help text of its metric.
 COUNTER_HELP = {
     "sent": "Messages queued by send()",
     "received": "Messages handed to receive()",
@@ -68,9 +75,10 @@ COUNTER_HELP = {
 
 @dataclass(frozen=True)
 class Channel:
-    """One channel: ``depth`` messages queued, ``waiting`` processes registered to be woken
-    when it gets one, and ``expires_in`` seconds until its first message expires (None when it
-    is empty; negative when that message has expired and waits to be reclaimed)."""
+    """One channel: ``depth`` messages queued, ``waiting`` registrations of processes to wake
+    when it gets one (a dead process's lingers until the store prunes it), and ``expires_in``
+    seconds until its first message expires (None when it is empty; negative when that message
+    has expired and waits to be reclaimed)."""
 
     name: str
     depth: int
@@ -81,8 +89,8 @@ class Channel:
 @dataclass(frozen=True)
 class Memory:
     """One memory area (channel or group memory), in bytes: its ``size``, what is ``used`` by
-    records and messages, what is ``free``, and the ``largest_free`` block (the largest
-    message or record that fits right now)."""
+    records and messages, what is ``free``, and the ``largest_free`` block (about the largest
+    message that fits right now)."""
 
     size: int
     used: int
@@ -115,7 +123,8 @@ class Figures:
     memberships: int
     #: The largest groups, as (name, members), largest first.
     largest_groups: list[tuple[str, int]]
-    #: Pids of the live processes waiting in receive() (pids of this PID namespace).
+    #: Pids of the live processes waiting in receive(), each as it knows itself (a process in
+    #: another PID namespace has another pid here, or none).
     waiting_processes: list[int]
     channel_memory: Memory
     group_memory: Memory
@@ -188,7 +197,8 @@ class StoreCollector:
     ``CollectorRegistry`` and every scrape takes a fresh ``figures`` of each (one lock hold).
 
     ``asgi_ipc_up`` is 1 for a store read, 0 for one that is missing or unreadable (its other
-    metrics are then left out); with ``strict`` the error is raised instead. Per-channel depth
+    metrics are then left out, and the reason logged); with ``strict`` the error is raised
+    instead. Per-channel depth
     is given for the ``top`` deepest channels only, so that the number of series stays
     bounded however many channels come and go. With ``check``, each scrape also checks the
     stores (``asgi_ipc_problems``, ``asgi_ipc_expired_bytes``): see ``figures``."""
@@ -236,9 +246,10 @@ class StoreCollector:
         for prefix in self.prefixes:
             try:
                 f = figures(prefix, self.top, self.check)
-            except StoreError:
+            except StoreError as exc:
                 if self.strict:
                     raise
+                logger.warning("no asgi_ipc metrics for prefix %r: %s", prefix, exc)
                 up.add_metric([prefix], 0)
                 continue
             up.add_metric([prefix], 1)
@@ -361,10 +372,11 @@ def render(now: Figures, before: Figures | None):
     counters.add_column("total", justify="right")
     counters.add_column("per s", justify="right")
     for name, value in now.counters.items():
+        rate = "-"
         if before is not None and elapsed > 0:
-            rate = f"{((value - before.counters[name]) % (1 << 64)) / elapsed:.1f}"
-        else:
-            rate = "-"
+            grown = value - before.counters[name]
+            # A counter that went down belongs to a store created again since: count from 0.
+            rate = f"{(grown if grown >= 0 else value) / elapsed:.1f}"
         counters.add_row(name, str(value), rate)
 
     store = Table(title="store", title_justify="left")

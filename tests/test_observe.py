@@ -362,9 +362,13 @@ def test_a_missing_extra_is_one_line(prefix, command, module, needs):
     assert result.stderr == f"asgi-ipc: {needs}\n"
 
 
-def test_top_refuses_a_bad_interval(prefix):
+def test_top_refuses_a_bad_interval_and_a_missing_store(prefix):
     result = cli("top", "--prefix", prefix, "--interval", "0")
     assert result.returncode == 2 and "above 0" in result.stderr
+    result = cli("top", "--prefix", prefix, "--once")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "no asgi_ipc store" in result.stderr
+    assert not left_behind(prefix)
 
 
 async def test_a_message_put_back_by_a_cancelled_receive_is_counted(prefix):
