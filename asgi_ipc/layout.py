@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass
 
 MAGIC = int.from_bytes(b"ASGI-IPC", "little")
-LAYOUT_VERSION = 2  # 2: slots live by their byte lock, doorbells at paths
+LAYOUT_VERSION = 2  # 2: slots live by their byte lock, doorbells at paths; counters
 
 WORD = 8
 PAGE_WORDS = 512

@@ -348,14 +348,6 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 # --- top --------------------------------------------------------------------------------------
 
 
-def _size(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return ""
-
-
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} s"
 
@@ -364,6 +356,7 @@ def render(now: Figures, before: Figures | None):
     """The view of ``now`` as a rich renderable; rates per second are the counters' growth
     since ``before`` (none for the first view)."""
     from rich.console import Group
+    from rich.filesize import decimal as size
     from rich.table import Table
 
     elapsed = now.taken_at - before.taken_at if before is not None else 0.0
@@ -379,24 +372,25 @@ def render(now: Figures, before: Figures | None):
             rate = f"{(grown if grown >= 0 else value) / elapsed:.1f}"
         counters.add_row(name, str(value), rate)
 
-    store = Table(title="store", title_justify="left")
-    store.add_column("figure")
-    store.add_column("value", justify="right")
-    for label, value in (
+    figures_rows = [
         ("channels", now.channels),
         ("messages", now.messages),
         ("oldest expires in", _seconds(now.oldest_expires_in)),
-        *((("expired, unreclaimed", _size(now.expired_bytes)),)
-          if now.expired_bytes is not None else ()),
         ("groups", now.groups),
         ("memberships", now.memberships),
         ("waiting processes", " ".join(map(str, now.waiting_processes)) or "-"),
         ("flushes", now.flushes),
-        *((f"{area} memory", f"{_size(m.used)} used of {_size(m.size)}, largest free "
-           f"{_size(m.largest_free)}")
-          for area, m in (("channel", now.channel_memory), ("group", now.group_memory))),
-        *((("problems", len(now.problems) or "none"),) if now.problems is not None else ()),
-    ):
+    ]
+    for area, memory in (("channel", now.channel_memory), ("group", now.group_memory)):
+        figures_rows.append((f"{area} memory", f"{size(memory.used)} used of "
+                             f"{size(memory.size)}, largest free {size(memory.largest_free)}"))
+    if now.problems is not None:  # checked
+        figures_rows.append(("expired, unreclaimed", size(now.expired_bytes)))
+        figures_rows.append(("problems", len(now.problems) or "none"))
+    store = Table(title="store", title_justify="left")
+    store.add_column("figure")
+    store.add_column("value", justify="right")
+    for label, value in figures_rows:
         store.add_row(label, str(value))
 
     def channels(title: str, rows: list[Channel]) -> Table:
@@ -411,7 +405,7 @@ def render(now: Figures, before: Figures | None):
         return table
 
     parts = [counters, store, channels("deepest channels", [c for c in now.deepest if c.depth]),
-             channels("soonest to expire", now.expiring)]
+             channels("oldest: first message expires soonest", now.expiring)]
     if now.largest_groups:
         groups = Table(title="largest groups", title_justify="left")
         groups.add_column("group")
