@@ -472,6 +472,12 @@ def _positive(kind: type) -> Callable[[str], Any]:
     return parse
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port from 0 to 65535, not {text!r}")
+    return int(text)
+
+
 def add_commands(commands, with_prefix: Callable[[str, str], argparse.ArgumentParser]) -> None:
     """Add ``top`` and ``metrics`` to the ``asgi-ipc`` command line."""
     top = with_prefix("top", "a live view of a store: rates, deepest channels, processes, memory")
@@ -487,8 +493,9 @@ def add_commands(commands, with_prefix: Callable[[str, str], argparse.ArgumentPa
     top.set_defaults(run=cmd_top)
 
     metrics = with_prefix("metrics", "a store's figures in the Prometheus text format")
-    metrics.add_argument("--serve", type=int, metavar="PORT", default=None,
-                         help="serve them at http://BIND:PORT/metrics instead of printing them")
+    metrics.add_argument("--serve", type=_port, metavar="PORT", default=None,
+                         help="serve them at http://BIND:PORT/metrics instead of printing them "
+                         "(0: any free port, printed)")
     metrics.add_argument("--bind", default="127.0.0.1",
                          help="the address to serve on (default 127.0.0.1, this machine only)")
     metrics.add_argument("--top", type=_positive(int), default=10,

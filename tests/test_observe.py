@@ -212,10 +212,12 @@ def test_metrics_parse_with_the_figures_of_several_processes(prefix, children):
     assert 0 < used < memory[("area", "channel"), ("state", "size")]
 
 
-def test_metrics_of_a_missing_store_fail_in_one_line():
+def test_metrics_of_a_missing_store_or_a_bad_port_fail_in_one_line():
     result = cli("metrics", "--prefix", new_prefix())
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "no asgi_ipc store" in result.stderr
+    result = cli("metrics", "--serve", "70000")
+    assert result.returncode == 2 and "from 0 to 65535" in result.stderr
 
 
 async def test_metrics_served_over_http_follow_the_store(prefix):
