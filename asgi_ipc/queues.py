@@ -509,6 +509,39 @@ class ChannelQueues:
             node, n = w[node + W_NEXT], n + 1
         return n
 
+    def _check_record(
+        self, bucket: int, rec: int, name: bytes, now: int, problems: list[str]
+    ) -> tuple[int, int, int, int]:
+        """Walk one channel record's messages and waiters, adding what is wrong to
+        ``problems``: (messages, waiters, words of their blocks, words of the expired ones)."""
+        w = self._w
+        block_words = w[rec] >> 2
+        expired = 0
+        if (w[rec + C_HASH] & self._mask) != bucket or self.hash(name) != w[rec + C_HASH]:
+            problems.append(f"channel record {rec} ({name!r}) is filed under a wrong hash")
+        node, count, last = w[rec + C_HEAD], 0, 0
+        while node:
+            if w[node + M_CHANNEL] != rec:
+                problems.append(f"message {node} points to the wrong channel")
+            try:
+                self._read(node)
+            except StoreCorrupted as exc:
+                problems.append(str(exc))
+            if w[node + M_EXPIRES] <= now:
+                expired += w[node] >> 2
+            block_words += w[node] >> 2
+            last, node, count = node, w[node + M_NEXT], count + 1
+            if count > self.heap.size_words:
+                problems.append(f"the message list of channel record {rec} loops")
+                break
+        if count != w[rec + C_COUNT] or last != w[rec + C_TAIL]:
+            problems.append(f"channel record {rec} counts {w[rec + C_COUNT]}, holds {count}")
+        waiter, waiters = w[rec + C_WAITERS], 0
+        while waiter and waiters <= MAX_CHAIN:
+            block_words += w[waiter] >> 2
+            waiter, waiters = w[waiter + W_NEXT], waiters + 1
+        return count, waiters, block_words, expired
+
     def verify(self, now: int, top: int = 10, check: bool = True) -> dict:
         """Walk every record, message and waiter; report problems and what they add up to.
 
@@ -523,38 +556,11 @@ class ChannelQueues:
         for bucket, rec in self.records():
             records += 1
             name = self.name_of(rec)
-            if not check:
+            if check:
+                count, waiters, words, old = self._check_record(bucket, rec, name, now, problems)
+                block_words, expired = block_words + words, expired + old
+            else:
                 count, waiters = w[rec + C_COUNT], self.waiter_count(rec)
-                idle += not count and not waiters
-                first = w[rec + C_HEAD]
-                rows.append((count, name.decode("utf-8", "replace"), waiters,
-                             w[first + M_EXPIRES] if first else 0))
-                messages += count
-                continue
-            block_words += w[rec] >> 2
-            if (w[rec + C_HASH] & self._mask) != bucket or self.hash(name) != w[rec + C_HASH]:
-                problems.append(f"channel record {rec} ({name!r}) is filed under a wrong hash")
-            node, count, last = w[rec + C_HEAD], 0, 0
-            while node:
-                if w[node + M_CHANNEL] != rec:
-                    problems.append(f"message {node} points to the wrong channel")
-                try:
-                    self._read(node)
-                except StoreCorrupted as exc:
-                    problems.append(str(exc))
-                if w[node + M_EXPIRES] <= now:
-                    expired += w[node] >> 2
-                block_words += w[node] >> 2
-                last, node, count = node, w[node + M_NEXT], count + 1
-                if count > self.heap.size_words:
-                    problems.append(f"the message list of channel record {rec} loops")
-                    break
-            if count != w[rec + C_COUNT] or last != w[rec + C_TAIL]:
-                problems.append(f"channel record {rec} counts {w[rec + C_COUNT]}, holds {count}")
-            waiter, waiters = w[rec + C_WAITERS], 0
-            while waiter and waiters <= MAX_CHAIN:
-                block_words += w[waiter] >> 2
-                waiter, waiters = w[waiter + W_NEXT], waiters + 1
             idle += not count and not waiters
             first = w[rec + C_HEAD]
             rows.append((count, name.decode("utf-8", "replace"), waiters,

@@ -4,6 +4,7 @@ rolled back), the figures API, the Prometheus metrics and `asgi-ipc top`."""
 from __future__ import annotations
 
 import asyncio
+import mmap
 import multiprocessing
 import os
 import pty
@@ -25,7 +26,7 @@ from asgi_ipc import StoreError
 from asgi_ipc.observe import Channel, figures
 
 from . import observe_workers
-from .conftest import left_behind, new_prefix
+from .conftest import left_behind, new_prefix, shm_path
 from .test_cli import cli
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -393,3 +394,17 @@ async def test_a_message_put_back_by_a_cancelled_receive_is_counted(prefix):
     assert await layer.receive("c.b") == {"n": "b"}
     assert figures(prefix).counters["received"] == 3
     await layer.close()
+
+
+async def test_a_checked_view_reports_a_damaged_store(prefix):
+    layer = observe_workers.layer(prefix)
+    await layer.send("c.damaged", {"text": "findme-payload"})
+    await layer.close()
+    with open(shm_path(prefix), "r+b") as file, mmap.mmap(file.fileno(), 0) as memory:
+        at = memory.find(b"findme-payload")
+        memory[at : at + 1] = b"F"  # the CRC no longer matches
+    assert figures(prefix).problems is None  # not checked: nothing walked the message
+    problems = figures(prefix, check=True).problems
+    assert len(problems) == 1 and "CRC" in problems[0]
+    result = cli("metrics", "--prefix", prefix, "--check")
+    assert metric_values(result.stdout)["asgi_ipc_problems", frozenset()] == 1
