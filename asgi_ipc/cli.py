@@ -34,6 +34,7 @@ from . import __version__
 from .exceptions import StoreError
 from .layer import IPCChannelLayer
 from .layout import NAME_PREFIX, SHM_DIR, WAKE_DIR_SUFFIX, store_path, validate_prefix
+from .observe import add_commands as add_observe_commands
 from .private import check_private, describe
 from .segment import unlink
 from .store import Store
@@ -410,6 +411,7 @@ def _parser() -> argparse.ArgumentParser:
         "Compare asgi_ipc with channels_redis and InMemoryChannelLayer; see "
         "asgi-ipc bench --help for its options.",
     )
+    add_observe_commands(commands, with_prefix)
     return parser
 
 

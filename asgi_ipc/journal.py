@@ -60,6 +60,10 @@ class Journal:
         w[H_JOURNAL_COUNT] = n + 1
         w[index] = value
 
+    def add(self, index: int, n: int = 1) -> None:
+        """Add ``n`` to a counter word (modulo 2**64) so that a rollback takes it back."""
+        self.set(index, (self._w[index] + n) & 0xFFFF_FFFF_FFFF_FFFF)
+
     def keep(self, index: int) -> None:
         """Record a word's value before it is overwritten directly (see the module docstring)."""
         w = self._w

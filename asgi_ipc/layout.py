@@ -5,7 +5,7 @@ One POSIX shared-memory object, ``/asgi_ipc.<prefix>``, holds everything. It is 
 64-bit words (a pointer is a word index; 0 is null, since word 0 is the magic word), and its areas
 start on page boundaries so that each can be returned to the kernel on ``flush``::
 
-    header          page 0: magic, layout version, geometry, and the live counters below
+    header          page 0: magic, layout version, geometry, the live words and counters below
     message heap    allocator metadata of the channel memory          (1 page)
     group heap      allocator metadata of the group memory            (1 page)
     process slots   one slot per process that waits in receive()      (SLOTS x 3 words)
@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass
 
 MAGIC = int.from_bytes(b"ASGI-IPC", "little")
-LAYOUT_VERSION = 2  # 2: slots live by their byte lock, doorbells at paths
+LAYOUT_VERSION = 2  # 2: slots live by their byte lock, doorbells at paths; counters
 
 WORD = 8
 PAGE_WORDS = 512
@@ -69,6 +69,30 @@ H_SWEEP_GROUP = 27  # clock hand of the incremental sweep over the group index
 # memory is reserved with posix_fallocate. Never journaled: they state a physical fact.
 H_MESSAGE_RESERVED = 28
 H_GROUP_RESERVED = 29
+# Counters of the work of every process on the store, read by observe.py. Each changes through the
+# journal (``Journal.add``) in the lock hold, and before the commit, of the change it counts, so
+# an operation rolled back (by an exception or by the next holder after a kill) is never counted
+# and one committed always is. They survive a flush (which counts in H_EPOCH) and wrap at 2**64.
+H_SENT = 30  # messages queued by send()
+H_RECEIVED = 31  # messages handed to receive() (taken out of their channel)
+H_RETURNED = 32  # messages put back first in their channel by a cancelled receive
+H_GROUP_SENDS = 33  # group_send() calls
+H_DELIVERED = 34  # copies queued on members by group_send()
+H_EXPIRED = 35  # messages dropped unread because they had expired
+H_CHANNEL_FULL = 36  # sends refused because the channel was at capacity (ChannelFull)
+H_GROUP_FULL = 37  # group_send() members skipped because their channel was at capacity
+H_NO_MEMORY = 38  # sends refused, and group_send() members skipped, for want of channel memory
+COUNTERS = {
+    "sent": H_SENT,
+    "received": H_RECEIVED,
+    "returned": H_RETURNED,
+    "group_sends": H_GROUP_SENDS,
+    "delivered": H_DELIVERED,
+    "expired": H_EXPIRED,
+    "channel_full": H_CHANNEL_FULL,
+    "group_full": H_GROUP_FULL,
+    "no_memory": H_NO_MEMORY,
+}
 
 # \Z, not $: "$" would also let a trailing newline through into the object's name.
 PREFIX_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,19}\Z")

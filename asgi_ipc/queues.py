@@ -17,6 +17,11 @@ words and the run into the order of sending with two; all of it commits with the
 message handed to a receive that was then cancelled is linked back in first (``put_back``). See
 ``journal.py`` for what a kill in between leaves.
 
+Counting (the counters of layout.py): each message taken, put back or dropped as expired, and each
+group_send copy queued or skipped, is counted here with ``Journal.add`` right after the journaled
+change it counts and before the next ``checkpoint``, so the count commits or rolls back with it.
+The outcome of a send is counted by its caller (``Store.send``).
+
 Layouts, in words from the block header (word 0):
   channel record   (kept while it has messages or waiters, and until the sweep passes after)
                    1 next in bucket, 2 hash, 3 head, 4 tail, 5 count, 6 waiters, 7 name length,
@@ -28,6 +33,7 @@ Layouts, in words from the block header (word 0):
 
 from __future__ import annotations
 
+import heapq
 import mmap
 import zlib
 from collections.abc import Callable, Container
@@ -35,7 +41,19 @@ from collections.abc import Callable, Container
 from .exceptions import StoreCorrupted
 from .heap import Heap
 from .journal import Journal
-from .layout import H_CHANNELS, H_EXPIRY_HEAD, H_EXPIRY_TAIL, H_SWEEP_CHANNEL, WORD
+from .layout import (
+    H_CHANNELS,
+    H_DELIVERED,
+    H_EXPIRED,
+    H_EXPIRY_HEAD,
+    H_EXPIRY_TAIL,
+    H_GROUP_FULL,
+    H_NO_MEMORY,
+    H_RECEIVED,
+    H_RETURNED,
+    H_SWEEP_CHANNEL,
+    WORD,
+)
 from .wakeup import ProcessSlots
 
 C_NEXT, C_HASH, C_HEAD, C_TAIL, C_COUNT, C_WAITERS, C_NAME_LENGTH, C_NAME = range(1, 9)
@@ -44,6 +62,8 @@ W_NEXT, W_SLOT, W_TOKEN = range(1, 4)
 
 # How send() reports that the message was not queued.
 QUEUED, OVER_CAPACITY, OUT_OF_MEMORY = range(3)
+# The counter of each outcome of a group_send copy.
+_GROUP_OUTCOME = {QUEUED: H_DELIVERED, OVER_CAPACITY: H_GROUP_FULL, OUT_OF_MEMORY: H_NO_MEMORY}
 
 MAX_CHAIN = 1 << 20  # a longer bucket chain can only be a cycle in a corrupt store
 
@@ -158,6 +178,7 @@ class ChannelQueues:
                 return
             self._j.checkpoint()
             self.heap.free(self._unlink_head(rec))
+            self._j.add(H_EXPIRED)
 
     def _read(self, node: int) -> bytes:
         packed = self._w[node + M_LENGTH]
@@ -260,9 +281,11 @@ class ChannelQueues:
                     self._drop_expired(rec, now)
                     if w[rec + C_COUNT] >= capacity:
                         skipped += 1
+                        self._j.add(H_GROUP_FULL)
                         continue
                 elif capacity < 1:
                     skipped += 1
+                    self._j.add(H_GROUP_FULL)
                     continue
                 accepted.append((name, rec or self._create(name, h), capacity))
             if not accepted:
@@ -280,6 +303,7 @@ class ChannelQueues:
                     self._j.checkpoint()
                     result = self.append(name, data, crc, capacity, expires, now, rings)
                     skipped += result != QUEUED
+                    self._j.add(_GROUP_OUTCOME[result])
                 continue
             last = w[H_EXPIRY_TAIL]
             previous, woken = last, []
@@ -299,6 +323,7 @@ class ChannelQueues:
                     woken.append((name, rec))
             jset(last + M_SENT_NEXT if last else H_EXPIRY_HEAD, nodes[0])
             jset(H_EXPIRY_TAIL, nodes[-1])
+            self._j.add(H_DELIVERED, len(nodes))
             # Only now that the whole run is linked: pruning stale waiters may commit.
             for name, rec in woken:
                 self._collect_doorbells(rec, name, rings)
@@ -318,6 +343,9 @@ class ChannelQueues:
             expires = w[node + M_EXPIRES]
             if expires > now:
                 found = self._read(node), expires
+                self._j.add(H_RECEIVED)
+            else:
+                self._j.add(H_EXPIRED)
             self.heap.free(node)
         return found
 
@@ -352,6 +380,7 @@ class ChannelQueues:
             jset(rec + C_TAIL, node)
         count = w[rec + C_COUNT]
         jset(rec + C_COUNT, count + 1)
+        self._j.add(H_RETURNED)
         if not count and w[rec + C_WAITERS]:
             self._collect_doorbells(rec, name, rings)
         return True
@@ -376,6 +405,7 @@ class ChannelQueues:
                 raise StoreCorrupted(f"the oldest message {node} is not first in its channel")
             self._j.checkpoint()
             self.heap.free(self._unlink_head(rec))
+            self._j.add(H_EXPIRED)
             done += 1
         return done
 
@@ -479,52 +509,98 @@ class ChannelQueues:
             node, n = w[node + W_NEXT], n + 1
         return n
 
-    def verify(self, now: int, alive: Container[tuple[int, int]]) -> dict:
+    def _check_record(
+        self, bucket: int, rec: int, name: bytes, now: int, problems: list[str]
+    ) -> tuple[int, int, int]:
+        """Walk one channel record's messages, adding what is wrong to ``problems``:
+        (messages, words of the record's and messages' blocks, words of the expired ones)."""
+        w = self._w
+        block_words = w[rec] >> 2
+        expired = 0
+        if (w[rec + C_HASH] & self._mask) != bucket or self.hash(name) != w[rec + C_HASH]:
+            problems.append(f"channel record {rec} ({name!r}) is filed under a wrong hash")
+        node, count, last = w[rec + C_HEAD], 0, 0
+        while node:
+            if w[node + M_CHANNEL] != rec:
+                problems.append(f"message {node} points to the wrong channel")
+            try:
+                self._read(node)
+            except StoreCorrupted as exc:
+                problems.append(str(exc))
+            if w[node + M_EXPIRES] <= now:
+                expired += w[node] >> 2
+            block_words += w[node] >> 2
+            last, node, count = node, w[node + M_NEXT], count + 1
+            if count > self.heap.size_words:
+                problems.append(f"the message list of channel record {rec} loops")
+                break
+        if count != w[rec + C_COUNT] or last != w[rec + C_TAIL]:
+            problems.append(f"channel record {rec} counts {w[rec + C_COUNT]}, holds {count}")
+        return count, block_words, expired
+
+    def _waiters(self, rec: int, alive: Container[tuple[int, int]]) -> tuple[int, int, int]:
+        """(waiters of live processes, waiters left by processes that have exited, words of
+        their blocks) of the record at ``rec``."""
+        w = self._w
+        waiter, steps, live, dead, words = w[rec + C_WAITERS], 0, 0, 0, 0
+        while waiter and steps <= MAX_CHAIN:
+            words += w[waiter] >> 2
+            if (w[waiter + W_SLOT], w[waiter + W_TOKEN]) in alive:
+                live += 1
+            else:
+                dead += 1
+            waiter, steps = w[waiter + W_NEXT], steps + 1
+        return live, dead, words
+
+    def verify(
+        self, now: int, alive: Container[tuple[int, int]], top: int = 10, check: bool = True
+    ) -> dict:
         """Walk every record, message and waiter; report problems and what they add up to.
 
         A waiter counts as waiting when its (slot, token) is in ``alive``; one left by a process
         that has exited counts in ``dead_waiters`` instead. ``channels`` are the records with
-        messages or waiting receives, ``deepest`` lists the deepest of them and nothing else;
-        the other records (``idle_records``) wait for the sweep."""
+        messages or waiting receives, and only they are listed; the other records
+        (``idle_records``) wait for the sweep. Of the channels, the ``top`` deepest and the
+        ``top`` whose first message expires soonest are listed as (depth, name, waiting
+        processes, expiry of the first message in ms since the epoch, 0 when empty). With
+        ``check`` False the messages are not walked: the depths are the counts the records
+        keep, nothing is checked (``problems`` and ``expired_bytes`` are None), and the walk is
+        O(records) instead of O(messages)."""
         w, problems = self._w, []
         messages = expired = records = block_words = idle = dead = 0
-        depths = []
+        rows = []
         for bucket, rec in self.records():
             records += 1
-            block_words += w[rec] >> 2
             name = self.name_of(rec)
-            if (w[rec + C_HASH] & self._mask) != bucket or self.hash(name) != w[rec + C_HASH]:
-                problems.append(f"channel record {rec} ({name!r}) is filed under a wrong hash")
-            node, count, last = w[rec + C_HEAD], 0, 0
-            while node:
-                if w[node + M_CHANNEL] != rec:
-                    problems.append(f"message {node} points to the wrong channel")
-                try:
-                    self._read(node)
-                except StoreCorrupted as exc:
-                    problems.append(str(exc))
-                if w[node + M_EXPIRES] <= now:
-                    expired += w[node] >> 2
-                block_words += w[node] >> 2
-                last, node, count = node, w[node + M_NEXT], count + 1
-                if count > self.heap.size_words:
-                    problems.append(f"the message list of channel record {rec} loops")
-                    break
-            if count != w[rec + C_COUNT] or last != w[rec + C_TAIL]:
-                problems.append(f"channel record {rec} counts {w[rec + C_COUNT]}, holds {count}")
-            waiter, steps, waiters = w[rec + C_WAITERS], 0, 0
-            while waiter and steps <= MAX_CHAIN:
-                block_words += w[waiter] >> 2
-                if (w[waiter + W_SLOT], w[waiter + W_TOKEN]) in alive:
-                    waiters += 1
-                else:
-                    dead += 1
-                waiter, steps = w[waiter + W_NEXT], steps + 1
-            if count or waiters:
-                depths.append((count, name.decode("utf-8", "replace"), waiters))
+            if check:
+                count, words, old = self._check_record(bucket, rec, name, now, problems)
+                block_words, expired = block_words + words, expired + old
             else:
-                idle += 1
+                count = w[rec + C_COUNT]
+            waiters, gone, words = self._waiters(rec, alive)
+            block_words, dead = block_words + words, dead + gone
             messages += count
+            if not count and not waiters:
+                idle += 1
+                continue
+            first = w[rec + C_HEAD]
+            rows.append((count, name.decode("utf-8", "replace"), waiters,
+                         w[first + M_EXPIRES] if first else 0))
+        first = w[H_EXPIRY_HEAD]
+        figures = {
+            "channels": records - idle,
+            "idle_records": idle,
+            "dead_waiters": dead,
+            "messages": messages,
+            "expired_bytes": expired * WORD if check else None,
+            "deepest": sorted(((c, n, waiters) for c, n, waiters, _e in rows), reverse=True)[:top],
+            "by_depth": heapq.nlargest(top, rows, key=lambda row: row[0]),
+            "by_expiry": heapq.nsmallest(top, (row for row in rows if row[0]),
+                                         key=lambda row: row[3]),
+            "oldest_expires": w[first + M_EXPIRES] if first else 0,
+        }
+        if not check:
+            return {"problems": None, **figures}
         if records != w[H_CHANNELS]:
             problems.append(f"{records} channel records, header says {w[H_CHANNELS]}")
         sent, node, prev = 0, w[H_EXPIRY_HEAD], 0
@@ -541,12 +617,4 @@ class ChannelQueues:
                 f"channel memory: {self.heap.used_words()} words allocated, {block_words} "
                 "reachable (leak or double use)"
             )
-        return {
-            "problems": problems,
-            "channels": records - idle,
-            "idle_records": idle,
-            "dead_waiters": dead,
-            "messages": messages,
-            "expired_bytes": expired * WORD,
-            "deepest": sorted(depths, reverse=True)[:10],
-        }
+        return {"problems": problems, **figures}

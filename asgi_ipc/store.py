@@ -50,18 +50,23 @@ from .groups import GroupStore
 from .heap import Heap
 from .journal import Journal
 from .layout import (
+    COUNTERS,
+    H_CHANNEL_FULL,
     H_CHANNELS,
     H_EPOCH,
     H_EXPIRY_HEAD,
     H_EXPIRY_TAIL,
     H_FLUSHING,
     H_GROUP_RESERVED,
+    H_GROUP_SENDS,
     H_GROUPS,
     H_JOURNAL_COUNT,
     H_LOCK_PID,
     H_MAGIC,
     H_MEMBERSHIPS,
     H_MESSAGE_RESERVED,
+    H_NO_MEMORY,
+    H_SENT,
     MAGIC,
     PAGE_WORDS,
     SLOTS,
@@ -97,6 +102,9 @@ SWEEP_BUCKETS_PER_SEND = 4
 HASH_CACHE_SIZE = 1 << 16
 
 _CORRUPTION = (IndexError, ValueError, OverflowError, TypeError)
+
+# The counter of each outcome of a send (see layout.py).
+_SEND_OUTCOME = {QUEUED: H_SENT, OVER_CAPACITY: H_CHANNEL_FULL, OUT_OF_MEMORY: H_NO_MEMORY}
 
 T = TypeVar("T")
 
@@ -428,6 +436,7 @@ class Store:
             result = self.queues.append(
                 channel, data, crc, capacity, now + expiry_ms, now, self._rings
             )
+            self.journal.add(_SEND_OUTCOME[result])
             self.queues.expire(now, EXPIRE_PER_SEND)
             self.queues.sweep(SWEEP_BUCKETS_PER_SEND)
             return result
@@ -717,6 +726,7 @@ class Store:
         now = now_ms()
 
         def hold() -> tuple[int, int]:
+            self.journal.add(H_GROUP_SENDS)
             members = self.groups.members(group, now - group_expiry_ms)
             self.groups.sweep(now - group_expiry_ms)
             skipped = self.queues.append_to_all(
@@ -746,9 +756,13 @@ class Store:
 
     # --- inspection ------------------------------------------------------------------------
 
-    def inspect(self) -> dict:
+    def inspect(self, top: int = 10, check: bool = True) -> dict:
         """Walk the whole store under the lock: its problems (empty when consistent) and
-        figures. O(everything): for the command line and tests, not for serving.
+        figures, the ``top`` deepest channels and largest groups among them, and the counters
+        (layout.COUNTERS). O(everything): for the command line, observe.py and tests, not for
+        serving. With ``check`` False nothing is checked (``problems`` is None) and the walk
+        reads the counts that channel and group records keep rather than walking every
+        message and membership (see ``ChannelQueues.verify``).
 
         A process that has exited is nowhere counted as waiting: not in
         ``waiting_processes``, not in a channel's waiters; its leftover registrations are
@@ -757,6 +771,7 @@ class Store:
 
         def hold() -> dict:
             w = self.words
+            now = now_ms()
             # A slot is live while its holder keeps its byte locked: one that has exited still
             # carries its pid and token, and its waiters are not waiting.
             doorbell, fd = self._doorbell, self.segment.fd
@@ -765,16 +780,21 @@ class Store:
                 if self.slots.locked(fd, slot)
                 or (doorbell is not None and (slot, token) == (doorbell.slot, doorbell.token))
             ]
-            queues = self.queues.verify(now_ms(), {(slot, token) for slot, _pid, token in live})
-            groups = self.groups.verify()
-            problems = (
-                self.queues.heap.verify() + self.groups.heap.verify()
-                + queues.pop("problems") + groups.pop("problems")
-            )
+            alive = {(slot, token) for slot, _pid, token in live}
+            queues = self.queues.verify(now, alive, top, check)
+            groups = self.groups.verify(top, check)
+            in_queues, in_groups = queues.pop("problems"), groups.pop("problems")
+            problems = None
+            if check:
+                problems = (
+                    self.queues.heap.verify() + self.groups.heap.verify() + in_queues + in_groups
+                )
             return {
                 "prefix": self.prefix,
                 "name": self.name,
                 "problems": problems,
+                "now": now,
+                "counters": {name: w[word] for name, word in COUNTERS.items()},
                 "epoch": w[H_EPOCH],
                 "lock_holder": lock_holder,
                 "waiting_processes": sorted({pid for _slot, pid, _token in live}),

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.timeout(180)
 ctx = workers.context()
 MiB = 1024 * 1024
 NEXT_OPERATION_BOUND = 1.0  # seconds from a kill to the end of another process's operation
-VOLATILE = ("lock_holder", "waiting_processes", "epoch", "problems", "expired_bytes")
+VOLATILE = ("lock_holder", "waiting_processes", "epoch", "problems", "expired_bytes", "now")
 
 
 def _kill(child) -> None:

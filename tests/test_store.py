@@ -13,11 +13,18 @@ from channels.exceptions import ChannelFull, MessageTooLarge
 
 import asgi_ipc
 from asgi_ipc import GroupMemoryFull, IPCChannelLayer, StoreCorrupted
-from asgi_ipc.layout import H_LOCK_PID, H_SWEEP_CHANNEL, H_SWEEP_GROUP, LAYOUT_VERSION
+from asgi_ipc.layout import (
+    COUNTERS,
+    H_LOCK_PID,
+    H_SWEEP_CHANNEL,
+    H_SWEEP_GROUP,
+    LAYOUT_VERSION,
+)
 
 from .conftest import MiB, shm_path
 
-HINT_WORDS = (H_LOCK_PID, H_SWEEP_CHANNEL, H_SWEEP_GROUP)
+# The counters count refusals too (a ChannelFull): test_observe checks them.
+HINT_WORDS = (H_LOCK_PID, H_SWEEP_CHANNEL, H_SWEEP_GROUP, *COUNTERS.values())
 
 
 def layer_for(prefix, **config):
@@ -27,8 +34,9 @@ def layer_for(prefix, **config):
 
 
 def snapshot(layer) -> bytes:
-    """The whole segment, less the words that are hints rather than state, and less the undo
-    journal's entries, which are scratch space once the count that covers them is 0."""
+    """The whole segment, less the words that are hints or counters rather than state, and
+    less the undo journal's entries, which are scratch space once the count that covers them
+    is 0."""
     store = layer._open()
     words = store.words
     saved = [words[i] for i in HINT_WORDS]

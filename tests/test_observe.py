@@ -1,0 +1,410 @@
+"""Watching a store: the counters every process keeps in it (exact, and never counting what was
+rolled back), the figures API, the Prometheus metrics and `asgi-ipc top`."""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import multiprocessing
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import urllib.request
+from dataclasses import replace
+
+import pytest
+from channels.exceptions import ChannelFull
+from prometheus_client.parser import text_string_to_metric_families
+
+import asgi_ipc
+from asgi_ipc import StoreError
+from asgi_ipc.observe import Channel, figures
+
+from . import observe_workers
+from .conftest import left_behind, new_prefix, shm_path
+from .test_cli import cli
+
+SPAWN = multiprocessing.get_context("spawn")
+NOTHING = dict.fromkeys(observe_workers.expected_counters(0), 0)
+
+
+def start(children, target, *args):
+    child = SPAWN.Process(target=target, args=args)
+    child.start()
+    children.append(child)
+    return child
+
+
+def run_workers(prefix, children, processes=2):
+    done = SPAWN.Queue()
+    workers = [start(children, observe_workers.work, prefix, f"p{n}", done)
+               for n in range(processes)]
+    refused = [done.get(timeout=120) for _ in workers]
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+    return refused
+
+
+def test_counters_add_up_the_work_of_every_process_exactly(prefix, children):
+    refused = run_workers(prefix, children)
+    assert refused == [2, 2]  # the ChannelFull each process saw
+    f = figures(prefix, check=True)
+    assert f.counters == observe_workers.expected_counters(2)
+    assert f.problems == []
+    light = figures(prefix)  # the counts the records keep agree with the full walk
+    assert (light.counters, light.channels, light.messages, light.memberships) == (
+        f.counters, f.channels, f.messages, f.memberships
+    )
+    assert [(c.name, c.depth) for c in light.deepest] == [(c.name, c.depth) for c in f.deepest]
+    # full.p0 and full.p1 hold 3 each; bulk what was sent and not received.
+    assert (f.channels, f.messages) == (3, 2 * 3 + observe_workers.BULK)
+    c = f.counters
+    assert c["sent"] + c["delivered"] + c["returned"] - c["received"] - c["expired"] == f.messages
+    assert f.deepest[0].name == "bulk"
+    assert sorted((c.name, c.depth) for c in f.deepest[:3]) == [
+        ("bulk", observe_workers.BULK), ("full.p0", 3), ("full.p1", 3)
+    ]
+
+
+async def test_sends_refused_for_memory_are_counted(prefix):
+    layer = observe_workers.layer(prefix, channel_memory=64 * 1024)
+    big = {"blob": b"x" * 40_000}
+    await layer.send("first", big)
+    with pytest.raises(ChannelFull, match="no room"):
+        await layer.send("second", big)
+    await layer.group_add("g", "m.one")
+    await layer.group_add("g", "m.two")
+    await layer.group_send("g", big)  # neither member gets a copy
+    await layer.close()
+    counters = figures(prefix).counters
+    assert counters == {**NOTHING, "sent": 1, "no_memory": 3, "group_sends": 1}
+
+
+class _Boom:
+    """A channel_capacity pattern that raises when asked about one channel: inside the lock
+    hold of a group_send, after the operation has counted itself."""
+
+    def match(self, channel: str):
+        if channel == "b.two":
+            raise RuntimeError("capacity lookup failed")
+        return None
+
+
+async def test_an_operation_that_raises_is_not_counted(prefix):
+    layer = observe_workers.layer(prefix, channel_capacity={_Boom(): 5})
+    await layer.send("a.one", {"before": True})
+    await layer.group_add("g", "a.one")
+    await layer.group_add("g", "b.two")
+    with pytest.raises(RuntimeError, match="capacity lookup failed"):
+        await layer.group_send("g", {"rolled": "back"})
+    await layer.close()
+    f = figures(prefix, check=True)
+    assert f.counters == {**NOTHING, "sent": 1}
+    assert (f.messages, f.problems) == (1, [])
+
+
+async def test_an_operation_cut_off_by_a_kill_is_not_counted(prefix, children):
+    layer = observe_workers.layer(prefix)
+    await layer.send("before", {"n": 1})
+    await layer.close()
+    # More members than one run of copies: the first 512 are linked, and counted, before the
+    # process dies, all uncommitted.
+    victim = start(children, observe_workers.killed_in_group_send, prefix, 600)
+    victim.join(120)
+    assert victim.exitcode == -signal.SIGKILL
+    f = figures(prefix, check=True)  # its lock hold rolls back what the dead process left
+    assert f.counters == {**NOTHING, "sent": 1}
+    assert (f.messages, f.memberships, f.problems) == (1, 600, [])
+
+
+async def test_figures_describe_the_store(prefix, children):
+    layer = observe_workers.layer(prefix, expiry=60)
+    for i in range(3):
+        await layer.send("deep", {"i": i})
+    await layer.send("shallow", {"i": 0})
+    await layer.group_add("room", "deep")
+    await layer.group_add("room", "shallow")
+    ready = SPAWN.Queue()
+    waiter = start(children, observe_workers.wait_for, prefix, "idle.wait", ready)
+    pid = ready.get(timeout=60)
+
+    f = figures(prefix, top=5)
+    assert f.prefix == prefix
+    assert (f.channels, f.messages, f.groups, f.memberships) == (3, 4, 1, 2)
+    assert [(c.name, c.depth, c.waiting) for c in f.deepest] == [
+        ("deep", 3, 0), ("shallow", 1, 0), ("idle.wait", 0, 1)
+    ]
+    assert f.deepest[2] == Channel("idle.wait", 0, 1, None)
+    assert {c.name for c in f.expiring} == {"deep", "shallow"}
+    for channel in f.expiring:
+        assert 0 < channel.expires_in <= 60
+    assert 0 < f.oldest_expires_in <= 60
+    assert f.waiting_processes == [pid]
+    assert f.largest_groups == [("room", 2)]
+    assert 0 < f.channel_memory.used < f.channel_memory.size
+    assert f.channel_memory.used + f.channel_memory.free == f.channel_memory.size
+    assert 0 < f.group_memory.used < f.group_memory.size
+    assert (f.flushes, f.expired_bytes, f.problems) == (0, None, None)  # not checked
+    checked = figures(prefix, top=5, check=True)
+    assert (checked.expired_bytes, checked.problems) == (0, [])
+    assert [replace(c, expires_in=None) for c in checked.deepest] == [
+        replace(c, expires_in=None) for c in f.deepest
+    ]
+
+    waiter.kill()
+    waiter.join(30)
+    assert figures(prefix).waiting_processes == []  # only the live ones
+
+    await layer.flush()
+    f = figures(prefix, top=0)
+    assert (f.flushes, f.messages, f.deepest, f.expiring) == (1, 0, [], [])
+    assert f.counters["sent"] == 4  # counters outlive a flush
+    await layer.close()
+
+
+def test_figures_never_create_a_store():
+    missing = new_prefix()
+    with pytest.raises(StoreError, match="no asgi_ipc store"):
+        figures(missing)
+    assert not left_behind(missing)
+
+
+async def test_figures_refuse_a_bad_top(prefix):
+    with pytest.raises(ValueError, match="top must be"):
+        figures(prefix, top=-1)
+
+
+def metric_values(text: str) -> dict[tuple, float]:
+    """(sample name, frozenset of labels but prefix) -> value, after checking each family's
+    type and that every sample carries the prefix label."""
+    values = {}
+    for family in text_string_to_metric_families(text):
+        assert family.name.startswith("asgi_ipc_")
+        assert family.type == ("counter" if family.name + "_total" in text else "gauge")
+        for sample in family.samples:
+            labels = dict(sample.labels)
+            labels.pop("prefix")
+            values[sample.name, frozenset(labels.items())] = sample.value
+    return values
+
+
+def test_metrics_parse_with_the_figures_of_several_processes(prefix, children):
+    run_workers(prefix, children)
+    result = cli("metrics", "--prefix", prefix, "--check")
+    assert result.returncode == 0, result.stderr
+    values = metric_values(result.stdout)
+    assert values["asgi_ipc_problems", frozenset()] == 0
+    for name, count in observe_workers.expected_counters(2).items():
+        assert values[f"asgi_ipc_{name}_total", frozenset()] == count, name
+    assert values["asgi_ipc_up", frozenset()] == 1
+    assert values["asgi_ipc_messages", frozenset()] == 2 * 3 + observe_workers.BULK
+    depth = {dict(labels)["channel"]: value for (name, labels), value in values.items()
+             if name == "asgi_ipc_channel_depth"}
+    assert depth == {"bulk": observe_workers.BULK, "full.p0": 3, "full.p1": 3}
+    memory = {tuple(sorted(labels)): value for (name, labels), value in values.items()
+              if name == "asgi_ipc_memory_bytes"}
+    used = memory[("area", "channel"), ("state", "used")]
+    assert 0 < used < memory[("area", "channel"), ("state", "size")]
+
+
+def test_metrics_of_a_missing_store_or_a_bad_port_fail_in_one_line():
+    result = cli("metrics", "--prefix", new_prefix())
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "no asgi_ipc store" in result.stderr
+    result = cli("metrics", "--serve", "70000")
+    assert result.returncode == 2 and "from 0 to 65535" in result.stderr
+
+
+async def test_metrics_served_over_http_follow_the_store(prefix):
+    layer = observe_workers.layer(prefix)
+    await layer.send("c.one", {"n": 1})
+    await layer.close()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "asgi_ipc", "metrics", "--prefix", prefix, "--serve", "0"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(server.stdout.readline), 60)
+        url = re.search(r"http://127\.0\.0\.1:\d+/metrics", line).group(0)
+
+        def scrape() -> dict:
+            with urllib.request.urlopen(url, timeout=30) as response:
+                return metric_values(response.read().decode())
+
+        values = await asyncio.to_thread(scrape)
+        assert values["asgi_ipc_sent_total", frozenset()] == 1
+        assert values["asgi_ipc_up", frozenset()] == 1
+        assert ("asgi_ipc_problems", frozenset()) not in values  # only with --check
+        asgi_ipc.unlink(prefix)
+        values = await asyncio.to_thread(scrape)
+        assert values["asgi_ipc_up", frozenset()] == 0
+        assert ("asgi_ipc_sent_total", frozenset()) not in values
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+VIEW = textwrap.dedent("""
+    import sys
+    import django
+    from django.conf import settings
+    settings.configure(CHANNEL_LAYERS={"default": {
+        "BACKEND": "asgi_ipc.IPCChannelLayer", "CONFIG": {"prefix": sys.argv[1]}}})
+    django.setup()
+    from django.test import RequestFactory
+    from asgi_ipc.observe import metrics_view
+    response = metrics_view(RequestFactory().get("/metrics"))
+    print(response["Content-Type"])
+    print(response.content.decode(), end="")
+""")
+
+
+async def test_metrics_view_serves_the_store_of_the_layer(prefix):
+    layer = observe_workers.layer(prefix)
+    for n in range(4):
+        await layer.send("c.view", {"n": n})
+    await layer.close()
+    result = subprocess.run([sys.executable, "-c", VIEW, prefix], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    content_type, _, body = result.stdout.partition("\n")
+    assert content_type.startswith("text/plain")
+    values = metric_values(body)
+    assert values["asgi_ipc_sent_total", frozenset()] == 4
+    assert values["asgi_ipc_channel_depth", frozenset({("channel", "c.view")})] == 4
+
+
+async def fill(prefix):
+    layer = observe_workers.layer(prefix, capacity=5)
+    for n in range(6):
+        try:
+            await layer.send("c.deep", {"n": n})
+        except ChannelFull:
+            pass
+    await layer.send("c.shallow", {"n": 0})
+    await layer.receive("c.shallow")
+    await layer.close()
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """The rows of the tables rich drew, by their first cell."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("│").split("│")]
+        if len(cells) > 1 and cells[0]:
+            rows.setdefault(cells[0], cells[1:])
+    return rows
+
+
+async def test_top_once_shows_counters_channels_and_memory(prefix):
+    await fill(prefix)
+    result = await asyncio.to_thread(cli, "top", "--prefix", prefix, "--once", "--check")
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(result.stdout)
+    assert rows["problems"] == ["none"]
+    assert rows["sent"] == ["6", "-"]
+    assert rows["received"] == ["1", "-"]
+    assert rows["channel_full"] == ["1", "-"]
+    assert rows["messages"] == ["5"]
+    assert rows["c.deep"][:2] == ["5", "0"]
+    assert "used of" in rows["channel memory"][0]
+
+
+async def test_top_redraws_in_a_terminal_with_rates(prefix):
+    await fill(prefix)
+    controller, terminal = pty.openpty()
+    env = dict(os.environ, TERM="xterm", COLUMNS="120", LINES="60")
+    top = subprocess.Popen(
+        [sys.executable, "-m", "asgi_ipc", "top", "--prefix", prefix, "--iterations", "2",
+         "--interval", "0.2"],
+        stdin=terminal, stdout=terminal, stderr=terminal, env=env, close_fds=True,
+    )
+    os.close(terminal)
+    output = b""
+    try:
+        while True:
+            ready, _, _ = select.select([controller], [], [], 60)
+            assert ready, "top said nothing for 60 s"
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the terminal's other end closed
+                break
+            if not chunk:
+                break
+            output += chunk
+        assert top.wait(30) == 0
+    finally:
+        os.close(controller)
+        if top.poll() is None:
+            top.kill()
+            top.wait(30)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.decode("utf-8", "replace"))
+    assert "\x1b[" in output.decode("utf-8", "replace")  # drawn for a terminal
+    assert "c.deep" in text
+    # The second view has rates: nothing was sent between the two.
+    assert re.search(r"│ sent\s+│\s+6 │\s+0\.0 │", text), text
+
+
+@pytest.mark.parametrize("command, module, needs", [
+    ("top", "rich", "asgi-ipc top needs rich: pip install 'asgi_ipc[top]'"),
+    ("metrics", "prometheus_client",
+     "the metrics need prometheus_client: pip install 'asgi_ipc[metrics]'"),
+])
+def test_a_missing_extra_is_one_line(prefix, command, module, needs):
+    script = (f"import sys; sys.modules[{module!r}] = None; from asgi_ipc.cli import main; "
+              f"sys.exit(main([{command!r}, '--prefix', {prefix!r}]))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert result.stderr == f"asgi-ipc: {needs}\n"
+
+
+def test_top_refuses_a_bad_interval_and_a_missing_store(prefix):
+    result = cli("top", "--prefix", prefix, "--interval", "0")
+    assert result.returncode == 2 and "above 0" in result.stderr
+    result = cli("top", "--prefix", prefix, "--once")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "no asgi_ipc store" in result.stderr
+    assert not left_behind(prefix)
+
+
+async def test_a_message_put_back_by_a_cancelled_receive_is_counted(prefix):
+    layer = observe_workers.layer(prefix)
+    await layer.send("c.a", {"n": "a"})
+    await layer.send("c.b", {"n": "b"})
+    first = asyncio.ensure_future(layer.receive("c.a"))
+    second = asyncio.ensure_future(layer.receive("c.b"))
+    await asyncio.sleep(0)
+    # Both receives ran in that pass of the loop: the first was served at once, the second
+    # waits to be served with the receives gathered in this pass, in a callback queued
+    # before this one: so the cancel lands after its message was handed over, before the
+    # receive resumed, and the message goes back.
+    asyncio.get_running_loop().call_soon(second.cancel)
+    assert await first == {"n": "a"}
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    counters = figures(prefix).counters
+    assert counters == {**NOTHING, "sent": 2, "received": 2, "returned": 1}
+    assert await layer.receive("c.b") == {"n": "b"}
+    assert figures(prefix).counters["received"] == 3
+    await layer.close()
+
+
+async def test_a_checked_view_reports_a_damaged_store(prefix):
+    layer = observe_workers.layer(prefix)
+    await layer.send("c.damaged", {"text": "findme-payload"})
+    await layer.close()
+    with open(shm_path(prefix), "r+b") as file, mmap.mmap(file.fileno(), 0) as memory:
+        at = memory.find(b"findme-payload")
+        memory[at : at + 1] = b"F"  # the CRC no longer matches
+    assert figures(prefix).problems is None  # not checked: nothing walked the message
+    problems = figures(prefix, check=True).problems
+    assert len(problems) == 1 and "CRC" in problems[0]
+    result = cli("metrics", "--prefix", prefix, "--check")
+    assert metric_values(result.stdout)["asgi_ipc_problems", frozenset()] == 1
