@@ -272,13 +272,9 @@ class Segment:
         return None
 
     def _reopen(self) -> int:
-        """A new open file description of this store, through its path and its checks; it
-        must still be the very file this process has mapped."""
-        fd = open_private_file(self.path, False)[0]
-        if not os.path.samestat(os.fstat(fd), os.fstat(self.fd)):
-            os.close(fd)
-            raise StoreError(f"{self.path} was removed or replaced since this process opened it")
-        return fd
+        """A new open file description of the very file this process has mapped, opened
+        through /proc/self/fd: it is found even after its name was unlinked or reused."""
+        return os.open(f"/proc/self/fd/{self.fd}", os.O_RDWR | os.O_CLOEXEC)
 
     def reopen_after_fork(self) -> None:
         """Give a forked child its own open file description, so its flock excludes the parent."""

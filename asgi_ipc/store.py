@@ -607,7 +607,8 @@ class Store:
                 raise self._closed_error()
             epoch = self.words[H_EPOCH]
             # Taken under the lock, after recovery brought them up to date.
-            records = self._doorbell.registered if self._doorbell is not None else {}
+            doorbell = self._doorbell
+            records = doorbell.registered if doorbell is not None else {}
             try:
                 for waiter in waiters:
                     journal.checkpoint()
@@ -634,6 +635,10 @@ class Store:
         try:
             self.locked(hold)
             settled = len(handed)
+            if settled + len(failed) < len(waiters):
+                # Some wait now, tracked by the doorbell: make sure the checker runs. Started
+                # here rather than under the lock, where no other process should wait on it.
+                self._check_later()
         except BaseException as exc:
             if journal.commits != commits:
                 settled = len(handed)
@@ -675,9 +680,7 @@ class Store:
         if self.slots.token(doorbell.slot) != doorbell.token:
             self._register_again(doorbell)  # records the slot claimed without the lock
         if doorbell.add(waiter.channel, waiter):
-            self._check_later()
             return False
-        self._check_later()
         rec = self.queues.add_waiter(waiter.channel, doorbell.slot, doorbell.token)
         if not rec:
             return False  # waits unregistered: see above
@@ -827,30 +830,39 @@ class Store:
         """Detach from the store; its contents stay. Every receive of this store still
         waiting, in whichever event loop or thread, raises ``StoreClosed`` (settled in its own
         loop); a receive called after this raises it at once."""
+        if self._pid != os.getpid():
+            # A forked child that never took the lock still holds its parent's doorbell and
+            # thread state: it must not close the parent's socket or join its thread.
+            self._forget_parent_process()
         if self._closed:
             return
         self._closed = True
         with self._checker_guard:
             checker, self._checker = self._checker, None
-        if checker is not None and self._pid == os.getpid():
+        if checker is not None:
             thread, stop = checker
             stop.set()
             if thread is not threading.current_thread():
                 thread.join()  # at most one check under way: the segment must outlive it
-        doorbell, self._doorbell = self._doorbell, None
-        if doorbell is not None:
-            if self._pid == os.getpid():
+        with self._slot_guard:  # a slot claim under way finishes first, and is closed here
+            doorbell, self._doorbell = self._doorbell, None
+        try:
+            if doorbell is not None:
                 try:
                     # After it, no lock hold of this process tracks a receive.
                     self.locked(self._leave, doorbell)
-                except StoreCorrupted:
-                    pass
-            waiters = doorbell.close()  # removes its socket while the byte still says we live
-            self.slots.unlock(self.segment.fd, doorbell.slot)
-            for waiter in waiters:
-                self._end_elsewhere(waiter, self._closed_error())
-        self._ringer.close()
-        self.segment.close()
+                except Exception:
+                    # The slot is freed anyway once its byte is unlocked below.
+                    logger.exception("%s: could not leave the store cleanly on close", self.name)
+        finally:
+            # Whatever happened above, nothing of this process may be left half open.
+            if doorbell is not None:
+                waiters = doorbell.close()  # removes its socket while the byte says we live
+                self.slots.unlock(self.segment.fd, doorbell.slot)
+                for waiter in waiters:
+                    self._end_elsewhere(waiter, self._closed_error())
+            self._ringer.close()
+            self.segment.close()
 
     @staticmethod
     def _end_elsewhere(waiter: Waiter, exc: BaseException) -> None:

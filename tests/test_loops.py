@@ -220,3 +220,49 @@ def test_an_interrupted_lock_hold_settles_every_receive_it_took(layer):
     assert first == {"n": 0}
     assert isinstance(second, StoreError) and "KeyboardInterrupt" in str(second)
     assert store.verify() == []
+
+
+async def test_a_forked_child_closing_its_copy_leaves_the_parents_doorbell_alone(layer):
+    """A child forked while its parent waits inherits the parent's doorbell; closing the child's
+    copy of the layer must not remove the parent's socket, or no ring would reach the parent."""
+    waiting = asyncio.ensure_future(layer.receive("forked.parent"))
+    store = layer._open()
+    await asyncio.sleep(0)
+    while store._doorbell is None or waiters(store, "forked.parent") != 1:
+        await asyncio.sleep(0.01)
+    socket_path = store.slots.address(store._doorbell.token)
+    assert os.path.exists(socket_path)
+    pid = os.fork()
+    if pid == 0:  # the child: close its copy and leave at once
+        code = 1
+        try:
+            asyncio.new_event_loop().run_until_complete(layer.close())
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert os.path.exists(socket_path), "the child removed its parent's doorbell"
+    await layer.send("forked.parent", {"still": "rung"})
+    assert await asyncio.wait_for(waiting, HANG) == {"still": "rung"}
+
+
+async def test_close_closes_everything_even_when_leaving_the_store_fails(layer):
+    """close() whose last lock hold fails (here: no descriptor left for this thread's lock)
+    still ends the pending receives, removes the doorbell and closes the store."""
+    waiting = asyncio.ensure_future(layer.receive("failing.close"))
+    store = layer._open()
+    while store._doorbell is None or waiters(store, "failing.close") != 1:
+        await asyncio.sleep(0.01)
+    socket_path = store.slots.address(store._doorbell.token)
+    lock = store.segment.lock
+
+    def no_handle():
+        raise StoreError("no descriptor left for this thread's lock")
+
+    lock.handle = no_handle
+    await layer.close()
+    with pytest.raises(StoreClosed):
+        await asyncio.wait_for(waiting, HANG)
+    assert store.segment.closed
+    assert not os.path.exists(socket_path)
