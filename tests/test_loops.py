@@ -266,3 +266,44 @@ async def test_close_closes_everything_even_when_leaving_the_store_fails(layer):
         await asyncio.wait_for(waiting, HANG)
     assert store.segment.closed
     assert not os.path.exists(socket_path)
+
+
+async def test_a_child_forked_after_the_store_was_unlinked_takes_a_slot_of_its_own(layer, prefix):
+    """The child opens the store again through /proc (its name is gone): its own open file
+    description, so its slot byte lock conflicts with its parent's instead of sharing it."""
+    import asgi_ipc
+
+    waiting = asyncio.ensure_future(layer.receive("unlinked.parent"))
+    store = layer._open()
+    while store._doorbell is None or waiters(store, "unlinked.parent") != 1:
+        await asyncio.sleep(0.01)
+    parent_slot, parent_token = store._doorbell.slot, store._doorbell.token
+    asgi_ipc.unlink(prefix)  # as `asgi-ipc unlink --force` would, with processes attached
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_end)
+
+            async def wait_once():
+                child = asyncio.ensure_future(layer.receive("unlinked.child"))
+                # The doorbell inherited from the parent is forgotten at the child's first
+                # lock hold; the child's own comes with the slot it claims.
+                while getattr(layer._open()._doorbell, "token", parent_token) == parent_token:
+                    await asyncio.sleep(0.01)
+                os.write(write_end, b"%d" % layer._open()._doorbell.slot)
+                child.cancel()
+
+            asyncio.new_event_loop().run_until_complete(wait_once())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    child_slot = int(os.read(read_end, 16) or b"-1")
+    os.close(read_end)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert child_slot >= 0 and child_slot != parent_slot
+    assert store.slots.token(parent_slot) == store._doorbell.token
+    waiting.cancel()
