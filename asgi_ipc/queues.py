@@ -504,10 +504,9 @@ class ChannelQueues:
                     raise StoreCorrupted("a channel index chain loops")
 
     def waiter_count(self, rec: int) -> int:
-        w, node, n = self._w, self._w[rec + C_WAITERS], 0
-        while node and n <= MAX_CHAIN:
-            node, n = w[node + W_NEXT], n + 1
-        return n
+        """Every registration on the record at ``rec``, of live processes or not."""
+        live, dead, _words = self._waiters(rec, ())
+        return live + dead
 
     def _check_record(
         self, bucket: int, rec: int, name: bytes, now: int, problems: list[str]
@@ -587,14 +586,15 @@ class ChannelQueues:
             rows.append((count, name.decode("utf-8", "replace"), waiters,
                          w[first + M_EXPIRES] if first else 0))
         first = w[H_EXPIRY_HEAD]
+        by_depth = heapq.nlargest(top, rows, key=lambda row: row[0])
         figures = {
             "channels": records - idle,
             "idle_records": idle,
             "dead_waiters": dead,
             "messages": messages,
             "expired_bytes": expired * WORD if check else None,
-            "deepest": sorted(((c, n, waiters) for c, n, waiters, _e in rows), reverse=True)[:top],
-            "by_depth": heapq.nlargest(top, rows, key=lambda row: row[0]),
+            "by_depth": by_depth,
+            "deepest": [row[:3] for row in by_depth],  # without the expiry, for the CLI
             "by_expiry": heapq.nsmallest(top, (row for row in rows if row[0]),
                                          key=lambda row: row[3]),
             "oldest_expires": w[first + M_EXPIRES] if first else 0,
