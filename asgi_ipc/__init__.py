@@ -1,5 +1,6 @@
 """asgi_ipc: a Django Channels layer over POSIX shared memory, for processes of one machine."""
 
+from .engine.segment import unlink
 from .exceptions import (
     ForeignObject,
     GroupMemoryFull,
@@ -9,7 +10,6 @@ from .exceptions import (
     StoreError,
 )
 from .layer import IPCChannelLayer
-from .segment import unlink
 
 __version__ = "2.1.0"
 

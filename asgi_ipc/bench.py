@@ -659,7 +659,7 @@ class Bench:
             yield spec
         finally:
             if kind == IPC:
-                from .segment import unlink
+                from .engine.segment import unlink
 
                 unlink(run_id)
                 self._prefixes.remove(run_id)
@@ -669,7 +669,7 @@ class Bench:
 
     def close(self) -> None:
         self._drop_pool()
-        from .segment import unlink
+        from .engine.segment import unlink
 
         for prefix in self._prefixes:
             unlink(prefix)

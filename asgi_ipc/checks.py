@@ -23,8 +23,8 @@ from django.conf import settings
 from django.core import checks
 from django.utils.module_loading import import_string
 
+from .engine.layout import SHM_DIR, Geometry
 from .layer import IPCChannelLayer, config_problems
-from .layout import SHM_DIR, Geometry
 
 KIND_IDS = {"value": "asgi_ipc.E002", "unknown": "asgi_ipc.E003", "channels_redis": "asgi_ipc.E004"}
 

@@ -31,12 +31,12 @@ import sys
 import time
 
 from . import __version__
+from .engine.layout import NAME_PREFIX, SHM_DIR, WAKE_DIR_SUFFIX, store_path, validate_prefix
+from .engine.segment import unlink
 from .exceptions import StoreError
 from .layer import IPCChannelLayer
-from .layout import NAME_PREFIX, SHM_DIR, WAKE_DIR_SUFFIX, store_path, validate_prefix
 from .observe import add_commands as add_observe_commands
 from .private import check_private, describe
-from .segment import unlink
 from .store import Store
 
 FILE_PREFIX = NAME_PREFIX.lstrip("/")

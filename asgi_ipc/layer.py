@@ -34,7 +34,7 @@ import msgpack
 from channels.exceptions import ChannelFull, MessageTooLarge
 from channels.layers import BaseChannelLayer
 
-from .layout import PREFIX_RULE, validate_prefix
+from .engine.layout import PREFIX_RULE, validate_prefix
 from .store import OUT_OF_MEMORY, OVER_CAPACITY, Store
 
 logger = logging.getLogger(__name__)

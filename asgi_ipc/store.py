@@ -37,7 +37,6 @@ import asyncio
 import fcntl
 import hashlib
 import logging
-import mmap
 import os
 import threading
 import time
@@ -45,51 +44,40 @@ import zlib
 from collections.abc import Callable
 from typing import TypeVar
 
-from .exceptions import StoreClosed, StoreCorrupted, StoreError
-from .groups import GroupStore
-from .heap import Heap
-from .journal import Journal
-from .layout import (
-    COUNTERS,
-    H_CHANNEL_FULL,
-    H_CHANNELS,
-    H_EPOCH,
-    H_EXPIRY_HEAD,
-    H_EXPIRY_TAIL,
-    H_FLUSHING,
-    H_GROUP_RESERVED,
-    H_GROUP_SENDS,
-    H_GROUPS,
-    H_JOURNAL_COUNT,
-    H_LOCK_PID,
-    H_MAGIC,
-    H_MEMBERSHIPS,
-    H_MESSAGE_RESERVED,
-    H_NO_MEMORY,
-    H_SENT,
-    MAGIC,
-    PAGE_WORDS,
-    SLOTS,
-    WORD,
-    Geometry,
-)
-from .lock import Handle as StoreHandle
-from .queues import OUT_OF_MEMORY, OVER_CAPACITY, QUEUED, ChannelQueues
-from .segment import Segment, removal_hint
-
-# CHECK_INTERVAL is read from this module each time a check is scheduled: a test that must
-# see a lost ring hang rather than be made up for raises it here before opening a layer.
-from .wakeup import (
+from .doorbell import (
     CHECK_INTERVAL,
     FULL,
     GONE,
     RING_BYTES,
     Doorbell,
-    ProcessSlots,
     Ringer,
     Waiter,
+    doorbell_address,
     remove_doorbell,
 )
+from .engine.groups import GroupStore
+from .engine.heap import Heap
+from .engine.journal import Journal
+from .engine.layout import (
+    COUNTERS,
+    H_CHANNEL_FULL,
+    H_EPOCH,
+    H_FLUSHING,
+    H_GROUP_SENDS,
+    H_JOURNAL_COUNT,
+    H_LOCK_PID,
+    H_MAGIC,
+    H_NO_MEMORY,
+    H_SENT,
+    MAGIC,
+    SLOTS,
+    WORD,
+)
+from .engine.lock import Handle as StoreHandle
+from .engine.queues import OUT_OF_MEMORY, OVER_CAPACITY, QUEUED, ChannelQueues
+from .engine.segment import Segment, format_areas, heaps, removal_hint
+from .engine.slots import ProcessSlots
+from .exceptions import StoreClosed, StoreCorrupted, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -109,56 +97,6 @@ _SEND_OUTCOME = {QUEUED: H_SENT, OVER_CAPACITY: H_CHANNEL_FULL, OUT_OF_MEMORY: H
 T = TypeVar("T")
 
 
-def _heaps(
-    words: memoryview, journal: Journal, g: Geometry, reserve: Callable[[int, int], bool]
-) -> tuple[Heap, Heap]:
-    return (
-        Heap(words, journal, g.message_heap_meta, g.message_heap, g.message_heap_end,
-             H_MESSAGE_RESERVED, reserve),
-        Heap(words, journal, g.group_heap_meta, g.group_heap, g.group_heap_end,
-             H_GROUP_RESERVED, reserve),
-    )
-
-
-_ZEROS = memoryview(bytes(1 << 20)).cast("Q")
-
-
-def _clear(words: memoryview, start: int, end: int) -> None:
-    """Zero words [start, end) by writing: they stay reserved."""
-    for at in range(start, end, len(_ZEROS)):
-        chunk = min(len(_ZEROS), end - at)
-        words[at : at + chunk] = _ZEROS[:chunk]
-
-
-def _give_back(words: memoryview, start: int, end: int) -> None:
-    """Give the pages of words [start, end) back to the kernel. Where that cannot be done they
-    are left as they are: they lie inside a heap's one free block, whose body nobody reads."""
-    obj = words.obj
-    if start < end and isinstance(obj, mmap.mmap) and hasattr(mmap, "MADV_REMOVE"):
-        try:
-            obj.madvise(mmap.MADV_REMOVE, start * WORD, (end - start) * WORD)
-        except OSError:
-            pass
-
-
-def format_areas(words: memoryview, g: Geometry, reserve: Callable[[int, int], bool]) -> None:
-    """Empty every channel, group and index (the process slots are kept).
-
-    Only what was reserved at creation is written (``Geometry.reserved_at_creation``: the
-    allocator metadata, the indexes, the first and last pages of each heap), and those pages
-    are zeroed in place rather than given back, so they stay reserved and a flush never needs
-    to reserve anything. The rest of each heap is given back to the kernel: its mark is set
-    down first (``Heap.format``), so that no page above it is ever taken for reserved."""
-    _clear(words, g.message_heap_meta, g.slots)
-    _clear(words, g.channel_index, g.message_heap)
-    _clear(words, g.group_index, g.group_heap)
-    for heap in _heaps(words, Journal(words, g.journal), g, reserve):
-        heap.format()
-        _give_back(words, heap.start + PAGE_WORDS, heap.end - PAGE_WORDS)
-    for word in (H_EXPIRY_HEAD, H_EXPIRY_TAIL, H_CHANNELS, H_GROUPS, H_MEMBERSHIPS):
-        words[word] = 0
-
-
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -171,7 +109,7 @@ class Store:
         g = self.geometry = self.segment.geometry
         words = self.words = self.segment.words
         self.journal = Journal(words, g.journal)
-        message_heap, group_heap = _heaps(words, self.journal, g, self.segment.reserve)
+        message_heap, group_heap = heaps(words, self.journal, g, self.segment.reserve)
         key = self.segment.hash_key
         hashes: dict[bytes, int] = {}
 
@@ -188,7 +126,7 @@ class Store:
             return h
 
         self._hash = keyed_hash
-        self.slots = ProcessSlots(words, self.journal, g.slots, prefix)
+        self.slots = ProcessSlots(words, self.journal, g.slots)
         self.queues = ChannelQueues(
             words, self.segment.mm, self.journal, message_heap, self.slots,
             g.channel_index, g.channel_buckets, self._hash,
@@ -317,7 +255,7 @@ class Store:
             payload = b"\n".join(names)
             if b"" in names or len(payload) > RING_BYTES:
                 payload = b""
-            address = self.slots.address(token)
+            address = doorbell_address(self.prefix, token)
             result = self._ringer.ring(address, payload)
             if result == FULL:
                 self.slots.mark_missed(slot)

@@ -15,7 +15,7 @@ import pytest
 
 import asgi_ipc
 from asgi_ipc import IPCChannelLayer
-from asgi_ipc.layout import store_path, wake_dir
+from asgi_ipc.engine.layout import store_path, wake_dir
 
 MiB = 1024 * 1024
 _made_prefixes: set[str] = set()

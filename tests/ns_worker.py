@@ -16,7 +16,7 @@ import sys
 
 import asgi_ipc.store
 from asgi_ipc import IPCChannelLayer
-from asgi_ipc.layout import SLOTS
+from asgi_ipc.engine.layout import SLOTS
 
 asgi_ipc.store.CHECK_INTERVAL = 3600.0
 

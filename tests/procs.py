@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from asgi_ipc import IPCChannelLayer
-from asgi_ipc.layout import wake_dir
+from asgi_ipc.engine.layout import wake_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(ROOT / "tests" / "ns_worker.py")

@@ -15,7 +15,7 @@ import pytest
 
 import asgi_ipc
 from asgi_ipc import ForeignObject, IPCChannelLayer
-from asgi_ipc.layout import store_path, wake_dir
+from asgi_ipc.engine.layout import store_path, wake_dir
 
 from .conftest import MiB
 

@@ -26,7 +26,7 @@ import pytest
 
 import asgi_ipc
 from asgi_ipc import IPCChannelLayer
-from asgi_ipc.layout import H_JOURNAL_COUNT, H_READY, H_VERSION, JOURNAL_ENTRIES, Geometry
+from asgi_ipc.engine.layout import H_JOURNAL_COUNT, H_READY, H_VERSION, JOURNAL_ENTRIES, Geometry
 
 from . import workers
 
@@ -297,7 +297,7 @@ def _words_of(prefix: str):
 
 
 def test_a_damaged_link_never_hands_a_message_to_another_channel(prefix):
-    from asgi_ipc.queues import C_HEAD, M_NEXT
+    from asgi_ipc.engine.queues import C_HEAD, M_NEXT
 
     populate(prefix)
     store = IPCChannelLayer(prefix=prefix, **CONFIG)._open()
@@ -319,8 +319,8 @@ def test_a_damaged_link_never_hands_a_message_to_another_channel(prefix):
 
 @pytest.mark.parametrize("method", ["group_send", "verify"])
 def test_a_member_list_that_loops_is_refused_not_walked_forever(prefix, method):
-    from asgi_ipc.groups import B_LIST_NEXT, G_FIRST, G_LAST, G_MEMBERS
-    from asgi_ipc.layout import H_MEMBERSHIPS
+    from asgi_ipc.engine.groups import B_LIST_NEXT, G_FIRST, G_LAST, G_MEMBERS
+    from asgi_ipc.engine.layout import H_MEMBERSHIPS
 
     populate(prefix)
     store = IPCChannelLayer(prefix=prefix, **CONFIG)._open()

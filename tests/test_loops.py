@@ -21,6 +21,7 @@ from asgiref.sync import async_to_sync
 from channels.exceptions import ChannelFull
 
 from asgi_ipc import IPCChannelLayer, StoreClosed, StoreError
+from asgi_ipc.doorbell import doorbell_address
 
 from . import workers
 from .test_wakeup import CONFIG, receive, start, wait_until, waiters
@@ -230,7 +231,7 @@ async def test_a_forked_child_closing_its_copy_leaves_the_parents_doorbell_alone
     await asyncio.sleep(0)
     while store._doorbell is None or waiters(store, "forked.parent") != 1:
         await asyncio.sleep(0.01)
-    socket_path = store.slots.address(store._doorbell.token)
+    socket_path = doorbell_address(layer.prefix, store._doorbell.token)
     assert os.path.exists(socket_path)
     pid = os.fork()
     if pid == 0:  # the child: close its copy and leave at once
@@ -254,7 +255,7 @@ async def test_close_closes_everything_even_when_leaving_the_store_fails(layer):
     store = layer._open()
     while store._doorbell is None or waiters(store, "failing.close") != 1:
         await asyncio.sleep(0.01)
-    socket_path = store.slots.address(store._doorbell.token)
+    socket_path = doorbell_address(layer.prefix, store._doorbell.token)
     lock = store.segment.lock
 
     def no_handle():

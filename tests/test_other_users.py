@@ -20,7 +20,7 @@ import subprocess
 import pytest
 
 from asgi_ipc import ForeignObject, IPCChannelLayer
-from asgi_ipc.layout import wake_dir
+from asgi_ipc.engine.layout import wake_dir
 
 from .procs import Worker, doorbells, slot_table, wait_for, workers  # noqa: F401
 

@@ -12,8 +12,8 @@ import asyncio
 import pytest
 
 from asgi_ipc import IPCChannelLayer, StoreError
-from asgi_ipc.layout import SLOTS
-from asgi_ipc.wakeup import ProcessSlots
+from asgi_ipc.engine.layout import SLOTS
+from asgi_ipc.engine.slots import ProcessSlots
 
 from .procs import Worker, wait_for, workers  # noqa: F401
 

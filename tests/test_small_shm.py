@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from asgi_ipc import IPCChannelLayer
-from asgi_ipc.layout import store_path
+from asgi_ipc.engine.layout import store_path
 
 from .conftest import MiB
 

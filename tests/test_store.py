@@ -13,7 +13,7 @@ from channels.exceptions import ChannelFull, MessageTooLarge
 
 import asgi_ipc
 from asgi_ipc import GroupMemoryFull, IPCChannelLayer, StoreCorrupted
-from asgi_ipc.layout import (
+from asgi_ipc.engine.layout import (
     COUNTERS,
     H_LOCK_PID,
     H_SWEEP_CHANNEL,

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from asgi_ipc import IPCChannelLayer
-from asgi_ipc.wakeup import CHECK_INTERVAL
+from asgi_ipc.doorbell import CHECK_INTERVAL
 
 from . import workers
 

@@ -26,9 +26,9 @@ from channels.exceptions import ChannelFull
 
 import asgi_ipc.store
 from asgi_ipc import GroupMemoryFull, IPCChannelLayer, StoreError
-from asgi_ipc.heap import Heap
-from asgi_ipc.journal import Journal
-from asgi_ipc.wakeup import Ringer
+from asgi_ipc.doorbell import Ringer
+from asgi_ipc.engine.heap import Heap
+from asgi_ipc.engine.journal import Journal
 
 MiB = 1024 * 1024
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .exceptions import StoreCorrupted
+from ..exceptions import StoreCorrupted
 from .journal import Journal
 from .layout import PAGE_WORDS
 

@@ -62,7 +62,7 @@ import io
 import threading
 import weakref
 
-from .exceptions import StoreError
+from ..exceptions import StoreError
 
 SPIN_TRIES = 50
 

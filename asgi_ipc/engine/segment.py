@@ -32,19 +32,30 @@ import os
 import secrets
 import stat
 import weakref
+from collections.abc import Callable
 
-from .exceptions import SharedMemoryTooSmall, StoreCorrupted, StoreError
+from ..exceptions import SharedMemoryTooSmall, StoreCorrupted, StoreError
+from ..private import check_private, open_private_file
+from .heap import Heap
+from .journal import Journal
 from .layout import (
     H_CHANNEL_BUCKETS,
     H_CHANNEL_MEMORY,
+    H_CHANNELS,
+    H_EXPIRY_HEAD,
+    H_EXPIRY_TAIL,
     H_GEOMETRY_END,
     H_GEOMETRY_SUM,
     H_GROUP_BUCKETS,
     H_GROUP_MEMORY,
+    H_GROUP_RESERVED,
+    H_GROUPS,
     H_HASH_KEY,
     H_LOCK_PID,
     H_MAGIC,
     H_MEMBER_BUCKETS,
+    H_MEMBERSHIPS,
+    H_MESSAGE_RESERVED,
     H_READY,
     H_TOTAL_BYTES,
     H_VERSION,
@@ -59,7 +70,6 @@ from .layout import (
     wake_dir,
 )
 from .lock import Handle, StoreLock
-from .private import check_private, open_private_file
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +101,57 @@ def _too_small(path: str, geometry: Geometry) -> SharedMemoryTooSmall:
         f"and a sizeLimit mounted at /dev/shm) or configure a smaller channel_memory or "
         f"group_memory"
     )
+
+
+def heaps(
+    words: memoryview, journal: Journal, g: Geometry, reserve: Callable[[int, int], bool]
+) -> tuple[Heap, Heap]:
+    return (
+        Heap(words, journal, g.message_heap_meta, g.message_heap, g.message_heap_end,
+             H_MESSAGE_RESERVED, reserve),
+        Heap(words, journal, g.group_heap_meta, g.group_heap, g.group_heap_end,
+             H_GROUP_RESERVED, reserve),
+    )
+
+
+_ZEROS = memoryview(bytes(1 << 20)).cast("Q")
+
+
+def _clear(words: memoryview, start: int, end: int) -> None:
+    """Zero words [start, end) by writing: they stay reserved."""
+    for at in range(start, end, len(_ZEROS)):
+        chunk = min(len(_ZEROS), end - at)
+        words[at : at + chunk] = _ZEROS[:chunk]
+
+
+def _give_back(words: memoryview, start: int, end: int) -> None:
+    """Give the pages of words [start, end) back to the kernel. Where that cannot be done they
+    are left as they are: they lie inside a heap's one free block, whose body nobody reads."""
+    obj = words.obj
+    if start < end and isinstance(obj, mmap.mmap) and hasattr(mmap, "MADV_REMOVE"):
+        try:
+            obj.madvise(mmap.MADV_REMOVE, start * WORD, (end - start) * WORD)
+        except OSError:
+            pass
+
+
+def format_areas(words: memoryview, g: Geometry, reserve: Callable[[int, int], bool]) -> None:
+    """Empty every channel, group and index (the process slots are kept).
+
+    Only what was reserved at creation is written (``Geometry.reserved_at_creation``: the
+    allocator metadata, the indexes, the first and last pages of each heap), and those pages
+    are zeroed in place rather than given back, so they stay reserved and a flush never needs
+    to reserve anything. The rest of each heap is given back to the kernel: its mark is set
+    down first (``Heap.format``), so that no page above it is ever taken for reserved."""
+    _clear(words, g.message_heap_meta, g.slots)
+    _clear(words, g.channel_index, g.message_heap)
+    _clear(words, g.group_index, g.group_heap)
+    for heap in heaps(words, Journal(words, g.journal), g, reserve):
+        heap.format()
+        _give_back(words, heap.start + PAGE_WORDS, heap.end - PAGE_WORDS)
+    for word in (H_EXPIRY_HEAD, H_EXPIRY_TAIL, H_CHANNELS, H_GROUPS, H_MEMBERSHIPS):
+        words[word] = 0
+
 
 
 class Segment:
@@ -207,7 +268,6 @@ class Segment:
         self._format(geometry)
 
     def _format(self, geometry: Geometry) -> None:
-        from .store import format_areas  # the areas' formats belong to the store
 
         with mmap.mmap(self.fd, geometry.total_bytes) as mm:
             words = memoryview(mm).cast("Q")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import mmap
 from collections.abc import Callable
 
-from .exceptions import GroupMemoryFull, StoreCorrupted
+from ..exceptions import GroupMemoryFull, StoreCorrupted
 from .heap import MIN_BLOCK, Heap
 from .journal import Journal
 from .layout import H_GROUPS, H_MEMBERSHIPS, H_SWEEP_GROUP, WORD

@@ -38,7 +38,7 @@ import mmap
 import zlib
 from collections.abc import Callable, Container
 
-from .exceptions import StoreCorrupted
+from ..exceptions import StoreCorrupted
 from .heap import Heap
 from .journal import Journal
 from .layout import (
@@ -54,7 +54,7 @@ from .layout import (
     H_SWEEP_CHANNEL,
     WORD,
 )
-from .wakeup import ProcessSlots
+from .slots import ProcessSlots
 
 C_NEXT, C_HASH, C_HEAD, C_TAIL, C_COUNT, C_WAITERS, C_NAME_LENGTH, C_NAME = range(1, 9)
 M_NEXT, M_SENT_NEXT, M_SENT_PREV, M_CHANNEL, M_EXPIRES, M_LENGTH, M_DATA = range(1, 8)

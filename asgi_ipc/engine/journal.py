@@ -24,7 +24,7 @@ same way before the exception leaves the store, so a failed call leaves the stor
 
 from __future__ import annotations
 
-from .exceptions import StoreCorrupted, StoreError
+from ..exceptions import StoreCorrupted, StoreError
 from .layout import H_JOURNAL_COUNT, JOURNAL_ENTRIES
 
 
