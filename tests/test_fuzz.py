@@ -324,7 +324,7 @@ def test_a_member_list_that_loops_is_refused_not_walked_forever(prefix, method):
 
     populate(prefix)
     store = IPCChannelLayer(prefix=prefix, **CONFIG)._open()
-    rec = store.locked(lambda: store.groups._group(b"fg.y")[0])
+    rec = store.locked(lambda: store.groups.find(b"fg.y"))
     store.close()
     mm, words = _words_of(prefix)
     words[words[rec + G_LAST] + B_LIST_NEXT] = words[rec + G_FIRST]

@@ -1,9 +1,10 @@
 """The group store: group records and memberships in the group memory.
 
-Two hash indexes share the group memory: the group index maps a group name to its *group record*,
-which heads a doubly-linked list of its memberships in the order they were last added (so the
-expired ones are always at the front); the member index maps ``(group, channel)`` to the
-*membership*, so that ``group_add`` and ``group_discard`` are O(1) however large the group.
+Two hash indexes (``ChainedIndex``, index.py) share the group memory: the group index maps a
+group name to its *group record*, which heads a doubly-linked list of its memberships in the
+order they were last added (so the expired ones are always at the front); the member index
+maps ``(group, channel)`` to the *membership*, so that ``group_add`` and ``group_discard`` are
+O(1) however large the group.
 
 A membership expires ``group_expiry`` seconds after its last ``group_add``. Expired memberships
 are dropped from the front of the list by every operation on the group, and by the incremental
@@ -26,18 +27,14 @@ from collections.abc import Callable
 
 from ..exceptions import GroupMemoryFull, StoreCorrupted
 from .heap import MIN_BLOCK, Heap
+from .index import ChainedIndex
 from .journal import Journal
-from .layout import H_GROUPS, H_MEMBERSHIPS, H_SWEEP_GROUP, WORD
+from .layout import H_GROUPS, H_MEMBERSHIPS, H_SWEEP_GROUP
 
 G_NEXT, G_HASH, G_FIRST, G_LAST, G_MEMBERS, G_NAME_LENGTH, G_NAME = range(1, 8)
 B_NEXT, B_HASH, B_GROUP, B_LIST_NEXT, B_LIST_PREV, B_ADDED, B_NAME_LENGTH, B_NAME = range(1, 9)
 
-MAX_CHAIN = 1 << 20
 SWEEP_PER_GROUP = 16
-
-
-def _words_for(nbytes: int) -> int:
-    return -(-nbytes // WORD)
 
 
 class GroupStore:
@@ -54,68 +51,25 @@ class GroupStore:
         hasher: Callable[[bytes], int],
     ) -> None:
         self._w = words
-        self._b = data
         self._j = journal
         self.heap = heap
-        self._groups = group_index
-        self._group_mask = group_buckets - 1
-        self._members = member_index
-        self._member_mask = member_buckets - 1
+        self._groups = ChainedIndex(
+            words, data, journal, heap, group_index, group_buckets, G_NAME_LENGTH, "group"
+        )
+        self._members = ChainedIndex(
+            words, data, journal, heap, member_index, member_buckets, B_NAME_LENGTH,
+            "membership",
+        )
         self._hash = hasher
         self._most_records = heap.size_words // MIN_BLOCK
 
-    def _name(self, rec: int, length_field: int) -> bytes:
-        start = (rec + length_field + 1) * WORD
-        return self._b[start : start + self._w[rec + length_field]]
+    def find(self, group: bytes) -> int:
+        """The record of ``group``, or 0."""
+        return self._groups.find(group, self._hash(group))
 
-    def _find(self, bucket: int, h: int, name: bytes, length_field: int, group: int) -> int:
-        w, steps = self._w, 0
-        rec = w[bucket]
-        while rec:
-            if (
-                w[rec + 2] == h
-                and (not group or w[rec + B_GROUP] == group)
-                and w[rec + length_field] == len(name)
-                and self._name(rec, length_field) == name
-            ):
-                return rec
-            rec, steps = w[rec + 1], steps + 1
-            if steps > MAX_CHAIN:
-                raise StoreCorrupted("a group index chain loops")
-        return 0
-
-    def _unchain(self, bucket: int, rec: int) -> None:
-        w, at, steps = self._w, bucket, 0
-        while w[at] != rec:
-            if not w[at] or steps > MAX_CHAIN:
-                raise StoreCorrupted(f"group store record {rec} is not in its bucket")
-            at, steps = w[at] + 1, steps + 1
-        self._j.set(at, w[rec + 1])
-
-    def _new(self, fields: int, name: bytes, bucket: int, h: int) -> int:
-        rec = self.heap.alloc(fields + _words_for(len(name)))
-        if not rec:
-            return 0
-        w = self._w
-        for k in range(1, fields + 1):
-            w[rec + k] = 0
-        w[rec + 1] = w[bucket]
-        w[rec + 2] = h
-        w[rec + fields] = len(name)
-        start = (rec + fields + 1) * WORD
-        self._b[start : start + len(name)] = name
-        self._j.set(bucket, rec)
-        return rec
-
-    def _group(self, group: bytes) -> tuple[int, int, int]:
-        h = self._hash(group)
-        bucket = self._groups + (h & self._group_mask)
-        return self._find(bucket, h, group, G_NAME_LENGTH, 0), bucket, h
-
-    def _membership(self, group: bytes, channel: bytes, rec: int) -> tuple[int, int, int]:
+    def _membership(self, group: bytes, channel: bytes, rec: int) -> tuple[int, int]:
         h = self._hash(group + b"\0" + channel)
-        bucket = self._members + (h & self._member_mask)
-        return self._find(bucket, h, channel, B_NAME_LENGTH, rec), bucket, h
+        return self._members.find_owned(channel, h, B_GROUP, rec), h
 
     def _link_last(self, rec: int, member: int, added: int) -> None:
         w, jset = self._w, self._j.set
@@ -135,13 +89,12 @@ class GroupStore:
     def _remove_member(self, rec: int, member: int, group: bytes) -> None:
         w, jset = self._w, self._j.set
         self._unlink(rec, member)
-        h = w[member + B_HASH]
-        self._unchain(self._members + (h & self._member_mask), member)
+        self._members.unchain(member)
         self.heap.free(member)
         jset(rec + G_MEMBERS, w[rec + G_MEMBERS] - 1)
         jset(H_MEMBERSHIPS, w[H_MEMBERSHIPS] - 1)
         if not w[rec + G_MEMBERS]:
-            self._unchain(self._groups + (w[rec + G_HASH] & self._group_mask), rec)
+            self._groups.unchain(rec)
             self.heap.free(rec)
             jset(H_GROUPS, w[H_GROUPS] - 1)
 
@@ -161,19 +114,20 @@ class GroupStore:
 
     def add(self, group: bytes, channel: bytes, now: int) -> None:
         w, jset = self._w, self._j.set
-        rec, bucket, h = self._group(group)
+        h = self._hash(group)
+        rec = self._groups.find(group, h)
         if not rec:
-            rec = self._new(G_NAME_LENGTH, group, bucket, h)
+            rec = self._groups.insert(group, h)
             if not rec:
                 raise GroupMemoryFull(
                     f"group memory is full: cannot create group {group.decode()!r}"
                 )
             jset(H_GROUPS, w[H_GROUPS] + 1)
-        member, bucket, h = self._membership(group, channel, rec)
+        member, h = self._membership(group, channel, rec)
         if member:
             self._unlink(rec, member)
         else:
-            member = self._new(B_NAME_LENGTH, channel, bucket, h)
+            member = self._members.insert(channel, h)
             if not member:
                 raise GroupMemoryFull(
                     f"group memory is full: cannot add {channel.decode()!r} to group "
@@ -185,7 +139,7 @@ class GroupStore:
         self._link_last(rec, member, now)
 
     def discard(self, group: bytes, channel: bytes) -> None:
-        rec = self._group(group)[0]
+        rec = self.find(group)
         if rec:
             member = self._membership(group, channel, rec)[0]
             if member:
@@ -193,7 +147,7 @@ class GroupStore:
 
     def members(self, group: bytes, oldest: int) -> list[bytes]:
         """The channels of ``group`` added at or after ``oldest``; older ones are dropped."""
-        rec = self._group(group)[0]
+        rec = self.find(group)
         if not rec or not self._drop_expired(rec, group, oldest, 1 << 62):
             return []
         w, names, member = self._w, [], self._w[rec + G_FIRST]
@@ -203,33 +157,22 @@ class GroupStore:
         while member:
             if len(names) >= limit or w[member + B_GROUP] != rec:
                 raise StoreCorrupted(f"the member list of group {group.decode()!r} is damaged")
-            names.append(self._name(member, B_NAME_LENGTH))
+            names.append(self._members.name_of(member))
             member = w[member + B_LIST_NEXT]
         return names
 
     def sweep(self, oldest: int) -> None:
         """Drop expired memberships of the groups in the next bucket of the group index."""
-        w = self._w
-        hand = w[H_SWEEP_GROUP] & self._group_mask
-        rec, steps = w[self._groups + hand], 0
-        while rec:
-            following = w[rec + G_NEXT]
-            self._drop_expired(rec, self._name(rec, G_NAME_LENGTH), oldest, SWEEP_PER_GROUP)
-            rec, steps = following, steps + 1
-            if steps > MAX_CHAIN:
-                raise StoreCorrupted("a group index chain loops")
-        w[H_SWEEP_GROUP] = (hand + 1) & self._group_mask  # a hint: never journaled
+        w, mask = self._w, self._groups.mask
+        hand = w[H_SWEEP_GROUP] & mask
+        for rec in self._groups.chain(hand):
+            self._drop_expired(rec, self._groups.name_of(rec), oldest, SWEEP_PER_GROUP)
+        w[H_SWEEP_GROUP] = (hand + 1) & mask  # a hint: never journaled
 
     def groups(self):
         """(name, record) of every group, for stats and verify, under the lock."""
-        w = self._w
-        for bucket in range(self._group_mask + 1):
-            rec, steps = w[self._groups + bucket], 0
-            while rec:
-                yield self._name(rec, G_NAME_LENGTH), rec
-                rec, steps = w[rec + G_NEXT], steps + 1
-                if steps > MAX_CHAIN:
-                    raise StoreCorrupted("a group index chain loops")
+        for _bucket, rec in self._groups.records():
+            yield self._groups.name_of(rec), rec
 
     def size(self, rec: int) -> int:
         return self._w[rec + G_MEMBERS]
@@ -253,7 +196,7 @@ class GroupStore:
             member, prev, count, added = w[rec + G_FIRST], 0, 0, 0
             while member:
                 block_words += w[member] >> 2
-                channel = self._name(member, B_NAME_LENGTH)
+                channel = self._members.name_of(member)
                 if w[member + B_GROUP] != rec or w[member + B_LIST_PREV] != prev:
                     problems.append(f"membership {member} of group {name!r} is mislinked")
                 if w[member + B_ADDED] < added:
@@ -278,11 +221,7 @@ class GroupStore:
                 f"{groups} groups and {total} memberships, header says "
                 f"{w[H_GROUPS]} and {w[H_MEMBERSHIPS]}"
             )
-        indexed = 0
-        for bucket in range(self._member_mask + 1):
-            member, steps = w[self._members + bucket], 0
-            while member and steps <= MAX_CHAIN:
-                indexed, member, steps = indexed + 1, w[member + B_NEXT], steps + 1
+        indexed = self._members.count()
         if indexed != total:
             problems.append(f"member index holds {indexed} memberships, groups hold {total}")
         if block_words != self.heap.used_words():

@@ -1,7 +1,7 @@
 """The channel store: a hash table of FIFO message lists in the channel memory.
 
-The channel index is an array of bucket heads; each bucket chains the *channel records* whose
-name hashes there. A record holds the channel's first and last message and its message count, so
+The channel index (a ``ChainedIndex``, index.py) chains the *channel records* by the hash of
+their name. A record holds the channel's first and last message and its message count, so
 the capacity check and the append happen under one lock hold in O(1), and the list of processes
 waiting on it. A message is one block: links, expiry, length and CRC-32, then the msgpack bytes.
 
@@ -40,6 +40,7 @@ from collections.abc import Callable, Container
 
 from ..exceptions import StoreCorrupted
 from .heap import Heap
+from .index import MAX_CHAIN, ChainedIndex, words_for
 from .journal import Journal
 from .layout import (
     H_CHANNELS,
@@ -65,17 +66,11 @@ QUEUED, OVER_CAPACITY, OUT_OF_MEMORY = range(3)
 # The counter of each outcome of a group_send copy.
 _GROUP_OUTCOME = {QUEUED: H_DELIVERED, OVER_CAPACITY: H_GROUP_FULL, OUT_OF_MEMORY: H_NO_MEMORY}
 
-MAX_CHAIN = 1 << 20  # a longer bucket chain can only be a cycle in a corrupt store
-
 # A group_send cuts the copies for up to this many channels, and this many words, from one
 # allocation (see ``append_to_all``); it journals three words per copy, well within the room
 # that ``Journal.checkpoint`` leaves.
 RUN_CHANNELS = 512
 RUN_WORDS = 1 << 15
-
-
-def _words_for(nbytes: int) -> int:
-    return -(-nbytes // WORD)
 
 
 class ChannelQueues:
@@ -95,62 +90,30 @@ class ChannelQueues:
         self._j = journal
         self.heap = heap
         self._slots = slots
-        self._index = index
-        self._mask = buckets - 1
+        self.index = ChainedIndex(
+            words, data, journal, heap, index, buckets, C_NAME_LENGTH, "channel"
+        )
+        self.find = self.index.find  # (name, hash) -> record or 0; the hot path calls it
+        self.name_of = self.index.name_of
         self.hash = hasher
 
     # --- records ---------------------------------------------------------------------------
 
-    def find(self, name: bytes, h: int) -> int:
-        w, b = self._w, self._b
-        rec, steps = w[self._index + (h & self._mask)], 0
-        n = len(name)
-        while rec:
-            if w[rec + C_HASH] == h and w[rec + C_NAME_LENGTH] == n:
-                start = (rec + C_NAME) * WORD
-                if b[start : start + n] == name:
-                    return rec
-            rec, steps = w[rec + C_NEXT], steps + 1
-            if steps > MAX_CHAIN:
-                raise StoreCorrupted("a channel index chain loops")
-        return 0
-
     def _create(self, name: bytes, h: int) -> int:
-        rec = self.heap.alloc(C_NAME - 1 + _words_for(len(name)))
-        if not rec:
-            return 0
-        w = self._w
-        bucket = self._index + (h & self._mask)
-        w[rec + C_NEXT] = w[bucket]
-        w[rec + C_HASH] = h
-        w[rec + C_HEAD] = w[rec + C_TAIL] = w[rec + C_COUNT] = w[rec + C_WAITERS] = 0
-        w[rec + C_NAME_LENGTH] = len(name)
-        start = (rec + C_NAME) * WORD
-        self._b[start : start + len(name)] = name
-        jset = self._j.set
-        jset(bucket, rec)
-        jset(H_CHANNELS, w[H_CHANNELS] + 1)
+        rec = self.index.insert(name, h)
+        if rec:
+            self._j.add(H_CHANNELS)
         return rec
 
     def _delete(self, rec: int) -> None:
-        w, jset = self._w, self._j.set
-        at, steps = self._index + (w[rec + C_HASH] & self._mask), 0
-        while w[at] != rec:
-            if not w[at] or steps > MAX_CHAIN:
-                raise StoreCorrupted(f"channel record {rec} is not in its bucket")
-            at, steps = w[at] + C_NEXT, steps + 1
-        jset(at, w[rec + C_NEXT])
-        jset(H_CHANNELS, w[H_CHANNELS] - 1)
+        self.index.unchain(rec)
+        self._j.add(H_CHANNELS, -1)
         self.heap.free(rec)
 
     def _delete_if_idle(self, rec: int) -> None:
         w = self._w
         if not w[rec + C_COUNT] and not w[rec + C_WAITERS]:
             self._delete(rec)
-
-    def name_of(self, rec: int) -> bytes:
-        start = (rec + C_NAME) * WORD
-        return self._b[start : start + self._w[rec + C_NAME_LENGTH]]
 
     # --- messages --------------------------------------------------------------------------
 
@@ -214,7 +177,7 @@ class ChannelQueues:
                 return OVER_CAPACITY
         elif capacity < 1:
             return OVER_CAPACITY
-        payload_words = M_DATA - 1 + _words_for(len(data))
+        payload_words = M_DATA - 1 + words_for(len(data))
         if self._j.freed:
             self._j.commit()  # expired messages dropped above stay dropped
         savepoint = self._j.count
@@ -267,7 +230,7 @@ class ChannelQueues:
         its own; the copies for up to a run of channels are cut from one allocation and linked
         into the order of sending together, which makes a copy about half the work of a send."""
         w, jset = self._w, self._j.set
-        payload_words = M_DATA - 1 + _words_for(len(data))
+        payload_words = M_DATA - 1 + words_for(len(data))
         run = max(1, min(RUN_CHANNELS, RUN_WORDS // (payload_words + 1)))
         skipped = 0
         for first in range(0, len(names), run):
@@ -358,7 +321,7 @@ class ChannelQueues:
         if self._j.freed:
             self._j.commit()  # as the allocator would, but before the savepoint is taken
         savepoint = self._j.count
-        node = self.heap.alloc(M_DATA - 1 + _words_for(len(data)))
+        node = self.heap.alloc(M_DATA - 1 + words_for(len(data)))
         if not node:
             return False
         rec = self.find(name, h) or self._create(name, h)
@@ -474,34 +437,18 @@ class ChannelQueues:
 
         An emptied channel keeps its record until the sweep passes, so that a channel used
         over and over (a consumer's own) is not created and freed for every message."""
-        w = self._w
-        hand = w[H_SWEEP_CHANNEL] & self._mask
+        w, mask = self._w, self.index.mask
+        hand = w[H_SWEEP_CHANNEL] & mask
         for i in range(buckets):
-            rec, steps = w[self._index + ((hand + i) & self._mask)], 0
-            while rec:
-                following = w[rec + C_NEXT]
+            for rec in self.index.chain(hand + i):
                 if not w[rec + C_COUNT]:
                     self._j.checkpoint()
                     if w[rec + C_WAITERS]:
                         self._prune_waiters(rec, self._stale)
                     self._delete_if_idle(rec)
-                rec, steps = following, steps + 1
-                if steps > MAX_CHAIN:
-                    raise StoreCorrupted("a channel index chain loops")
-        w[H_SWEEP_CHANNEL] = (hand + buckets) & self._mask  # a hint: never journaled
+        w[H_SWEEP_CHANNEL] = (hand + buckets) & mask  # a hint: never journaled
 
     # --- inspection ------------------------------------------------------------------------
-
-    def records(self):
-        """Every channel record, bucket by bucket (for stats and verify, under the lock)."""
-        w = self._w
-        for bucket in range(self._mask + 1):
-            rec, steps = w[self._index + bucket], 0
-            while rec:
-                yield bucket, rec
-                rec, steps = w[rec + C_NEXT], steps + 1
-                if steps > MAX_CHAIN:
-                    raise StoreCorrupted("a channel index chain loops")
 
     def waiter_count(self, rec: int) -> int:
         """Every registration on the record at ``rec``, of live processes or not."""
@@ -516,7 +463,7 @@ class ChannelQueues:
         w = self._w
         block_words = w[rec] >> 2
         expired = 0
-        if (w[rec + C_HASH] & self._mask) != bucket or self.hash(name) != w[rec + C_HASH]:
+        if (w[rec + C_HASH] & self.index.mask) != bucket or self.hash(name) != w[rec + C_HASH]:
             problems.append(f"channel record {rec} ({name!r}) is filed under a wrong hash")
         node, count, last = w[rec + C_HEAD], 0, 0
         while node:
@@ -568,7 +515,7 @@ class ChannelQueues:
         w, problems = self._w, []
         messages = expired = records = block_words = idle = dead = 0
         rows = []
-        for bucket, rec in self.records():
+        for bucket, rec in self.index.records():
             records += 1
             name = self.name_of(rec)
             if check:

@@ -1,0 +1,161 @@
+"""The chained hash index: the one structure that maps a name to its record in a heap.
+
+Three indexes use it: channels (queues.py), groups and memberships (groups.py). Each is an
+array of ``buckets`` bucket heads (a power of two) in the segment; each bucket chains, newest
+first, the records whose keyed hash falls there. Every record of every index starts the same
+way, in words from the block header (word 0):
+
+  1 next in bucket, 2 hash, 3 ... fields of the record's own, ``length_field`` name length,
+  ``length_field + 1``... name
+
+so one find, insert and unchain serve them all; what differs is only ``length_field`` (and, for
+memberships, an owner field that a find may also match). A record enters its bucket with one
+journaled word (the bucket head) and leaves it with one (the link that pointed to it), so an
+index changes all-or-nothing with the operation around it (journal.py).
+
+A chain longer than ``MAX_CHAIN`` can only be a cycle in a damaged store: every walk stops there
+with ``StoreCorrupted`` rather than loop for ever.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterator
+
+from ..exceptions import StoreCorrupted
+from .heap import Heap
+from .journal import Journal
+from .layout import WORD
+
+NEXT, HASH = 1, 2
+
+MAX_CHAIN = 1 << 20  # a longer bucket chain can only be a cycle in a corrupt store
+
+
+def words_for(nbytes: int) -> int:
+    return -(-nbytes // WORD)
+
+
+class ChainedIndex:
+    def __init__(
+        self,
+        words: memoryview,
+        data: mmap.mmap,
+        journal: Journal,
+        heap: Heap,
+        base: int,
+        buckets: int,
+        length_field: int,
+        what: str,
+    ) -> None:
+        self._w = words
+        self._b = data
+        self._j = journal
+        self._heap = heap
+        self._base = base
+        self.mask = buckets - 1
+        self._length = length_field
+        self._what = what  # for error messages: "channel", "group", "membership"
+
+    def _loops(self) -> StoreCorrupted:
+        return StoreCorrupted(f"a {self._what} index chain loops")
+
+    def bucket(self, h: int) -> int:
+        """The word that heads the chain of hash ``h``."""
+        return self._base + (h & self.mask)
+
+    def find(self, name: bytes, h: int) -> int:
+        """The record of ``name`` (whose hash is ``h``), or 0."""
+        w, b, length = self._w, self._b, self._length
+        rec, steps = w[self._base + (h & self.mask)], 0
+        n = len(name)
+        while rec:
+            if w[rec + HASH] == h and w[rec + length] == n:
+                start = (rec + length + 1) * WORD
+                if b[start : start + n] == name:
+                    return rec
+            rec, steps = w[rec + NEXT], steps + 1
+            if steps > MAX_CHAIN:
+                raise self._loops()
+        return 0
+
+    def find_owned(self, name: bytes, h: int, owner_field: int, owner: int) -> int:
+        """The record of ``name`` whose ``owner_field`` holds ``owner`` (a membership of one
+        group), or 0."""
+        w, length = self._w, self._length
+        rec, steps = w[self._base + (h & self.mask)], 0
+        n = len(name)
+        while rec:
+            if (
+                w[rec + HASH] == h
+                and w[rec + owner_field] == owner
+                and w[rec + length] == n
+                and self.name_of(rec) == name
+            ):
+                return rec
+            rec, steps = w[rec + NEXT], steps + 1
+            if steps > MAX_CHAIN:
+                raise self._loops()
+        return 0
+
+    def insert(self, name: bytes, h: int) -> int:
+        """Allocate a record for ``name``, its own fields zeroed, and link it first in its
+        bucket (one journaled word); 0 if the heap has no room for it."""
+        length = self._length
+        rec = self._heap.alloc(length + words_for(len(name)))
+        if not rec:
+            return 0
+        w = self._w
+        bucket = self._base + (h & self.mask)
+        for k in range(HASH + 1, length):
+            w[rec + k] = 0
+        w[rec + NEXT] = w[bucket]
+        w[rec + HASH] = h
+        w[rec + length] = len(name)
+        start = (rec + length + 1) * WORD
+        self._b[start : start + len(name)] = name
+        self._j.set(bucket, rec)
+        return rec
+
+    def unchain(self, rec: int) -> None:
+        """Unlink ``rec`` from its bucket (one journaled word); the caller frees it."""
+        w = self._w
+        at, steps = self._base + (w[rec + HASH] & self.mask), 0
+        while w[at] != rec:
+            if not w[at] or steps > MAX_CHAIN:
+                raise StoreCorrupted(f"{self._what} record {rec} is not in its bucket")
+            at, steps = w[at] + NEXT, steps + 1
+        self._j.set(at, w[rec + NEXT])
+
+    def name_of(self, rec: int) -> bytes:
+        start = (rec + self._length + 1) * WORD
+        return self._b[start : start + self._w[rec + self._length]]
+
+    def chain(self, bucket: int) -> Iterator[int]:
+        """The records of bucket number ``bucket``. The next link is read before a record is
+        handed out, so the caller may unchain and free it."""
+        w = self._w
+        rec, steps = w[self._base + (bucket & self.mask)], 0
+        while rec:
+            following = w[rec + NEXT]
+            yield rec
+            rec, steps = following, steps + 1
+            if steps > MAX_CHAIN:
+                raise self._loops()
+
+    def records(self) -> Iterator[tuple[int, int]]:
+        """(bucket, record) of every record, bucket by bucket (for stats and verify, under the
+        lock)."""
+        for bucket in range(self.mask + 1):
+            for rec in self.chain(bucket):
+                yield bucket, rec
+
+    def count(self) -> int:
+        """How many records the chains hold, each chain walked at most ``MAX_CHAIN`` steps (so
+        that verify reports a loop as a wrong count rather than raising)."""
+        w, total = self._w, 0
+        for bucket in range(self.mask + 1):
+            rec, steps = w[self._base + bucket], 0
+            while rec and steps <= MAX_CHAIN:
+                total, rec, steps = total + 1, w[rec + NEXT], steps + 1
+        return total
