@@ -943,7 +943,7 @@ async def _sizes(spec: dict, size: int, scale: Scale) -> dict:
 
 async def _memory(spec: dict, scale: Scale) -> dict:
     async with opened(spec) as layer:
-        store = layer._open()
+        store = layer.engine()
         body = padded_body(100)
         payload = packed_size({"type": DATA, "seq": SEQ_BASE, "body": body})
         before = store.inspect()

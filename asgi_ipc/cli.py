@@ -37,7 +37,7 @@ from .exceptions import StoreError
 from .layer import IPCChannelLayer
 from .observe import add_commands as add_observe_commands
 from .private import check_private, describe
-from .store import Store
+from .receiver import Receiver
 
 FILE_PREFIX = NAME_PREFIX.lstrip("/")
 
@@ -45,9 +45,9 @@ FILE_PREFIX = NAME_PREFIX.lstrip("/")
 PROBLEMS_FOUND, CANNOT_RUN, INTERRUPTED = 1, 2, 130
 
 
-def _open(prefix: str) -> Store:
+def _open(prefix: str) -> Receiver:
     # The sizes only matter when creating, and these commands never create.
-    return Store(prefix, 0, 0, create=False)
+    return Receiver(prefix, 0, 0, create=False)
 
 
 def _size(nbytes: int) -> str:
@@ -75,7 +75,7 @@ def _users_of(prefix: str) -> list[int]:
 
 
 def _keyed(report: dict) -> dict:
-    """The report of ``Store.inspect`` with its per-channel and per-group rows as objects."""
+    """The report of ``Engine.inspect`` with its per-channel and per-group rows as objects."""
     return {
         **report,
         "deepest": [
@@ -97,7 +97,7 @@ def _pids(pids: list[int]) -> str:
 def cmd_stats(args: argparse.Namespace) -> int:
     store = _open(args.prefix)
     try:
-        report = store.inspect()
+        report = store.engine.inspect()
     finally:
         store.close()
     report["processes_attached"] = _users_of(args.prefix)
@@ -143,7 +143,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     store = _open(args.prefix)
     try:
-        problems = store.verify()
+        problems = store.engine.verify()
     finally:
         store.close()
     if problems:

@@ -64,28 +64,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import os
 import secrets
 import socket
-import threading
-import time
 import weakref
 from collections.abc import Callable
 
 from .engine.layout import wake_dir
-from .exceptions import StoreClosed
 from .private import make_private_dir
 
 # Past this many bytes of channel names a ring says "look at everything" instead.
 RING_BYTES = 16384
-# Seconds between the checks that make up for lost rings (see the module docstring), and the
-# least time before a process that found every slot taken looks for a free one again.
-CHECK_INTERVAL = 1.0
-
 RUNG, FULL, GONE = range(3)
 # Binding retries when the wake-up directory vanishes between its creation and the bind.
 BIND_TRIES = 10
+
 
 def doorbell_address(prefix: str, token: int) -> str:
     """The path of the doorbell of the process whose slot holds ``token``."""
@@ -100,59 +93,18 @@ def remove_doorbell(prefix: str, token: int) -> None:
         os.rmdir(wake_dir(prefix))
 
 
-class Waiter:
-    """One receive() in this process: its channel, its loop, and the future that the message
-    (or the error) is handed to."""
-
-    __slots__ = ("loop", "channel", "future", "expires", "epoch")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, channel: bytes) -> None:
-        self.loop = loop
-        self.channel = channel
-        self.future = loop.create_future()
-        # Of the message handed over, for putting it back if the receive is cancelled.
-        self.expires = 0
-        self.epoch = 0
-
-
 class Doorbell:
-    """This process's doorbell socket, its receives waiting by channel, and the channels it is
-    registered on in the store.
+    """This process's doorbell: a datagram socket bound at ``doorbell_address(prefix, token)``,
+    read by every event loop that has a receive waiting. Each ring read hands ``on_ring`` the
+    channel names it carried (b"" for "look at everything"), in the loop that read it."""
 
-    A registration outlives the receive that made it by ``LINGER`` seconds, so that a consumer
-    looping on ``receive()`` registers once rather than once per message; a registration with no
-    receive behind it costs a sender at most one datagram, when the channel turns non-empty.
-
-    ``registered`` maps each channel registered in the store to its record there. It changes
-    under the store lock and ``_guard`` both, so ``add`` (under the guard only) sees either the
-    registration or its absence, never half a lapse.
-
-    Once closed it tracks nothing more: ``add`` raises ``StoreClosed``, and ``close`` hands
-    back the receives it tracked, for the store to end them."""
-
-    LINGER = 2.0
-
-    def __init__(
-        self,
-        prefix: str,
-        take_missed: Callable[[], bool],
-        deliver: Callable[[list[Waiter]], None],
-    ) -> None:
+    def __init__(self, prefix: str, on_ring: Callable[[set[bytes]], None]) -> None:
         self.token = secrets.randbits(63) | 1
-        self._take_missed = take_missed
-        self._deliver = deliver
-        self.slot = -1
+        self._on_ring = on_ring
         self._prefix = prefix
         self._sock = self._bind()
         self.datagrams = 0  # read so far: what tests count
-        self._guard = threading.Lock()
-        self._waiting: dict[bytes, set[Waiter]] = {}
-        self._readers: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
-        self.registered: dict[bytes, int] = {}
-        # Since when the registrations with no receive behind them have been so.
-        self._idle_since: dict[bytes, float] = {}
-        self.next_lapse = math.inf
-        self._closed = False
+        self.readers: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 
     def _bind(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
@@ -172,71 +124,11 @@ class Doorbell:
             raise
         return sock
 
-    def add(self, channel: bytes, waiter: Waiter) -> int:
-        """Track ``waiter``, so that a ring from now on finds it: the channel's record if this
-        process is registered on it, else 0 (the store must register it)."""
-        with self._guard:
-            if self._closed:
-                raise StoreClosed("the store was closed")
-            self._waiting.setdefault(channel, set()).add(waiter)
-            self._idle_since.pop(channel, None)
-            rec = self.registered.get(channel, 0)
-        if waiter.loop not in self._readers:
-            # Left in place when the loop's receives end: the next one needs it again.
-            waiter.loop.add_reader(self._sock.fileno(), self._on_readable)
-            self._readers.add(waiter.loop)
-        return rec
-
-    def note_registered(self, channel: bytes, rec: int) -> None:
-        """The store registered this process on ``channel``, whose record is at ``rec``."""
-        with self._guard:
-            self.registered[channel] = rec
-
-    def forget(self, channels: list[bytes]) -> None:
-        """The registrations on ``channels`` were rolled back with the lock hold that made
-        them: this process is not registered there any more (the periodic check registers
-        the receives still waiting again)."""
-        with self._guard:
-            for channel in channels:
-                self.registered.pop(channel, None)
-                self._idle_since.pop(channel, None)
-
-    def discard(self, channel: bytes, waiter: Waiter) -> None:
-        """Stop tracking ``waiter``; its channel's registration starts to linger if it was the
-        last receive of this process on it."""
-        with self._guard:
-            waiters = self._waiting.get(channel)
-            if waiters is None or waiter not in waiters:
-                return
-            waiters.discard(waiter)
-            if waiters:
-                return
-            del self._waiting[channel]
-            if channel in self.registered:
-                now = time.monotonic()
-                self._idle_since[channel] = now
-                self.next_lapse = min(self.next_lapse, now + self.LINGER)
-
-    def lapsed(self) -> list[bytes]:
-        """Registrations that lingered long enough: they are dropped here, for the store to
-        drop too (under its lock)."""
-        deadline = time.monotonic() - self.LINGER
-        with self._guard:
-            gone = [channel for channel, since in self._idle_since.items() if since <= deadline]
-            for channel in gone:
-                del self._idle_since[channel]
-                del self.registered[channel]
-            self.next_lapse = min(self._idle_since.values(), default=math.inf) + self.LINGER
-        return gone
-
-    def forget_registrations(self) -> list[bytes]:
-        """The store lost every registration (flush, or a slot taken back): the channels that
-        still have receives waiting, to register again."""
-        with self._guard:
-            self.registered.clear()
-            self._idle_since.clear()
-            self.next_lapse = math.inf
-            return list(self._waiting)
+    def watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Have ``loop`` read the doorbell. Left in place when the loop's receives end: the next
+        one needs it again."""
+        loop.add_reader(self._sock.fileno(), self._on_readable)
+        self.readers.add(loop)
 
     def _on_readable(self) -> None:
         names = set()
@@ -248,66 +140,11 @@ class Doorbell:
                 break
             except OSError:
                 return
-        # Read after draining: a sender that found the queue full marks the slot, then rings
-        # again, so a mark set after this read comes with a datagram that calls us back.
-        if self._take_missed():
-            names.add(b"")
-        self.wake(names)
+        self._on_ring(names)
 
-    def waiting_channels(self) -> list[bytes]:
-        with self._guard:
-            return list(self._waiting)
-
-    def needs_checking(self) -> bool:
-        """Whether the periodic check still has work here: receives waiting, or registrations
-        lingering (which lapse at the check's lock holds)."""
-        with self._guard:
-            return bool(self._waiting or self.registered)
-
-    def drop_closed_loops(self) -> None:
-        """Stop tracking the receives whose event loop was closed under them: nothing can
-        hand them a message any more, and their registrations may lapse."""
-        with self._guard:
-            dead = [
-                (channel, waiter)
-                for channel, waiters in self._waiting.items()
-                for waiter in waiters
-                if waiter.loop.is_closed()
-            ]
-        for channel, waiter in dead:
-            self.discard(channel, waiter)
-
-    def wake(self, names: set[bytes] | list[bytes]) -> None:
-        """Hand the receives waiting on ``names`` (every receive, if b"" is among them) to the
-        store to serve, all those of one event loop together, in that loop."""
-        with self._guard:
-            if b"" in names:
-                targets = [w for waiters in self._waiting.values() for w in waiters]
-            else:
-                targets = [w for name in names for w in self._waiting.get(name, ())]
-        by_loop: dict[asyncio.AbstractEventLoop, list[Waiter]] = {}
-        for waiter in targets:
-            by_loop.setdefault(waiter.loop, []).append(waiter)
-        try:
-            current = asyncio.get_running_loop()
-        except RuntimeError:
-            current = None
-        for loop, waiters in by_loop.items():
-            if loop is current:
-                self._deliver(waiters)
-            else:
-                try:
-                    loop.call_soon_threadsafe(self._deliver, waiters)
-                except RuntimeError:
-                    pass  # its loop is closed: those receives will never look again
-
-    def close(self) -> list[Waiter]:
-        """Close the socket; the receives still tracked, which nothing will wake any more."""
-        with self._guard:
-            self._closed = True
-            waiters = [w for waiters in self._waiting.values() for w in waiters]
-            self._waiting.clear()
-        for loop in list(self._readers):
+    def close(self) -> None:
+        """Stop reading and remove the socket."""
+        for loop in list(self.readers):
             if not loop.is_closed():
                 try:
                     loop.remove_reader(self._sock.fileno())
@@ -315,7 +152,6 @@ class Doorbell:
                     pass
         self._sock.close()
         remove_doorbell(self._prefix, self.token)
-        return waiters
 
 
 class Ringer:

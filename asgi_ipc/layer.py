@@ -34,8 +34,9 @@ import msgpack
 from channels.exceptions import ChannelFull, MessageTooLarge
 from channels.layers import BaseChannelLayer
 
+from .engine import OUT_OF_MEMORY, OVER_CAPACITY, Engine, now_ms
 from .engine.layout import PREFIX_RULE, validate_prefix
-from .store import OUT_OF_MEMORY, OVER_CAPACITY, Store
+from .receiver import CHECK_INTERVAL, Receiver
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +239,14 @@ def _skim(data: bytes) -> None:
 
 
 class IPCChannelLayer(BaseChannelLayer):
-    """A channel layer shared by every process of this machine that uses the same ``prefix``."""
+    """A channel layer shared by every process of this machine that uses the same ``prefix``.
+
+    For tests and tools: ``engine()`` is the store's engine (engine/__init__.py), opened on
+    first use, through which the store can be read or changed one lock hold at a time;
+    ``receiver()`` is the asyncio side around it (receiver.py: its ``doorbell``, say); and
+    ``clock`` (milliseconds since the epoch, which expiries count from) and ``check_interval``
+    (seconds between the checks that make up for lost rings, see receiver.py) are read when
+    the store is opened: set them before the layer's first call, or after ``close()``."""
 
     extensions = ["groups", "flush"]
 
@@ -272,19 +280,30 @@ class IPCChannelLayer(BaseChannelLayer):
         self.group_memory = group_memory
         self.group_expiry = group_expiry
         self.channel_capacity = self.compile_capacities(channel_capacity or {})
-        self._store: Store | None = None
+        self.clock = now_ms
+        self.check_interval = CHECK_INTERVAL
+        self._store: Receiver | None = None
         self._opening = threading.Lock()
 
-    def _open(self) -> Store:
+    def receiver(self) -> Receiver:
+        """The receiver of this layer's store, opening the store if need be."""
+        return self._open()
+
+    def _open(self) -> Receiver:
         store = self._store
         if store is None:
             with self._opening:
                 store = self._store
                 if store is None:
-                    store = self._store = Store(
-                        self.prefix, self.channel_memory, self.group_memory
+                    store = self._store = Receiver(
+                        self.prefix, self.channel_memory, self.group_memory,
+                        clock=self.clock, check_interval=self.check_interval,
                     )
         return store
+
+    def engine(self) -> Engine:
+        """The engine of this layer's store, opening the store if need be."""
+        return self._open().engine
 
     def _serialize(self, message: Any, destination: str) -> bytes:
         """``message`` packed, once it is sure that ``receive`` can unpack it (see the module

@@ -2,7 +2,7 @@
 (``StoreCollector``, ``metrics_view``, ``asgi-ipc metrics``) and as a live terminal view
 (``asgi-ipc top``).
 
-Every figure comes from one ``Store.inspect`` of an existing store, opened without creating it
+Every figure comes from one ``Engine.inspect`` of an existing store, opened without creating it
 and closed again: one lock hold, so the figures are one consistent snapshot. That hold pauses
 every other process's operations for the length of its walk. By default it walks the channel
 and group records and reads the counts they keep; with ``check=True`` it makes the walk of
@@ -43,8 +43,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from .engine import open_engine
 from .exceptions import StoreError
-from .store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def figures(prefix: str, top: int = 10, check: bool = False) -> Figures:
     ``check``: also check the whole store, as ``asgi-ipc verify`` does (slower: see above)."""
     if isinstance(top, bool) or not isinstance(top, int) or top < 0:
         raise ValueError(f"top must be a whole number of channels from 0, not {top!r}")
-    store = Store(prefix, 0, 0, create=False)
+    store = open_engine(prefix)
     try:
         report = store.inspect(top, check)
     finally:

@@ -150,5 +150,5 @@ def make_layer(request, prefix, redis_url):
 def verify_clean(layer: IPCChannelLayer) -> None:
     """Assert the store walks clean (no-op for other backends)."""
     if isinstance(layer, IPCChannelLayer):
-        problems = layer._open().verify()
+        problems = layer.engine().verify()
         assert problems == [], problems

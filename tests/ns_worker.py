@@ -4,7 +4,7 @@
     python ns_worker.py ROLE PREFIX [ARG]
 
 Each role prints one line per step it reaches and flushes it, so the test can follow along.
-Before it opens its layer a role raises ``asgi_ipc.store.CHECK_INTERVAL`` to an hour: the
+Before it opens its layer a role raises the layer's ``check_interval`` to an hour: the
 periodic check that makes up for lost rings never runs, and a ring lost turns into a hang the
 test reports as a failure instead of a one-second delay nobody notices.
 """
@@ -14,11 +14,8 @@ from __future__ import annotations
 import asyncio
 import sys
 
-import asgi_ipc.store
 from asgi_ipc import IPCChannelLayer
 from asgi_ipc.engine.layout import SLOTS
-
-asgi_ipc.store.CHECK_INTERVAL = 3600.0
 
 CONFIG = {"channel_memory": 1024 * 1024, "group_memory": 256 * 1024, "capacity": 1000}
 
@@ -50,12 +47,12 @@ async def wait(layer: IPCChannelLayer) -> None:
 async def idle(layer: IPCChannelLayer) -> None:
     """Wait for one message; then report how many datagrams the doorbell read meanwhile."""
     message = await layer.receive("idle")
-    say("datagrams", layer._open()._doorbell.datagrams, message["n"])
+    say("datagrams", layer.receiver().doorbell.datagrams, message["n"])
 
 
 async def hold_slots(layer: IPCChannelLayer) -> None:
     """Hold every slot byte (so no process can claim a slot) until stdin closes."""
-    store = layer._open()
+    store = layer.engine()
     held = sum(store.slots.try_lock(store.segment.fd, slot) for slot in range(SLOTS))
     say("holding", held)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
@@ -67,6 +64,7 @@ ROLES = {"ping": ping, "pong": pong, "wait": wait, "idle": idle, "hold-slots": h
 async def main() -> None:
     role, prefix, *args = sys.argv[1:]
     layer = IPCChannelLayer(prefix=prefix, **CONFIG)
+    layer.check_interval = 3600.0
     try:
         await ROLES[role](layer, *map(int, args))
     finally:

@@ -71,7 +71,7 @@ def workers():
 
 def slot_table(layer: IPCChannelLayer) -> list[tuple[int, int]]:
     """(slot, token) of every slot with a token recorded."""
-    store = layer._open()
+    store = layer.engine()
     return store.locked(lambda: [(slot, token) for slot, _pid, token in store.slots.live()])
 
 

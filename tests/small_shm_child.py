@@ -92,7 +92,7 @@ async def fills_up(prefix: str) -> dict:
     stats, verify = cli("stats", "--prefix", prefix), cli("verify", "--prefix", prefix)
     report["stats"] = (stats.returncode, stats.stderr[-2000:])
     report["verify"] = (verify.returncode, verify.stdout.strip())
-    report["problems"] = layer._open().verify()
+    report["problems"] = layer.engine().verify()
     received = 0
     for _ in range(report["sent"] + 10):
         received += await layer.receive("c") == MESSAGE
@@ -103,7 +103,7 @@ async def fills_up(prefix: str) -> dict:
     await layer.flush()
     fill_tmpfs("filler2")
     report["after_flush"] = await send_until_full(layer, 100000)
-    report["problems_after_flush"] = layer._open().verify()
+    report["problems_after_flush"] = layer.engine().verify()
     await layer.close()
     asgi_ipc.unlink(prefix)
     os.unlink("/dev/shm/filler")

@@ -148,7 +148,7 @@ def test_random_kills_lose_nothing_acknowledged(prefix, tmp_path, children):
     loop = asyncio.new_event_loop()
     run = loop.run_until_complete
     layer = IPCChannelLayer(prefix=prefix, **workers.CHAOS_CONFIG)
-    store = layer._open()
+    store = layer.engine()
     for channel in RECEIVE_CHANNELS:
         run(layer.group_add(GROUP, channel))
     slots = [("send", 0), ("send", 1), ("gsend", 0), ("churn", 0)] + [("recv", i) for i in range(4)]
@@ -368,7 +368,7 @@ def test_kill_while_holding_the_lock_mid_write(prefix, children, scenario):
     loop = asyncio.new_event_loop()
     run = loop.run_until_complete
     layer = IPCChannelLayer(prefix=prefix, **CONFIG)
-    store = layer._open()
+    store = layer.engine()
 
     def prepare() -> dict:
         run(layer.flush())
@@ -413,7 +413,7 @@ def test_kill_in_the_middle_of_flush_is_finished_by_the_next_process(prefix, chi
     loop = asyncio.new_event_loop()
     run = loop.run_until_complete
     layer = IPCChannelLayer(prefix=prefix, **CONFIG)
-    store = layer._open()
+    store = layer.engine()
 
     async def fill():
         for n in range(50):

@@ -182,7 +182,7 @@ async def join(server: Server, room: str, site: ChatSite, stack: contextlib.Asyn
 
 
 def memberships(layer: IPCChannelLayer) -> int:
-    return layer._open().inspect()["memberships"]
+    return layer.engine().inspect()["memberships"]
 
 
 def http_get(url: str) -> tuple[int, str, str]:
@@ -291,7 +291,7 @@ async def test_client_that_goes_away_leaves_its_room(site, layer, leaver_server,
         deadline = time.monotonic() + REPLY_TIMEOUT
         while memberships(layer) != 2 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        report = layer._open().inspect()
+        report = layer.engine().inspect()
         assert report["memberships"] == 2, site.logs()
         assert report["largest"] == [(2, "room-exits")]
 
@@ -305,6 +305,6 @@ async def test_client_that_goes_away_leaves_its_room(site, layer, leaver_server,
             assert (got["type"], got["text"], got["author"]) == ("message", "who is left?", "ops")
         # ...and nothing was queued for the channel of the one who left, where it would sit
         # unread until it expired.
-        report = layer._open().inspect()
+        report = layer.engine().inspect()
         assert report["messages"] == 0
         assert report["problems"] == []

@@ -69,7 +69,7 @@ def populate(prefix: str) -> tuple[set, dict]:
         for group, members in (("fg.x", CHANNELS[:2]), ("fg.y", CHANNELS[1:])):
             for channel in members:
                 await layer.group_add(group, channel)
-        store = layer._open()
+        store = layer.engine()
         report = store.inspect()
         assert report["problems"] == []
         g = store.geometry
@@ -300,7 +300,7 @@ def test_a_damaged_link_never_hands_a_message_to_another_channel(prefix):
     from asgi_ipc.engine.queues import C_HEAD, M_NEXT
 
     populate(prefix)
-    store = IPCChannelLayer(prefix=prefix, **CONFIG)._open()
+    store = IPCChannelLayer(prefix=prefix, **CONFIG).engine()
     heads = store.locked(lambda: {
         c: store.words[store.queues.find(c.encode(), store.queues.hash(c.encode())) + C_HEAD]
         for c in ("f.a", "f.c")
@@ -323,7 +323,7 @@ def test_a_member_list_that_loops_is_refused_not_walked_forever(prefix, method):
     from asgi_ipc.engine.layout import H_MEMBERSHIPS
 
     populate(prefix)
-    store = IPCChannelLayer(prefix=prefix, **CONFIG)._open()
+    store = IPCChannelLayer(prefix=prefix, **CONFIG).engine()
     rec = store.locked(lambda: store.groups.find(b"fg.y"))
     store.close()
     mm, words = _words_of(prefix)

@@ -69,7 +69,7 @@ def test_unicode_and_newline_names_in_one_process(prefix):
         await layer.group_send(GROUP_NAMES[0], {"n": 3})
         assert await layer.receive(CHANNEL_NAMES[0]) == {"n": 3}
         assert await layer.receive("cap.\u0663\u0664") == {"n": 1}
-        store = layer._open()
+        store = layer.engine()
         assert store.verify() == []
         names = {group for _count, group in store.inspect()["largest"]}
         assert GROUP_NAMES[0] in names  # shown as the name, not as replacement characters
@@ -105,7 +105,7 @@ def _member(prefix: str, ready, results) -> None:
 
 
 def _waiters(layer: IPCChannelLayer) -> dict[str, int]:
-    return {name: waiters for _count, name, waiters in layer._open().inspect()["deepest"]}
+    return {name: waiters for _count, name, waiters in layer.engine().inspect()["deepest"]}
 
 
 def test_unicode_newline_and_long_names_across_processes(prefix, children):
@@ -199,7 +199,7 @@ def test_a_message_receive_could_not_decode_is_refused_at_send(prefix, kind):
             await layer.group_send("g", message)
         assert NAMED[kind] in str(grouped.value) and "'g'" in str(grouped.value)
         # Nothing was queued: the next message on each channel is the next one sent.
-        assert layer._open().inspect()["messages"] == 0
+        assert layer.engine().inspect()["messages"] == 0
         await layer.send("c.direct", {"ok": 1})
         await layer.group_send("g", {"ok": 2})
         assert await layer.receive("c.direct") == {"ok": 1}
@@ -256,7 +256,7 @@ def test_what_send_accepts_receive_returns_across_processes(prefix, children):
         layer = layer_for(prefix)
         got = [await asyncio.wait_for(layer.receive("rules.c"), WAIT) for _ in GOOD]
         assert got == [expected for _message, expected in GOOD]
-        assert layer._open().inspect()["messages"] == 0
+        assert layer.engine().inspect()["messages"] == 0
         await layer.close()
 
     asyncio.run(run())

@@ -68,7 +68,7 @@ def test_async_to_sync_receives_in_many_threads_survive_a_lost_ring(layer, child
     """Each thread receives through async_to_sync, in loops made and closed per call; the loop
     of the first waiting receive closes while the others wait; a ring lost after that is still
     made up for in every thread."""
-    store = layer._open()
+    store = layer.engine()
     channels = [f"sync.{i}" for i in range(4)]
     results: dict[str, list] = {channel: [] for channel in channels}
     for channel in channels:
@@ -101,7 +101,7 @@ def test_async_to_sync_receives_in_many_threads_survive_a_lost_ring(layer, child
 
 
 def test_a_receive_keeps_its_safety_net_after_the_loop_that_started_it_closed(layer, children):
-    store = layer._open()
+    store = layer.engine()
     a, b = LoopThread(), LoopThread()
     try:
         in_a = a.submit(layer.receive("loop.a"))  # waits first: its loop adds the reader
@@ -125,7 +125,7 @@ def test_a_receive_keeps_its_safety_net_after_the_loop_that_started_it_closed(la
 
 
 async def test_a_check_that_fails_once_is_tried_again(layer, children):
-    store = layer._open()
+    store = layer.engine()
     failures = []
     has_messages = store.queues.has_messages
 
@@ -147,7 +147,7 @@ async def test_a_check_that_fails_once_is_tried_again(layer, children):
 
 
 def test_close_ends_the_receives_waiting_in_every_loop(layer):
-    store = layer._open()
+    store, receiver = layer.engine(), layer.receiver()
     loops = [LoopThread(), LoopThread()]
     try:
         pending = [t.submit(layer.receive(f"closing.{i}")) for i, t in enumerate(loops)]
@@ -158,7 +158,7 @@ def test_close_ends_the_receives_waiting_in_every_loop(layer):
             with pytest.raises(StoreClosed):
                 future.result(HANG)
         with pytest.raises(StoreClosed):
-            asyncio.run(asyncio.wait_for(store.receive(b"closing.0"), HANG))
+            asyncio.run(asyncio.wait_for(receiver.receive(b"closing.0"), HANG))
         # The layer opens its store again, and serves receives as before.
         again = loops[0].submit(layer.receive("closing.0"))
         asyncio.run(layer.send("closing.0", {"open": "again"}))
@@ -185,7 +185,7 @@ async def test_a_receive_waits_while_channel_memory_is_full(prefix):
     assert await layer.receive("full") == {"b": b"x" * 4096}
     await layer.send("ours", {"room": "again"})
     assert await asyncio.wait_for(waiting, HANG) == {"room": "again"}
-    assert layer._open().verify() == []
+    assert layer.engine().verify() == []
     await layer.flush()
     await layer.close()
 
@@ -193,7 +193,7 @@ async def test_a_receive_waits_while_channel_memory_is_full(prefix):
 def test_an_interrupted_lock_hold_settles_every_receive_it_took(layer):
     """A KeyboardInterrupt in the lock hold that serves receives gathered together escapes the
     loop, and still leaves none of those receives waiting for ever."""
-    store = layer._open()
+    store = layer.engine()
     pop = store.queues.pop
 
     def interrupted(name: bytes, *args):
@@ -227,11 +227,11 @@ async def test_a_forked_child_closing_its_copy_leaves_the_parents_doorbell_alone
     """A child forked while its parent waits inherits the parent's doorbell; closing the child's
     copy of the layer must not remove the parent's socket, or no ring would reach the parent."""
     waiting = asyncio.ensure_future(layer.receive("forked.parent"))
-    store = layer._open()
+    store = layer.engine()
     await asyncio.sleep(0)
-    while store._doorbell is None or waiters(store, "forked.parent") != 1:
+    while store.seat is None or waiters(store, "forked.parent") != 1:
         await asyncio.sleep(0.01)
-    socket_path = doorbell_address(layer.prefix, store._doorbell.token)
+    socket_path = doorbell_address(layer.prefix, store.seat.token)
     assert os.path.exists(socket_path)
     pid = os.fork()
     if pid == 0:  # the child: close its copy and leave at once
@@ -252,10 +252,10 @@ async def test_close_closes_everything_even_when_leaving_the_store_fails(layer):
     """close() whose last lock hold fails (here: no descriptor left for this thread's lock)
     still ends the pending receives, removes the doorbell and closes the store."""
     waiting = asyncio.ensure_future(layer.receive("failing.close"))
-    store = layer._open()
-    while store._doorbell is None or waiters(store, "failing.close") != 1:
+    store = layer.engine()
+    while store.seat is None or waiters(store, "failing.close") != 1:
         await asyncio.sleep(0.01)
-    socket_path = doorbell_address(layer.prefix, store._doorbell.token)
+    socket_path = doorbell_address(layer.prefix, store.seat.token)
     lock = store.segment.lock
 
     def no_handle():
@@ -275,10 +275,10 @@ async def test_a_child_forked_after_the_store_was_unlinked_takes_a_slot_of_its_o
     import asgi_ipc
 
     waiting = asyncio.ensure_future(layer.receive("unlinked.parent"))
-    store = layer._open()
-    while store._doorbell is None or waiters(store, "unlinked.parent") != 1:
+    store = layer.engine()
+    while store.seat is None or waiters(store, "unlinked.parent") != 1:
         await asyncio.sleep(0.01)
-    parent_slot, parent_token = store._doorbell.slot, store._doorbell.token
+    parent_slot, parent_token = store.seat.slot, store.seat.token
     asgi_ipc.unlink(prefix)  # as `asgi-ipc unlink --force` would, with processes attached
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -291,9 +291,9 @@ async def test_a_child_forked_after_the_store_was_unlinked_takes_a_slot_of_its_o
                 child = asyncio.ensure_future(layer.receive("unlinked.child"))
                 # The doorbell inherited from the parent is forgotten at the child's first
                 # lock hold; the child's own comes with the slot it claims.
-                while getattr(layer._open()._doorbell, "token", parent_token) == parent_token:
+                while getattr(layer.engine().seat, "token", parent_token) == parent_token:
                     await asyncio.sleep(0.01)
-                os.write(write_end, b"%d" % layer._open()._doorbell.slot)
+                os.write(write_end, b"%d" % layer.engine().seat.slot)
                 child.cancel()
 
             asyncio.new_event_loop().run_until_complete(wait_once())
@@ -306,5 +306,5 @@ async def test_a_child_forked_after_the_store_was_unlinked_takes_a_slot_of_its_o
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert child_slot >= 0 and child_slot != parent_slot
-    assert store.slots.token(parent_slot) == store._doorbell.token
+    assert store.slots.token(parent_slot) == store.seat.token
     waiting.cancel()

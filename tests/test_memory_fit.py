@@ -33,7 +33,7 @@ async def test_a_received_message_makes_room_for_one_of_its_size(prefix, size):
     for _ in range(3):
         assert await layer.receive("c0") == {"d": "a" * size}
         await layer.send("c0", {"d": "a" * size})  # raised ChannelFull before
-    assert layer._open().verify() == []
+    assert layer.engine().verify() == []
     await layer.close()
     assert sent > 0
 
@@ -45,5 +45,5 @@ async def test_a_drained_store_holds_as_many_messages_again(prefix, size, channe
     for i in range(first):
         await layer.receive(f"c{i % channels}")
     assert await fill(layer, size, channels) == first
-    assert layer._open().verify() == []
+    assert layer.engine().verify() == []
     await layer.close()

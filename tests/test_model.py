@@ -4,7 +4,7 @@ A Hypothesis state machine runs in the test process; each operation is carried o
 test process's own layer or, through a command pipe, on the layer of a child process attached to
 the same store. The model is a dict of deques (channels) and a dict of dicts (group -> channel ->
 time of the last group_add), with the capacities, group_send's skipping of full members, flush,
-and expiry. Time is a fake clock: ``asgi_ipc.store.now_ms``, which every operation reads, is
+and expiry. Time is a fake clock: the layers' ``clock``, which every operation reads, is
 replaced in both processes by the clock the machine advances, so that expiry is exact and free.
 
 After every step the store must walk clean. Targeted cases with the same clock follow: expiring
@@ -24,7 +24,6 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 import asgi_ipc
-import asgi_ipc.store
 from asgi_ipc import IPCChannelLayer
 
 from . import workers
@@ -47,7 +46,7 @@ GROUPS = ["g1", "g2"]
 EMPTY_WAIT = 0.05  # how long a receive must find nothing where the model holds nothing
 START_MS = 1_700_000_000_000
 
-CLOCK = [START_MS]  # what asgi_ipc.store.now_ms returns in this process
+CLOCK = [START_MS]  # what the layers' clock returns in this process
 
 
 def capacity(channel: str) -> int:
@@ -72,7 +71,8 @@ class TwoProcesses(RuleBasedStateMachine):
         self.prefix = f"{self.base}.{next(self.numbers)}"
         self.loop = asyncio.new_event_loop()
         self.layer = IPCChannelLayer(prefix=self.prefix, **CONFIG)
-        self.store = self.layer._open()
+        self.layer.clock = lambda: CLOCK[0]
+        self.store = self.layer.engine()
         self.call_child("open", self.prefix, CONFIG)
         self.queues = {c: deque() for c in CHANNELS}  # (message number, expires at)
         self.members = {g: {} for g in GROUPS}  # channel -> time of its last group_add
@@ -220,12 +220,7 @@ class TwoProcesses(RuleBasedStateMachine):
         assert self.store.verify() == []
 
 
-@pytest.fixture
-def fake_clock(monkeypatch):
-    monkeypatch.setattr(asgi_ipc.store, "now_ms", lambda: CLOCK[0])
-
-
-def test_two_processes_agree_with_the_model(prefix, fake_clock):
+def test_two_processes_agree_with_the_model(prefix):
     parent_end, child_end = ctx.Pipe()
     child = ctx.Process(target=workers.model_server, args=(child_end,), daemon=True)
     child.start()
@@ -260,11 +255,11 @@ MANY = 12_000
 
 
 @pytest.mark.parametrize("operation", ["send", "receive"])
-async def test_a_deep_channel_whose_messages_all_expired_still_works(prefix, fake_clock,
-                                                                      operation):
+async def test_a_deep_channel_whose_messages_all_expired_still_works(prefix, operation):
     CLOCK[0] = START_MS
     layer = IPCChannelLayer(prefix=prefix, channel_memory=8 * MiB, capacity=MANY + 1,
                             expiry=EXPIRY_MS / 1000)
+    layer.clock = lambda: CLOCK[0]
     try:
         for n in range(MANY):
             await layer.send("deep", {"n": n})
@@ -275,15 +270,16 @@ async def test_a_deep_channel_whose_messages_all_expired_still_works(prefix, fak
         else:
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(layer.receive("deep"), EMPTY_WAIT)
-        assert layer._open().verify() == []
+        assert layer.engine().verify() == []
     finally:
         await layer.close()
 
 
-async def test_a_large_group_whose_memberships_all_expired_still_works(prefix, fake_clock):
+async def test_a_large_group_whose_memberships_all_expired_still_works(prefix):
     CLOCK[0] = START_MS
     layer = IPCChannelLayer(prefix=prefix, group_memory=8 * MiB,
                             group_expiry=GROUP_EXPIRY_MS / 1000)
+    layer.clock = lambda: CLOCK[0]
     try:
         for n in range(MANY):
             await layer.group_add("crowd", f"member.{n}")
@@ -293,6 +289,6 @@ async def test_a_large_group_whose_memberships_all_expired_still_works(prefix, f
         assert await asyncio.wait_for(layer.receive("member.new"), 2) == {"to": "the living"}
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(layer.receive("member.0"), EMPTY_WAIT)
-        assert layer._open().verify() == []
+        assert layer.engine().verify() == []
     finally:
         await layer.close()

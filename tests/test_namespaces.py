@@ -89,7 +89,7 @@ def test_a_process_killed_in_another_pid_namespace_is_found_dead(layer, workers)
     send(layer, "doomed", {"too": "late"})
     assert doorbells(prefix) == []
     assert slot_table(layer) == []
-    assert layer._open().inspect()["waiting_processes"] == []
+    assert layer.engine().inspect()["waiting_processes"] == []
     # The message is there (taking it needs no slot); a new waiter gets a slot and a doorbell
     # of its own.
     assert asyncio.run(layer.receive("doomed")) == {"too": "late"}

@@ -86,7 +86,7 @@ def test_flush_in_one_process_is_seen_by_the_others(prefix, children):
         await layer.group_send("g", {"b": 2})
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(layer.receive("member"), 0.3)
-        report = layer._open().inspect()
+        report = layer.engine().inspect()
         assert (report["messages"], report["groups"], report["problems"]) == (0, 0, [])
         await layer.close()
 
@@ -122,7 +122,7 @@ def test_a_forked_child_gets_its_own_lock(prefix):
 def verify(prefix):
     async def run():
         layer = IPCChannelLayer(prefix=prefix, channel_memory=8 * MiB, group_memory=MiB)
-        problems = layer._open().verify()
+        problems = layer.engine().verify()
         await layer.close()
         return problems
 

@@ -191,7 +191,7 @@ def test_exceptions_from_a_signal_handler_never_leave_the_lock_held(
         layer = _layer(prefix)
         await layer.send("sig.parent", {"from": "parent"})
         received = await asyncio.wait_for(layer.receive("sig.parent"), HANG)
-        stats = layer._open().inspect()
+        stats = layer.engine().inspect()
         verify_clean(layer)
         await layer.close()
         return received, stats
@@ -206,7 +206,7 @@ def test_exceptions_from_a_signal_handler_never_leave_the_lock_held(
 
 def nested_child(prefix: str, conn) -> None:
     layer = _layer(prefix)
-    store = layer._open()
+    store = layer.engine()
     def nested() -> str | None:
         try:
             store.send(b"sig.nested", b"\x80", 10, 60_000)

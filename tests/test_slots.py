@@ -26,7 +26,7 @@ def test_a_full_slot_table_fails_only_the_receive_that_needs_a_slot(
     prefix, workers, monkeypatch  # noqa: F811
 ):
     layer = IPCChannelLayer(prefix=prefix, **CONFIG)
-    store = layer._open()
+    store = layer.engine()
     holder = Worker([], "hold-slots", prefix)
     workers.append(holder)
     assert holder.expect("holding") == ["holding", str(SLOTS)]

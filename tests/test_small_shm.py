@@ -70,7 +70,7 @@ def test_a_full_tmpfs_gives_channel_full_and_group_memory_full_not_sigbus(prefix
 
 async def test_reading_a_big_sparse_store_allocates_nothing(prefix):
     layer = IPCChannelLayer(prefix=prefix, channel_memory=1024 * MiB, group_memory=MiB)
-    store = layer._open()
+    store = layer.engine()
 
     def allocated() -> int:
         return os.stat(store_path(prefix)).st_blocks

@@ -37,7 +37,7 @@ def snapshot(layer) -> bytes:
     """The whole segment, less the words that are hints or counters rather than state, and
     less the undo journal's entries, which are scratch space once the count that covers them
     is 0."""
-    store = layer._open()
+    store = layer.engine()
     words = store.words
     saved = [words[i] for i in HINT_WORDS]
     for i in HINT_WORDS:
@@ -71,7 +71,7 @@ async def test_failed_calls_leave_the_store_byte_for_byte_unchanged(prefix):
             await call
         assert str(info.value) or expected is ChannelFull
         assert snapshot(layer) == before, f"{expected.__name__} changed the store"
-    assert layer._open().verify() == []
+    assert layer.engine().verify() == []
     await layer.close()
 
 
@@ -107,7 +107,7 @@ async def test_full_channel_memory_raises_channel_full_then_recovers(prefix):
     # Drained and merged: one message as large as half the memory fits again.
     await layer.send("c.other", {"blob": b"y" * (120 * 1024)})
     assert (await layer.receive("c.other"))["blob"] == b"y" * (120 * 1024)
-    report = layer._open().inspect()
+    report = layer.engine().inspect()
     assert report["problems"] == [] and report["messages"] == 0
     assert report["channel_memory"]["used"] < 1024  # at most the emptied channel's record
     await layer.close()
@@ -117,14 +117,14 @@ async def test_expired_messages_of_unread_channels_are_reclaimed(prefix):
     layer = layer_for(prefix, expiry=0.2, capacity=1000)
     for i in range(300):
         await layer.send(f"c.abandoned{i % 30}", {"i": i})
-    assert layer._open().inspect()["messages"] == 300
+    assert layer.engine().inspect()["messages"] == 300
     await asyncio.sleep(0.3)
     # Every send reclaims a couple of expired messages wherever they are queued, and sweeps
     # four buckets of the channel index (2048 of them here) for idle records.
     for i in range(600):
         await layer.send("c.busy", {"i": i})
         await layer.receive("c.busy")
-    report = layer._open().inspect()
+    report = layer.engine().inspect()
     assert report["messages"] == 0 and report["channels"] == 0
     # What is left are records of emptied channels that the sweep has not passed yet.
     assert report["channel_memory"]["used"] <= 128 * report["idle_records"]
@@ -160,7 +160,7 @@ async def test_full_group_memory_raises_and_changes_nothing(prefix):
     for n in range(3):  # room for a group record and a membership
         await layer.group_discard("big", f"c.member{n:06d}")
     await layer.group_add("another", "c.x")
-    assert layer._open().verify() == []
+    assert layer.engine().verify() == []
     await layer.close()
 
 
@@ -237,7 +237,7 @@ def test_existing_store_keeps_its_sizes_and_warns(prefix, caplog):
             second = layer_for(prefix, channel_memory=2 * MiB)
             assert await second.receive("c") == {"a": 1}
         assert "exists with channel_memory=1048576" in caplog.text
-        assert second._open().geometry.channel_memory == 1 * MiB
+        assert second.engine().geometry.channel_memory == 1 * MiB
         await first.close()
         await second.close()
 
@@ -314,7 +314,7 @@ async def test_a_process_waiting_on_thousands_of_channels_survives_a_flush(prefi
     for receive in receives:
         receive.cancel()
     await asyncio.gather(*receives, return_exceptions=True)
-    assert other._open().verify() == []
+    assert other.engine().verify() == []
     await waiting.close()
     await other.close()
 
@@ -324,22 +324,22 @@ async def test_memory_full_of_a_dead_process_registrations_is_reclaimed(prefix):
     that finds memory full reclaims the stale registrations in steps and succeeds."""
     dying = layer_for(prefix, channel_memory=1 * MiB)
     other = layer_for(prefix, channel_memory=1 * MiB)
-    store = dying._open()
+    store = dying.engine()
     receives = []
 
     def all_registered() -> bool:
-        doorbell = store._doorbell
+        doorbell = store.seat
         return doorbell is None or len(doorbell.registered) == len(receives)
 
     while all_registered():  # until registering finds no room (that receive waits on)
         receives.append(asyncio.ensure_future(dying.receive(f"c.{len(receives)}")))
         await asyncio.sleep(0)
     assert not any(receive.done() for receive in receives)
-    doorbell = store._doorbell
+    doorbell = store.seat
     store.locked(store.slots.release, doorbell.slot, doorbell.token)  # as the reaper does
     for size in (200, 100_000):
         await other.send(f"c.size{size}", {"blob": b"x" * size})
-    assert other._open().verify() == []
+    assert other.engine().verify() == []
     for receive in receives:
         receive.cancel()
     await asyncio.gather(*receives, return_exceptions=True)
@@ -363,7 +363,7 @@ async def test_group_send_into_fragmented_memory_copies_one_by_one(prefix):
     members = [f"c.member{i}" for i in range(holes + 50)]
     for channel in members:
         await layer.group_add("g", channel)
-    store = layer._open()
+    store = layer.engine()
     taken, skipped = store.group_send(
         b"g", layer._serialize(body, "g"), lambda name: 10**6, 60_000, 86_400_000
     )
@@ -380,7 +380,7 @@ async def test_group_send_to_more_members_than_one_run_reaches_each_once(prefix)
         await layer.group_add("big", channel)
     for n in range(2):
         await layer.group_send("big", {"n": n})
-    store = layer._open()
+    store = layer.engine()
     assert store.verify() == []
     assert store.inspect()["messages"] == 2 * len(members)
     for channel in members:

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from asgi_ipc import IPCChannelLayer
-from asgi_ipc.doorbell import CHECK_INTERVAL
+from asgi_ipc.receiver import CHECK_INTERVAL
 
 from . import workers
 
@@ -34,7 +34,7 @@ def layer(prefix):
     loop = asyncio.new_event_loop()
     layer = IPCChannelLayer(prefix=prefix, **CONFIG)
     layer.run = loop.run_until_complete
-    layer.store = layer._open()
+    layer.store = layer.engine()
     yield layer
     loop.run_until_complete(layer.close())
     loop.close()

@@ -24,11 +24,8 @@ import traceback
 
 from channels.exceptions import ChannelFull
 
-import asgi_ipc.store
 from asgi_ipc import GroupMemoryFull, IPCChannelLayer, StoreError
 from asgi_ipc.doorbell import Ringer
-from asgi_ipc.engine.heap import Heap
-from asgi_ipc.engine.journal import Journal
 
 MiB = 1024 * 1024
 
@@ -72,7 +69,7 @@ def chaos_sender(prefix: str, sender: int, channels: list[str], log_path: str) -
     async def run() -> None:
         log = _log(log_path)
         layer = IPCChannelLayer(prefix=prefix, **CHAOS_CONFIG)
-        layer._open()
+        layer.engine()
         log("ready")
         seq = 0
         while True:
@@ -94,7 +91,7 @@ def chaos_group_sender(prefix: str, sender: int, group: str, log_path: str) -> N
     async def run() -> None:
         log = _log(log_path)
         layer = IPCChannelLayer(prefix=prefix, **CHAOS_CONFIG)
-        layer._open()
+        layer.engine()
         log("ready")
         seq = 0
         while True:
@@ -111,7 +108,7 @@ def chaos_receiver(prefix: str, channel: str, log_path: str) -> None:
     async def run() -> None:
         log = _log(log_path)
         layer = IPCChannelLayer(prefix=prefix, **CHAOS_CONFIG)
-        layer._open()
+        layer.engine()
         log("ready")
         while True:
             message = await layer.receive(channel)
@@ -135,7 +132,7 @@ def chaos_churner(prefix: str, slot: int, log_path: str) -> None:
     async def run() -> None:
         log = _log(log_path)
         layer = IPCChannelLayer(prefix=prefix, **CHAOS_CONFIG)
-        layer._open()
+        layer.engine()
         log("ready")
         groups, channels = churn_keys(slot)
         rng = random.Random(os.getpid())
@@ -158,9 +155,9 @@ def chaos_churner(prefix: str, slot: int, log_path: str) -> None:
 
 
 def _caller() -> str:
-    """``module.function`` of the library code that made the journaled write (two frames up:
-    past the wrapper that calls this)."""
-    code = sys._getframe(2).f_code
+    """``module.function`` of the library code that made the journaled write (three frames up:
+    past the hook that calls this and the journal's wrapper that calls the hook)."""
+    code = sys._getframe(3).f_code
     return f"{os.path.basename(code.co_filename).removesuffix('.py')}.{code.co_name}"
 
 
@@ -174,18 +171,15 @@ def stall_after_journaled_writes(prefix, config, op, args, stall_at, conn) -> No
 
     If the operation makes fewer writes it completes and reports ``("done", writers)``."""
     layer = IPCChannelLayer(prefix=prefix, **config)
-    layer._open()
     writers: list[str] = []
-    original = Journal.set
 
-    def set_then_maybe_stall(self, index, value):
-        original(self, index, value)
+    def maybe_stall(_index):
         writers.append(_caller())
         if len(writers) == stall_at:
             conn.send(("stalled", writers))
             time.sleep(3600)
 
-    Journal.set = set_then_maybe_stall
+    layer.engine().inject(on_write=maybe_stall)
     _run_op(layer, op, args)
     conn.send(("done", writers))
 
@@ -195,9 +189,7 @@ def stall_in_flush(prefix, config, stall_at, conn) -> None:
     clearings of areas and the two heap formats; 0 stops right after the flush's commit point,
     before anything is cleared."""
     layer = IPCChannelLayer(prefix=prefix, **config)
-    layer._open()
     steps: list[str] = []
-    clear, heap_format = asgi_ipc.store._clear, Heap.format
 
     def step(name: str) -> None:
         if len(steps) == stall_at:
@@ -205,16 +197,7 @@ def stall_in_flush(prefix, config, stall_at, conn) -> None:
             time.sleep(3600)
         steps.append(name)
 
-    def stalling_clear(*args):
-        step("clear")
-        clear(*args)
-
-    def stalling_format(self):
-        step("format")
-        heap_format(self)
-
-    asgi_ipc.store._clear = stalling_clear
-    Heap.format = stalling_format
+    layer.engine().inject(on_flush_step=step)
     _run_op(layer, "flush", ())
     conn.send(("done", steps))
 
@@ -223,7 +206,7 @@ def stall_before_ringing(prefix, config, op, args, conn) -> None:
     """Run ``layer.<op>(*args)`` but stop for good when it is about to ring a doorbell: after
     its commit and after the lock is released."""
     layer = IPCChannelLayer(prefix=prefix, **config)
-    layer._open()
+    layer.engine()
 
     def stalling_ring(self, address, payload):
         conn.send(("stalled", payload))
@@ -242,7 +225,7 @@ def receive_and_stamp(prefix, config, channel, count, conn) -> None:
 
     async def run() -> None:
         layer = IPCChannelLayer(prefix=prefix, **config)
-        layer._open()
+        layer.engine()
         conn.send(("ready", os.getpid()))
         for _ in range(count):
             message = await layer.receive(channel)
@@ -262,7 +245,7 @@ def receive_each(prefix, config, channels, conn) -> None:
 
     async def run() -> None:
         layer = IPCChannelLayer(prefix=prefix, **config)
-        layer._open()
+        layer.engine()
         conn.send(("ready", os.getpid()))
         await asyncio.gather(*(one(layer, c) for c in channels))
         await layer.close()
@@ -299,7 +282,7 @@ def receive_until_stop(prefix, config, channel, conn) -> None:
 
     async def run() -> None:
         layer = IPCChannelLayer(prefix=prefix, **config)
-        layer._open()
+        layer.engine()
         conn.send(("ready", os.getpid()))
         got = []
         while True:
@@ -353,7 +336,7 @@ def fuzz_session(prefix, config, channels, groups, conn) -> None:
 
     async def exercise(layer, tag: str) -> None:
         async def verify():
-            problems = layer._open().verify()
+            problems = layer.engine().verify()
             if problems:
                 # Found and reported: what verify is for.
                 events.append(("verify", "problems", 0.0, "; ".join(problems[:3])))
@@ -379,7 +362,7 @@ def fuzz_session(prefix, config, channels, groups, conn) -> None:
         await attempt("verify", verify)
 
     async def attach(layer):
-        return layer._open()
+        return layer.engine()
 
     async def run() -> None:
         first = IPCChannelLayer(prefix=prefix, **config)
@@ -418,7 +401,7 @@ def attempt_ops(prefix, config, ops, conn, memory_limit=768 * MiB) -> None:
         for method, args in ops:
             try:
                 if method == "verify":
-                    problems = layer._open().verify()
+                    problems = layer.engine().verify()
                     conn.send((method, "problems" if problems else "ok", problems))
                     continue
                 result = await asyncio.wait_for(getattr(layer, method)(*args), 2)
@@ -441,7 +424,7 @@ def open_and_use(prefix, config, conn) -> None:
         try:
             await layer.send("probe", {"n": 1})
             got = await asyncio.wait_for(layer.receive("probe"), 2)
-            problems = layer._open().verify()
+            problems = layer.engine().verify()
             return ("ok", got, problems)
         finally:
             await layer.close()
@@ -460,9 +443,8 @@ def model_server(conn) -> None:
 
     Commands: ("open", prefix, config), ("op", clock_ms, name, args, timeout),
     ("begin_receive", clock_ms, channel), ("end_receive", clock_ms, timeout), ("close",),
-    ("exit",). ``asgi_ipc.store.now_ms`` reads the clock the test sends with each command."""
+    ("exit",). The layer's clock reads the clock the test sends with each command."""
     clock = [0]
-    asgi_ipc.store.now_ms = lambda: clock[0]
     loop = asyncio.new_event_loop()
     layer = None
     pending = None
@@ -482,7 +464,8 @@ def model_server(conn) -> None:
         kind = command[0]
         if kind == "open":
             layer = IPCChannelLayer(prefix=command[1], **command[2])
-            layer._open()
+            layer.clock = lambda: clock[0]
+            layer.engine()
             conn.send(("ok", os.getpid()))
         elif kind == "op":
             clock[0] = command[1]

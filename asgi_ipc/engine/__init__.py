@@ -1,2 +1,569 @@
-"""The store's engine: everything that lives in the shared-memory segment, with no asyncio and
-no sockets."""
+"""The engine: a prefix's store as one process sees it, with no asyncio and no sockets.
+
+``Engine`` holds the segment (segment.py), its lock (lock.py) and journal (journal.py), the two
+heaps (heap.py), the channel queues (queues.py), the groups (groups.py), both kept in the one
+chained hash index (index.py), and the process slots (slots.py). Each public method is one lock
+hold, run by ``Engine.locked``: take the global lock and repair what a dead holder left
+(``_recover``: roll back an open journal, finish a cut-off flush), run the operation, commit the
+journal (or roll it back if anything raised), release. What commits an operation, and what a
+kill in between leaves, is said once in journal.py.
+
+The engine never calls back up. It returns plain results, and leaves in ``due`` the doorbells
+its holds found to ring, ``(slot, token, channel)``, for the caller (receiver.py) to ring once
+the lock is released, so that no other process ever waits on a syscall made under the lock.
+``Seat`` (slots.py) is this process's place in the store when it has receives waiting: the engine
+keeps its registrations up to date under the lock; the receiver tracks its receives in it.
+
+``flush`` cannot be undone cheaply (it may free millions of blocks), so it is redone instead: it
+first stores the epoch it moves to in ``H_FLUSHING``; that store is its commit. Then it clears
+the areas (returning their pages to the kernel), bumps the epoch and clears ``H_FLUSHING``. A
+process that finds ``H_FLUSHING`` set when it takes the lock does the same again, which is
+harmless since clearing twice is clearing once. Process slots survive a flush; every process
+with a slot is rung to register its waits again.
+
+Seams for tools and tests: ``open_engine(prefix)`` attaches to an existing store;
+``IPCChannelLayer.engine()`` is the one a layer uses. ``Engine(..., clock=...)`` replaces the
+clock (milliseconds since the epoch) that expiries are computed from. ``Engine.locked`` runs any
+function as one lock hold, to read the store consistently. ``Engine.inject`` sets fault hooks
+(after each journaled write, before each step of a flush) for crash tests.
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import hashlib
+import logging
+import os
+import time
+import zlib
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
+
+from ..exceptions import StoreClosed, StoreCorrupted, StoreError
+from .groups import GroupStore
+from .heap import Heap
+from .journal import Journal
+from .layout import (
+    COUNTERS,
+    H_CHANNEL_FULL,
+    H_EPOCH,
+    H_FLUSHING,
+    H_GROUP_SENDS,
+    H_JOURNAL_COUNT,
+    H_LOCK_PID,
+    H_MAGIC,
+    H_NO_MEMORY,
+    H_SENT,
+    MAGIC,
+    WORD,
+)
+from .lock import Handle
+from .queues import OUT_OF_MEMORY, OVER_CAPACITY, QUEUED, ChannelQueues
+from .segment import Segment, format_areas, heaps, removal_hint
+from .slots import ProcessSlots, Seat
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OUT_OF_MEMORY", "OVER_CAPACITY", "QUEUED", "Engine", "Seat", "Taken", "open_engine"]
+
+# Bounded background work that each send does for the store as a whole.
+EXPIRE_PER_SEND = 2
+SWEEP_BUCKETS_PER_SEND = 4
+
+HASH_CACHE_SIZE = 1 << 16
+
+_CORRUPTION = (IndexError, ValueError, OverflowError, TypeError)
+
+# The counter of each outcome of a send (see layout.py).
+_SEND_OUTCOME = {QUEUED: H_SENT, OVER_CAPACITY: H_CHANNEL_FULL, OUT_OF_MEMORY: H_NO_MEMORY}
+
+T = TypeVar("T")
+
+
+def now_ms() -> int:
+    """The default clock: milliseconds since the epoch."""
+    return int(time.time() * 1000)
+
+
+class Taken:
+    """What ``Engine.take`` did for a batch of receives, filled in as it goes so that it is
+    there even when the hold fails:
+
+    ``handed``: (receive, message, expiry) of each receive handed a message, in order;
+    ``durable``: how many of ``handed`` are taken for good (committed), whatever happens next;
+    ``failed``: (receive, error) of the receives that cannot wait (no room to track them);
+    ``unseated``: the receives that found their channel empty while this process holds no
+    slot: the caller claims one without the lock and tries them again;
+    ``epoch``: the store's epoch while they were handed (a flush since takes them all).
+    Every other receive of the batch waits, tracked by the seat."""
+
+    __slots__ = ("handed", "durable", "failed", "unseated", "epoch")
+
+    def __init__(self) -> None:
+        self.handed: list[tuple[Any, bytes, int]] = []
+        self.durable = 0
+        self.failed: list[tuple[Any, BaseException]] = []
+        self.unseated: list[Any] = []
+        self.epoch = 0
+
+
+class Engine:
+    def __init__(
+        self,
+        prefix: str,
+        channel_memory: int,
+        group_memory: int,
+        create: bool = True,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self.segment = Segment(prefix, channel_memory, group_memory, create=create)
+        self.prefix = prefix
+        self.name = self.segment.name
+        self.clock = clock
+        g = self.geometry = self.segment.geometry
+        words = self.words = self.segment.words
+        self.journal = Journal(words, g.journal)
+        message_heap, group_heap = heaps(words, self.journal, g, self.segment.reserve)
+        key = self.segment.hash_key
+        hashes: dict[bytes, int] = {}
+
+        def keyed_hash(name: bytes) -> int:
+            # Keyed, so that names chosen by an attacker cannot pile into one bucket; cached,
+            # since the same channels come back again and again.
+            h = hashes.get(name)
+            if h is None:
+                if len(hashes) >= HASH_CACHE_SIZE:
+                    hashes.clear()
+                h = hashes[name] = int.from_bytes(
+                    hashlib.blake2b(name, key=key, digest_size=8).digest(), "little"
+                )
+            return h
+
+        self._hash = keyed_hash
+        self.slots = ProcessSlots(words, self.journal, g.slots)
+        self.queues = ChannelQueues(
+            words, self.segment.mm, self.journal, message_heap, self.slots,
+            g.channel_index, g.channel_buckets, self._hash,
+        )
+        self.groups = GroupStore(
+            words, self.segment.mm, self.journal, group_heap,
+            g.group_index, g.group_buckets, g.member_index, g.member_buckets, self._hash,
+        )
+        # Doorbells to ring, collected under the lock by the hold in progress, then moved to
+        # ``due`` before the release; taken from ``due`` by whichever thread rings next.
+        self._rings: list[tuple[int, int, bytes]] = []
+        self.due: collections.deque[tuple[int, int, bytes]] = collections.deque()
+        # (slot, token) of processes whose doorbell found no one and whose slot byte was free:
+        # appended outside the lock, freed at the next hold.
+        self.gone: list[tuple[int, int]] = []
+        self.seat: Seat | None = None
+        # Set by the receiver when it starts closing: a take that gets the lock after it
+        # raises StoreClosed rather than track receives nobody will end.
+        self.closing = False
+        self._flush_step: Callable[[str], None] | None = None
+        self._pid = os.getpid()
+        # The epoch this process last saw under the lock (a flush moves to the next one).
+        self.epoch = words[H_EPOCH]
+
+    def locked(self, operation: Callable[..., T], *args: Any) -> T:
+        """Run ``operation(*args)`` as one lock hold: take the lock and recover, run it, commit
+        (or roll back if it raised), release. No exception, wherever it lands, keeps the lock
+        held: the release is one C call in the ``finally`` (see lock.py)."""
+        lock = self.segment.lock
+        handle = lock.handle()
+        try:
+            handle.busy = True
+            lock.acquire(handle)
+            self._recover()
+            result = operation(*args)
+            self.journal.commit()
+            if self._rings:
+                self.due.extend(self._rings)
+                self._rings.clear()
+        except BaseException as exc:
+            if self._abort(handle):  # the rings are ours to take only while holding the lock
+                self.due.extend(self._rings)
+                self._rings.clear()
+            if isinstance(exc, _CORRUPTION):
+                raise self.corrupted(exc) from exc
+            raise
+        finally:
+            handle.busy = False
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return result
+
+    def _abort(self, handle: Handle) -> bool:
+        """Undo what an operation cut short had changed, if this thread holds the lock; False
+        if another does.
+
+        Whether it got as far as taking the lock is unknown (the exception may have landed
+        right after ``flock`` returned), so it asks without waiting. Held by another: this
+        thread changed nothing. Free, or ours: the shared journal count covers exactly the
+        words changed since the last commit, ours or a dead holder's, so rolling it back is
+        right either way; the caller's ``finally`` releases."""
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        try:
+            self.journal.rollback()
+        except (StoreCorrupted, *_CORRUPTION):
+            logger.exception("could not roll back a failed operation on %s", self.name)
+        return True
+
+    def inject(
+        self,
+        on_write: Callable[[int], None] | None = None,
+        on_flush_step: Callable[[str], None] | None = None,
+    ) -> None:
+        """Fault injection, for crash tests: call ``on_write(word)`` after each journaled
+        write (``Journal.on_write``), and ``on_flush_step("clear" or "format")`` before each
+        step of a flush's clearing (``format_areas``). A hook that never returns (a sleep, a
+        kill) leaves the store as a process killed at that point would."""
+        if on_write is not None:
+            self.journal.on_write(on_write)
+        if on_flush_step is not None:
+            self._flush_step = on_flush_step
+
+    def closed_error(self) -> StoreClosed:
+        return StoreClosed(f"the store {self.name} was closed in this process")
+
+    def corrupted(self, exc: BaseException) -> StoreCorrupted:
+        return StoreCorrupted(
+            f"the store {self.name} is inconsistent ({type(exc).__name__}: {exc}); "
+            f"run `asgi-ipc verify --prefix {self.prefix}`, or {removal_hint(self.prefix)}"
+        )
+
+    # --- recovery: the start of every hold -------------------------------------------------
+
+    def _recover(self) -> None:
+        w = self.words
+        if w[H_MAGIC] != MAGIC:
+            raise StoreCorrupted(f"{self.name} lost its magic word; {removal_hint(self.prefix)}")
+        if self._pid != os.getpid():
+            self.forget_parent_process()
+        if w[H_JOURNAL_COUNT]:
+            logger.warning("%s: rolling back an operation cut off by a dead process", self.name)
+            self.journal.rollback()
+        self.journal.begin()
+        if w[H_FLUSHING]:
+            logger.warning("%s: finishing a flush cut off by a dead process", self.name)
+            self._finish_flush()
+        w[H_LOCK_PID] = self._pid
+        if self.gone:
+            self._reap_gone()
+        seat = self.seat
+        if seat is not None:
+            if w[H_EPOCH] != self.epoch or self.slots.token(seat.slot) != seat.token:
+                self._register_again(seat)
+            elif time.monotonic() >= seat.next_lapse:
+                self._drop_lapsed(seat)
+        self.epoch = w[H_EPOCH]
+
+    def forget_parent_process(self) -> None:
+        """In a forked child: nothing process-local of the parent's is ours but the mapping."""
+        self._pid = os.getpid()
+        self.seat = None
+        self._rings, self.gone = [], []
+        self.due = collections.deque()
+
+    def _reap_gone(self) -> None:
+        # Each was found with its socket gone or refusing and its slot byte unlocked: dead.
+        while self.gone:  # appended to by rings outside the lock: pop, never swap
+            slot, token = self.gone.pop()
+            self.slots.release(slot, token)
+        self.journal.commit()
+
+    def _register_again(self, seat: Seat) -> None:
+        """After a flush, or once this process has claimed its slot, register the receives
+        still waiting here again."""
+        if self.slots.token(seat.slot) != seat.token:
+            # Its slot byte is ours from claim to close, so no live process can have the slot:
+            # record our token (the first time, or again if someone cleared it).
+            self.slots.record(seat.slot, seat.token)
+        for channel in seat.forget_registrations():
+            self.journal.checkpoint()
+            rec = self.queues.add_waiter(channel, seat.slot, seat.token)
+            if rec:
+                seat.note_registered(channel, rec)
+        self.journal.commit()
+
+    def _drop_lapsed(self, seat: Seat) -> None:
+        for channel in seat.lapsed():
+            self.journal.checkpoint()
+            self.queues.remove_waiter(channel, seat.slot, seat.token)
+        self.journal.commit()
+
+    # --- operations: each one lock hold ----------------------------------------------------
+
+    def send(self, channel: bytes, data: bytes, capacity: int, expiry_ms: int) -> int:
+        """Queue ``data`` on ``channel`` unless it holds ``capacity`` messages: QUEUED,
+        OVER_CAPACITY or OUT_OF_MEMORY."""
+        return self.locked(self._send, channel, data, zlib.crc32(data), capacity, expiry_ms)
+
+    def _send(self, channel: bytes, data: bytes, crc: int, capacity: int, expiry_ms: int) -> int:
+        now = self.clock()
+        result = self.queues.append(channel, data, crc, capacity, now + expiry_ms, now,
+                                    self._rings)
+        self.journal.add(_SEND_OUTCOME[result])
+        self.queues.expire(now, EXPIRE_PER_SEND)
+        self.queues.sweep(SWEEP_BUCKETS_PER_SEND)
+        return result
+
+    def take(self, waiters: list, taken: Taken) -> None:
+        """In one lock hold, hand each receive of ``waiters`` (objects with a ``channel``) the
+        next message of its channel, or make sure that a send will ring for it: track it in the
+        seat and register this process on the channel. See ``Taken`` for what it reports.
+
+        The journal may commit between receives (when it fills up, or in a step before memory
+        is reused): the messages handed before such a commit are taken for good, which
+        ``taken.durable`` counts even when the hold fails."""
+        journal = self.journal
+        # Channels this hold registered on since the journal last committed: if the hold
+        # fails, the rollback takes those registrations back.
+        fresh: list[bytes] = []
+        commits = journal.commits
+        now = self.clock()
+
+        def hold() -> None:
+            nonlocal commits, fresh
+            if self.closing:
+                raise self.closed_error()
+            taken.epoch = self.words[H_EPOCH]
+            seat = self.seat  # taken under the lock, after recovery brought it up to date
+            records = seat.registered if seat is not None else {}
+            pop, handed = self.queues.pop, taken.handed
+            for waiter in waiters:
+                journal.checkpoint()
+                channel = waiter.channel
+                found = pop(channel, now, records.get(channel, 0))
+                registered = False
+                if found is None:
+                    if seat is None:
+                        taken.unseated.append(waiter)
+                    else:
+                        try:
+                            registered = self._wait(seat, channel, waiter)
+                        except StoreError as exc:
+                            taken.failed.append((waiter, exc))
+                if journal.commits != commits:
+                    commits, taken.durable, fresh = journal.commits, len(handed), []
+                if registered:
+                    fresh.append(channel)
+                if found is not None:
+                    handed.append((waiter, found[0], found[1]))
+
+        try:
+            self.locked(hold)
+            taken.durable = len(taken.handed)
+        except BaseException:
+            if journal.commits != commits:
+                taken.durable = len(taken.handed)
+            if self.seat is not None:
+                # Rolled back with the hold: this process is not registered there any more.
+                self.seat.forget(fresh)
+            raise
+
+    def _wait(self, seat: Seat, channel: bytes, waiter: Hashable) -> bool:
+        """Under the lock, with ``channel`` found empty: track ``waiter`` and make sure a send
+        rings. True if this registered the process on the channel.
+
+        When channel memory has no room for the registration (a small block), the receive
+        waits unregistered rather than fail: no send rings for it, but the periodic check
+        registers it once memory frees, and hands it a message as soon as its channel holds
+        one, so in that degraded mode a receive learns of its message within the check
+        interval. Reserving the room instead would cost every waiting channel memory of its
+        own up front, and a full store is exactly when a message must get through to the
+        receivers that drain it."""
+        if self.slots.token(seat.slot) != seat.token:
+            self._register_again(seat)  # records the slot claimed without the lock
+        if seat.add(channel, waiter):
+            return False
+        rec = self.queues.add_waiter(channel, seat.slot, seat.token)
+        if not rec:
+            return False  # waits unregistered: see above
+        seat.note_registered(channel, rec)
+        return True
+
+    def put_back(self, channel: bytes, data: bytes, expires: int, epoch: int) -> bool:
+        """Queue ``data``, handed to a receive that was then cancelled, first on ``channel``
+        again; True if it is back (or a flush since, at another ``epoch``, would have taken it
+        anyway), False if there was no memory left for it."""
+
+        def hold() -> bool:
+            if self.words[H_EPOCH] != epoch:
+                return True  # flushed since: it would have gone with the rest
+            return self.queues.put_back(channel, data, zlib.crc32(data), expires, self._rings)
+
+        return self.locked(hold)
+
+    def check(self, seat: Seat) -> list[bytes]:
+        """The periodic check, one hold: register the receives that could not be (memory was
+        full), and return the channels waited on that hold messages."""
+
+        def hold() -> list[bytes]:
+            # Taking the lock also drops the registrations that have lapsed.
+            waiting = seat.waiting_channels()
+            for channel in waiting:
+                if channel in seat.registered:
+                    continue
+                self.journal.checkpoint()
+                rec = self.queues.add_waiter(channel, seat.slot, seat.token)
+                if rec:
+                    seat.note_registered(channel, rec)
+            return [c for c in waiting if self.queues.has_messages(c)]
+
+        return self.locked(hold)
+
+    def leave(self, seat: Seat) -> None:
+        """On close: drop this process's registrations and free its slot, so that nothing
+        stale is left for senders and the sweep to prune. After it, no hold of this process
+        tracks a receive."""
+
+        def hold() -> None:
+            for channel in list(seat.registered):
+                self.journal.checkpoint()
+                self.queues.remove_waiter(channel, seat.slot, seat.token)
+            self.slots.release(seat.slot, seat.token)
+
+        self.locked(hold)
+
+    def claim_slot(self) -> int:
+        """Without the lock: lock the byte of a free process slot; the slot, or -1 if every
+        slot is held. Its token is recorded by the next hold once ``seat`` is set."""
+        return self.slots.claim(self.segment.fd)
+
+    def release_slot_byte(self, slot: int) -> None:
+        self.slots.unlock(self.segment.fd, slot)
+
+    def died(self, slot: int, token: int) -> bool:
+        """Without the lock, for a ring to ``(slot, token)`` that found no one: True if its
+        process is dead (its slot byte is unlocked); the caller removes its socket and adds it
+        to ``gone``, freed at the next hold if the slot still carries ``token``."""
+        seat = self.seat
+        if seat is not None and seat.slot == slot:
+            return False  # our own byte reads as unlocked to us; and we are alive
+        return not (self.segment.closed or self.slots.locked(self.segment.fd, slot))
+
+    def group_add(self, group: bytes, channel: bytes) -> None:
+        self.locked(self._group_add, group, channel)
+
+    def _group_add(self, group: bytes, channel: bytes) -> None:
+        self.groups.add(group, channel, self.clock())
+
+    def group_discard(self, group: bytes, channel: bytes) -> None:
+        self.locked(self.groups.discard, group, channel)
+
+    def group_send(self, group: bytes, data: bytes, capacity_of: Callable[[bytes], int],
+                   expiry_ms: int, group_expiry_ms: int) -> tuple[int, int]:
+        """Queue ``data`` on every member with room; (members, members skipped)."""
+        return self.locked(self._group_send, group, data, capacity_of, expiry_ms, group_expiry_ms)
+
+    def _group_send(self, group: bytes, data: bytes, capacity_of: Callable[[bytes], int],
+                    expiry_ms: int, group_expiry_ms: int) -> tuple[int, int]:
+        now = self.clock()
+        self.journal.add(H_GROUP_SENDS)
+        members = self.groups.members(group, now - group_expiry_ms)
+        self.groups.sweep(now - group_expiry_ms)
+        skipped = self.queues.append_to_all(
+            members, data, zlib.crc32(data), capacity_of, now + expiry_ms, now, self._rings
+        )
+        self.queues.expire(now, EXPIRE_PER_SEND)
+        return len(members), skipped
+
+    def flush(self) -> None:
+        self.locked(self._flush)
+
+    def _flush(self) -> None:
+        self.words[H_FLUSHING] = self.words[H_EPOCH] + 1
+        self._finish_flush()
+
+    def _finish_flush(self) -> None:
+        w = self.words
+        format_areas(w, self.geometry, self.segment.reserve, self._flush_step)
+        w[H_EPOCH] = w[H_FLUSHING]
+        w[H_FLUSHING] = 0
+        # Every waiting process must register again: ring them all.
+        for slot, _pid, token in self.slots.live():
+            self._rings.append((slot, token, b""))
+
+    # --- inspection ------------------------------------------------------------------------
+
+    def inspect(self, top: int = 10, check: bool = True) -> dict:
+        """Walk the whole store under the lock: its problems (empty when consistent) and
+        figures, the ``top`` deepest channels and largest groups among them, and the counters
+        (layout.COUNTERS). O(everything): for the command line, observe.py and tests, not for
+        serving. With ``check`` False nothing is checked (``problems`` is None) and the walk
+        reads the counts that channel and group records keep rather than walking every
+        message and membership (see ``ChannelQueues.verify``).
+
+        A process that has exited is nowhere counted as waiting: not in
+        ``waiting_processes``, not in a channel's waiters; its leftover registrations are
+        ``dead_waiters``."""
+        lock_holder = self.segment.lock_holder()
+
+        def hold() -> dict:
+            w = self.words
+            now = self.clock()
+            # A slot is live while its holder keeps its byte locked: one that has exited still
+            # carries its pid and token, and its waiters are not waiting.
+            seat, fd = self.seat, self.segment.fd
+            live = [
+                (slot, pid, token) for slot, pid, token in self.slots.live()
+                if self.slots.locked(fd, slot)
+                or (seat is not None and (slot, token) == (seat.slot, seat.token))
+            ]
+            alive = {(slot, token) for slot, _pid, token in live}
+            queues = self.queues.verify(now, alive, top, check)
+            groups = self.groups.verify(top, check)
+            in_queues, in_groups = queues.pop("problems"), groups.pop("problems")
+            problems = None
+            if check:
+                problems = (
+                    self.queues.heap.verify() + self.groups.heap.verify() + in_queues + in_groups
+                )
+            return {
+                "prefix": self.prefix,
+                "name": self.name,
+                "problems": problems,
+                "now": now,
+                "counters": {name: w[word] for name, word in COUNTERS.items()},
+                "epoch": w[H_EPOCH],
+                "lock_holder": lock_holder,
+                "waiting_processes": sorted({pid for _slot, pid, _token in live}),
+                "channel_memory": _heap_figures(self.queues.heap),
+                "group_memory": _heap_figures(self.groups.heap),
+                **queues,
+                **groups,
+            }
+
+        return self.locked(hold)
+
+    def verify(self) -> list[str]:
+        """Every inconsistency found in the store; an empty list means it is sound."""
+        return self.inspect()["problems"]
+
+    def live_slots(self) -> list[tuple[int, int, int]]:
+        """(slot, pid, token) of every slot with a token recorded, read in one hold."""
+        return self.locked(self.slots.live)
+
+    def close(self) -> None:
+        """Detach from the segment; the store's contents stay."""
+        self.segment.close()
+
+
+def _heap_figures(heap: Heap) -> dict:
+    used = heap.used_words()
+    return {
+        "size": heap.size_words * WORD,
+        "used": used * WORD,
+        "free": (heap.size_words - used) * WORD,
+        "largest_free": heap.largest_free_words() * WORD,
+    }
+
+
+def open_engine(prefix: str, clock: Callable[[], int] = now_ms) -> Engine:
+    """Attach to the existing store of ``prefix`` (for tools and tests), with its sizes."""
+    return Engine(prefix, 0, 0, create=False, clock=clock)
+

@@ -24,6 +24,8 @@ same way before the exception leaves the store, so a failed call leaves the stor
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..exceptions import StoreCorrupted, StoreError
 from .layout import H_JOURNAL_COUNT, JOURNAL_ENTRIES
 
@@ -42,6 +44,18 @@ class Journal:
         # Commits made by this process, so that an operation committed in steps can tell
         # which of its steps are done for good.
         self.commits = 0
+
+    def on_write(self, hook: Callable[[int], None]) -> None:
+        """From now on call ``hook(word)`` after each journaled write (``set``, ``add``): the
+        fault-injection seam of crash tests. It shadows ``set`` on this journal only, so that
+        a journal without a hook pays nothing for it."""
+        write = Journal.set.__get__(self)
+
+        def set_then_hook(index: int, value: int) -> None:
+            write(index, value)
+            hook(index)
+
+        self.set = set_then_hook  # type: ignore[method-assign]
 
     @property
     def count(self) -> int:

@@ -135,18 +135,32 @@ def _give_back(words: memoryview, start: int, end: int) -> None:
             pass
 
 
-def format_areas(words: memoryview, g: Geometry, reserve: Callable[[int, int], bool]) -> None:
+def format_areas(
+    words: memoryview,
+    g: Geometry,
+    reserve: Callable[[int, int], bool],
+    on_step: Callable[[str], None] | None = None,
+) -> None:
     """Empty every channel, group and index (the process slots are kept).
 
     Only what was reserved at creation is written (``Geometry.reserved_at_creation``: the
     allocator metadata, the indexes, the first and last pages of each heap), and those pages
     are zeroed in place rather than given back, so they stay reserved and a flush never needs
     to reserve anything. The rest of each heap is given back to the kernel: its mark is set
-    down first (``Heap.format``), so that no page above it is ever taken for reserved."""
-    _clear(words, g.message_heap_meta, g.slots)
-    _clear(words, g.channel_index, g.message_heap)
-    _clear(words, g.group_index, g.group_heap)
+    down first (``Heap.format``), so that no page above it is ever taken for reserved.
+    ``on_step("clear")`` / ``on_step("format")``, if given, is called before each of those
+    steps (a fault-injection seam for crash tests, see ``Engine.inject``)."""
+    for start, end in (
+        (g.message_heap_meta, g.slots),
+        (g.channel_index, g.message_heap),
+        (g.group_index, g.group_heap),
+    ):
+        if on_step is not None:
+            on_step("clear")
+        _clear(words, start, end)
     for heap in heaps(words, Journal(words, g.journal), g, reserve):
+        if on_step is not None:
+            on_step("format")
         heap.format()
         _give_back(words, heap.start + PAGE_WORDS, heap.end - PAGE_WORDS)
     for word in (H_EXPIRY_HEAD, H_EXPIRY_TAIL, H_CHANNELS, H_GROUPS, H_MEMBERSHIPS):

@@ -4,7 +4,8 @@ A slot is live iff its *slot byte* in the store file is locked: an open-file-des
 (``F_OFD_SETLK``) taken on the process's own descriptor of the store. The kernel drops it when
 that descriptor is closed, and so when the holder dies however it dies, and any process that has
 the store open can test it (``F_OFD_GETLK``), whatever PID namespace either is in: no pid is ever
-compared. A slot's words (pid for display, random token, missed-ring mark) are changed through
+compared. ``Seat`` is this process's side of its slot: the registrations and waiting receives
+it tracks. A slot's words (pid for display, random token, missed-ring mark) are changed through
 the journal under the global lock like any other word of the store, except the missed-ring mark,
 a hint written without it. How a process claims, uses and frees its slot: see doorbell.py and
 receiver.py.
@@ -13,9 +14,14 @@ receiver.py.
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import struct
+import threading
+import time
+from collections.abc import Hashable
 
+from ..exceptions import StoreClosed
 from .journal import Journal
 from .layout import SLOT_WORDS, SLOTS, WORD
 
@@ -109,3 +115,120 @@ class ProcessSlots:
             if w[at + SLOT_TOKEN]:
                 found.append((slot, w[at + SLOT_PID], w[at + SLOT_TOKEN]))
         return found
+
+
+class Seat:
+    """This process's place in the store while it has receives waiting: its slot and token, the
+    channels it is registered on (channel -> record, which the registration keeps in place),
+    and the receives it has waiting, by channel. The engine never looks inside a receive: to it
+    a waiting receive is an opaque object that it tracks and hands back.
+
+    A registration outlives the receive that made it by ``LINGER`` seconds, so that a consumer
+    looping on ``receive()`` registers once rather than once per message; a registration with no
+    receive behind it costs a sender at most one ring, when the channel turns non-empty.
+
+    ``registered`` changes under the store lock and ``_guard`` both, so ``add`` (under the
+    guard only) sees either the registration or its absence, never half a lapse. Once closed it
+    tracks nothing more: ``add`` raises ``StoreClosed``, and ``close`` hands back the receives
+    it tracked, for the receiver to end them."""
+
+    LINGER = 2.0
+
+    def __init__(self, slot: int, token: int) -> None:
+        self.slot = slot
+        self.token = token
+        self._guard = threading.Lock()
+        self._waiting: dict[bytes, set[Hashable]] = {}
+        self.registered: dict[bytes, int] = {}
+        # Since when the registrations with no receive behind them have been so.
+        self._idle_since: dict[bytes, float] = {}
+        self.next_lapse = math.inf
+        self._closed = False
+
+    def add(self, channel: bytes, waiter: Hashable) -> int:
+        """Track ``waiter``, so that a ring from now on finds it: the channel's record if this
+        process is registered on it, else 0 (the engine must register it)."""
+        with self._guard:
+            if self._closed:
+                raise StoreClosed("the store was closed")
+            self._waiting.setdefault(channel, set()).add(waiter)
+            self._idle_since.pop(channel, None)
+            return self.registered.get(channel, 0)
+
+    def note_registered(self, channel: bytes, rec: int) -> None:
+        """Under the lock: this process is registered on ``channel``, whose record is at
+        ``rec``."""
+        with self._guard:
+            self.registered[channel] = rec
+
+    def forget(self, channels: list[bytes]) -> None:
+        """The registrations on ``channels`` were rolled back with the lock hold that made
+        them: this process is not registered there any more (the periodic check registers
+        the receives still waiting again)."""
+        with self._guard:
+            for channel in channels:
+                self.registered.pop(channel, None)
+                self._idle_since.pop(channel, None)
+
+    def discard(self, channel: bytes, waiter: Hashable) -> None:
+        """Stop tracking ``waiter``; its channel's registration starts to linger if it was the
+        last receive of this process on it."""
+        with self._guard:
+            waiters = self._waiting.get(channel)
+            if waiters is None or waiter not in waiters:
+                return
+            waiters.discard(waiter)
+            if waiters:
+                return
+            del self._waiting[channel]
+            if channel in self.registered:
+                now = time.monotonic()
+                self._idle_since[channel] = now
+                self.next_lapse = min(self.next_lapse, now + self.LINGER)
+
+    def lapsed(self) -> list[bytes]:
+        """Registrations that lingered long enough: they are dropped here, for the engine to
+        drop too (under its lock)."""
+        deadline = time.monotonic() - self.LINGER
+        with self._guard:
+            gone = [channel for channel, since in self._idle_since.items() if since <= deadline]
+            for channel in gone:
+                del self._idle_since[channel]
+                del self.registered[channel]
+            self.next_lapse = min(self._idle_since.values(), default=math.inf) + self.LINGER
+        return gone
+
+    def forget_registrations(self) -> list[bytes]:
+        """The store lost every registration (flush, or a slot taken back): the channels that
+        still have receives waiting, to register again."""
+        with self._guard:
+            self.registered.clear()
+            self._idle_since.clear()
+            self.next_lapse = math.inf
+            return list(self._waiting)
+
+    def waiting_channels(self) -> list[bytes]:
+        with self._guard:
+            return list(self._waiting)
+
+    def waiters(self, names: set[bytes] | list[bytes] | None = None) -> list[Hashable]:
+        """The receives waiting on ``names``, or on every channel if ``names`` is None or holds
+        b"" (a ring that says "look at everything")."""
+        with self._guard:
+            if names is None or b"" in names:
+                return [w for waiters in self._waiting.values() for w in waiters]
+            return [w for name in names for w in self._waiting.get(name, ())]
+
+    def needs_checking(self) -> bool:
+        """Whether the periodic check still has work here: receives waiting, or registrations
+        lingering (which lapse at the check's lock holds)."""
+        with self._guard:
+            return bool(self._waiting or self.registered)
+
+    def close(self) -> list[Hashable]:
+        """Track nothing more; the receives still tracked, which nothing will wake any more."""
+        with self._guard:
+            self._closed = True
+            waiters = [w for waiters in self._waiting.values() for w in waiters]
+            self._waiting.clear()
+        return waiters

@@ -1,0 +1,544 @@
+"""The asyncio side of a store: receives that wait, the doorbell that wakes them, and the rings
+this process owes other processes.
+
+``Receiver`` wraps one ``Engine`` (engine/) per layer. Every store operation is one engine call
+(one lock hold); what the receiver adds is what needs event loops, sockets or threads:
+
+* the receives waiting in this process (``Waiter``), tracked in the engine's ``Seat``, woken by
+  this process's ``Doorbell`` (doorbell.py) or by the periodic check;
+* gathering: the receives of one event loop asked in the same pass of the loop are served by one
+  ``Engine.take`` (see ``receive``);
+* the lock-free wait on a lingering registration (``_wait_unlocked``, with the invariant that
+  makes it safe);
+* the rings: after each engine call, the doorbells it left in ``Engine.due`` are rung
+  (``_ring``), one datagram per process naming all its channels;
+* the periodic check, in a thread of its own (``_run_checks``), which makes up for lost rings;
+* cancellation (``_abandon``) and close (``StoreClosed`` to every receive still waiting).
+
+A receive's message leaves the store when the lock hold that serves it commits, and reaches its
+caller after the lock is released: a process killed in between loses it (delivery is at most
+once). A receive cancelled in between puts its message back first in its channel, unless a flush
+came in between, which would have taken it with the rest.
+
+No receive is left waiting for ever: one whose lock hold fails (whatever the exception) gets the
+error, unless its message was taken for good, which it gets; ``close`` ends every receive still
+waiting, in any event loop or thread, with ``StoreClosed``; and while any receive of the process
+waits, the checker thread makes up for lost rings, whichever event loops have closed meanwhile.
+
+The first time one of its receives has to wait, a process claims a process slot (engine/slots.py)
+without the global lock, right after the lock hold that found the channel empty, and binds its
+doorbell; the next lock hold records the slot's token and serves the receive again. If every
+slot is held, that receive raises ``StoreError``; the process looks for a free slot again no
+sooner than the check interval later, and its other operations go on.
+
+A doorbell's queue holds only ``net.unix.max_dgram_qlen`` datagrams (10 by default). A sender
+that finds it full marks the process slot as having missed a ring, then rings once more; the
+receiving process reads the mark after draining its queue and then wakes every receive it has.
+A ring can still be lost for good: the sender may die after its commit and before its ring, or a
+flush after wiping the registrations and before telling anyone. So each process with receives
+waiting looks once per check interval (1 s by default), under one lock hold, at just the
+channels it waits on, and wakes those that hold messages: a lost ring costs at most an interval,
+and an idle process one lock hold per interval. The check runs in a thread of its own, not in an
+event loop: loops come and go (``async_to_sync`` may run each call in a new one), and a check
+scheduled in a loop dies with it, leaving the receives of every other loop without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from .doorbell import FULL, GONE, RING_BYTES, Doorbell, Ringer, doorbell_address, remove_doorbell
+from .engine import Engine, Seat, Taken, now_ms
+from .engine.layout import H_EPOCH, H_FLUSHING, SLOTS
+from .exceptions import StoreClosed, StoreError
+
+logger = logging.getLogger(__name__)
+
+# Seconds between the checks that make up for lost rings (see the module docstring), and the
+# least time before a process that found every slot taken looks for a free one again.
+CHECK_INTERVAL = 1.0
+
+
+class Waiter:
+    """One receive() in this process: its channel, its loop, and the future that the message
+    (or the error) is handed to."""
+
+    __slots__ = ("loop", "channel", "future", "expires", "epoch")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, channel: bytes) -> None:
+        self.loop = loop
+        self.channel = channel
+        self.future = loop.create_future()
+        # Of the message handed over, for putting it back if the receive is cancelled.
+        self.expires = 0
+        self.epoch = 0
+
+
+class Receiver:
+    def __init__(
+        self,
+        prefix: str,
+        channel_memory: int,
+        group_memory: int,
+        create: bool = True,
+        clock: Callable[[], int] = now_ms,
+        check_interval: float = CHECK_INTERVAL,
+    ) -> None:
+        self.engine = Engine(prefix, channel_memory, group_memory, create=create, clock=clock)
+        self.prefix = prefix
+        self.name = self.engine.name
+        self.check_interval = check_interval
+        self._ringer = Ringer()
+        self.doorbell: Doorbell | None = None
+        self._slot_guard = threading.Lock()  # one slot claim at a time
+        self._slots_full_until = 0.0  # no new claim before (monotonic): every slot was held
+        self._closed = False
+        # The checker thread and the event that stops it, while one runs (see _run_checks).
+        self._checker: tuple[threading.Thread, threading.Event] | None = None
+        self._checker_guard = threading.Lock()
+        self._pid = os.getpid()
+        self._local = threading.local()  # each thread's receives to serve together
+
+    def _forget_parent_process(self) -> None:
+        # A forked child shares nothing process-local with its parent but the mapping.
+        self._pid = os.getpid()
+        self.engine.forget_parent_process()
+        self.doorbell = None
+        self._slot_guard = threading.Lock()
+        self._slots_full_until = 0.0
+        self._checker = None  # the parent's thread does not exist here
+        self._checker_guard = threading.Lock()
+        self._ringer = Ringer()
+        self._local = threading.local()
+
+    # --- operations that only send ---------------------------------------------------------
+
+    def send(self, channel: bytes, data: bytes, capacity: int, expiry_ms: int) -> int:
+        engine = self.engine
+        result = engine.send(channel, data, capacity, expiry_ms)
+        if engine.due:
+            self._ring()
+        return result
+
+    def group_send(self, group: bytes, data: bytes, capacity_of: Callable[[bytes], int],
+                   expiry_ms: int, group_expiry_ms: int) -> tuple[int, int]:
+        engine = self.engine
+        result = engine.group_send(group, data, capacity_of, expiry_ms, group_expiry_ms)
+        if engine.due:
+            self._ring()
+        return result
+
+    def group_add(self, group: bytes, channel: bytes) -> None:
+        self.engine.group_add(group, channel)
+        if self.engine.due:  # a hold may finish a flush that a dead process cut off
+            self._ring()
+
+    def group_discard(self, group: bytes, channel: bytes) -> None:
+        self.engine.group_discard(group, channel)
+        if self.engine.due:
+            self._ring()
+
+    def flush(self) -> None:
+        self.engine.flush()
+        self._ring()
+
+    # --- rings -----------------------------------------------------------------------------
+
+    def _ring(self) -> None:
+        """Ring each process once for all the channels the rings due name (taken one by one,
+        so that two threads ringing at once ring each exactly once)."""
+        due, engine = self.engine.due, self.engine
+        channels: dict[tuple[int, int], set[bytes]] = {}
+        while True:
+            try:
+                slot, token, channel = due.popleft()
+            except IndexError:
+                break
+            channels.setdefault((slot, token), set()).add(channel)
+        for (slot, token), names in channels.items():
+            payload = b"\n".join(names)
+            if b"" in names or len(payload) > RING_BYTES:
+                payload = b""
+            address = doorbell_address(self.prefix, token)
+            result = self._ringer.ring(address, payload)
+            if result == FULL:
+                engine.slots.mark_missed(slot)
+                result = self._ringer.ring(address, b"")
+            if result == GONE and engine.died(slot, token):
+                remove_doorbell(self.prefix, token)
+                engine.gone.append((slot, token))
+
+    def _rung(self, names: set[bytes]) -> None:
+        """The doorbell read ``names``: wake the receives waiting on them."""
+        seat = self.engine.seat
+        if seat is None:
+            return
+        # Read after draining: a sender that found the queue full marks the slot, then rings
+        # again, so a mark set after this read comes with a datagram that calls us back.
+        if self.engine.slots.take_missed(seat.slot):
+            names.add(b"")
+        self._wake(seat, names)
+
+    def _wake(self, seat: Seat, names: set[bytes] | list[bytes] | None) -> None:
+        """Hand the receives waiting on ``names`` (every receive, if None or b"" is among
+        them) to be served, all those of one event loop together, in that loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[Waiter]] = {}
+        for waiter in seat.waiters(names):
+            by_loop.setdefault(waiter.loop, []).append(waiter)
+        try:
+            current = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        for loop, waiters in by_loop.items():
+            if loop is current:
+                self._serve(waiters)
+            else:
+                try:
+                    loop.call_soon_threadsafe(self._serve, waiters)
+                except RuntimeError:
+                    pass  # its loop is closed: those receives will never look again
+
+    # --- receive ---------------------------------------------------------------------------
+
+    async def receive(self, channel: bytes) -> bytes:
+        """The next message of ``channel``, waiting for one as long as it takes.
+
+        A receive on a channel this process is still registered on, found empty, waits
+        without taking the lock (``_wait_unlocked``). Otherwise it is served at once, in a lock
+        hold of its own, unless its event loop is *gathering*: another task of the loop was
+        served so in the same pass of the loop, or the last lock hold handed out several
+        messages, whose receivers will soon ask again. Then receives are collected until the
+        running callbacks are done and served together in one lock hold: that is how a process
+        draining many channels takes one message from each per hold."""
+        if self._closed:
+            raise self.engine.closed_error()
+        if self._pid != os.getpid():
+            self._forget_parent_process()
+        loop = asyncio.get_running_loop()
+        waiter = Waiter(loop, channel)
+        if not self._wait_unlocked(waiter):
+            state = self._loop_state(loop)
+            task = asyncio.current_task()
+            if state.gathering or state.served_task not in (None, task):
+                if not state.batch:
+                    loop.call_soon(self._serve_gathered, state.batch)
+                state.batch.append(waiter)
+            else:
+                if state.served_task is None:
+                    loop.call_soon(self._next_pass, state)
+                state.served_task = task
+                self._serve([waiter])
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            self._abandon(waiter)
+            raise
+
+    def _loop_state(self, loop: asyncio.AbstractEventLoop) -> threading.local:
+        state = self._local
+        if getattr(state, "loop", None) is not loop:
+            state.loop, state.batch, state.gathering, state.served_task = loop, [], False, None
+        return state
+
+    @staticmethod
+    def _next_pass(state: threading.local) -> None:
+        state.served_task = None
+
+    def _serve_gathered(self, batch: list[Waiter]) -> None:
+        waiters = batch[:]
+        batch.clear()
+        self._serve(waiters)
+
+    def _wait_unlocked(self, waiter: Waiter) -> bool:
+        """Start ``waiter`` waiting without the lock, if that is safe: True if it waits.
+
+        The invariant that makes it safe: *a send that makes a channel non-empty rings every
+        process registered on it, after its commit; and this process, while registered, keeps
+        the channel's record in place.* So once ``waiter`` is tracked in the seat (where a ring
+        finds it), reading the record's message count as 0 means that any send that makes the
+        channel non-empty commits after that read, and so rings after the waiter was tracked,
+        and wakes it. Reading the epoch and the slot's token after the count rules out a flush
+        (which moves every record) or a reaper (which frees our slot) in between; one that
+        comes later rings every process anyway, or is noticed by the next hold."""
+        engine, doorbell = self.engine, self.doorbell
+        seat = engine.seat
+        if seat is None or doorbell is None:
+            return False
+        rec = seat.registered.get(waiter.channel)
+        if rec and engine.queues.queued_at(rec):
+            return False  # a message is there already (or the record moved): take it locked
+        rec = seat.add(waiter.channel, waiter)
+        if waiter.loop not in doorbell.readers:
+            doorbell.watch(waiter.loop)
+        w = engine.words
+        if (
+            not rec
+            or engine.queues.queued_at(rec)
+            or w[H_FLUSHING]
+            or w[H_EPOCH] != engine.epoch
+            or engine.slots.token(seat.slot) != seat.token
+        ):
+            return False
+        self._check_later()
+        return True
+
+    def _serve(self, waiters: list[Waiter]) -> None:
+        """In one lock hold (``Engine.take``), hand each receive of ``waiters`` (all of the
+        running event loop) the next message of its channel, or make sure that a send will
+        ring for it.
+
+        Every receive taken here that does not wait on is settled before this returns, even
+        when an exception (``KeyboardInterrupt`` included) cuts the lock hold short: with its
+        message if that was taken for good, else with the error."""
+        if len(waiters) > 1:
+            waiters = list(dict.fromkeys(waiters))  # a receive rung twice is served once
+        waiters = [w for w in waiters if not w.future.done()]
+        if not waiters:
+            return
+        if self._closed:
+            for waiter in waiters:
+                waiter.future.set_exception(self.engine.closed_error())
+            return
+        taken = Taken()
+        interrupted: BaseException | None = None
+        try:
+            self.engine.take(waiters, taken)
+            failed = taken.failed
+        except BaseException as exc:
+            error = exc
+            if not isinstance(exc, Exception):
+                interrupted = exc
+                error = StoreError(f"the receive was interrupted by {type(exc).__name__}")
+                error.__cause__ = exc
+            served = {waiter for waiter, _data, _expires in taken.handed[: taken.durable]}
+            failed = [(waiter, error) for waiter in waiters if waiter not in served]
+            taken.unseated = []
+        if self.engine.due:
+            self._ring()
+        handed = taken.handed[: taken.durable]
+        for waiter, data, expires in handed:
+            self._stop_tracking(waiter)
+            waiter.expires, waiter.epoch = expires, taken.epoch
+            waiter.future.set_result(data)
+        for waiter, exc in failed:
+            self._stop_tracking(waiter)
+            waiter.future.set_exception(exc)
+        for waiter in taken.unseated:
+            # The first wait of this process: a slot is claimed without the lock, after it.
+            if time.monotonic() < self._slots_full_until:
+                waiter.future.set_exception(self._slots_full())
+            else:
+                waiter.loop.call_soon(self._claim_and_serve, waiter)
+        if interrupted is None and len(handed) + len(failed) + len(taken.unseated) < len(
+            waiters
+        ):
+            # Some wait now, tracked by the seat: make sure the doorbell is read and the checker
+            # runs (started here rather than under the lock, where no other process should
+            # wait on it).
+            doorbell, loop = self.doorbell, waiters[0].loop
+            if doorbell is not None and loop not in doorbell.readers:
+                doorbell.watch(loop)
+            self._check_later()
+        self._loop_state(waiters[0].loop).gathering = len(handed) > 1
+        if interrupted is not None:
+            raise interrupted
+
+    def _claim_and_serve(self, waiter: Waiter) -> None:
+        """After the lock hold that found ``waiter``'s channel empty while this process had no
+        slot: claim one without the lock, then serve the receive again; or fail it if every
+        slot is held."""
+        if waiter.future.done():
+            return
+        try:
+            self._take_slot()
+        except Exception as exc:  # the wake-up directory is not ours (ForeignObject), ...
+            waiter.future.set_exception(exc)
+            return
+        if self._closed:
+            waiter.future.set_exception(self.engine.closed_error())
+        elif self.doorbell is None:
+            waiter.future.set_exception(self._slots_full())
+        else:
+            self._serve([waiter])
+
+    def _slots_full(self) -> StoreError:
+        return StoreError(
+            f"{self.name}: all {SLOTS} process slots are held by processes waiting in "
+            f"receive(), so this one cannot wait (the limit is fixed by the store's layout); "
+            f"run fewer receiving processes with prefix {self.prefix!r}, or spread them over "
+            f"several prefixes. Sends and other operations still work; a receive looks for a "
+            f"free slot again after {self.check_interval:g} s"
+        )
+
+    def _take_slot(self) -> None:
+        """Without the lock: claim a process slot (lock its byte) and bind this process's
+        doorbell, which the next lock hold records. Every slot held: none is looked for again
+        for the check interval."""
+        with self._slot_guard:
+            if (
+                self.doorbell is not None
+                or self._closed
+                or time.monotonic() < self._slots_full_until
+            ):
+                return
+            engine = self.engine
+            slot = engine.claim_slot()
+            if slot < 0:
+                self._slots_full_until = time.monotonic() + self.check_interval
+                return
+            try:
+                doorbell = Doorbell(self.prefix, self._rung)
+            except BaseException:
+                engine.release_slot_byte(slot)
+                raise
+            dead = engine.slots.token(slot)
+            if dead:
+                remove_doorbell(self.prefix, dead)  # its holder died: we hold its byte now
+            self.doorbell = doorbell
+            engine.seat = Seat(slot, doorbell.token)
+
+    def _stop_tracking(self, waiter: Waiter) -> None:
+        seat = self.engine.seat
+        if seat is not None:
+            seat.discard(waiter.channel, waiter)
+
+    def _abandon(self, waiter: Waiter) -> None:
+        """A receive was cancelled. If a message had been handed to it already, it goes back
+        first in its channel; otherwise the receive just stops waiting."""
+        future = waiter.future
+        if not future.done() or future.cancelled() or future.exception() is not None:
+            self._stop_tracking(waiter)
+            return
+        data = future.result()
+        engine = self.engine
+        if engine.segment.closed or waiter.expires <= engine.clock():
+            return
+        back = engine.put_back(waiter.channel, data, waiter.expires, waiter.epoch)
+        if engine.due:
+            self._ring()
+        if back:
+            return
+        logger.warning(
+            "%s: a message taken by a cancelled receive on %r was lost: no channel memory "
+            "left to put it back", self.name, waiter.channel.decode(),
+        )
+
+    # --- the periodic check ----------------------------------------------------------------
+
+    def _check_later(self) -> None:
+        """Make sure the checker thread runs: called once a receive is tracked (so that a
+        thread deciding to end, under the same guard, sees it or is replaced)."""
+        with self._checker_guard:
+            if self._checker is None:
+                stop = threading.Event()
+                thread = threading.Thread(
+                    target=self._run_checks, args=(stop,), daemon=True,
+                    name=f"asgi_ipc check {self.prefix}",
+                )
+                self._checker = (thread, stop)
+                thread.start()
+
+    def _run_checks(self, stop: threading.Event) -> None:
+        """The checker thread: the periodic check every ``check_interval`` while this process
+        has receives waiting or registrations lingering, then it ends.
+
+        A thread rather than ``loop.call_later``, because a callback scheduled in an event loop
+        dies with it, and loops come and go while receives of other loops still wait. A check
+        that fails (every process slot taken, say) is logged and tried again at the next
+        interval: the receives it stands guard over may depend on it."""
+        while not stop.wait(self.check_interval):
+            try:
+                self._check()
+            except Exception:
+                logger.exception(
+                    "%s: the periodic check of waiting receives failed; trying again in %s s",
+                    self.name, self.check_interval,
+                )
+            with self._checker_guard:
+                if self._checker is None or self._checker[1] is not stop:
+                    return  # closed
+                seat = self.engine.seat
+                if seat is None or not seat.needs_checking():
+                    self._checker = None
+                    return
+
+    def _check(self) -> None:
+        """One periodic check: register the receives that could not be (memory was full),
+        and wake those whose channels hold messages, each in its own event loop."""
+        seat = self.engine.seat
+        if self._closed or seat is None or self._pid != os.getpid():
+            return
+        # Stop tracking the receives whose event loop was closed under them: nothing can hand
+        # them a message any more, and their registrations may lapse.
+        for waiter in seat.waiters():
+            if waiter.loop.is_closed():
+                seat.discard(waiter.channel, waiter)
+        ready = self.engine.check(seat)
+        if self.engine.due:
+            self._ring()
+        self._wake(seat, ready)
+
+    # --- close -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Detach from the store; its contents stay. Every receive of this store still
+        waiting, in whichever event loop or thread, raises ``StoreClosed`` (settled in its own
+        loop); a receive called after this raises it at once."""
+        if self._pid != os.getpid():
+            # A forked child that never took the lock still holds its parent's doorbell and
+            # thread state: it must not close the parent's socket or join its thread.
+            self._forget_parent_process()
+        if self._closed:
+            return
+        self._closed = True
+        engine = self.engine
+        engine.closing = True
+        with self._checker_guard:
+            checker, self._checker = self._checker, None
+        if checker is not None:
+            thread, stop = checker
+            stop.set()
+            if thread is not threading.current_thread():
+                thread.join()  # at most one check under way: the segment must outlive it
+        with self._slot_guard:  # a slot claim under way finishes first, and is closed here
+            doorbell, self.doorbell = self.doorbell, None
+            seat, engine.seat = engine.seat, None
+        try:
+            if seat is not None:
+                try:
+                    engine.leave(seat)
+                except Exception:
+                    # The slot is freed anyway once its byte is unlocked below.
+                    logger.exception("%s: could not leave the store cleanly on close", self.name)
+        finally:
+            # Whatever happened above, nothing of this process may be left half open.
+            if seat is not None:
+                waiters = seat.close()
+                if doorbell is not None:
+                    doorbell.close()  # removes its socket while the byte says we live
+                engine.release_slot_byte(seat.slot)
+                for waiter in waiters:
+                    _end_elsewhere(waiter, engine.closed_error())
+            self._ringer.close()
+            engine.close()
+
+
+def _end_elsewhere(waiter: Waiter, exc: BaseException) -> None:
+    """Settle ``waiter`` with ``exc`` in its own event loop, from any thread."""
+
+    def end() -> None:
+        if not waiter.future.done():
+            waiter.future.set_exception(exc)
+
+    try:
+        waiter.loop.call_soon_threadsafe(end)
+    except RuntimeError:
+        pass  # its loop is closed: nobody waits on it any more
+
+
+__all__ = ["CHECK_INTERVAL", "Receiver", "StoreClosed", "Waiter"]
