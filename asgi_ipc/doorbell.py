@@ -1,53 +1,21 @@
-"""Waking a receive() in another process at once, without polling.
+"""Waking a receive() in another process at once, without polling: the doorbell sockets.
 
-Each process that waits in ``receive()`` holds a *process slot* in the store. A slot is live iff
-its *slot byte* in the store file is locked: an open-file-description lock (``F_OFD_SETLK``)
-taken on the process's own descriptor of the store. The kernel drops it when that descriptor is
-closed, and so when the holder dies however it dies, and any process that has the store open can
-test it (``F_OFD_GETLK``), whatever PID namespace either is in: no pid is ever compared. (A lock
-shows no conflict to its own holder, so a process knows its own slot by its token. On Linux these
-locks and the ``flock`` of the global lock ignore each other; a forked child opens the store
-again, so it holds no slot of its parent's.) The first time one of its receives has to wait, a
-process claims a slot by locking the byte of any slot that is not locked, without the global
-lock, right after the lock hold that found the channel empty; the next lock hold records the
-slot's random token (and the pid, for display only) and serves the receive again. If every byte
-is locked (``SLOTS`` processes wait), that receive raises ``StoreError``; the process looks for
-a free slot again no sooner than ``CHECK_INTERVAL`` later, and its other operations go on.
-
-With the slot comes the process's *doorbell*: a Unix datagram socket bound at a path named by the
-token inside the prefix's wake-up directory (``layout.wake_dir``, mode 0700, checked to be ours).
-A path reaches the process from every namespace that sees the same /dev/shm, whatever its network
+Each process that waits in ``receive()`` holds a *process slot* in the store (engine/slots.py:
+live iff its slot byte is locked, whatever PID namespace anyone is in). With the slot comes the
+process's *doorbell*: a Unix datagram socket bound at a path named by the slot's random token
+inside the prefix's wake-up directory (``layout.wake_dir``, mode 0700, checked to be ours). A
+path reaches the process from every namespace that sees the same /dev/shm, whatever its network
 namespace; the directory is closed to other users, so only processes of the same user can ring
-a doorbell (and they learn its token from the store, mode 0600). A waiting
-receive registers ``(slot, token)`` on its channel's record, under the same lock hold in which it
-found the channel empty, so no send can fall between the check and the registration. A send that
-makes an empty channel non-empty collects the doorbells registered on it and, once it has
-released the lock, sends each process one datagram naming its channels (a group_send to a
+a doorbell (and they learn its token from the store, mode 0600).
+
+A waiting receive registers ``(slot, token)`` on its channel's record, under the same lock hold
+in which it found the channel empty, so no send can fall between the check and the registration.
+A send that makes an empty channel non-empty collects the doorbells registered on it and, once
+it has released the lock, sends each process one datagram naming its channels (a group_send to a
 thousand members in four processes sends four). An empty datagram (after ``flush``, or for too
-many channels) means "look at every channel again".
-
-A doorbell's queue holds only ``net.unix.max_dgram_qlen`` datagrams (10 by default). A sender
-that finds it full marks the process slot as having missed a ring, then rings once more; the
-receiving process reads the mark after draining its queue and then wakes every receive it has.
-
-A ring can still be lost for good: the sender may die after its commit and before its ring, or a
-flush after wiping the registrations and before telling anyone. So each process with receives
-waiting looks once a second (``CHECK_INTERVAL``), under one lock hold, at just the channels it
-waits on, and wakes those that hold messages: a lost ring costs at most a second, and an idle
-process one lock hold per second. The check runs in a thread of its own (``Store._run_checks``),
-not in an event loop: loops come and go (``async_to_sync`` may run each call in a new one), and
-a check scheduled in a loop dies with it, leaving the receives of every other loop without it.
-
-In the receiving process the doorbell is read by whichever event loop has a receive waiting
-(``loop.add_reader``). It hands the receives waiting on the named channels to the store, which
-serves all those of one event loop in one lock hold, in that loop (``call_soon_threadsafe`` for
-the other loops): each gets the next message of its channel, or waits on. Nothing runs while
-nobody sends.
-
-A registration lingers after its receive (``Doorbell.LINGER``), and while it does, a receive that
-finds its channel empty need not take the lock at all: it puts itself where a ring will find it,
-then reads the channel's message count from the record its registration keeps in place. Any send
-that makes the channel non-empty after that read rings this process (see ``Store.receive``).
+many channels) means "look at every channel again". In the receiving process the doorbell is
+read by whichever event loop has a receive waiting (``loop.add_reader``); what happens next, and
+what makes up for a ring that is lost, is receiver.py's.
 
 What frees a slot: its process closing the store (it clears its token, removes its socket, then
 unlocks the byte), or, for a process that died, a sender whose ring finds the socket missing or

@@ -33,7 +33,7 @@ it. The footer of the one free block that reaches the end lies in the last page.
 words, so nothing ever reads a hole either.
 
 The mark is written without the journal: it only grows (until a flush gives the pages back and
-sets it down again, see ``store.format_areas``) and states a physical fact, the pages reserved,
+sets it down again, see ``segment.format_areas``) and states a physical fact, the pages reserved,
 which a rollback does not undo. A process killed between the reservation and the store of the
 mark leaves pages reserved above the mark, which the next reservation takes again at no cost.
 """
@@ -271,8 +271,10 @@ class Heap:
         if not self._reserve(block + (size + 3 if rest >= MIN_BLOCK else free_size)):
             return 0
         if j.freed:
-            # Whatever was freed so far is done for good before its space is reused.
-            j.commit()
+            # The caller must take a step first (journal.py): an undo of this operation would
+            # need the freed block's whole old contents back.
+            raise RuntimeError("a block freed by this operation is about to be reused before "
+                               "the operation took a step (Journal.step)")
         j.keep(block + 1)
         j.keep(block + 2)
         if rest >= MIN_BLOCK:

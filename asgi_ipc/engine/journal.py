@@ -1,4 +1,5 @@
-"""The undo journal: what makes every operation on the store all-or-nothing.
+"""The undo journal: what makes every operation on the store all-or-nothing, and the only place
+that commits one.
 
 An operation changes the store only under the global lock, and only in two ways:
 
@@ -8,18 +9,42 @@ An operation changes the store only under the global lock, and only in two ways:
 * bytes inside a block that the operation itself allocated are written directly, since nothing
   reaches them until a journaled word links the block in (the allocator journals the old contents
   of a block's free-list words when it hands the block out, so that an undo can put them back).
-  A block freed by an operation is never handed out again before that free commits: the
-  allocator commits first (``freed``), since an undo would need the whole old contents back.
 
-The operation commits with one aligned 8-byte store: ``H_JOURNAL_COUNT = 0``. A process killed
-before that store leaves a non-zero count; the next holder of the lock finds it and writes the old
-values back, newest first, then sets the count to 0 (``rollback``). A rollback cut short by another
-kill is simply done again: it only ever writes old values, so it is idempotent. The entry is fully
-written before the count that covers it, and the count before the word it protects, so a kill
-between any two stores leaves a journal that describes exactly the words already changed.
+**What makes an operation visible.** The commit: one aligned 8-byte store, ``H_JOURNAL_COUNT =
+0`` (``commit``). Before it, every word the operation changed is covered by the journal, and a
+process killed there leaves a non-zero count; the next holder of the lock finds it and writes
+the old values back, newest first, then sets the count to 0 (``rollback``), so the operation
+never happened. A rollback cut short by another kill is simply done again: it only ever writes
+old values, so it is idempotent. The entry is fully written before the count that covers it, and
+the count before the word it protects, so a kill between any two stores leaves a journal that
+describes exactly the words already changed. An operation that raises (bad input found late,
+memory full, a corrupt record) is rolled back the same way before the exception leaves the
+store, so a failed call leaves the store as it was.
 
-An operation that raises (bad input found late, memory full, a corrupt record) is rolled back the
-same way before the exception leaves the store, so a failed call leaves the store as it was.
+Which word is linked last, and so what the commit publishes, for each operation: a send, the
+words that link its block into its channel and into the order of sending (queues.py); a receive,
+the unlinking of its message; a group_add or group_discard, the membership's links in the member
+index and its group's list (groups.py); a registration, the head of the channel's waiter list.
+``flush`` is redone rather than undone: its commit is the store of ``H_FLUSHING`` (see
+``Engine``).
+
+**Who commits.** ``Engine.locked`` commits each operation once, at its end. Within an
+operation, the journal commits in *steps*, at two named calls only, made by the operation:
+
+* ``checkpoint()``, between two self-contained pieces of housekeeping (dropping an expired
+  message or membership, registering one more channel): commits when the journal is nearly
+  full, so that any amount of housekeeping fits;
+* ``step()``, before an operation allocates after it freed a block: commits what it did so far,
+  because a block freed by an operation must not be handed out again before that free commits
+  (an undo would need the block's whole old contents back). The allocator checks this and never
+  commits for its caller.
+
+A step boundary is a commit like the last one: a process killed after it keeps everything the
+operation did up to the step (expired messages dropped, messages handed to receives, channels
+registered, each complete in itself) and loses only what came after; a receive whose message
+was committed in a step but never reached its caller is lost, as after any commit (delivery is
+at most once). ``commits`` counts this process's commits, so that ``Engine.take`` can tell which
+of the messages it handed out are taken for good when its hold fails.
 """
 
 from __future__ import annotations
@@ -95,6 +120,12 @@ class Journal:
         an earlier one (cut off by a failure, or inherited across fork())."""
         self._count = 0
         self.freed = False
+
+    def step(self) -> None:
+        """Before an allocation: commit if this operation freed a block (see the module
+        docstring), so that the allocator may hand its space out again."""
+        if self.freed:
+            self.commit()
 
     def checkpoint(self) -> None:
         """Between two self-contained steps of housekeeping (dropping expired messages or

@@ -22,7 +22,7 @@ while a reservation fails with ENOSPC. Every area but the heaps is reserved whol
 and of each heap its first and last pages; the rest of a heap is reserved as it fills (heap.py).
 
 The first byte of each process slot is also that slot's lock byte: a slot is live while a process
-holds an open-file-description lock on it (see ``wakeup.py``). ``SLOTS`` is therefore fixed by
+holds an open-file-description lock on it (see ``slots.py``). ``SLOTS`` is therefore fixed by
 the layout: it bounds the processes that can wait in receive() on one prefix at the same time.
 """
 

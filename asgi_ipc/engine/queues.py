@@ -20,7 +20,7 @@ message handed to a receive that was then cancelled is linked back in first (``p
 Counting (the counters of layout.py): each message taken, put back or dropped as expired, and each
 group_send copy queued or skipped, is counted here with ``Journal.add`` right after the journaled
 change it counts and before the next ``checkpoint``, so the count commits or rolls back with it.
-The outcome of a send is counted by its caller (``Store.send``).
+The outcome of a send is counted by its caller (``Engine.send``).
 
 Layouts, in words from the block header (word 0):
   channel record   (kept while it has messages or waiters, and until the sweep passes after)
@@ -178,8 +178,7 @@ class ChannelQueues:
         elif capacity < 1:
             return OVER_CAPACITY
         payload_words = M_DATA - 1 + words_for(len(data))
-        if self._j.freed:
-            self._j.commit()  # expired messages dropped above stay dropped
+        self._j.step()  # expired messages dropped above stay dropped
         savepoint = self._j.count
         node = self.heap.alloc(payload_words)
         if not node:
@@ -187,8 +186,8 @@ class ChannelQueues:
             # for good. The sweep may free this very record, so look it up again.
             self.expire(now, 256)
             self.sweep(1024)
-            self._j.commit()
-            savepoint = 0
+            self._j.step()
+            savepoint = self._j.count
             node = self.heap.alloc(payload_words)
             if not node:
                 return OUT_OF_MEMORY
@@ -250,12 +249,14 @@ class ChannelQueues:
                     skipped += 1
                     self._j.add(H_GROUP_FULL)
                     continue
-                accepted.append((name, rec or self._create(name, h), capacity))
+                if not rec:
+                    self._j.step()  # expired messages of the channels before stay dropped
+                    rec = self._create(name, h)
+                accepted.append((name, rec, capacity))
             if not accepted:
                 continue
             self._j.checkpoint()
-            if self._j.freed:
-                self._j.commit()  # as the allocator would, but before the links below
+            self._j.step()  # before the links below
             nodes = []
             if all(rec for _name, rec, _capacity in accepted):
                 nodes = self.heap.alloc_run(payload_words, len(accepted))
@@ -318,8 +319,7 @@ class ChannelQueues:
         False if there is no memory left for it."""
         w, jset = self._w, self._j.set
         h = self.hash(name)
-        if self._j.freed:
-            self._j.commit()  # as the allocator would, but before the savepoint is taken
+        self._j.step()  # before the savepoint is taken
         savepoint = self._j.count
         node = self.heap.alloc(M_DATA - 1 + words_for(len(data)))
         if not node:
@@ -379,6 +379,7 @@ class ChannelQueues:
         while the registration lasts, or 0 if channel memory is full."""
         w = self._w
         h = self.hash(name)
+        self._j.step()
         rec = self.find(name, h) or self._create(name, h)
         if not rec:
             return 0
@@ -394,7 +395,7 @@ class ChannelQueues:
 
     def queued_at(self, rec: int) -> int:
         """The message count of the record at ``rec``. Read without the lock by a receive
-        whose registration keeps the record in place (see ``Store.receive``)."""
+        whose registration keeps the record in place (see ``Receiver._wait_unlocked``)."""
         return self._w[rec + C_COUNT]
 
     def has_messages(self, name: bytes) -> bool:
