@@ -217,8 +217,6 @@ class Receiver:
         draining many channels takes one message from each per hold."""
         if self._closed:
             raise self.engine.closed_error()
-        if self._pid != os.getpid():
-            self._forget_parent_process()
         loop = asyncio.get_running_loop()
         waiter = Waiter(loop, channel)
         if not self._wait_unlocked(waiter):
@@ -267,7 +265,7 @@ class Receiver:
         comes later rings every process anyway, or is noticed by the next hold."""
         engine, doorbell = self.engine, self.doorbell
         seat = engine.seat
-        if seat is None or doorbell is None:
+        if seat is None or doorbell is None or self._pid != os.getpid():
             return False
         rec = seat.registered.get(waiter.channel)
         if rec and engine.queues.queued_at(rec):
@@ -308,19 +306,21 @@ class Receiver:
         interrupted: BaseException | None = None
         try:
             self.engine.take(waiters, taken)
-            failed = taken.failed
+            handed, failed = taken.handed, taken.failed
         except BaseException as exc:
             error = exc
             if not isinstance(exc, Exception):
                 interrupted = exc
                 error = StoreError(f"the receive was interrupted by {type(exc).__name__}")
                 error.__cause__ = exc
-            served = {waiter for waiter, _data, _expires in taken.handed[: taken.durable]}
+            # Only the messages taken for good are handed; every other receive gets the error.
+            # (A hold cut short before the engine filled ``taken`` in handed nothing.)
+            handed = getattr(taken, "handed", [])[: getattr(taken, "durable", 0)]
+            served = {waiter for waiter, _data, _expires in handed}
             failed = [(waiter, error) for waiter in waiters if waiter not in served]
             taken.unseated = []
         if self.engine.due:
             self._ring()
-        handed = taken.handed[: taken.durable]
         for waiter, data, expires in handed:
             self._stop_tracking(waiter)
             waiter.expires, waiter.epoch = expires, taken.epoch
@@ -354,6 +354,9 @@ class Receiver:
         slot is held."""
         if waiter.future.done():
             return
+        if self._pid != os.getpid():
+            # A forked child's first wait: nothing of its parent's receiving side is its own.
+            self._forget_parent_process()
         try:
             self._take_slot()
         except Exception as exc:  # the wake-up directory is not ours (ForeignObject), ...

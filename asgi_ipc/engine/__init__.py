@@ -3,7 +3,7 @@
 ``Engine`` holds the segment (segment.py), its lock (lock.py) and journal (journal.py), the two
 heaps (heap.py), the channel queues (queues.py), the groups (groups.py), both kept in the one
 chained hash index (index.py), and the process slots (slots.py). Each public method is one lock
-hold, run by ``Engine.locked``: take the global lock and repair what a dead holder left
+hold, made so by ``one_hold``: take the global lock and repair what a dead holder left
 (``_recover``: roll back an open journal, finish a cut-off flush), run the operation, commit the
 journal (or roll it back if anything raised), release. What commits an operation, and what a
 kill in between leaves, is said once in journal.py.
@@ -100,12 +100,48 @@ class Taken:
 
     __slots__ = ("handed", "durable", "failed", "unseated", "epoch")
 
-    def __init__(self) -> None:
-        self.handed: list[tuple[Any, bytes, int]] = []
-        self.durable = 0
-        self.failed: list[tuple[Any, BaseException]] = []
-        self.unseated: list[Any] = []
-        self.epoch = 0
+    # No __init__: ``Engine.take`` fills every field in, which saves a Python call per receive.
+    handed: list[tuple[Any, bytes, int]]
+    durable: int
+    failed: list[tuple[Any, BaseException]]
+    unseated: list[Any]
+    epoch: int
+
+
+def one_hold(operation: Callable[..., T]) -> Callable[..., T]:
+    """Make the Engine method ``operation`` run as one lock hold: take the lock and recover,
+    run it, commit (or roll back if it raised), move the rings it collected to ``due``,
+    release. No exception, wherever it lands, keeps the lock held: the release is one C call in
+    the ``finally`` (see lock.py). The one place where an operation commits at its end."""
+
+    def held(self: Engine, *args: Any) -> T:
+        lock = self.segment.lock
+        handle = lock.handle()
+        try:
+            handle.busy = True
+            lock.acquire(handle)
+            self._recover()
+            result = operation(self, *args)
+            self.journal.commit()
+            if self._rings:
+                self.due.extend(self._rings)
+                self._rings.clear()
+        except BaseException as exc:
+            if self._abort(handle):  # the rings are ours to take only while holding the lock
+                self.due.extend(self._rings)
+                self._rings.clear()
+            if isinstance(exc, _CORRUPTION):
+                raise self.corrupted(exc) from exc
+            raise
+        finally:
+            handle.busy = False
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return result
+
+    held.__name__, held.__qualname__, held.__doc__ = (
+        operation.__name__, operation.__qualname__, operation.__doc__
+    )
+    return held
 
 
 class Engine:
@@ -166,32 +202,11 @@ class Engine:
         # The epoch this process last saw under the lock (a flush moves to the next one).
         self.epoch = words[H_EPOCH]
 
+    @one_hold
     def locked(self, operation: Callable[..., T], *args: Any) -> T:
-        """Run ``operation(*args)`` as one lock hold: take the lock and recover, run it, commit
-        (or roll back if it raised), release. No exception, wherever it lands, keeps the lock
-        held: the release is one C call in the ``finally`` (see lock.py)."""
-        lock = self.segment.lock
-        handle = lock.handle()
-        try:
-            handle.busy = True
-            lock.acquire(handle)
-            self._recover()
-            result = operation(*args)
-            self.journal.commit()
-            if self._rings:
-                self.due.extend(self._rings)
-                self._rings.clear()
-        except BaseException as exc:
-            if self._abort(handle):  # the rings are ours to take only while holding the lock
-                self.due.extend(self._rings)
-                self._rings.clear()
-            if isinstance(exc, _CORRUPTION):
-                raise self.corrupted(exc) from exc
-            raise
-        finally:
-            handle.busy = False
-            fcntl.flock(handle, fcntl.LOCK_UN)
-        return result
+        """Run ``operation(*args)`` as one lock hold (see ``one_hold``): the seam through which
+        tools and tests read or change the store consistently."""
+        return operation(*args)
 
     def _abort(self, handle: Handle) -> bool:
         """Undo what an operation cut short had changed, if this thread holds the lock; False
@@ -297,43 +312,42 @@ class Engine:
 
     # --- operations: each one lock hold ----------------------------------------------------
 
+    @one_hold
     def send(self, channel: bytes, data: bytes, capacity: int, expiry_ms: int) -> int:
         """Queue ``data`` on ``channel`` unless it holds ``capacity`` messages: QUEUED,
         OVER_CAPACITY or OUT_OF_MEMORY."""
-        return self.locked(self._send, channel, data, zlib.crc32(data), capacity, expiry_ms)
-
-    def _send(self, channel: bytes, data: bytes, crc: int, capacity: int, expiry_ms: int) -> int:
         now = self.clock()
-        result = self.queues.append(channel, data, crc, capacity, now + expiry_ms, now,
-                                    self._rings)
+        result = self.queues.append(channel, data, zlib.crc32(data), capacity, now + expiry_ms,
+                                    now, self._rings)
         self.journal.add(_SEND_OUTCOME[result])
         self.queues.expire(now, EXPIRE_PER_SEND)
         self.queues.sweep(SWEEP_BUCKETS_PER_SEND)
         return result
 
+    @one_hold
     def take(self, waiters: list, taken: Taken) -> None:
-        """In one lock hold, hand each receive of ``waiters`` (objects with a ``channel``) the
-        next message of its channel, or make sure that a send will ring for it: track it in the
-        seat and register this process on the channel. See ``Taken`` for what it reports.
+        """Hand each receive of ``waiters`` (objects with a ``channel``) the next message of
+        its channel, or make sure that a send will ring for it: track it in the seat and
+        register this process on the channel. See ``Taken`` for what it reports.
 
-        The journal may commit between receives (when it fills up, or in a step before memory
-        is reused): the messages handed before such a commit are taken for good, which
-        ``taken.durable`` counts even when the hold fails."""
+        The journal may commit between receives (a checkpoint when it fills up, a step before
+        memory is reused): the messages handed before such a commit are taken for good, which
+        ``taken.durable`` counts when the hold fails; when it returns, all of them are."""
         journal = self.journal
-        # Channels this hold registered on since the journal last committed: if the hold
-        # fails, the rollback takes those registrations back.
+        handed: list[tuple[Any, bytes, int]] = []
+        taken.handed, taken.durable, taken.failed, taken.unseated = handed, 0, [], []
+        if self.closing:
+            raise self.closed_error()
+        taken.epoch = self.words[H_EPOCH]
+        now = self.clock()
+        seat = self.seat  # taken under the lock, after recovery brought it up to date
+        records = seat.registered if seat is not None else {}
+        pop = self.queues.pop
+        # Channels registered on since the journal last committed: if the hold fails, the
+        # rollback takes those registrations back.
         fresh: list[bytes] = []
         commits = journal.commits
-        now = self.clock()
-
-        def hold() -> None:
-            nonlocal commits, fresh
-            if self.closing:
-                raise self.closed_error()
-            taken.epoch = self.words[H_EPOCH]
-            seat = self.seat  # taken under the lock, after recovery brought it up to date
-            records = seat.registered if seat is not None else {}
-            pop, handed = self.queues.pop, taken.handed
+        try:
             for waiter in waiters:
                 journal.checkpoint()
                 channel = waiter.channel
@@ -353,16 +367,12 @@ class Engine:
                     fresh.append(channel)
                 if found is not None:
                     handed.append((waiter, found[0], found[1]))
-
-        try:
-            self.locked(hold)
-            taken.durable = len(taken.handed)
         except BaseException:
             if journal.commits != commits:
-                taken.durable = len(taken.handed)
-            if self.seat is not None:
-                # Rolled back with the hold: this process is not registered there any more.
-                self.seat.forget(fresh)
+                taken.durable = len(handed)
+            if seat is not None:
+                # Forgotten under the lock, before the rollback takes them back.
+                seat.forget(fresh)
             raise
 
     def _wait(self, seat: Seat, channel: bytes, waiter: Hashable) -> bool:
@@ -386,48 +396,38 @@ class Engine:
         seat.note_registered(channel, rec)
         return True
 
+    @one_hold
     def put_back(self, channel: bytes, data: bytes, expires: int, epoch: int) -> bool:
         """Queue ``data``, handed to a receive that was then cancelled, first on ``channel``
         again; True if it is back (or a flush since, at another ``epoch``, would have taken it
         anyway), False if there was no memory left for it."""
+        if self.words[H_EPOCH] != epoch:
+            return True  # flushed since: it would have gone with the rest
+        return self.queues.put_back(channel, data, zlib.crc32(data), expires, self._rings)
 
-        def hold() -> bool:
-            if self.words[H_EPOCH] != epoch:
-                return True  # flushed since: it would have gone with the rest
-            return self.queues.put_back(channel, data, zlib.crc32(data), expires, self._rings)
-
-        return self.locked(hold)
-
+    @one_hold
     def check(self, seat: Seat) -> list[bytes]:
-        """The periodic check, one hold: register the receives that could not be (memory was
-        full), and return the channels waited on that hold messages."""
+        """The periodic check: register the receives that could not be (memory was full), and
+        return the channels waited on that hold messages. (Taking the lock also drops the
+        registrations that have lapsed.)"""
+        waiting = seat.waiting_channels()
+        for channel in waiting:
+            if channel in seat.registered:
+                continue
+            self.journal.checkpoint()
+            rec = self.queues.add_waiter(channel, seat.slot, seat.token)
+            if rec:
+                seat.note_registered(channel, rec)
+        return [c for c in waiting if self.queues.has_messages(c)]
 
-        def hold() -> list[bytes]:
-            # Taking the lock also drops the registrations that have lapsed.
-            waiting = seat.waiting_channels()
-            for channel in waiting:
-                if channel in seat.registered:
-                    continue
-                self.journal.checkpoint()
-                rec = self.queues.add_waiter(channel, seat.slot, seat.token)
-                if rec:
-                    seat.note_registered(channel, rec)
-            return [c for c in waiting if self.queues.has_messages(c)]
-
-        return self.locked(hold)
-
+    @one_hold
     def leave(self, seat: Seat) -> None:
         """On close: drop this process's registrations and free its slot, so that nothing
-        stale is left for senders and the sweep to prune. After it, no hold of this process
-        tracks a receive."""
-
-        def hold() -> None:
-            for channel in list(seat.registered):
-                self.journal.checkpoint()
-                self.queues.remove_waiter(channel, seat.slot, seat.token)
-            self.slots.release(seat.slot, seat.token)
-
-        self.locked(hold)
+        stale is left for senders and the sweep to prune."""
+        for channel in list(seat.registered):
+            self.journal.checkpoint()
+            self.queues.remove_waiter(channel, seat.slot, seat.token)
+        self.slots.release(seat.slot, seat.token)
 
     def claim_slot(self) -> int:
         """Without the lock: lock the byte of a free process slot; the slot, or -1 if every
@@ -446,22 +446,18 @@ class Engine:
             return False  # our own byte reads as unlocked to us; and we are alive
         return not (self.segment.closed or self.slots.locked(self.segment.fd, slot))
 
+    @one_hold
     def group_add(self, group: bytes, channel: bytes) -> None:
-        self.locked(self._group_add, group, channel)
-
-    def _group_add(self, group: bytes, channel: bytes) -> None:
         self.groups.add(group, channel, self.clock())
 
+    @one_hold
     def group_discard(self, group: bytes, channel: bytes) -> None:
-        self.locked(self.groups.discard, group, channel)
+        self.groups.discard(group, channel)
 
+    @one_hold
     def group_send(self, group: bytes, data: bytes, capacity_of: Callable[[bytes], int],
                    expiry_ms: int, group_expiry_ms: int) -> tuple[int, int]:
         """Queue ``data`` on every member with room; (members, members skipped)."""
-        return self.locked(self._group_send, group, data, capacity_of, expiry_ms, group_expiry_ms)
-
-    def _group_send(self, group: bytes, data: bytes, capacity_of: Callable[[bytes], int],
-                    expiry_ms: int, group_expiry_ms: int) -> tuple[int, int]:
         now = self.clock()
         self.journal.add(H_GROUP_SENDS)
         members = self.groups.members(group, now - group_expiry_ms)
@@ -472,10 +468,8 @@ class Engine:
         self.queues.expire(now, EXPIRE_PER_SEND)
         return len(members), skipped
 
+    @one_hold
     def flush(self) -> None:
-        self.locked(self._flush)
-
-    def _flush(self) -> None:
         self.words[H_FLUSHING] = self.words[H_EPOCH] + 1
         self._finish_flush()
 
@@ -544,9 +538,10 @@ class Engine:
         """Every inconsistency found in the store; an empty list means it is sound."""
         return self.inspect()["problems"]
 
+    @one_hold
     def live_slots(self) -> list[tuple[int, int, int]]:
         """(slot, pid, token) of every slot with a token recorded, read in one hold."""
-        return self.locked(self.slots.live)
+        return self.slots.live()
 
     def close(self) -> None:
         """Detach from the segment; the store's contents stay."""
