@@ -154,11 +154,11 @@ class Receiver:
         so that two threads ringing at once ring each exactly once)."""
         due, engine = self.engine.due, self.engine
         channels: dict[tuple[int, int], set[bytes]] = {}
-        while True:
+        while due:
             try:
                 slot, token, channel = due.popleft()
             except IndexError:
-                break
+                break  # another thread took the last one
             channels.setdefault((slot, token), set()).add(channel)
         for (slot, token), names in channels.items():
             payload = b"\n".join(names)
