@@ -20,12 +20,12 @@ import sys
 import time
 
 STEPS = [
-    ("asgi_ipc.store", "Store", "send", "send txn"),
-    ("asgi_ipc.lock", "StoreLock", "acquire", "lock"),
-    ("asgi_ipc.queues", "ChannelQueues", "append", "append"),
-    ("asgi_ipc.queues", "ChannelQueues", "pop", "pop"),
-    ("asgi_ipc.wakeup", "Ringer", "ring", "ring (sendto)"),
-    ("asgi_ipc.wakeup", "Doorbell", "_on_readable", "doorbell callback"),
+    ("asgi_ipc.engine", "Engine", "send", "send txn"),
+    ("asgi_ipc.engine.lock", "StoreLock", "acquire", "lock"),
+    ("asgi_ipc.engine.queues", "ChannelQueues", "append", "append"),
+    ("asgi_ipc.engine.queues", "ChannelQueues", "pop", "pop"),
+    ("asgi_ipc.doorbell", "Ringer", "ring", "ring (sendto)"),
+    ("asgi_ipc.doorbell", "Doorbell", "_on_readable", "doorbell callback"),
 ]
 
 
