@@ -108,20 +108,24 @@ class Taken:
     epoch: int
 
 
-def one_hold(operation: Callable[..., T]) -> Callable[..., T]:
+def one_hold(operation: Callable[..., T], timed: bool = False) -> Callable[..., T]:
     """Make the Engine method ``operation`` run as one lock hold: take the lock and recover,
     run it, commit (or roll back if it raised), move the rings it collected to ``due``,
     release. No exception, wherever it lands, keeps the lock held: the release is one C call in
-    the ``finally`` (see lock.py). The one place where an operation commits at its end."""
+    the ``finally`` (see lock.py). The one place where an operation commits at its end.
+
+    ``operation(self, now, *args)`` is given the time, read from ``Engine.clock`` before the
+    lock is taken if ``timed`` (so that no hold lasts a clock read longer), else 0."""
 
     def held(self: Engine, *args: Any) -> T:
+        now = self.clock() if timed else 0
         lock = self.segment.lock
         handle = lock.handle()
         try:
             handle.busy = True
             lock.acquire(handle)
             self._recover()
-            result = operation(self, *args)
+            result = operation(self, now, *args)
             self.journal.commit()
             if self._rings:
                 self.due.extend(self._rings)
@@ -142,6 +146,11 @@ def one_hold(operation: Callable[..., T]) -> Callable[..., T]:
         operation.__name__, operation.__qualname__, operation.__doc__
     )
     return held
+
+
+def timed_hold(operation: Callable[..., T]) -> Callable[..., T]:
+    """``one_hold`` for an operation that needs the time."""
+    return one_hold(operation, timed=True)
 
 
 class Engine:
@@ -203,7 +212,7 @@ class Engine:
         self.epoch = words[H_EPOCH]
 
     @one_hold
-    def locked(self, operation: Callable[..., T], *args: Any) -> T:
+    def locked(self, _now: int, operation: Callable[..., T], *args: Any) -> T:
         """Run ``operation(*args)`` as one lock hold (see ``one_hold``): the seam through which
         tools and tests read or change the store consistently."""
         return operation(*args)
@@ -312,11 +321,10 @@ class Engine:
 
     # --- operations: each one lock hold ----------------------------------------------------
 
-    @one_hold
-    def send(self, channel: bytes, data: bytes, capacity: int, expiry_ms: int) -> int:
+    @timed_hold
+    def send(self, now: int, channel: bytes, data: bytes, capacity: int, expiry_ms: int) -> int:
         """Queue ``data`` on ``channel`` unless it holds ``capacity`` messages: QUEUED,
         OVER_CAPACITY or OUT_OF_MEMORY."""
-        now = self.clock()
         result = self.queues.append(channel, data, zlib.crc32(data), capacity, now + expiry_ms,
                                     now, self._rings)
         self.journal.add(_SEND_OUTCOME[result])
@@ -324,8 +332,8 @@ class Engine:
         self.queues.sweep(SWEEP_BUCKETS_PER_SEND)
         return result
 
-    @one_hold
-    def take(self, waiters: list, taken: Taken) -> None:
+    @timed_hold
+    def take(self, now: int, waiters: list, taken: Taken) -> None:
         """Hand each receive of ``waiters`` (objects with a ``channel``) the next message of
         its channel, or make sure that a send will ring for it: track it in the seat and
         register this process on the channel. See ``Taken`` for what it reports.
@@ -339,7 +347,6 @@ class Engine:
         if self.closing:
             raise self.closed_error()
         taken.epoch = self.words[H_EPOCH]
-        now = self.clock()
         seat = self.seat  # taken under the lock, after recovery brought it up to date
         records = seat.registered if seat is not None else {}
         pop = self.queues.pop
@@ -397,7 +404,7 @@ class Engine:
         return True
 
     @one_hold
-    def put_back(self, channel: bytes, data: bytes, expires: int, epoch: int) -> bool:
+    def put_back(self, _now: int, channel: bytes, data: bytes, expires: int, epoch: int) -> bool:
         """Queue ``data``, handed to a receive that was then cancelled, first on ``channel``
         again; True if it is back (or a flush since, at another ``epoch``, would have taken it
         anyway), False if there was no memory left for it."""
@@ -406,7 +413,7 @@ class Engine:
         return self.queues.put_back(channel, data, zlib.crc32(data), expires, self._rings)
 
     @one_hold
-    def check(self, seat: Seat) -> list[bytes]:
+    def check(self, _now: int, seat: Seat) -> list[bytes]:
         """The periodic check: register the receives that could not be (memory was full), and
         return the channels waited on that hold messages. (Taking the lock also drops the
         registrations that have lapsed.)"""
@@ -421,7 +428,7 @@ class Engine:
         return [c for c in waiting if self.queues.has_messages(c)]
 
     @one_hold
-    def leave(self, seat: Seat) -> None:
+    def leave(self, _now: int, seat: Seat) -> None:
         """On close: drop this process's registrations and free its slot, so that nothing
         stale is left for senders and the sweep to prune."""
         for channel in list(seat.registered):
@@ -446,19 +453,19 @@ class Engine:
             return False  # our own byte reads as unlocked to us; and we are alive
         return not (self.segment.closed or self.slots.locked(self.segment.fd, slot))
 
-    @one_hold
-    def group_add(self, group: bytes, channel: bytes) -> None:
-        self.groups.add(group, channel, self.clock())
+    @timed_hold
+    def group_add(self, now: int, group: bytes, channel: bytes) -> None:
+        self.groups.add(group, channel, now)
 
     @one_hold
-    def group_discard(self, group: bytes, channel: bytes) -> None:
+    def group_discard(self, _now: int, group: bytes, channel: bytes) -> None:
         self.groups.discard(group, channel)
 
-    @one_hold
-    def group_send(self, group: bytes, data: bytes, capacity_of: Callable[[bytes], int],
-                   expiry_ms: int, group_expiry_ms: int) -> tuple[int, int]:
+    @timed_hold
+    def group_send(self, now: int, group: bytes, data: bytes,
+                   capacity_of: Callable[[bytes], int], expiry_ms: int,
+                   group_expiry_ms: int) -> tuple[int, int]:
         """Queue ``data`` on every member with room; (members, members skipped)."""
-        now = self.clock()
         self.journal.add(H_GROUP_SENDS)
         members = self.groups.members(group, now - group_expiry_ms)
         self.groups.sweep(now - group_expiry_ms)
@@ -469,7 +476,7 @@ class Engine:
         return len(members), skipped
 
     @one_hold
-    def flush(self) -> None:
+    def flush(self, _now: int) -> None:
         self.words[H_FLUSHING] = self.words[H_EPOCH] + 1
         self._finish_flush()
 
@@ -539,7 +546,7 @@ class Engine:
         return self.inspect()["problems"]
 
     @one_hold
-    def live_slots(self) -> list[tuple[int, int, int]]:
+    def live_slots(self, _now: int) -> list[tuple[int, int, int]]:
         """(slot, pid, token) of every slot with a token recorded, read in one hold."""
         return self.slots.live()
 
