@@ -55,7 +55,7 @@ from collections.abc import Callable
 from .doorbell import FULL, GONE, RING_BYTES, Doorbell, Ringer, doorbell_address, remove_doorbell
 from .engine import Engine, Seat, Taken, now_ms
 from .engine.layout import H_EPOCH, H_FLUSHING, SLOTS
-from .exceptions import StoreClosed, StoreError
+from .exceptions import StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -544,4 +544,4 @@ def _end_elsewhere(waiter: Waiter, exc: BaseException) -> None:
         pass  # its loop is closed: nobody waits on it any more
 
 
-__all__ = ["CHECK_INTERVAL", "Receiver", "StoreClosed", "Waiter"]
+__all__ = ["CHECK_INTERVAL", "Receiver", "Waiter"]
