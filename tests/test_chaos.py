@@ -22,11 +22,11 @@ import pytest
 from asgi_ipc import IPCChannelLayer
 
 from . import workers
+from .helpers import MiB
 
 pytestmark = pytest.mark.timeout(180)
 
 ctx = workers.context()
-MiB = 1024 * 1024
 NEXT_OPERATION_BOUND = 1.0  # seconds from a kill to the end of another process's operation
 VOLATILE = ("lock_holder", "waiting_processes", "epoch", "problems", "expired_bytes", "now")
 

@@ -17,7 +17,7 @@ import asgi_ipc
 from asgi_ipc import ForeignObject, IPCChannelLayer
 from asgi_ipc.layout import store_path, wake_dir
 
-from .conftest import MiB
+from .helpers import MiB
 
 
 def cli(*args):

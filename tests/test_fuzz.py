@@ -29,6 +29,7 @@ from asgi_ipc import IPCChannelLayer
 from asgi_ipc.layout import H_JOURNAL_COUNT, H_READY, H_VERSION, JOURNAL_ENTRIES, Geometry
 
 from . import workers
+from .helpers import shm_path, write_object
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -49,10 +50,6 @@ CASE_DEADLINE = 60  # seconds for a whole session; a hang is the only way to exc
 OPERATION_BOUND = 10  # seconds for one operation, however damaged the store
 
 ALLOWED = {"ok", "StoreCorrupted", "StoreError", "ChannelFull", "GroupMemoryFull"}
-
-
-def shm_path(prefix: str) -> str:
-    return f"/dev/shm/asgi_ipc.{prefix}"
 
 
 def populate(prefix: str) -> tuple[set, dict]:
@@ -356,14 +353,6 @@ def _open_in_child(prefix: str):
             child.join(10)
 
 
-def _write_object(prefix: str, content: bytes) -> None:
-    fd = os.open(shm_path(prefix), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, content)
-    finally:
-        os.close(fd)
-
-
 def _valid_store(prefix: str) -> bytes:
     asyncio.run(_send_one(prefix))
     with open(shm_path(prefix), "rb") as f:
@@ -401,7 +390,7 @@ FOREIGN = {
 @pytest.mark.parametrize("content", list(FOREIGN))
 def test_a_foreign_object_is_refused_naming_the_prefix_and_the_fix(prefix, content):
     data = FOREIGN[content](prefix)
-    _write_object(prefix, data)
+    write_object(prefix, data)
     outcome, message, _problems = _open_in_child(prefix)
     assert outcome == "StoreCorrupted", (outcome, message)
     assert prefix in message and f"asgi-ipc unlink --prefix {prefix}" in message, message
@@ -410,6 +399,6 @@ def test_a_foreign_object_is_refused_naming_the_prefix_and_the_fix(prefix, conte
 
 
 def test_an_empty_object_is_initialised(prefix):
-    _write_object(prefix, b"")
+    write_object(prefix, b"")
     outcome, message, problems = _open_in_child(prefix)
     assert (outcome, message, problems) == ("ok", {"n": 1}, [])

@@ -23,7 +23,8 @@ from channels.exceptions import ChannelFull
 from asgi_ipc import IPCChannelLayer, StoreClosed, StoreError
 
 from . import workers
-from .test_wakeup import CONFIG, receive, start, wait_until, waiters
+from .helpers import wait_until
+from .test_wakeup import CONFIG, receive, start, waiters
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -28,11 +28,12 @@ import asgi_ipc.store
 from asgi_ipc import IPCChannelLayer
 
 from . import workers
+from .helpers import MiB
 
 pytestmark = pytest.mark.timeout(300)
 
 ctx = workers.context()
-KiB, MiB = 1024, 1024 * 1024
+KiB = 1024
 EXPIRY_MS, GROUP_EXPIRY_MS = 10_000, 30_000
 CONFIG = {
     "channel_memory": 256 * KiB,
