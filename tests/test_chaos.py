@@ -352,9 +352,7 @@ async def _contents(layer, store) -> tuple[dict, dict]:
 
 
 def _stalled_child(children, target, *args):
-    parent_end, child_end = ctx.Pipe()
-    child = ctx.Process(target=target, args=(*args, child_end), daemon=True)
-    child.start()
+    child, parent_end = workers.start_piped(target, *args)
     children.append(child)
     assert parent_end.poll(30), "the child neither stalled nor finished"
     return child, parent_end.recv()

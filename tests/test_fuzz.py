@@ -33,7 +33,6 @@ from .helpers import shm_path, write_object
 
 pytestmark = pytest.mark.timeout(300)
 
-ctx = workers.context()
 KiB = 1024
 CONFIG = {
     "channel_memory": 256 * KiB,
@@ -152,13 +151,9 @@ def damage(prefix: str, start: int, end: int, kind: str, rng: random.Random, hea
 def run_session(prefix: str, harm) -> tuple[list, list]:
     """Run ``workers.fuzz_session`` in a child, damaging the store with ``harm()`` once it is
     attached; fail on a hang or a crash."""
-    parent_end, child_end = ctx.Pipe()
-    child = ctx.Process(
-        target=workers.fuzz_session,
-        args=(prefix, CONFIG, CHANNELS, GROUPS, child_end),
-        daemon=True,
+    child, parent_end = workers.start_piped(
+        workers.fuzz_session, prefix, CONFIG, CHANNELS, GROUPS
     )
-    child.start()
     try:
         assert parent_end.poll(30), "the child did not attach"
         assert parent_end.recv() == "attached"
@@ -268,10 +263,7 @@ def test_an_open_undo_journal_full_of_garbage_is_refused_or_undone(prefix):
 def _attempt_in_child(prefix: str, ops: list, deadline: float = 20) -> list:
     """Outcomes of ``workers.attempt_ops``; an operation still running at the deadline is
     reported as ``hang`` (and its process killed)."""
-    parent_end, child_end = ctx.Pipe()
-    child = ctx.Process(target=workers.attempt_ops, args=(prefix, CONFIG, ops, child_end),
-                        daemon=True)
-    child.start()
+    child, parent_end = workers.start_piped(workers.attempt_ops, prefix, CONFIG, ops)
     outcomes = []
     try:
         for method, _args in ops:
@@ -337,10 +329,7 @@ def test_a_member_list_that_loops_is_refused_not_walked_forever(prefix, method):
 
 
 def _open_in_child(prefix: str):
-    parent_end, child_end = ctx.Pipe()
-    child = ctx.Process(target=workers.open_and_use, args=(prefix, CONFIG, child_end),
-                        daemon=True)
-    child.start()
+    child, parent_end = workers.start_piped(workers.open_and_use, prefix, CONFIG)
     try:
         assert parent_end.poll(30), "attaching hangs"
         result = parent_end.recv()

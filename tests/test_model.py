@@ -32,7 +32,6 @@ from .helpers import MiB
 
 pytestmark = pytest.mark.timeout(300)
 
-ctx = workers.context()
 KiB = 1024
 EXPIRY_MS, GROUP_EXPIRY_MS = 10_000, 30_000
 CONFIG = {
@@ -227,9 +226,7 @@ def fake_clock(monkeypatch):
 
 
 def test_two_processes_agree_with_the_model(prefix, fake_clock):
-    parent_end, child_end = ctx.Pipe()
-    child = ctx.Process(target=workers.model_server, args=(child_end,), daemon=True)
-    child.start()
+    child, parent_end = workers.start_piped(workers.model_server)
     TwoProcesses.conn, TwoProcesses.base = parent_end, prefix
     try:
         run_state_machine_as_test(

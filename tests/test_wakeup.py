@@ -25,7 +25,6 @@ from .helpers import MiB, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
-ctx = workers.context()
 CONFIG = {"channel_memory": MiB, "group_memory": 256 * 1024, "capacity": 1000}
 
 
@@ -41,9 +40,7 @@ def layer(prefix):
 
 
 def start(children, target, *args):
-    parent_end, child_end = ctx.Pipe()
-    child = ctx.Process(target=target, args=(*args, child_end), daemon=True)
-    child.start()
+    child, parent_end = workers.start_piped(target, *args)
     children.append(child)
     return child, parent_end
 

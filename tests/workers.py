@@ -53,6 +53,15 @@ def context():
     return ctx
 
 
+def start_piped(target, *args):
+    """Start ``target(*args, conn)`` in a child of ``context()``; return the child and the
+    parent's end of the pipe whose other end is ``conn``."""
+    parent_end, child_end = context().Pipe()
+    child = context().Process(target=target, args=(*args, child_end), daemon=True)
+    child.start()
+    return child, parent_end
+
+
 def _log(path: str):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     return lambda line: os.write(fd, line.encode() + b"\n")
