@@ -24,7 +24,8 @@ import pytest
 
 import asgi_ipc
 
-ROOT = Path(__file__).resolve().parent.parent
+from .helpers import ROOT
+
 BUILD_TIMEOUT = 300
 PYTEST_TIMEOUT = 300
 # What a checkout or a previous build leaves beside the sources; none of it is part of a release.
