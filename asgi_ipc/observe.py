@@ -390,8 +390,9 @@ def render(now: Figures, before: Figures | None) -> Group:
     for area, memory in (("channel", now.channel_memory), ("group", now.group_memory)):
         figures_rows.append((f"{area} memory", f"{size(memory.used)} used of "
                              f"{size(memory.size)}, largest free {size(memory.largest_free)}"))
-    if now.problems is not None and now.expired_bytes is not None:  # checked
-        figures_rows.append(("expired, unreclaimed", size(now.expired_bytes)))
+    if now.problems is not None:  # checked
+        if now.expired_bytes is not None:  # set with problems; the check is for the types
+            figures_rows.append(("expired, unreclaimed", size(now.expired_bytes)))
         figures_rows.append(("problems", len(now.problems) or "none"))
     store = Table(title="store", title_justify="left")
     store.add_column("figure")
