@@ -170,7 +170,7 @@ def make_layer(spec: dict) -> Any:
     capacity = spec.get("capacity", 100)
     expiry = spec.get("expiry", 600)
     if kind == IPC:
-        from .layer import IPCChannelLayer
+        from ..layer import IPCChannelLayer
 
         return IPCChannelLayer(
             prefix=spec["prefix"],
@@ -659,7 +659,7 @@ class Bench:
             yield spec
         finally:
             if kind == IPC:
-                from .segment import unlink
+                from ..segment import unlink
 
                 unlink(run_id)
                 self._prefixes.remove(run_id)
@@ -669,7 +669,7 @@ class Bench:
 
     def close(self) -> None:
         self._drop_pool()
-        from .segment import unlink
+        from ..segment import unlink
 
         for prefix in self._prefixes:
             unlink(prefix)
