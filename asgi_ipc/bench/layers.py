@@ -72,7 +72,7 @@ def make_layer(spec: dict) -> Any:
     capacity = spec.get("capacity", 100)
     expiry = spec.get("expiry", 600)
     if kind == IPC:
-        from ..layer import IPCChannelLayer
+        from .. import IPCChannelLayer
 
         return IPCChannelLayer(
             prefix=spec["prefix"],

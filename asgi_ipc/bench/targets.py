@@ -25,7 +25,7 @@ BACKEND_NAMES = {
     IPC: "asgi_ipc",
     REDIS: "channels_redis",
     MEMORY: "InMemoryChannelLayer",
-    FLOOR: "the floor",
+    FLOOR: "floor",
 }
 
 
@@ -75,7 +75,7 @@ TARGETS: tuple[Target, ...] = (
     Target("backlog", "send+receive", "empty_ops_per_s",
            "in-process send+receive pairs per second", MEMORY, ">=", 0.5),
     Target("backlog", "send+receive", "loaded_over_empty",
-           "the same with 100 000 messages queued in other channels, over an empty store",
+           "the same with 100 000 messages queued elsewhere, over the same with none",
            None, ">=", 0.8),
     Target("pingpong", "2 processes", "p50_us",
            "ping-pong between two processes, p50 latency", FLOOR, "<=", 2),

@@ -160,7 +160,8 @@ class Bench:
 
     @contextlib.contextmanager
     def backend(self, kind: str, **options: Any) -> Iterator[dict]:
-        """A fresh store (asgi_ipc) or key prefix (channels_redis) for one step, removed after."""
+        """A fresh store (asgi_ipc), key prefix (channels_redis) or socket directory (the
+        floor) for one step, removed after."""
         run_id = "bench" + secrets.token_hex(6)
         spec = layer_spec(kind, run_id, self.redis_url, **options)
         if kind == IPC:
