@@ -84,7 +84,8 @@ def build_rows(results: dict) -> list[Row]:
         cell = results.get(workload, {}).get(case)
         if not cell:
             continue
-        values, counts = {}, {}
+        values: dict[str, float | None] = {}
+        counts: dict[str, str] = {}
         for backend in BACKENDS:
             result = cell.get(backend)
             if result is None:
@@ -122,7 +123,7 @@ def render_table(rows: list[Row], header: dict) -> str:
         f"{'quick' if header['quick'] else 'full'} run; channels_redis: {header['redis']}",
         "",
     ]
-    head = f"{'workload':34} {'unit':7}" + "".join(f" {name:>20}" for name, _ in columns)
+    head = f"{'workload':34} {'unit':7}" + "".join(f" {name:>22}" for name, _ in columns)
     head += f" {'ratio':>13}  target"
     lines += [head, "-" * len(head)]
     for row in rows:
@@ -132,7 +133,7 @@ def render_table(rows: list[Row], header: dict) -> str:
                 cell = f"{num(row.values[backend])} {row.counts[backend]}"
             else:
                 cell = "-"
-            line += f" {cell:>20}"
+            line += f" {cell:>22}"
         ratio = f"{num(row.ratio)} /{SHORT[row.ratio_over]}" if row.ratio_over else "-"
         line += f" {ratio:>13}"
         if row.target:
