@@ -11,7 +11,7 @@ import pytest
 
 import asgi_ipc
 from asgi_ipc import IPCChannelLayer
-from asgi_ipc.bench import RedisServer
+from asgi_ipc.bench.redis_server import RedisServer
 
 from .helpers import MiB, Worker, left_behind, made_prefixes, new_prefix
 

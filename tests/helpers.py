@@ -11,7 +11,6 @@ import multiprocessing
 import os
 import queue
 import secrets
-import socket
 import subprocess
 import sys
 import threading
@@ -62,12 +61,6 @@ def verify_clean(layer: IPCChannelLayer) -> None:
     if isinstance(layer, IPCChannelLayer):
         problems = layer._open().verify()
         assert problems == [], problems
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pythonpath(*first: object) -> str:

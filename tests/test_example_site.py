@@ -28,8 +28,9 @@ import pytest
 import websockets
 
 from asgi_ipc import IPCChannelLayer
+from asgi_ipc.bench.redis_server import free_port
 
-from .helpers import free_port, pythonpath
+from .helpers import pythonpath
 
 EXAMPLE_DIR = Path(__file__).resolve().parent.parent / "examples" / "chat"
 START_TIMEOUT = 30

@@ -15,7 +15,7 @@ import time
 from .layers import clock
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -49,7 +49,7 @@ class RedisServer:
         try:
             # The free port can be taken between our probe and the server's bind: try again.
             for _ in range(3):
-                self.port = _free_port()
+                self.port = free_port()
                 self.proc = subprocess.Popen(
                     [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
                      "--save", "", "--appendonly", "no", "--dir", self.workdir],
