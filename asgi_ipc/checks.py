@@ -47,7 +47,7 @@ def _shm_size() -> int | None:
     return st.f_blocks * st.f_frsize
 
 
-def check_channel_layers(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+def check_channel_layers(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """Errors for every bad option of every asgi_ipc layer in CHANNEL_LAYERS; a warning for each
     whose store would not fit in /dev/shm."""
     layers = getattr(settings, "CHANNEL_LAYERS", None)

@@ -50,7 +50,7 @@ def _open(prefix: str) -> Receiver:
     return Receiver(prefix, 0, 0, create=False)
 
 
-def _size(nbytes: int) -> str:
+def _size(nbytes: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if nbytes < 1024 or unit == "GiB":
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
@@ -213,7 +213,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_worker(prefix: str, number: int, ready) -> None:
+def _demo_worker(prefix: str, number: int, ready: multiprocessing.queues.Queue[str]) -> None:
     # Ctrl-C reaches the whole process group; the parent alone answers it, and ends us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 

@@ -27,7 +27,7 @@ import difflib
 import logging
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import msgpack
@@ -107,7 +107,7 @@ def _check_prefix(value: Any) -> list[ConfigProblem]:
     return []
 
 
-def _check_memory(option: str):
+def _check_memory(option: str) -> Callable[[Any], list[ConfigProblem]]:
     def check(value: Any) -> list[ConfigProblem]:
         return _whole(
             option, value, MIN_MEMORY, MAX_MEMORY,
@@ -117,7 +117,7 @@ def _check_memory(option: str):
     return check
 
 
-def _check_seconds(option: str):
+def _check_seconds(option: str) -> Callable[[Any], list[ConfigProblem]]:
     def check(value: Any) -> list[ConfigProblem]:
         # Comparisons are False for NaN, and infinity is above the bound, so both are refused.
         if (
@@ -203,7 +203,7 @@ def _undecodable_part(message: dict) -> str | None:
     while stack:
         value, depth, top = stack.pop()
         if isinstance(value, dict):
-            items = value.items()
+            items: Iterable[tuple[Any, Any]] = value.items()
         elif isinstance(value, (list, tuple)):
             items = ((None, item) for item in value)
         else:

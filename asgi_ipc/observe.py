@@ -41,10 +41,15 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .engine import open_engine
 from .exceptions import StoreError
+
+if TYPE_CHECKING:  # optional dependencies, imported where they are used
+    from django.http import HttpRequest, HttpResponse
+    from prometheus_client import CollectorRegistry
+    from rich.console import Group
 
 logger = logging.getLogger(__name__)
 
@@ -253,8 +258,8 @@ class StoreCollector:
                 up.add_metric([prefix], 0)
                 continue
             up.add_metric([prefix], 1)
-            for name, value in f.counters.items():
-                counters[name].add_metric([prefix], value)
+            for name, count in f.counters.items():
+                counters[name].add_metric([prefix], count)
             flushes.add_metric([prefix], f.flushes)
             for key, value in (
                 ("channels", f.channels), ("messages", f.messages), ("groups", f.groups),
@@ -280,7 +285,7 @@ class StoreCollector:
         yield depth
 
 
-def _registry(prefixes: list[str], top: int, strict: bool, check: bool):
+def _registry(prefixes: list[str], top: int, strict: bool, check: bool) -> CollectorRegistry:
     from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry(auto_describe=False)
@@ -298,7 +303,8 @@ def metrics_text(prefixes: list[str], top: int = 10, strict: bool = True,
     return generate_latest(_registry(prefixes, top, strict, check)).decode()
 
 
-def metrics_view(request, alias: str | None = None, top: int = 10, check: bool = False):
+def metrics_view(request: HttpRequest, alias: str | None = None, top: int = 10,
+                 check: bool = False) -> HttpResponse:
     """A Django view serving the metrics of the store of the channel layer ``alias`` (default
     ``channels.DEFAULT_CHANNEL_LAYER``), whose prefix it takes from the layer; ``top`` and
     ``check`` as for ``StoreCollector``. Route it in urls.py, behind whatever protects your
@@ -352,7 +358,7 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} s"
 
 
-def render(now: Figures, before: Figures | None):
+def render(now: Figures, before: Figures | None) -> Group:
     """The view of ``now`` as a rich renderable; rates per second are the counters' growth
     since ``before`` (none for the first view)."""
     from rich.console import Group
@@ -385,13 +391,14 @@ def render(now: Figures, before: Figures | None):
         figures_rows.append((f"{area} memory", f"{size(memory.used)} used of "
                              f"{size(memory.size)}, largest free {size(memory.largest_free)}"))
     if now.problems is not None:  # checked
-        figures_rows.append(("expired, unreclaimed", size(now.expired_bytes)))
+        if now.expired_bytes is not None:  # set with problems; the check is for the types
+            figures_rows.append(("expired, unreclaimed", size(now.expired_bytes)))
         figures_rows.append(("problems", len(now.problems) or "none"))
     store = Table(title="store", title_justify="left")
     store.add_column("figure")
     store.add_column("value", justify="right")
-    for label, value in figures_rows:
-        store.add_row(label, str(value))
+    for label, shown in figures_rows:
+        store.add_row(label, str(shown))
 
     def channels(title: str, rows: list[Channel]) -> Table:
         table = Table(title=title, title_justify="left")
@@ -410,8 +417,8 @@ def render(now: Figures, before: Figures | None):
         groups = Table(title="largest groups", title_justify="left")
         groups.add_column("group")
         groups.add_column("members", justify="right")
-        for name, size in now.largest_groups:
-            groups.add_row(name, str(size))
+        for name, members in now.largest_groups:
+            groups.add_row(name, str(members))
         parts.append(groups)
     return Group(*parts)
 
@@ -479,7 +486,8 @@ def _port(text: str) -> int:
 
 
 def add_commands(
-    commands, with_prefix: Callable[[str, str, str], argparse.ArgumentParser]
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    with_prefix: Callable[[str, str, str], argparse.ArgumentParser]
 ) -> None:
     """Add ``top`` and ``metrics`` to the ``asgi-ipc`` command line."""
     top = with_prefix(

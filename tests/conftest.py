@@ -1,39 +1,19 @@
 """Fixtures shared by the suite: a unique prefix per test whose shared memory is removed after
-it, layers of both backends built from one config, and a redis-server when one can be run."""
+it, child processes killed when their test ends, layers of both backends built from one config,
+and a redis-server when one can be run. Plain helpers are in helpers.py."""
 
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
-import socket
-import subprocess
-import tempfile
-import time
 
 import pytest
 
 import asgi_ipc
 from asgi_ipc import IPCChannelLayer
-from asgi_ipc.engine.layout import store_path, wake_dir
+from asgi_ipc.bench.redis_server import RedisServer
 
-MiB = 1024 * 1024
-_made_prefixes: set[str] = set()
-
-
-def shm_path(prefix: str) -> str:
-    return store_path(prefix)
-
-
-def left_behind(prefix: str) -> bool:
-    """Whether anything of ``prefix`` (its store, its wake-up directory) is in /dev/shm."""
-    return any(os.path.lexists(path) for path in (store_path(prefix), wake_dir(prefix)))
-
-
-def new_prefix() -> str:
-    prefix = "t" + secrets.token_hex(6)
-    _made_prefixes.add(prefix)
-    return prefix
+from .helpers import MiB, Worker, left_behind, made_prefixes, new_prefix
 
 
 @pytest.fixture
@@ -57,19 +37,24 @@ def children():
         child.join(10)
 
 
+@pytest.fixture
+def workers():
+    """ns_worker.py roles a test starts (see helpers.Worker); killed at its end if still running."""
+    started: list[Worker] = []
+    yield started
+    for worker in started:
+        if worker.proc.poll() is None:
+            worker.proc.kill()
+        worker.proc.wait(10)
+
+
 def pytest_sessionfinish(session, exitstatus):
-    left = [p for p in _made_prefixes if left_behind(p)]
+    left = [p for p in made_prefixes if left_behind(p)]
     for p in left:
         asgi_ipc.unlink(p)
     if left:
         print(f"\nERROR: tests left shared memory behind for prefixes {left}")
         session.exitstatus = 1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -82,26 +67,8 @@ def redis_url():
     if binary is None:
         yield None
         return
-    port = _free_port()
-    workdir = tempfile.mkdtemp(prefix="asgi_ipc_redis_")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", workdir],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    try:
-        yield f"redis://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        shutil.rmtree(workdir, ignore_errors=True)
+    with RedisServer(binary) as server:
+        yield server.url
 
 
 BACKENDS = ["ipc", "redis"]
@@ -146,9 +113,3 @@ def make_layer(request, prefix, redis_url):
 
     asyncio.run(tidy())
 
-
-def verify_clean(layer: IPCChannelLayer) -> None:
-    """Assert the store walks clean (no-op for other backends)."""
-    if isinstance(layer, IPCChannelLayer):
-        problems = layer.engine().verify()
-        assert problems == [], problems

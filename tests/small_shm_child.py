@@ -15,8 +15,8 @@ from channels.exceptions import ChannelFull
 
 import asgi_ipc
 from asgi_ipc import GroupMemoryFull, IPCChannelLayer, SharedMemoryTooSmall
+from tests.helpers import MiB, cli
 
-MiB = 1 << 20
 MESSAGE = {"type": "m", "text": "x" * 1000}
 
 
@@ -52,11 +52,6 @@ async def send_until_full(layer: IPCChannelLayer, limit: int) -> tuple[int, str]
     return sent, "no error"
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "asgi_ipc", *args], capture_output=True,
-                          text=True, timeout=120)
-
-
 async def too_large(prefix: str) -> dict:
     layer = layer_for(prefix, 64 * MiB)
     try:
@@ -89,7 +84,8 @@ async def fills_up(prefix: str) -> dict:
     except GroupMemoryFull:
         report["group_add"] = "GroupMemoryFull"
     report["members"] = added
-    stats, verify = cli("stats", "--prefix", prefix), cli("verify", "--prefix", prefix)
+    stats = cli("stats", "--prefix", prefix, timeout=120)
+    verify = cli("verify", "--prefix", prefix, timeout=120)
     report["stats"] = (stats.returncode, stats.stderr[-2000:])
     report["verify"] = (verify.returncode, verify.stdout.strip())
     report["problems"] = layer.engine().verify()

@@ -22,11 +22,11 @@ import pytest
 from asgi_ipc import IPCChannelLayer
 
 from . import workers
+from .helpers import MiB
 
 pytestmark = pytest.mark.timeout(180)
 
 ctx = workers.context()
-MiB = 1024 * 1024
 NEXT_OPERATION_BOUND = 1.0  # seconds from a kill to the end of another process's operation
 VOLATILE = ("lock_holder", "waiting_processes", "epoch", "problems", "expired_bytes", "now")
 
@@ -352,9 +352,7 @@ async def _contents(layer, store) -> tuple[dict, dict]:
 
 
 def _stalled_child(children, target, *args):
-    parent_end, child_end = ctx.Pipe()
-    child = ctx.Process(target=target, args=(*args, child_end), daemon=True)
-    child.start()
+    child, parent_end = workers.start_piped(target, *args)
     children.append(child)
     assert parent_end.poll(30), "the child neither stalled nor finished"
     return child, parent_end.recv()

@@ -15,16 +15,9 @@ import time
 import asgi_ipc
 from asgi_ipc import IPCChannelLayer
 
-from .conftest import MiB, new_prefix, shm_path
+from .helpers import MiB, cli, new_prefix, shm_path, write_object
 
 COMMANDS = ("stats", "verify", "flush", "unlink", "list", "demo", "bench")
-
-
-def cli(*args, timeout=60, **options):
-    return subprocess.run(
-        [sys.executable, "-m", "asgi_ipc", *args], capture_output=True, text=True,
-        timeout=timeout, **options,
-    )
 
 
 def fill(prefix):
@@ -111,9 +104,7 @@ def test_missing_foreign_and_invalid_prefixes_exit_2(prefix):
     missing = cli("stats", "--prefix", prefix)
     assert missing.returncode == 2 and "no asgi_ipc store" in missing.stderr
     assert not os.path.exists(shm_path(prefix))
-    fd = os.open(shm_path(prefix), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    os.write(fd, os.urandom(8192))
-    os.close(fd)
+    write_object(prefix, os.urandom(8192))
     foreign = cli("verify", "--prefix", prefix)
     assert foreign.returncode == 2 and "not an asgi_ipc store" in foreign.stderr
     assert f"asgi-ipc unlink --prefix {prefix}" in foreign.stderr

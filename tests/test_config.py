@@ -18,9 +18,8 @@ import pytest
 from asgi_ipc import IPCChannelLayer
 from asgi_ipc.layer import config_problems
 
-from .conftest import shm_path
+from .helpers import MiB, pythonpath, shm_path
 
-MiB = 1024 * 1024
 EXPIRY_RANGE = "from 0.001 to 10**12"
 CAPACITY_RANGE = "from 1 to 2**63 - 1"
 MEMORY_RANGE = "from 65536 (64 KiB) to 2**40 (1 TiB)"
@@ -167,9 +166,7 @@ def django_check(tmp_path, layers: str, wrap: list[str] | None = None):
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "checksettings",
-        "PYTHONPATH": os.pathsep.join(
-            p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p
-        ),
+        "PYTHONPATH": pythonpath(tmp_path),
         "PYTHONDONTWRITEBYTECODE": "1",
     }
     command = [sys.executable, "-m", "django", "check"]

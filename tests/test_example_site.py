@@ -28,6 +28,9 @@ import pytest
 import websockets
 
 from asgi_ipc import IPCChannelLayer
+from asgi_ipc.bench.redis_server import free_port
+
+from .helpers import pythonpath
 
 EXAMPLE_DIR = Path(__file__).resolve().parent.parent / "examples" / "chat"
 START_TIMEOUT = 30
@@ -64,12 +67,6 @@ class ChatSite:
         return "\n".join(parts)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_for_port(port: int, proc: subprocess.Popen, describe: Callable[[], str]) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
@@ -103,9 +100,7 @@ def run_chat_site(prefix: str, log_dir: Path) -> Iterator[ChatSite]:
         **os.environ,
         "CHAT_LAYER_PREFIX": prefix,
         "DJANGO_SETTINGS_MODULE": "chatsite.settings",
-        "PYTHONPATH": os.pathsep.join(
-            p for p in (str(EXAMPLE_DIR), os.environ.get("PYTHONPATH")) if p
-        ),
+        "PYTHONPATH": pythonpath(EXAMPLE_DIR),
         # The example directory is part of the repository: running it must not write there.
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONUNBUFFERED": "1",

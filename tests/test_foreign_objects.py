@@ -9,7 +9,6 @@ import getpass
 import os
 import secrets
 import subprocess
-import sys
 
 import pytest
 
@@ -17,13 +16,7 @@ import asgi_ipc
 from asgi_ipc import ForeignObject, IPCChannelLayer
 from asgi_ipc.engine.layout import store_path, wake_dir
 
-from .conftest import MiB
-
-
-def cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "asgi_ipc", *args], capture_output=True, text=True, timeout=60
-    )
+from .helpers import MiB, cli
 
 
 @pytest.fixture(scope="module")

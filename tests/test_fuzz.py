@@ -29,10 +29,10 @@ from asgi_ipc import IPCChannelLayer
 from asgi_ipc.engine.layout import H_JOURNAL_COUNT, H_READY, H_VERSION, JOURNAL_ENTRIES, Geometry
 
 from . import workers
+from .helpers import shm_path, write_object
 
 pytestmark = pytest.mark.timeout(300)
 
-ctx = workers.context()
 KiB = 1024
 CONFIG = {
     "channel_memory": 256 * KiB,
@@ -49,10 +49,6 @@ CASE_DEADLINE = 60  # seconds for a whole session; a hang is the only way to exc
 OPERATION_BOUND = 10  # seconds for one operation, however damaged the store
 
 ALLOWED = {"ok", "StoreCorrupted", "StoreError", "ChannelFull", "GroupMemoryFull"}
-
-
-def shm_path(prefix: str) -> str:
-    return f"/dev/shm/asgi_ipc.{prefix}"
 
 
 def populate(prefix: str) -> tuple[set, dict]:
@@ -155,13 +151,9 @@ def damage(prefix: str, start: int, end: int, kind: str, rng: random.Random, hea
 def run_session(prefix: str, harm) -> tuple[list, list]:
     """Run ``workers.fuzz_session`` in a child, damaging the store with ``harm()`` once it is
     attached; fail on a hang or a crash."""
-    parent_end, child_end = ctx.Pipe()
-    child = ctx.Process(
-        target=workers.fuzz_session,
-        args=(prefix, CONFIG, CHANNELS, GROUPS, child_end),
-        daemon=True,
+    child, parent_end = workers.start_piped(
+        workers.fuzz_session, prefix, CONFIG, CHANNELS, GROUPS
     )
-    child.start()
     try:
         assert parent_end.poll(30), "the child did not attach"
         assert parent_end.recv() == "attached"
@@ -271,10 +263,7 @@ def test_an_open_undo_journal_full_of_garbage_is_refused_or_undone(prefix):
 def _attempt_in_child(prefix: str, ops: list, deadline: float = 20) -> list:
     """Outcomes of ``workers.attempt_ops``; an operation still running at the deadline is
     reported as ``hang`` (and its process killed)."""
-    parent_end, child_end = ctx.Pipe()
-    child = ctx.Process(target=workers.attempt_ops, args=(prefix, CONFIG, ops, child_end),
-                        daemon=True)
-    child.start()
+    child, parent_end = workers.start_piped(workers.attempt_ops, prefix, CONFIG, ops)
     outcomes = []
     try:
         for method, _args in ops:
@@ -340,10 +329,7 @@ def test_a_member_list_that_loops_is_refused_not_walked_forever(prefix, method):
 
 
 def _open_in_child(prefix: str):
-    parent_end, child_end = ctx.Pipe()
-    child = ctx.Process(target=workers.open_and_use, args=(prefix, CONFIG, child_end),
-                        daemon=True)
-    child.start()
+    child, parent_end = workers.start_piped(workers.open_and_use, prefix, CONFIG)
     try:
         assert parent_end.poll(30), "attaching hangs"
         result = parent_end.recv()
@@ -354,14 +340,6 @@ def _open_in_child(prefix: str):
         if child.is_alive():
             child.kill()
             child.join(10)
-
-
-def _write_object(prefix: str, content: bytes) -> None:
-    fd = os.open(shm_path(prefix), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, content)
-    finally:
-        os.close(fd)
 
 
 def _valid_store(prefix: str) -> bytes:
@@ -401,7 +379,7 @@ FOREIGN = {
 @pytest.mark.parametrize("content", list(FOREIGN))
 def test_a_foreign_object_is_refused_naming_the_prefix_and_the_fix(prefix, content):
     data = FOREIGN[content](prefix)
-    _write_object(prefix, data)
+    write_object(prefix, data)
     outcome, message, _problems = _open_in_child(prefix)
     assert outcome == "StoreCorrupted", (outcome, message)
     assert prefix in message and f"asgi-ipc unlink --prefix {prefix}" in message, message
@@ -410,6 +388,6 @@ def test_a_foreign_object_is_refused_naming_the_prefix_and_the_fix(prefix, conte
 
 
 def test_an_empty_object_is_initialised(prefix):
-    _write_object(prefix, b"")
+    write_object(prefix, b"")
     outcome, message, problems = _open_in_child(prefix)
     assert (outcome, message, problems) == ("ok", {"n": 1}, [])

@@ -18,7 +18,8 @@ from channels.exceptions import ChannelFull
 from asgi_ipc import IPCChannelLayer
 from asgi_ipc.layer import SKIM_FROM
 
-MiB = 1024 * 1024
+from .helpers import MiB
+
 spawn = multiprocessing.get_context("spawn")
 WAIT = 60  # seconds: only turns a hang into a failure
 

@@ -12,7 +12,7 @@ from asgiref.sync import async_to_sync
 from channels.exceptions import ChannelFull
 from channels.layers import BaseChannelLayer
 
-from .conftest import verify_clean
+from .helpers import verify_clean
 
 EVERY_TYPE = {
     "bytes": b"\x00\xff raw",

@@ -24,7 +24,8 @@ from asgi_ipc import IPCChannelLayer, StoreClosed, StoreError
 from asgi_ipc.doorbell import doorbell_address
 
 from . import workers
-from .test_wakeup import CONFIG, receive, start, wait_until, waiters
+from .helpers import wait_until
+from .test_wakeup import CONFIG, receive, start, waiters
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -9,7 +9,7 @@ from channels.exceptions import ChannelFull
 
 from asgi_ipc import IPCChannelLayer
 
-from .conftest import MiB
+from .helpers import MiB
 
 
 def layer_for(prefix):

@@ -27,11 +27,11 @@ import asgi_ipc
 from asgi_ipc import IPCChannelLayer
 
 from . import workers
+from .helpers import MiB
 
 pytestmark = pytest.mark.timeout(300)
 
-ctx = workers.context()
-KiB, MiB = 1024, 1024 * 1024
+KiB = 1024
 EXPIRY_MS, GROUP_EXPIRY_MS = 10_000, 30_000
 CONFIG = {
     "channel_memory": 256 * KiB,
@@ -221,9 +221,7 @@ class TwoProcesses(RuleBasedStateMachine):
 
 
 def test_two_processes_agree_with_the_model(prefix):
-    parent_end, child_end = ctx.Pipe()
-    child = ctx.Process(target=workers.model_server, args=(child_end,), daemon=True)
-    child.start()
+    child, parent_end = workers.start_piped(workers.model_server)
     TwoProcesses.conn, TwoProcesses.base = parent_end, prefix
     try:
         run_state_machine_as_test(

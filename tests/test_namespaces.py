@@ -16,7 +16,7 @@ import pytest
 
 from asgi_ipc import IPCChannelLayer
 
-from .procs import Worker, doorbells, slot_table, wait_for, workers  # noqa: F401
+from .helpers import Worker, doorbells, slot_table, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -43,10 +43,10 @@ def play(layer, workers, ping_wrapper: list[str], pong_wrapper: list[str]) -> No
     prefix = layer.prefix
     pong = Worker(pong_wrapper, "pong", prefix)
     workers.append(pong)
-    wait_for(lambda: len(slot_table(layer)) == 1, "pong to wait")
+    wait_until(lambda: len(slot_table(layer)) == 1, "pong to wait")
     ping = Worker(ping_wrapper, "ping", prefix, ROUNDS)
     workers.append(ping)
-    wait_for(lambda: len(slot_table(layer)) == 2, "ping to wait")
+    wait_until(lambda: len(slot_table(layer)) == 2, "ping to wait")
     before = slot_table(layer)
     assert len(doorbells(prefix)) == 2
     send(layer, "ping", {"start": True})
@@ -80,7 +80,7 @@ def test_a_process_killed_in_another_pid_namespace_is_found_dead(layer, workers)
     prefix = layer.prefix
     victim = Worker(NEW_PID_NAMESPACE, "wait", prefix)
     workers.append(victim)
-    ((slot, token),) = wait_for(lambda: slot_table(layer), "the victim to wait")
+    ((slot, token),) = wait_until(lambda: slot_table(layer), "the victim to wait")
     assert doorbells(prefix) == [f"{token:016x}"]
     os.kill(inner_pid(victim.proc.pid), signal.SIGKILL)
     victim.proc.wait(PATIENCE_EXIT)
@@ -96,7 +96,7 @@ def test_a_process_killed_in_another_pid_namespace_is_found_dead(layer, workers)
     assert slot_table(layer) == []
     again = Worker(NEW_PID_NAMESPACE, "wait", prefix)
     workers.append(again)
-    ((_slot, new_token),) = wait_for(lambda: slot_table(layer), "a new process to wait")
+    ((_slot, new_token),) = wait_until(lambda: slot_table(layer), "a new process to wait")
     assert new_token != token and doorbells(prefix) == [f"{new_token:016x}"]
     again.proc.kill()
     again.proc.wait(PATIENCE_EXIT)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import mmap
-import multiprocessing
 import os
 import pty
 import re
@@ -25,27 +24,18 @@ import asgi_ipc
 from asgi_ipc import StoreError
 from asgi_ipc.observe import Channel, figures
 
-from . import observe_workers
-from .conftest import left_behind, new_prefix, shm_path
-from .test_cli import cli
+from . import workers
+from .helpers import SPAWN, cli, left_behind, new_prefix, shm_path, start
 
-SPAWN = multiprocessing.get_context("spawn")
-NOTHING = dict.fromkeys(observe_workers.expected_counters(0), 0)
-
-
-def start(children, target, *args):
-    child = SPAWN.Process(target=target, args=args)
-    child.start()
-    children.append(child)
-    return child
+NOTHING = dict.fromkeys(workers.expected_counters(0), 0)
 
 
 def run_workers(prefix, children, processes=2):
     done = SPAWN.Queue()
-    workers = [start(children, observe_workers.work, prefix, f"p{n}", done)
+    started = [start(children, workers.work, prefix, f"p{n}", done)
                for n in range(processes)]
-    refused = [done.get(timeout=120) for _ in workers]
-    for worker in workers:
+    refused = [done.get(timeout=120) for _ in started]
+    for worker in started:
         worker.join(60)
         assert worker.exitcode == 0
     return refused
@@ -55,7 +45,7 @@ def test_counters_add_up_the_work_of_every_process_exactly(prefix, children):
     refused = run_workers(prefix, children)
     assert refused == [2, 2]  # the ChannelFull each process saw
     f = figures(prefix, check=True)
-    assert f.counters == observe_workers.expected_counters(2)
+    assert f.counters == workers.expected_counters(2)
     assert f.problems == []
     light = figures(prefix)  # the counts the records keep agree with the full walk
     assert (light.counters, light.channels, light.messages, light.memberships) == (
@@ -63,17 +53,17 @@ def test_counters_add_up_the_work_of_every_process_exactly(prefix, children):
     )
     assert [(c.name, c.depth) for c in light.deepest] == [(c.name, c.depth) for c in f.deepest]
     # full.p0 and full.p1 hold 3 each; bulk what was sent and not received.
-    assert (f.channels, f.messages) == (3, 2 * 3 + observe_workers.BULK)
+    assert (f.channels, f.messages) == (3, 2 * 3 + workers.BULK)
     c = f.counters
     assert c["sent"] + c["delivered"] + c["returned"] - c["received"] - c["expired"] == f.messages
     assert f.deepest[0].name == "bulk"
     assert sorted((c.name, c.depth) for c in f.deepest[:3]) == [
-        ("bulk", observe_workers.BULK), ("full.p0", 3), ("full.p1", 3)
+        ("bulk", workers.BULK), ("full.p0", 3), ("full.p1", 3)
     ]
 
 
 async def test_sends_refused_for_memory_are_counted(prefix):
-    layer = observe_workers.layer(prefix, channel_memory=64 * 1024)
+    layer = workers.observed_layer(prefix, channel_memory=64 * 1024)
     big = {"blob": b"x" * 40_000}
     await layer.send("first", big)
     with pytest.raises(ChannelFull, match="no room"):
@@ -97,7 +87,7 @@ class _Boom:
 
 
 async def test_an_operation_that_raises_is_not_counted(prefix):
-    layer = observe_workers.layer(prefix, channel_capacity={_Boom(): 5})
+    layer = workers.observed_layer(prefix, channel_capacity={_Boom(): 5})
     await layer.send("a.one", {"before": True})
     await layer.group_add("g", "a.one")
     await layer.group_add("g", "b.two")
@@ -110,12 +100,12 @@ async def test_an_operation_that_raises_is_not_counted(prefix):
 
 
 async def test_an_operation_cut_off_by_a_kill_is_not_counted(prefix, children):
-    layer = observe_workers.layer(prefix)
+    layer = workers.observed_layer(prefix)
     await layer.send("before", {"n": 1})
     await layer.close()
     # More members than one run of copies: the first 512 are linked, and counted, before the
     # process dies, all uncommitted.
-    victim = start(children, observe_workers.killed_in_group_send, prefix, 600)
+    victim = start(children, workers.killed_in_group_send, prefix, 600)
     victim.join(120)
     assert victim.exitcode == -signal.SIGKILL
     f = figures(prefix, check=True)  # its lock hold rolls back what the dead process left
@@ -124,14 +114,14 @@ async def test_an_operation_cut_off_by_a_kill_is_not_counted(prefix, children):
 
 
 async def test_figures_describe_the_store(prefix, children):
-    layer = observe_workers.layer(prefix, expiry=60)
+    layer = workers.observed_layer(prefix, expiry=60)
     for i in range(3):
         await layer.send("deep", {"i": i})
     await layer.send("shallow", {"i": 0})
     await layer.group_add("room", "deep")
     await layer.group_add("room", "shallow")
     ready = SPAWN.Queue()
-    waiter = start(children, observe_workers.wait_for, prefix, "idle.wait", ready)
+    waiter = start(children, workers.wait_in_receive, prefix, "idle.wait", ready)
     pid = ready.get(timeout=60)
 
     f = figures(prefix, top=5)
@@ -200,13 +190,13 @@ def test_metrics_parse_with_the_figures_of_several_processes(prefix, children):
     assert result.returncode == 0, result.stderr
     values = metric_values(result.stdout)
     assert values["asgi_ipc_problems", frozenset()] == 0
-    for name, count in observe_workers.expected_counters(2).items():
+    for name, count in workers.expected_counters(2).items():
         assert values[f"asgi_ipc_{name}_total", frozenset()] == count, name
     assert values["asgi_ipc_up", frozenset()] == 1
-    assert values["asgi_ipc_messages", frozenset()] == 2 * 3 + observe_workers.BULK
+    assert values["asgi_ipc_messages", frozenset()] == 2 * 3 + workers.BULK
     depth = {dict(labels)["channel"]: value for (name, labels), value in values.items()
              if name == "asgi_ipc_channel_depth"}
-    assert depth == {"bulk": observe_workers.BULK, "full.p0": 3, "full.p1": 3}
+    assert depth == {"bulk": workers.BULK, "full.p0": 3, "full.p1": 3}
     memory = {tuple(sorted(labels)): value for (name, labels), value in values.items()
               if name == "asgi_ipc_memory_bytes"}
     used = memory[("area", "channel"), ("state", "used")]
@@ -222,7 +212,7 @@ def test_metrics_of_a_missing_store_or_a_bad_port_fail_in_one_line():
 
 
 async def test_metrics_served_over_http_follow_the_store(prefix):
-    layer = observe_workers.layer(prefix)
+    layer = workers.observed_layer(prefix)
     await layer.send("c.one", {"n": 1})
     await layer.close()
     server = subprocess.Popen(
@@ -266,7 +256,7 @@ VIEW = textwrap.dedent("""
 
 
 async def test_metrics_view_serves_the_store_of_the_layer(prefix):
-    layer = observe_workers.layer(prefix)
+    layer = workers.observed_layer(prefix)
     for n in range(4):
         await layer.send("c.view", {"n": n})
     await layer.close()
@@ -281,7 +271,7 @@ async def test_metrics_view_serves_the_store_of_the_layer(prefix):
 
 
 async def fill(prefix):
-    layer = observe_workers.layer(prefix, capacity=5)
+    layer = workers.observed_layer(prefix, capacity=5)
     for n in range(6):
         try:
             await layer.send("c.deep", {"n": n})
@@ -375,7 +365,7 @@ def test_top_refuses_a_bad_interval_and_a_missing_store(prefix):
 
 
 async def test_a_message_put_back_by_a_cancelled_receive_is_counted(prefix):
-    layer = observe_workers.layer(prefix)
+    layer = workers.observed_layer(prefix)
     await layer.send("c.a", {"n": "a"})
     await layer.send("c.b", {"n": "b"})
     first = asyncio.ensure_future(layer.receive("c.a"))
@@ -397,7 +387,7 @@ async def test_a_message_put_back_by_a_cancelled_receive_is_counted(prefix):
 
 
 async def test_a_checked_view_reports_a_damaged_store(prefix):
-    layer = observe_workers.layer(prefix)
+    layer = workers.observed_layer(prefix)
     await layer.send("c.damaged", {"text": "findme-payload"})
     await layer.close()
     with open(shm_path(prefix), "r+b") as file, mmap.mmap(file.fileno(), 0) as memory:

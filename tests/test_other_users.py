@@ -22,7 +22,7 @@ import pytest
 from asgi_ipc import ForeignObject, IPCChannelLayer
 from asgi_ipc.engine.layout import wake_dir
 
-from .procs import Worker, doorbells, slot_table, wait_for, workers  # noqa: F401
+from .helpers import Worker, doorbells, slot_table, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -90,7 +90,7 @@ def test_another_user_cannot_ring_a_waiting_receiver(prefix, workers, other_user
     layer = IPCChannelLayer(prefix=prefix, **CONFIG)
     receiver = Worker([], "idle", prefix)
     workers.append(receiver)
-    ((_slot, token),) = wait_for(lambda: slot_table(layer), "the receiver to wait")
+    ((_slot, token),) = wait_until(lambda: slot_table(layer), "the receiver to wait")
     assert doorbells(prefix) == [f"{token:016x}"]
 
     attack = subprocess.run(

@@ -24,7 +24,8 @@ import pytest
 
 import asgi_ipc
 
-ROOT = Path(__file__).resolve().parent.parent
+from .helpers import ROOT
+
 BUILD_TIMEOUT = 300
 PYTEST_TIMEOUT = 300
 # What a checkout or a previous build leaves beside the sources; none of it is part of a release.
@@ -83,9 +84,8 @@ def test_wheel_holds_the_package_with_its_metadata_and_no_tests(dists):
         metadata = email.parser.Parser().parsestr(wheel.read(f"{dist_info}/METADATA").decode())
         entry_points = wheel.read(f"{dist_info}/entry_points.txt").decode()
 
-    package = {
-        path.relative_to(ROOT).as_posix() for path in (ROOT / "asgi_ipc").rglob("*.py")
-    }
+    # Every module of the package and of its subpackages (asgi_ipc.bench).
+    package = {path.relative_to(ROOT).as_posix() for path in (ROOT / "asgi_ipc").rglob("*.py")}
     assert {name for name in names if not name.startswith(dist_info + "/")} == package | {
         "asgi_ipc/py.typed"
     }

@@ -11,17 +11,10 @@ import pytest
 
 from asgi_ipc import IPCChannelLayer
 
-from . import process_workers as workers
+from . import workers
+from .helpers import MiB, start
 
-MiB = 1024 * 1024
 spawn = multiprocessing.get_context("spawn")
-
-
-def start(children, target, *args):
-    child = spawn.Process(target=target, args=args)
-    child.start()
-    children.append(child)
-    return child
 
 
 def test_three_producers_three_consumers_exactly_once_and_fifo_per_sender(prefix, children):

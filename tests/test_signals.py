@@ -24,7 +24,7 @@ import pytest
 
 from asgi_ipc import IPCChannelLayer
 
-from .conftest import MiB, shm_path, verify_clean
+from .helpers import MiB, shm_path, verify_clean
 
 spawn = multiprocessing.get_context("spawn")
 

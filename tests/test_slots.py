@@ -15,7 +15,7 @@ from asgi_ipc import IPCChannelLayer, StoreError
 from asgi_ipc.engine.layout import SLOTS
 from asgi_ipc.engine.slots import ProcessSlots
 
-from .procs import Worker, wait_for, workers  # noqa: F401
+from .helpers import Worker
 
 pytestmark = pytest.mark.timeout(120)
 

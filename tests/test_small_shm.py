@@ -18,10 +18,9 @@ import pytest
 from asgi_ipc import IPCChannelLayer
 from asgi_ipc.engine.layout import store_path
 
-from .conftest import MiB
+from .helpers import ROOT, MiB, pythonpath
 
 CHILD = os.path.join(os.path.dirname(__file__), "small_shm_child.py")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("unshare") is None,
@@ -31,9 +30,7 @@ pytestmark = pytest.mark.skipif(
 
 def in_small_shm(scenario: str, prefix: str) -> dict:
     """Run a scenario of small_shm_child.py with a 16 MiB tmpfs on /dev/shm."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (ROOT, os.environ.get("PYTHONPATH")) if p
-    ))
+    env = dict(os.environ, PYTHONPATH=pythonpath(ROOT))
     result = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c",
          'mount -t tmpfs -o size=16m tmpfs /dev/shm && exec "$0" "$@"',

@@ -21,7 +21,7 @@ from asgi_ipc.engine.layout import (
     LAYOUT_VERSION,
 )
 
-from .conftest import MiB, shm_path
+from .helpers import MiB, shm_path, write_object
 
 # The counters count refusals too (a ChannelFull): test_observe checks them.
 HINT_WORDS = (H_LOCK_PID, H_SWEEP_CHANNEL, H_SWEEP_GROUP, *COUNTERS.values())
@@ -244,18 +244,12 @@ def test_existing_store_keeps_its_sizes_and_warns(prefix, caplog):
     asyncio.run(run())
 
 
-def _write_object(prefix: str, data: bytes) -> None:
-    fd = os.open(shm_path(prefix), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    os.write(fd, data)
-    os.close(fd)
-
-
 @pytest.mark.parametrize(
     "content", [os.urandom(8192), b"\x01" * 100, b"\x01" * 10000],
     ids=["random", "short", "ones"],
 )
 def test_foreign_objects_are_refused_clearly(prefix, content):
-    _write_object(prefix, content)
+    write_object(prefix, content)
 
     async def run():
         layer = layer_for(prefix)
@@ -288,7 +282,7 @@ def test_other_layout_version_and_truncation_are_refused(prefix):
 
 def test_an_uninitialised_object_is_initialised(prefix):
     # What a creator that died before sizing its object leaves: an empty object.
-    _write_object(prefix, b"")
+    write_object(prefix, b"")
 
     async def run():
         layer = layer_for(prefix)

@@ -21,11 +21,10 @@ from asgi_ipc import IPCChannelLayer
 from asgi_ipc.receiver import CHECK_INTERVAL
 
 from . import workers
+from .helpers import MiB, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
-ctx = workers.context()
-MiB = 1024 * 1024
 CONFIG = {"channel_memory": MiB, "group_memory": 256 * 1024, "capacity": 1000}
 
 
@@ -41,9 +40,7 @@ def layer(prefix):
 
 
 def start(children, target, *args):
-    parent_end, child_end = ctx.Pipe()
-    child = ctx.Process(target=target, args=(*args, child_end), daemon=True)
-    child.start()
+    child, parent_end = workers.start_piped(target, *args)
     children.append(child)
     return child, parent_end
 
@@ -61,13 +58,6 @@ def waiters(store, channel: str) -> int:
         return store.queues.waiter_count(record) if record else 0
 
     return store.locked(count)
-
-
-def wait_until(condition, timeout: float = 10, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.002)
 
 
 def test_a_waiting_receive_in_another_process_wakes_within_50_ms(layer, children):

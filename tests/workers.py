@@ -1,9 +1,11 @@
-"""Code that runs in the child processes of the robustness tests (chaos, model, fuzz, wake-up).
+"""Code that runs in the child processes that the tests start through multiprocessing.
 
-Children are started by ``context()``: a forkserver that has imported this module (and with it
-asgi_ipc and Channels) once, so that a replacement for a killed child runs in milliseconds, not
-in the fraction of a second a fresh interpreter needs for those imports. Each child is still a
-process of its own that attaches to the store after it starts: the forkserver never opens one.
+The robustness tests (chaos, model, fuzz, wake-up) start theirs by ``context()``: a forkserver
+that has imported this module (and with it asgi_ipc and Channels) once, so that a replacement
+for a killed child runs in milliseconds, not in the fraction of a second a fresh interpreter
+needs for those imports. Each child is still a process of its own that attaches to the store
+after it starts: the forkserver never opens one. The tests of several processes of one site and
+of the figures start theirs with "spawn" (helpers.start): a fresh interpreter, as a server has.
 
 Children that log what they did write one line per event with a single ``os.write`` to a file
 opened with ``O_APPEND``, *after* the event: a line in a sender's log means ``send()`` returned,
@@ -18,6 +20,7 @@ import multiprocessing
 import os
 import random
 import resource
+import signal
 import sys
 import time
 import traceback
@@ -26,8 +29,9 @@ from channels.exceptions import ChannelFull
 
 from asgi_ipc import GroupMemoryFull, IPCChannelLayer, StoreError
 from asgi_ipc.doorbell import Ringer
+from asgi_ipc.observe import figures
 
-MiB = 1024 * 1024
+from .helpers import MiB
 
 # Every layer of a chaos run, in every process, is built from this.
 CHAOS_CONFIG = {
@@ -44,6 +48,15 @@ def context():
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["tests.workers"])
     return ctx
+
+
+def start_piped(target, *args):
+    """Start ``target(*args, conn)`` in a child of ``context()``; return the child and the
+    parent's end of the pipe whose other end is ``conn``."""
+    parent_end, child_end = context().Pipe()
+    child = context().Process(target=target, args=(*args, child_end), daemon=True)
+    child.start()
+    return child, parent_end
 
 
 def _log(path: str):
@@ -488,3 +501,163 @@ def model_server(conn) -> None:
             loop.close()
             conn.send(("ok", None))
             return
+
+
+# --- several processes of one site (test_processes.py), started with "spawn" -------------------
+
+
+def _process_layer(prefix: str) -> IPCChannelLayer:
+    return IPCChannelLayer(prefix=prefix, channel_memory=8 * MiB, group_memory=MiB,
+                           capacity=10_000)
+
+
+def produce(prefix: str, channel: str, producer: int, count: int) -> None:
+    async def run():
+        layer = _process_layer(prefix)
+        for seq in range(count):
+            while True:
+                try:
+                    await layer.send(channel, {"producer": producer, "seq": seq})
+                    break
+                except ChannelFull:
+                    await asyncio.sleep(0.001)
+        await layer.close()
+
+    asyncio.run(run())
+
+
+def consume(prefix: str, channel: str, results) -> None:
+    """Receive until a stop message; report (producer, seq) pairs in the order received."""
+    async def run():
+        layer = _process_layer(prefix)
+        got = []
+        while True:
+            message = await layer.receive(channel)
+            if message.get("stop"):
+                break
+            got.append((message["producer"], message["seq"]))
+        await layer.close()
+        results.put((os.getpid(), got))
+
+    asyncio.run(run())
+
+
+def group_member(prefix: str, group: str, ready, results) -> None:
+    async def run():
+        layer = _process_layer(prefix)
+        me = await layer.new_channel()
+        await layer.group_add(group, me)
+        ready.put(me)
+        message = await layer.receive(me)
+        await layer.close()
+        results.put((os.getpid(), message))
+
+    asyncio.run(run())
+
+
+def flush_then_report(prefix: str, results) -> None:
+    async def run():
+        layer = _process_layer(prefix)
+        await layer.flush()
+        await layer.close()
+        results.put("flushed")
+
+    asyncio.run(run())
+
+
+# --- the figures of observe.py (test_observe.py), started with "spawn" -------------------------
+
+BULK = 200
+
+
+def observed_layer(prefix: str, **config) -> IPCChannelLayer:
+    config.setdefault("channel_memory", 2 * MiB)
+    config.setdefault("group_memory", MiB)
+    return IPCChannelLayer(prefix=prefix, **config)
+
+
+def work(prefix: str, tag: str, done) -> None:
+    """A known amount of every kind of work (see ``expected_counters``); reports ChannelFull
+    raised so the parent can tell the counters from what the layer really did."""
+
+    async def run() -> int:
+        small = observed_layer(prefix, capacity=3)
+        short = observed_layer(prefix, expiry=0.001)
+        bulk = observed_layer(prefix, capacity=10 * BULK)
+        full = 0
+        for i in range(5):  # 3 queued, 2 refused
+            try:
+                await small.send(f"full.{tag}", {"i": i})
+            except ChannelFull:
+                full += 1
+        for i in range(2):  # both expire unread
+            await short.send(f"exp.{tag}", {"i": i})
+        await asyncio.sleep(0.05)
+        await small.send(f"exp.{tag}", {"i": "kept"})  # drops the two expired ones
+        assert (await small.receive(f"exp.{tag}"))["i"] == "kept"
+        await small.group_add(f"g.{tag}", f"full.{tag}")  # at capacity: skipped
+        await small.group_add(f"g.{tag}", f"ok.{tag}")
+        await small.group_send(f"g.{tag}", {"hello": tag})
+        assert (await small.receive(f"ok.{tag}")) == {"hello": tag}
+        for i in range(BULK):
+            await bulk.send("bulk", {"i": i})
+        for _ in range(BULK // 2):
+            await bulk.receive("bulk")
+        for each in (small, short, bulk):
+            await each.close()
+        return full
+
+    done.put(asyncio.run(run()))
+
+
+def expected_counters(processes: int) -> dict[str, int]:
+    return {
+        "sent": processes * (3 + 2 + 1 + BULK),
+        "received": processes * (1 + 1 + BULK // 2),
+        "returned": 0,
+        "group_sends": processes,
+        "delivered": processes,
+        "expired": processes * 2,
+        "channel_full": processes * 2,
+        "group_full": processes,
+        "no_memory": 0,
+    }
+
+
+class _KillAt:
+    """A channel_capacity pattern that kills its own process when asked about ``name``: the
+    layer asks inside the lock hold of a group_send, with its work so far uncommitted."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def match(self, channel: str):
+        if channel == self.name:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return None
+
+
+def killed_in_group_send(prefix: str, members: int) -> None:
+    """Queue copies for ``members`` - 1 channels of a group, then die before the group_send
+    commits (the last member added is asked about last)."""
+
+    async def run() -> None:
+        victim = observed_layer(prefix, channel_capacity={_KillAt("zz.last"): 5})
+        for n in range(members - 1):
+            await victim.group_add("everyone", f"m.{n:05}")
+        await victim.group_add("everyone", "zz.last")
+        await victim.group_send("everyone", {"never": "counted"})
+
+    asyncio.run(run())
+
+
+def wait_in_receive(prefix: str, channel: str, ready) -> None:
+    async def run() -> None:
+        waiting = observed_layer(prefix)
+        task = asyncio.ensure_future(waiting.receive(channel))
+        while figures(prefix).waiting_processes != [os.getpid()]:
+            await asyncio.sleep(0.01)
+        ready.put(os.getpid())
+        await task
+
+    asyncio.run(run())

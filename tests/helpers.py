@@ -1,0 +1,154 @@
+"""Plain helpers of the suite (its fixtures are in conftest.py, the code its child processes run
+in workers.py, ns_worker.py and small_shm_child.py): prefixes and the paths of their objects,
+free ports, waiting for a condition, the CLI as a subprocess, and the subprocess side of
+ns_worker.py. It does not import pytest, so that the children of workers.py can import it.
+
+Every wait here has a generous deadline whose only purpose is to turn a hang into a failure."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from asgi_ipc import IPCChannelLayer
+from asgi_ipc.engine.layout import store_path, wake_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+MiB = 1024 * 1024
+# Whatever a child process cannot say or do in this long is a hang: the test fails.
+PATIENCE = 60.0
+# Every prefix handed out, so that the end of the session can tell which were left behind.
+made_prefixes: set[str] = set()
+
+T = TypeVar("T")
+
+
+def new_prefix() -> str:
+    prefix = "t" + secrets.token_hex(6)
+    made_prefixes.add(prefix)
+    return prefix
+
+
+def shm_path(prefix: str) -> str:
+    return store_path(prefix)
+
+
+def left_behind(prefix: str) -> bool:
+    """Whether anything of ``prefix`` (its store, its wake-up directory) is in /dev/shm."""
+    return any(os.path.lexists(path) for path in (store_path(prefix), wake_dir(prefix)))
+
+
+def write_object(prefix: str, data: bytes) -> None:
+    """Make the prefix's shared-memory object hold exactly ``data``, whatever it held before."""
+    fd = os.open(shm_path(prefix), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def verify_clean(layer: IPCChannelLayer) -> None:
+    """Assert the store walks clean (no-op for other backends)."""
+    if isinstance(layer, IPCChannelLayer):
+        problems = layer.engine().verify()
+        assert problems == [], problems
+
+
+def pythonpath(*first: object) -> str:
+    """A PYTHONPATH with ``first`` ahead of the one the suite runs with (the tree under test)."""
+    return os.pathsep.join(filter(None, [*map(str, first), os.environ.get("PYTHONPATH")]))
+
+
+def wait_until(condition: Callable[[], T], what: str = "", timeout: float = PATIENCE) -> T:
+    """Poll ``condition`` until it returns something true, and return that."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.002)
+    return result
+
+
+def cli(*args: str, timeout: float = 60, **options: Any) -> subprocess.CompletedProcess[str]:
+    """``python -m asgi_ipc ARGS`` with the tree under test."""
+    return subprocess.run(
+        [sys.executable, "-m", "asgi_ipc", *args], capture_output=True, text=True,
+        timeout=timeout, **options,
+    )
+
+
+SPAWN = multiprocessing.get_context("spawn")
+
+
+def start(children: list, target: Callable[..., object], *args: object):
+    """A fresh interpreter running ``target(*args)``, added to the ``children`` fixture."""
+    child = SPAWN.Process(target=target, args=args)
+    child.start()
+    children.append(child)
+    return child
+
+
+# --- the subprocess side of ns_worker.py -------------------------------------------------------
+
+WORKER = str(ROOT / "tests" / "ns_worker.py")
+
+
+class Worker:
+    """One ns_worker.py role in a subprocess, run through ``wrapper`` (e.g. unshare)."""
+
+    def __init__(self, wrapper: list[str], role: str, prefix: str, *args: object) -> None:
+        self.proc = subprocess.Popen(
+            [*wrapper, sys.executable, WORKER, role, prefix, *map(str, args)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=dict(os.environ, PYTHONPATH=pythonpath(ROOT)),
+        )
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line.strip())
+        self._lines.put("")  # end of output
+
+    def expect(self, word: str, timeout: float = PATIENCE) -> list[str]:
+        """The words of the next line, which must start with ``word``."""
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(
+                f"{self.proc.args[-3:]} said nothing within {timeout} s (a lost ring?)"
+            ) from None
+        assert line.split()[:1] == [word], f"expected {word!r}, got {line!r}"
+        return line.split()
+
+    def stop(self) -> None:
+        if self.proc.stdin and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def slot_table(layer: IPCChannelLayer) -> list[tuple[int, int]]:
+    """(slot, token) of every slot with a token recorded."""
+    store = layer.engine()
+    return store.locked(lambda: [(slot, token) for slot, _pid, token in store.slots.live()])
+
+
+def doorbells(prefix: str) -> list[str]:
+    """The sockets in the prefix's wake-up directory."""
+    try:
+        return sorted(os.listdir(wake_dir(prefix)))
+    except FileNotFoundError:
+        return []
