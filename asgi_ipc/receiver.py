@@ -184,7 +184,7 @@ class Receiver:
             names.add(b"")
         self._wake(seat, names)
 
-    def _wake(self, seat: Seat, names: set[bytes] | list[bytes] | None) -> None:
+    def _wake(self, seat: Seat[Waiter], names: set[bytes] | list[bytes] | None) -> None:
         """Hand the receives waiting on ``names`` (every receive, if None or b"" is among
         them) to be served, all those of one event loop together, in that loop."""
         by_loop: dict[asyncio.AbstractEventLoop, list[Waiter]] = {}
@@ -324,9 +324,9 @@ class Receiver:
             self._stop_tracking(waiter)
             waiter.expires, waiter.epoch = expires, taken.epoch
             waiter.future.set_result(data)
-        for waiter, exc in failed:
+        for waiter, problem in failed:
             self._stop_tracking(waiter)
-            waiter.future.set_exception(exc)
+            waiter.future.set_exception(problem)
         for waiter in taken.unseated:
             # The first wait of this process: a slot is claimed without the lock, after it.
             if time.monotonic() < self._slots_full_until:

@@ -19,7 +19,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from .layers import (
@@ -132,7 +132,7 @@ _SEQ = struct.Struct("!Q")
 
 
 @contextlib.contextmanager
-def _datagram_socket(path: str):
+def _datagram_socket(path: str) -> Iterator[socket.socket]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)

@@ -23,7 +23,7 @@ Layouts, in words from the block header (word 0):
 from __future__ import annotations
 
 import mmap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from ..exceptions import GroupMemoryFull, StoreCorrupted
 from .heap import MIN_BLOCK, Heap
@@ -150,7 +150,8 @@ class GroupStore:
         rec = self.find(group)
         if not rec or not self._drop_expired(rec, group, oldest, 1 << 62):
             return []
-        w, names, member = self._w, [], self._w[rec + G_FIRST]
+        names: list[bytes] = []
+        w, member = self._w, self._w[rec + G_FIRST]
         # Counts come from the store too: only its size bounds a walk that a damaged link
         # could turn into a loop.
         limit = min(w[rec + G_MEMBERS], self._most_records)
@@ -175,7 +176,7 @@ class GroupStore:
                 raise index.loops()
         w[H_SWEEP_GROUP] = (hand + 1) & index.mask  # a hint: never journaled
 
-    def groups(self):
+    def groups(self) -> Iterator[tuple[bytes, int]]:
         """(name, record) of every group, for stats and verify, under the lock."""
         for _bucket, rec in self._groups.records():
             yield self._groups.name_of(rec), rec

@@ -520,7 +520,8 @@ class ChannelQueues:
         ``check`` False the messages are not walked: the depths are the counts the records
         keep, nothing is checked (``problems`` and ``expired_bytes`` are None), and the walk is
         O(records) instead of O(messages)."""
-        w, problems = self._w, []
+        problems: list[str] = []
+        w = self._w
         messages = expired = records = block_words = idle = dead = 0
         rows = []
         for bucket, rec in self.index.records():

@@ -178,10 +178,10 @@ class Segment:
         self._pid = os.getpid()
         wanted = Geometry.for_sizes(channel_memory, group_memory)
         self.fd = -1
-        self.lock: StoreLock | None = None
-        handle = None
+        lock: StoreLock | None = None
         try:
-            handle = self._open_locked(create)
+            lock, handle = self._open_locked(create)
+            self.lock = lock
             size = os.fstat(self.fd).st_size
             if self._needs_initialising(size):
                 self._initialise(wanted)
@@ -196,8 +196,8 @@ class Segment:
             self.geometry = self._validate(size)
         except BaseException:
             # Closing the lock's handles drops the flock, wherever the exception landed.
-            if self.lock is not None:
-                self.lock.close()
+            if lock is not None:
+                lock.close()
             self._close_handles()
             raise
         fcntl.flock(handle, fcntl.LOCK_UN)
@@ -211,7 +211,7 @@ class Segment:
         self.hash_key = self.words[H_HASH_KEY:H_HASH_KEY + 2].tobytes()
         _attached.add(self)
 
-    def _open_locked(self, create: bool) -> Handle:
+    def _open_locked(self, create: bool) -> tuple[StoreLock, Handle]:
         """Open the store file and take its lock, on the handle returned, starting again if the
         file was removed meanwhile (an initialiser that found no room removes it under the
         lock)."""
@@ -224,12 +224,16 @@ class Segment:
                 raise StoreError(
                     f"no asgi_ipc store for prefix {self.prefix!r} ({self.path})"
                 ) from None
-            self.lock = StoreLock(self.fd)
-            handle = self.lock.handle()
-            self.lock.acquire(handle)
-            if os.fstat(self.fd).st_nlink:
-                return handle
-            self.lock.close()
+            lock = StoreLock(self.fd)
+            try:
+                handle = lock.handle()
+                lock.acquire(handle)
+                if os.fstat(self.fd).st_nlink:
+                    return lock, handle
+            except BaseException:
+                lock.close()
+                raise
+            lock.close()
             os.close(self.fd)
             self.fd = -1
 

@@ -20,6 +20,7 @@ import struct
 import threading
 import time
 from collections.abc import Hashable
+from typing import Generic, TypeVar
 
 from ..exceptions import StoreClosed
 from .journal import Journal
@@ -117,7 +118,10 @@ class ProcessSlots:
         return found
 
 
-class Seat:
+W = TypeVar("W", bound=Hashable)  # a waiting receive, as the receiver represents it
+
+
+class Seat(Generic[W]):
     """This process's place in the store while it has receives waiting: its slot and token, the
     channels it is registered on (channel -> record, which the registration keeps in place),
     and the receives it has waiting, by channel. The engine never looks inside a receive: to it
@@ -138,14 +142,14 @@ class Seat:
         self.slot = slot
         self.token = token
         self._guard = threading.Lock()
-        self._waiting: dict[bytes, set[Hashable]] = {}
+        self._waiting: dict[bytes, set[W]] = {}
         self.registered: dict[bytes, int] = {}
         # Since when the registrations with no receive behind them have been so.
         self._idle_since: dict[bytes, float] = {}
         self.next_lapse = math.inf
         self._closed = False
 
-    def add(self, channel: bytes, waiter: Hashable) -> int:
+    def add(self, channel: bytes, waiter: W) -> int:
         """Track ``waiter``, so that a ring from now on finds it: the channel's record if this
         process is registered on it, else 0 (the engine must register it)."""
         with self._guard:
@@ -170,7 +174,7 @@ class Seat:
                 self.registered.pop(channel, None)
                 self._idle_since.pop(channel, None)
 
-    def discard(self, channel: bytes, waiter: Hashable) -> None:
+    def discard(self, channel: bytes, waiter: W) -> None:
         """Stop tracking ``waiter``; its channel's registration starts to linger if it was the
         last receive of this process on it."""
         with self._guard:
@@ -211,7 +215,7 @@ class Seat:
         with self._guard:
             return list(self._waiting)
 
-    def waiters(self, names: set[bytes] | list[bytes] | None = None) -> list[Hashable]:
+    def waiters(self, names: set[bytes] | list[bytes] | None = None) -> list[W]:
         """The receives waiting on ``names``, or on every channel if ``names`` is None or holds
         b"" (a ring that says "look at everything")."""
         with self._guard:
@@ -225,7 +229,7 @@ class Seat:
         with self._guard:
             return bool(self._waiting or self.registered)
 
-    def close(self) -> list[Hashable]:
+    def close(self) -> list[W]:
         """Track nothing more; the receives still tracked, which nothing will wake any more."""
         with self._guard:
             self._closed = True
