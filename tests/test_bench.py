@@ -175,6 +175,9 @@ def test_targets_table_is_the_one_the_report_judges_by():
     assert len(table) == len(TARGETS) + 4
     for line, target in zip(table[3:-1], TARGETS, strict=True):
         assert line.startswith(target.what) and line.rstrip().endswith(target.goal())
+    # The README shows the same table, so that what it promises is what the report judges.
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.rst"), encoding="utf-8") as f:
+        assert proc.stdout.strip() in f.read()
 
 
 def test_targets_judge_the_ratio_they_name():
