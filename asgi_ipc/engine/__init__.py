@@ -40,7 +40,7 @@ import zlib
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
-from ..exceptions import StoreClosed, StoreCorrupted, StoreError
+from ..exceptions import StoreClosed, StoreCorrupted
 from .groups import GroupStore
 from .heap import Heap
 from .journal import Journal
@@ -132,6 +132,8 @@ def one_hold(operation: Callable[..., T], timed: bool = False) -> Callable[..., 
                 self.due.extend(self._rings)
                 self._rings.clear()
         except BaseException as exc:
+            if self.segment.closed:  # by another thread, under this hold: nothing to undo
+                raise self.closed_error() from exc
             if self._abort(handle):  # the rings are ours to take only while holding the lock
                 self.due.extend(self._rings)
                 self._rings.clear()
@@ -140,7 +142,10 @@ def one_hold(operation: Callable[..., T], timed: bool = False) -> Callable[..., 
             raise
         finally:
             handle.busy = False
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+            except ValueError:
+                pass  # closed by close(): closing it released the lock
         return result
 
     held.__name__, held.__qualname__, held.__doc__ = (
@@ -366,7 +371,9 @@ class Engine:
                     else:
                         try:
                             registered = self._wait(seat, channel, waiter)
-                        except StoreError as exc:
+                        except StoreClosed as exc:
+                            # Raised before anything was written; any other error fails the
+                            # whole hold, which the rollback then undoes.
                             taken.failed.append((waiter, exc))
                 if journal.commits != commits:
                     commits, taken.durable, fresh = journal.commits, len(handed), []
@@ -374,6 +381,10 @@ class Engine:
                     fresh.append(channel)
                 if found is not None:
                     handed.append((waiter, found[0], found[1]))
+            # Committed here rather than by ``one_hold``, so that an exception landing right
+            # after the commit still finds every message handed counted as taken for good.
+            journal.commit()
+            taken.durable = len(handed)
         except BaseException:
             if journal.commits != commits:
                 taken.durable = len(handed)
@@ -417,15 +428,24 @@ class Engine:
         """The periodic check: register the receives that could not be (memory was full), and
         return the channels waited on that hold messages. (Taking the lock also drops the
         registrations that have lapsed.)"""
-        waiting = seat.waiting_channels()
-        for channel in waiting:
-            if channel in seat.registered:
-                continue
-            self.journal.checkpoint()
-            rec = self.queues.add_waiter(channel, seat.slot, seat.token)
-            if rec:
-                seat.note_registered(channel, rec)
-        return [c for c in waiting if self.queues.has_messages(c)]
+        journal, waiting = self.journal, seat.waiting_channels()
+        fresh: list[bytes] = []  # registered since the journal last committed, as in ``take``
+        commits = journal.commits
+        try:
+            for channel in waiting:
+                if channel in seat.registered:
+                    continue
+                journal.checkpoint()
+                rec = self.queues.add_waiter(channel, seat.slot, seat.token)
+                if journal.commits != commits:
+                    commits, fresh = journal.commits, []
+                if rec:
+                    seat.note_registered(channel, rec)
+                    fresh.append(channel)
+            return [c for c in waiting if self.queues.has_messages(c)]
+        except BaseException:
+            seat.forget(fresh)  # under the lock, before the rollback takes them back
+            raise
 
     @one_hold
     def leave(self, _now: int, seat: Seat) -> None:
@@ -544,11 +564,6 @@ class Engine:
     def verify(self) -> list[str]:
         """Every inconsistency found in the store; an empty list means it is sound."""
         return self.inspect()["problems"]
-
-    @one_hold
-    def live_slots(self, _now: int) -> list[tuple[int, int, int]]:
-        """(slot, pid, token) of every slot with a token recorded, read in one hold."""
-        return self.slots.live()
 
     def close(self) -> None:
         """Detach from the segment; the store's contents stay."""

@@ -28,7 +28,8 @@ index and its group's list (groups.py); a registration, the head of the channel'
 ``flush`` is redone rather than undone: its commit is the store of ``H_FLUSHING`` (see
 ``Engine``).
 
-**Who commits.** ``Engine.locked`` commits each operation once, at its end. Within an
+**Who commits.** ``one_hold`` (engine/__init__.py) commits each operation once, at its end
+(``Engine.take`` makes that last commit itself, to count what it made durable). Within an
 operation, the journal commits in *steps*, at two named calls only, made by the operation:
 
 * ``checkpoint()``, between two self-contained pieces of housekeeping (dropping an expired

@@ -62,7 +62,7 @@ import io
 import threading
 import weakref
 
-from ..exceptions import StoreError
+from ..exceptions import StoreClosed, StoreError
 
 SPIN_TRIES = 50
 
@@ -110,6 +110,8 @@ class StoreLock:
                     "signal handler or a callback using the store in the middle of an operation)"
                 )
             return handle
+        if self._fd < 0:
+            raise StoreClosed("the asgi_ipc store was closed in this process")
         try:
             handle = self._local.handle = Handle(f"/proc/self/fd/{self._fd}", "r")
         except OSError as exc:
@@ -136,6 +138,7 @@ class StoreLock:
         for handle in list(self._handles):
             handle.close()
         self._local = threading.local()
+        self._fd = -1
 
     def reset_after_fork(self, fd: int) -> None:
         # The inherited handles share their open file descriptions with the parent's: close

@@ -31,6 +31,7 @@ import mmap
 import os
 import secrets
 import stat
+import time
 import weakref
 from collections.abc import Callable
 
@@ -166,6 +167,9 @@ def format_areas(
     for word in (H_EXPIRY_HEAD, H_EXPIRY_TAIL, H_CHANNELS, H_GROUPS, H_MEMBERSHIPS):
         words[word] = 0
 
+
+# How long close() waits for a hold under way to finish (see Segment.close).
+CLOSE_WAIT = 1.0
 
 
 class Segment:
@@ -374,9 +378,25 @@ class Segment:
             self.fd = -1
 
     def close(self) -> None:
+        """Detach. A hold under way in another thread finishes first: the lock is taken on a
+        handle of its own before the others are closed and the memory unmapped, so that no
+        thread writes on without the lock. A thread still waiting for the lock then finds the
+        store closed. The wait is bounded (``CLOSE_WAIT``): a holder stopped in another
+        process must not keep this one from closing, and none of this process's threads
+        writes while another process holds the lock."""
         _attached.discard(self)
-        self.lock.close()
-        self._close_handles()
+        with Handle(f"/proc/self/fd/{self.fd}", "r") as own:
+            deadline = time.monotonic() + CLOSE_WAIT
+            while True:
+                try:
+                    fcntl.flock(own, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        break
+                    time.sleep(0.001)
+            self.lock.close()
+            self._close_handles()
 
     @property
     def closed(self) -> bool:
