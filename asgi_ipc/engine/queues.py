@@ -39,7 +39,7 @@ import zlib
 from collections.abc import Callable, Container
 
 from ..exceptions import StoreCorrupted
-from .heap import Heap
+from .heap import USED, Heap
 from .index import MAX_CHAIN, ChainedIndex, words_for
 from .journal import Journal
 from .layout import (
@@ -59,6 +59,13 @@ from .slots import ProcessSlots
 
 C_NEXT, C_HASH, C_HEAD, C_TAIL, C_COUNT, C_WAITERS, C_NAME_LENGTH, C_NAME = range(1, 9)
 M_NEXT, M_SENT_NEXT, M_SENT_PREV, M_CHANNEL, M_EXPIRES, M_LENGTH, M_DATA = range(1, 8)
+P_REFS, P_LENGTH, P_DATA = range(1, 4)
+# The length word of a shared node: the length field all ones, which no inline message has (a
+# message is at most 1 MiB, see layer.py, and the field holds 32 bits).
+SHARED = 0xFFFF_FFFF
+# The words after the header of a shared node: the message words up to M_DATA, which holds the
+# payload block's address; with the header, 64 bytes.
+NODE_WORDS = M_DATA
 W_NEXT, W_SLOT, W_TOKEN = range(1, 4)
 
 # How send() reports that the message was not queued.
@@ -66,11 +73,10 @@ QUEUED, OVER_CAPACITY, OUT_OF_MEMORY = range(3)
 # The counter of each outcome of a group_send copy.
 _GROUP_OUTCOME = {QUEUED: H_DELIVERED, OVER_CAPACITY: H_GROUP_FULL, OUT_OF_MEMORY: H_NO_MEMORY}
 
-# A group_send cuts the copies for up to this many channels, and this many words, from one
-# allocation (see ``append_to_all``); it journals three words per copy, well within the room
-# that ``Journal.checkpoint`` leaves.
+# A group_send cuts the nodes for up to this many channels (64 B each) from one allocation
+# (see ``append_to_all``); it journals three words per node, well within the room that
+# ``Journal.checkpoint`` leaves.
 RUN_CHANNELS = 512
-RUN_WORDS = 1 << 15
 
 
 class ChannelQueues:
@@ -140,17 +146,55 @@ class ChannelQueues:
             if not head or w[head + M_EXPIRES] > now:
                 return
             self._j.checkpoint()
-            self.heap.free(self._unlink_head(rec))
+            self._release(self._unlink_head(rec))
             self._j.add(H_EXPIRED)
 
     def _read(self, node: int) -> bytes:
-        packed = self._w[node + M_LENGTH]
+        w = self._w
+        packed, start = w[node + M_LENGTH], node + M_DATA
+        if packed == SHARED:
+            payload = self._payload_of(node)
+            packed, start = w[payload + P_LENGTH], payload + P_DATA
         length, crc = packed & 0xFFFFFFFF, packed >> 32
-        start = (node + M_DATA) * WORD
+        start *= WORD
         data = self._b[start : start + length]
         if len(data) != length or zlib.crc32(data) != crc:
             raise StoreCorrupted(f"message at word {node} fails its CRC check")
         return data
+
+    def _is_payload(self, block: int) -> bool:
+        """Whether ``block`` can be a payload block: a used block of this heap with room for
+        the length it states. Checked before it is read through, so that a damaged reference
+        raises StoreCorrupted rather than reading or freeing another block's words."""
+        w, heap = self._w, self.heap
+        if not heap.start <= block or block + P_DATA >= heap.end:
+            return False
+        header = w[block]
+        size = header >> 2
+        return bool(header & USED) and block + size < heap.end and (
+            size > P_DATA - 1 + words_for(w[block + P_LENGTH] & 0xFFFFFFFF)
+        )
+
+    def _payload_of(self, node: int) -> int:
+        """The payload block of the shared node ``node``, checked (see ``_is_payload``)."""
+        payload = self._w[node + M_DATA]
+        if not self._is_payload(payload) or self._w[payload + P_REFS] < 1:
+            raise StoreCorrupted(f"message {node} references {payload}, not a payload block")
+        return payload
+
+    def _release(self, node: int) -> None:
+        """Free the block of a message unlinked from its channel. A shared node gives up its
+        reference first: the count goes down by one, journaled, and the last reference frees
+        the payload block, in the same journal step as the unlinking."""
+        w = self._w
+        if w[node + M_LENGTH] == SHARED:
+            payload = self._payload_of(node)
+            refs = w[payload + P_REFS]
+            if refs == 1:
+                self.heap.free(payload)
+            else:
+                self._j.set(payload + P_REFS, refs - 1)
+        self.heap.free(node)
 
     def append(
         self,
@@ -226,16 +270,22 @@ class ChannelQueues:
     ) -> int:
         """Queue ``data`` on each channel of ``names`` that has room (a group_send): the
         number of channels skipped, full or out of memory. Each channel gets its copy or not on
-        its own; the copies for up to a run of channels are cut from one allocation and linked
-        into the order of sending together, which makes a copy about half the work of a send."""
-        w, jset = self._w, self._j.set
-        payload_words = M_DATA - 1 + words_for(len(data))
-        run = max(1, min(RUN_CHANNELS, RUN_WORDS // (payload_words + 1)))
-        skipped = 0
-        for first in range(0, len(names), run):
+        its own.
+
+        The body is stored once, in a payload block, and each channel gets a shared node that
+        references it; the nodes for up to a run of channels are cut from one allocation and
+        linked into the order of sending together. A group_send to one channel queues an
+        ordinary message, as a send does."""
+        if len(names) < 2:
+            return self._append_each(
+                [(name, capacity_of(name)) for name in names], data, crc, expires, now, rings
+            )
+        w, j = self._w, self._j
+        skipped = payload = 0
+        for first in range(0, len(names), RUN_CHANNELS):
             accepted: list[tuple[bytes, int, int]] = []
-            for name in names[first : first + run]:
-                self._j.checkpoint()
+            for name in names[first : first + RUN_CHANNELS]:
+                j.checkpoint()
                 capacity = capacity_of(name)
                 h = self.hash(name)
                 rec = self.find(name, h)
@@ -243,55 +293,100 @@ class ChannelQueues:
                     self._drop_expired(rec, now)
                     if w[rec + C_COUNT] >= capacity:
                         skipped += 1
-                        self._j.add(H_GROUP_FULL)
+                        j.add(H_GROUP_FULL)
                         continue
                 elif capacity < 1:
                     skipped += 1
-                    self._j.add(H_GROUP_FULL)
+                    j.add(H_GROUP_FULL)
                     continue
                 if not rec:
-                    self._j.step()  # expired messages of the channels before stay dropped
+                    j.step()  # expired messages of the channels before stay dropped
                     rec = self._create(name, h)
                 accepted.append((name, rec, capacity))
             if not accepted:
                 continue
-            self._j.checkpoint()
-            self._j.step()  # before the links below
+            j.checkpoint()
+            j.step()  # before the allocations below
             nodes = []
             if all(rec for _name, rec, _capacity in accepted):
-                nodes = self.heap.alloc_run(payload_words, len(accepted))
+                payload = payload or self._store_payload(data, crc)
+                if payload:
+                    nodes = self.heap.alloc_run(NODE_WORDS, len(accepted))
             if not nodes:
+                if payload and not w[payload + P_REFS]:
+                    # Referenced by nothing: freed before the sends below reclaim memory, and
+                    # commit, so that no commit ever leaves it allocated and unreachable.
+                    self.heap.free(payload)
+                    payload = 0
                 # No room for the run in one piece: one send at a time, which reclaims
                 # memory where it can and skips the channels that still find none.
-                for name, _rec, capacity in accepted:
-                    self._j.checkpoint()
-                    result = self.append(name, data, crc, capacity, expires, now, rings)
-                    skipped += result != QUEUED
-                    self._j.add(_GROUP_OUTCOME[result])
+                skipped += self._append_each(
+                    [(name, capacity) for name, _rec, capacity in accepted],
+                    data, crc, expires, now, rings,
+                )
                 continue
             last = w[H_EXPIRY_TAIL]
             previous, woken = last, []
             for (name, rec, _capacity), node, following in zip(
                 accepted, nodes, [*nodes[1:], 0], strict=True
             ):
+                # Written without the journal: nothing reaches the node before it is linked.
                 w[node + M_NEXT] = 0
                 w[node + M_SENT_NEXT] = following
                 w[node + M_SENT_PREV] = previous
-                self._write_message(node, rec, data, crc, expires)
+                w[node + M_CHANNEL] = rec
+                w[node + M_EXPIRES] = expires
+                w[node + M_LENGTH] = SHARED
+                w[node + M_DATA] = payload
                 previous = node
                 count, tail = w[rec + C_COUNT], w[rec + C_TAIL]
-                jset(tail + M_NEXT if tail else rec + C_HEAD, node)
-                jset(rec + C_TAIL, node)
-                jset(rec + C_COUNT, count + 1)
+                j.set(tail + M_NEXT if tail else rec + C_HEAD, node)
+                j.set(rec + C_TAIL, node)
+                j.set(rec + C_COUNT, count + 1)
                 if not count and w[rec + C_WAITERS]:
                     woken.append((name, rec))
-            jset(last + M_SENT_NEXT if last else H_EXPIRY_HEAD, nodes[0])
-            jset(H_EXPIRY_TAIL, nodes[-1])
-            self._j.add(H_DELIVERED, len(nodes))
-            # Only now that the whole run is linked: pruning stale waiters may commit.
+            j.set(last + M_SENT_NEXT if last else H_EXPIRY_HEAD, nodes[0])
+            j.set(H_EXPIRY_TAIL, nodes[-1])
+            j.set(payload + P_REFS, w[payload + P_REFS] + len(nodes))
+            j.add(H_DELIVERED, len(nodes))
+            # Only now that the whole run is linked and counted: pruning stale waiters may
+            # commit.
             for name, rec in woken:
                 self._collect_doorbells(rec, name, rings)
         return skipped
+
+    def _append_each(
+        self,
+        targets: list[tuple[bytes, int]],
+        data: bytes,
+        crc: int,
+        expires: int,
+        now: int,
+        rings: list,
+    ) -> int:
+        """Queue an ordinary message of ``data`` on each (channel, capacity) of ``targets``,
+        one send at a time, counting each outcome as a group_send copy's: the number
+        skipped."""
+        skipped = 0
+        for name, capacity in targets:
+            self._j.checkpoint()
+            result = self.append(name, data, crc, capacity, expires, now, rings)
+            skipped += result != QUEUED
+            self._j.add(_GROUP_OUTCOME[result])
+        return skipped
+
+    def _store_payload(self, data: bytes, crc: int) -> int:
+        """A payload block holding ``data`` and no reference yet, or 0 if memory is short.
+        Written without the journal: nothing reaches it before a node is linked, and its count
+        is journaled from the first run of nodes on."""
+        block = self.heap.alloc(P_DATA - 1 + words_for(len(data)))
+        if block:
+            w = self._w
+            w[block + P_REFS] = 0
+            w[block + P_LENGTH] = len(data) | crc << 32
+            start = (block + P_DATA) * WORD
+            self._b[start : start + len(data)] = data
+        return block
 
     def pop(self, name: bytes, now: int, rec: int = 0) -> tuple[bytes, int] | None:
         """The oldest unexpired message of ``name`` and its expiry, or None. ``rec``, when
@@ -310,7 +405,7 @@ class ChannelQueues:
                 self._j.add(H_RECEIVED)
             else:
                 self._j.add(H_EXPIRED)
-            self.heap.free(node)
+            self._release(node)
         return found
 
     def put_back(self, name: bytes, data: bytes, crc: int, expires: int, rings: list) -> bool:
@@ -367,7 +462,7 @@ class ChannelQueues:
             if not self.heap.start <= rec < self.heap.end or w[rec + C_HEAD] != node:
                 raise StoreCorrupted(f"the oldest message {node} is not first in its channel")
             self._j.checkpoint()
-            self.heap.free(self._unlink_head(rec))
+            self._release(self._unlink_head(rec))
             self._j.add(H_EXPIRED)
             done += 1
         return done
@@ -457,10 +552,18 @@ class ChannelQueues:
         return live + dead
 
     def _check_record(
-        self, bucket: int, rec: int, name: bytes, now: int, problems: list[str]
+        self,
+        bucket: int,
+        rec: int,
+        name: bytes,
+        now: int,
+        problems: list[str],
+        references: dict[int, int],
     ) -> tuple[int, int, int]:
-        """Walk one channel record's messages, adding what is wrong to ``problems``:
-        (messages, words of the record's and messages' blocks, words of the expired ones)."""
+        """Walk one channel record's messages, adding what is wrong to ``problems`` and each
+        shared node's reference to ``references`` (payload block -> nodes seen): (messages,
+        words of the record's and messages' blocks, words of the expired ones). A payload
+        block is read, and its words counted, at its first reference only."""
         w = self._w
         block_words = w[rec] >> 2
         expired = 0
@@ -470,13 +573,21 @@ class ChannelQueues:
         while node:
             if w[node + M_CHANNEL] != rec:
                 problems.append(f"message {node} points to the wrong channel")
-            try:
-                self._read(node)
-            except StoreCorrupted as exc:
-                problems.append(str(exc))
+            words, payload, seen = w[node] >> 2, 0, 0
+            if w[node + M_LENGTH] == SHARED:
+                payload = w[node + M_DATA]
+                seen = references.get(payload, 0)
+                references[payload] = seen + 1
+                if not seen and self._is_payload(payload):
+                    words += w[payload] >> 2
+            if not seen:
+                try:
+                    self._read(node)
+                except StoreCorrupted as exc:
+                    problems.append(str(exc))
             if w[node + M_EXPIRES] <= now:
-                expired += w[node] >> 2
-            block_words += w[node] >> 2
+                expired += words
+            block_words += words
             last, node, count = node, w[node + M_NEXT], count + 1
             if count > self.heap.size_words:
                 problems.append(f"the message list of channel record {rec} loops")
@@ -516,11 +627,14 @@ class ChannelQueues:
         w, problems = self._w, []
         messages = expired = records = block_words = idle = dead = 0
         rows = []
+        references: dict[int, int] = {}
         for bucket, rec in self.index.records():
             records += 1
             name = self.name_of(rec)
             if check:
-                count, words, old = self._check_record(bucket, rec, name, now, problems)
+                count, words, old = self._check_record(
+                    bucket, rec, name, now, problems, references
+                )
                 block_words, expired = block_words + words, expired + old
             else:
                 count = w[rec + C_COUNT]
@@ -560,6 +674,12 @@ class ChannelQueues:
             problems.append(
                 f"{messages} messages in channels, {sent} in the order of sending"
             )
+        for payload, nodes in references.items():
+            if self._is_payload(payload) and w[payload + P_REFS] != nodes:
+                problems.append(
+                    f"payload block {payload} counts {w[payload + P_REFS]} references, "
+                    f"{nodes} messages reference it"
+                )
         if block_words != self.heap.used_words():
             problems.append(
                 f"channel memory: {self.heap.used_words()} words allocated, {block_words} "
