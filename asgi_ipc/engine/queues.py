@@ -4,6 +4,11 @@ The channel index (a ``ChainedIndex``, index.py) chains the *channel records* by
 their name. A record holds the channel's first and last message and its message count, so
 the capacity check and the append happen under one lock hold in O(1), and the list of processes
 waiting on it. A message is one block: links, expiry, length and CRC-32, then the msgpack bytes.
+A group_send to several channels stores its body once instead, in a *payload block* that counts
+its references, and gives each channel a *shared node*: a message block of 64 bytes whose length
+word is ``SHARED`` and whose data word holds the payload block's address. A 10 KiB message to
+1000 members takes about 10 KiB plus 1000 x 64 B, not 10 MB. A send, a put_back and a group_send
+to one channel store the message inline (no second allocation on the hot path).
 
 Every queued message is also on one global list in the order of sending, so that the sweep can
 reclaim the memory of expired messages in channels nobody reads, a few at a time: the oldest
@@ -11,11 +16,23 @@ message of the store is always the first of its own channel.
 
 Visibility: a send becomes visible when the journal commits the words that link its block in (the
 previous tail's ``next``, the record's tail and count); a receive when the journal commits the
-unlinking. A group_send cuts the copies for a run of members from one allocation, writes them
-unjournaled (nothing reaches them yet), then links each into its channel with three journaled
-words and the run into the order of sending with two; all of it commits with the group_send. A
-message handed to a receive that was then cancelled is linked back in first (``put_back``). See
+unlinking. A group_send writes the payload block unjournaled with no reference (nothing reaches
+it yet), cuts the nodes for a run of members from one allocation and writes them unjournaled too,
+then links each into its channel with three journaled words, the run into the order of sending
+with two, and adds the run's nodes to the payload's count with one; all of it commits with the
+group_send, or with a step of it (a run at a time). A payload block whose run found no room is
+freed before anything can commit, so a commit never leaves one unreachable. A message handed to
+a receive that was then cancelled is linked back in first (``put_back``), inline. See
 ``journal.py`` for what a kill in between leaves.
+
+Freeing: whatever unlinks a message (a receive, an expiry) frees it with ``_release``, which for
+a shared node journals the count one lower, or frees the payload block with its last reference,
+in the same journal step as the unlinking. So at every commit, and so after any kill, each
+payload block's count is the number of nodes linked to it; and since a freed block is never
+reused before its free commits (``Journal.step``), a rollback never finds a payload block
+handed out again. A flush clears everything at once. A reference is checked before it is read
+or freed through (``_payload_of``): a damaged one raises StoreCorrupted, and ``verify`` reports
+it, and any count that differs from the nodes found, as a problem.
 
 Counting (the counters of layout.py): each message taken, put back or dropped as expired, and each
 group_send copy queued or skipped, is counted here with ``Journal.add`` right after the journaled
@@ -28,6 +45,9 @@ Layouts, in words from the block header (word 0):
                    8... name
   message          1 next in channel, 2 next sent, 3 previous sent, 4 channel record, 5 expiry
                    (ms since the epoch), 6 length | crc32 << 32, 7... msgpack bytes
+  shared node      1-5 as a message, 6 SHARED, 7 payload block
+  payload block    1 references (shared nodes linked to it), 2 length | crc32 << 32,
+                   3... msgpack bytes
   waiter           1 next, 2 process slot, 3 slot token
 """
 
