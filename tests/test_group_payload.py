@@ -144,7 +144,9 @@ def test_inline_and_shared_messages_queue_in_order_in_one_channel(prefix):
     empty = used(engine)
     two, four = b"two" * 100, b"four" * 100
     engine.send(b"a", b"one", 100, 60_000)
+    inline = used(engine)
     group_send(engine, b"g", two)
+    assert used(engine) - inline < len(two) + PAYLOAD_OVERHEAD + 3 * NODE_BYTES
     engine.send(b"a", b"three", 100, 60_000)
     group_send(engine, b"g", four)
     assert engine.verify() == [] and engine.inspect()["messages"] == 6
