@@ -314,8 +314,7 @@ class Receiver:
                 error = StoreError(f"the receive was interrupted by {type(exc).__name__}")
                 error.__cause__ = exc
             # Only the messages taken for good are handed; every other receive gets the error.
-            # (A hold cut short before the engine filled ``taken`` in handed nothing.)
-            handed = getattr(taken, "handed", [])[: getattr(taken, "durable", 0)]
+            handed = taken.handed[: taken.durable]
             served = {waiter for waiter, _data, _expires in handed}
             failed = [(waiter, error) for waiter in waiters if waiter not in served]
             taken.unseated = []

@@ -52,22 +52,22 @@ class ChainedIndex:
         self._b = data
         self._j = journal
         self._heap = heap
-        self._base = base
+        self.base = base
         self.mask = buckets - 1
         self._length = length_field
         self._what = what  # for error messages: "channel", "group", "membership"
 
-    def _loops(self) -> StoreCorrupted:
+    def loops(self) -> StoreCorrupted:
         return StoreCorrupted(f"a {self._what} index chain loops")
 
     def bucket(self, h: int) -> int:
         """The word that heads the chain of hash ``h``."""
-        return self._base + (h & self.mask)
+        return self.base + (h & self.mask)
 
     def find(self, name: bytes, h: int) -> int:
         """The record of ``name`` (whose hash is ``h``), or 0."""
         w, b, length = self._w, self._b, self._length
-        rec, steps = w[self._base + (h & self.mask)], 0
+        rec, steps = w[self.base + (h & self.mask)], 0
         n = len(name)
         while rec:
             if w[rec + HASH] == h and w[rec + length] == n:
@@ -76,14 +76,14 @@ class ChainedIndex:
                     return rec
             rec, steps = w[rec + NEXT], steps + 1
             if steps > MAX_CHAIN:
-                raise self._loops()
+                raise self.loops()
         return 0
 
     def find_owned(self, name: bytes, h: int, owner_field: int, owner: int) -> int:
         """The record of ``name`` whose ``owner_field`` holds ``owner`` (a membership of one
         group), or 0."""
         w, length = self._w, self._length
-        rec, steps = w[self._base + (h & self.mask)], 0
+        rec, steps = w[self.base + (h & self.mask)], 0
         n = len(name)
         while rec:
             if (
@@ -95,7 +95,7 @@ class ChainedIndex:
                 return rec
             rec, steps = w[rec + NEXT], steps + 1
             if steps > MAX_CHAIN:
-                raise self._loops()
+                raise self.loops()
         return 0
 
     def insert(self, name: bytes, h: int) -> int:
@@ -106,7 +106,7 @@ class ChainedIndex:
         if not rec:
             return 0
         w = self._w
-        bucket = self._base + (h & self.mask)
+        bucket = self.base + (h & self.mask)
         for k in range(HASH + 1, length):
             w[rec + k] = 0
         w[rec + NEXT] = w[bucket]
@@ -120,7 +120,7 @@ class ChainedIndex:
     def unchain(self, rec: int) -> None:
         """Unlink ``rec`` from its bucket (one journaled word); the caller frees it."""
         w = self._w
-        at, steps = self._base + (w[rec + HASH] & self.mask), 0
+        at, steps = self.base + (w[rec + HASH] & self.mask), 0
         while w[at] != rec:
             if not w[at] or steps > MAX_CHAIN:
                 raise StoreCorrupted(f"{self._what} record {rec} is not in its bucket")
@@ -135,13 +135,13 @@ class ChainedIndex:
         """The records of bucket number ``bucket``. The next link is read before a record is
         handed out, so the caller may unchain and free it."""
         w = self._w
-        rec, steps = w[self._base + (bucket & self.mask)], 0
+        rec, steps = w[self.base + (bucket & self.mask)], 0
         while rec:
             following = w[rec + NEXT]
             yield rec
             rec, steps = following, steps + 1
             if steps > MAX_CHAIN:
-                raise self._loops()
+                raise self.loops()
 
     def records(self) -> Iterator[tuple[int, int]]:
         """(bucket, record) of every record, bucket by bucket (for stats and verify, under the
@@ -155,7 +155,7 @@ class ChainedIndex:
         that verify reports a loop as a wrong count rather than raising)."""
         w, total = self._w, 0
         for bucket in range(self.mask + 1):
-            rec, steps = w[self._base + bucket], 0
+            rec, steps = w[self.base + bucket], 0
             while rec and steps <= MAX_CHAIN:
                 total, rec, steps = total + 1, w[rec + NEXT], steps + 1
         return total

@@ -553,15 +553,22 @@ class ChannelQueues:
 
         An emptied channel keeps its record until the sweep passes, so that a channel used
         over and over (a consumer's own) is not created and freed for every message."""
-        w, mask = self._w, self.index.mask
+        w, base, mask = self._w, self.index.base, self.index.mask
         hand = w[H_SWEEP_CHANNEL] & mask
         for i in range(buckets):
-            for rec in self.index.chain(hand + i):
+            # The chain walked inline rather than through ``ChainedIndex.chain``: every send
+            # sweeps, and a generator per bucket cost it about a microsecond under the lock.
+            rec, steps = w[base + ((hand + i) & mask)], 0
+            while rec:
+                following = w[rec + C_NEXT]
                 if not w[rec + C_COUNT]:
                     self._j.checkpoint()
                     if w[rec + C_WAITERS]:
                         self._prune_waiters(rec, self._stale)
                     self._delete_if_idle(rec)
+                rec, steps = following, steps + 1
+                if steps > MAX_CHAIN:
+                    raise self.index.loops()
         w[H_SWEEP_CHANNEL] = (hand + buckets) & mask  # a hint: never journaled
 
     # --- inspection ------------------------------------------------------------------------
