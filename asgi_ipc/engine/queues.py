@@ -25,14 +25,15 @@ freed before anything can commit, so a commit never leaves one unreachable. A me
 a receive that was then cancelled is linked back in first (``put_back``), inline. See
 ``journal.py`` for what a kill in between leaves.
 
-Freeing: whatever unlinks a message (a receive, an expiry) frees it with ``_release``, which for
-a shared node journals the count one lower, or frees the payload block with its last reference,
-in the same journal step as the unlinking. So at every commit, and so after any kill, each
-payload block's count is the number of nodes linked to it; and since a freed block is never
-reused before its free commits (``Journal.step``), a rollback never finds a payload block
-handed out again. A flush clears everything at once. A reference is checked before it is read
-or freed through (``_payload_of``): a damaged one raises StoreCorrupted, and ``verify`` reports
-it, and any count that differs from the nodes found, as a problem.
+Freeing: whatever unlinks a message (a receive, an expiry) frees its block; a shared node first
+gives up its reference (``_unref``): the count is journaled one lower, or the payload block is
+freed with its last reference, in the same journal step as the unlinking. So at every commit,
+and so after any kill, each payload block's count is the number of nodes linked to it; and since
+a freed block is never reused before its free commits (``Journal.step``), a rollback never finds
+a payload block handed out again. A flush clears everything at once. A reference is checked
+before a count is changed through it: a damaged one raises StoreCorrupted (a read through it
+fails its CRC check), and ``verify`` reports it, and any count that differs from the nodes
+found, as a problem.
 
 Counting (the counters of layout.py): each message taken, put back or dropped as expired, and each
 group_send copy queued or skipped, is counted here with ``Journal.add`` right after the journaled
@@ -166,14 +167,20 @@ class ChannelQueues:
             if not head or w[head + M_EXPIRES] > now:
                 return
             self._j.checkpoint()
-            self._release(self._unlink_head(rec))
+            node = self._unlink_head(rec)
+            if w[node + M_LENGTH] == SHARED:
+                self._unref(node)
+            self.heap.free(node)
             self._j.add(H_EXPIRED)
 
     def _read(self, node: int) -> bytes:
+        """The bytes of the message at ``node``. A shared node's reference is read through
+        unchecked: whatever a damaged one points at fails the length or CRC check (or lies
+        outside the store: IndexError, which a hold reports as corruption)."""
         w = self._w
         packed, start = w[node + M_LENGTH], node + M_DATA
         if packed == SHARED:
-            payload = self._payload_of(node)
+            payload = w[node + M_DATA]
             packed, start = w[payload + P_LENGTH], payload + P_DATA
         length, crc = packed & 0xFFFFFFFF, packed >> 32
         start *= WORD
@@ -184,37 +191,31 @@ class ChannelQueues:
 
     def _is_payload(self, block: int) -> bool:
         """Whether ``block`` can be a payload block: a used block of this heap with room for
-        the length it states. Checked before it is read through, so that a damaged reference
-        raises StoreCorrupted rather than reading or freeing another block's words."""
+        the length it states. Checked before its count is changed through a reference, so
+        that a damaged reference raises StoreCorrupted rather than change or free another
+        block's words."""
         w, heap = self._w, self.heap
         if not heap.start <= block or block + P_DATA >= heap.end:
             return False
         header = w[block]
         size = header >> 2
         return bool(header & USED) and block + size < heap.end and (
-            size > P_DATA - 1 + words_for(w[block + P_LENGTH] & 0xFFFFFFFF)
+            (size - P_DATA) * WORD >= w[block + P_LENGTH] & 0xFFFFFFFF
         )
 
-    def _payload_of(self, node: int) -> int:
-        """The payload block of the shared node ``node``, checked (see ``_is_payload``)."""
-        payload = self._w[node + M_DATA]
-        if not self._is_payload(payload) or self._w[payload + P_REFS] < 1:
-            raise StoreCorrupted(f"message {node} references {payload}, not a payload block")
-        return payload
-
-    def _release(self, node: int) -> None:
-        """Free the block of a message unlinked from its channel. A shared node gives up its
-        reference first: the count goes down by one, journaled, and the last reference frees
-        the payload block, in the same journal step as the unlinking."""
+    def _unref(self, node: int) -> None:
+        """Give up the reference of the shared node ``node``, unlinked from its channel: the
+        count goes down by one, journaled, and the last reference frees the payload block, in
+        the same journal step as the unlinking. The caller frees the node."""
         w = self._w
-        if w[node + M_LENGTH] == SHARED:
-            payload = self._payload_of(node)
-            refs = w[payload + P_REFS]
-            if refs == 1:
-                self.heap.free(payload)
-            else:
-                self._j.set(payload + P_REFS, refs - 1)
-        self.heap.free(node)
+        payload = w[node + M_DATA]
+        refs = w[payload + P_REFS] if self._is_payload(payload) else 0
+        if refs < 1:
+            raise StoreCorrupted(f"message {node} references {payload}, not a payload block")
+        if refs == 1:
+            self.heap.free(payload)
+        else:
+            self._j.set(payload + P_REFS, refs - 1)
 
     def append(
         self,
@@ -425,7 +426,9 @@ class ChannelQueues:
                 self._j.add(H_RECEIVED)
             else:
                 self._j.add(H_EXPIRED)
-            self._release(node)
+            if w[node + M_LENGTH] == SHARED:
+                self._unref(node)
+            self.heap.free(node)
         return found
 
     def put_back(self, name: bytes, data: bytes, crc: int, expires: int, rings: list) -> bool:
@@ -482,7 +485,10 @@ class ChannelQueues:
             if not self.heap.start <= rec < self.heap.end or w[rec + C_HEAD] != node:
                 raise StoreCorrupted(f"the oldest message {node} is not first in its channel")
             self._j.checkpoint()
-            self._release(self._unlink_head(rec))
+            node = self._unlink_head(rec)
+            if w[node + M_LENGTH] == SHARED:
+                self._unref(node)
+            self.heap.free(node)
             self._j.add(H_EXPIRED)
             done += 1
         return done
@@ -605,8 +611,13 @@ class ChannelQueues:
                 payload = w[node + M_DATA]
                 seen = references.get(payload, 0)
                 references[payload] = seen + 1
-                if not seen and self._is_payload(payload):
-                    words += w[payload] >> 2
+                if not seen:
+                    if self._is_payload(payload):
+                        words += w[payload] >> 2
+                    else:
+                        problems.append(f"message {node} references {payload}, not a payload "
+                                        "block")
+                        seen = 1  # not to be read through
             if not seen:
                 try:
                     self._read(node)
