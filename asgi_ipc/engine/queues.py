@@ -185,7 +185,9 @@ class ChannelQueues:
         length, crc = packed & 0xFFFFFFFF, packed >> 32
         start *= WORD
         data = self._b[start : start + length]
-        if len(data) != length or zlib.crc32(data) != crc:
+        # A message is never empty, and an empty one would pass (the CRC-32 of nothing is 0):
+        # a length word cleared by damage must not hand out nothing.
+        if not length or len(data) != length or zlib.crc32(data) != crc:
             raise StoreCorrupted(f"message at word {node} fails its CRC check")
         return data
 
