@@ -293,6 +293,17 @@ async def _two_members(layer):
     await layer.group_add("g", "m2")
 
 
+async def _shared_copies(layer):
+    """A group_send to two members: one payload, a shared node in each channel."""
+    await _two_members(layer)
+    await layer.group_send("g", {"s": 1})
+
+
+async def _last_shared_copy(layer):
+    await _shared_copies(layer)
+    await layer.receive("m2")
+
+
 # name: (setup, operation, arguments, channel contents after setup, group members after setup)
 SCENARIOS = {
     "send to a new channel": (
@@ -320,6 +331,14 @@ SCENARIOS = {
         {"g": {"m1"}}),
     "group_send to two members": (
         _two_members, "group_send", ("g", {"x": "all"}), {}, {"g": {"m1", "m2"}}),
+    "group_send to members holding shared copies": (
+        _shared_copies, "group_send", ("g", {"x": "all"}),
+        {"m1": [{"s": 1}], "m2": [{"s": 1}]}, {"g": {"m1", "m2"}}),
+    "receive of a shared copy": (
+        _shared_copies, "receive", ("m1",),
+        {"m1": [{"s": 1}], "m2": [{"s": 1}]}, {"g": {"m1", "m2"}}),
+    "receive of the last shared copy, which frees the payload": (
+        _last_shared_copy, "receive", ("m1",), {"m1": [{"s": 1}]}, {"g": {"m1", "m2"}}),
 }
 NO_ALLOCATION = {"group_add renewing a membership"}
 

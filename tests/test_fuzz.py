@@ -52,8 +52,8 @@ ALLOWED = {"ok", "StoreCorrupted", "StoreError", "ChannelFull", "GroupMemoryFull
 
 
 def populate(prefix: str) -> tuple[set, dict]:
-    """A store with messages on every channel and a few memberships; what was sent, and the
-    word ranges worth damaging."""
+    """A store with messages on every channel, some of them shared copies of a group_send, and
+    a few memberships; what was sent, and the word ranges worth damaging."""
     sent, heaps = set(), {}
 
     async def run():
@@ -65,6 +65,8 @@ def populate(prefix: str) -> tuple[set, dict]:
         for group, members in (("fg.x", CHANNELS[:2]), ("fg.y", CHANNELS[1:])):
             for channel in members:
                 await layer.group_add(group, channel)
+            # Stored once for all members: payload blocks and the nodes that reference them.
+            await layer.group_send(group, {"ch": "*", "g": group, "pad": "q" * 200})
         store = layer.engine()
         report = store.inspect()
         assert report["problems"] == []

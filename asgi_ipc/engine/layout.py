@@ -32,7 +32,8 @@ import re
 from dataclasses import dataclass
 
 MAGIC = int.from_bytes(b"ASGI-IPC", "little")
-LAYOUT_VERSION = 2  # 2: slots live by their byte lock, doorbells at paths; counters
+LAYOUT_VERSION = 3  # 2: slots live by their byte lock, doorbells at paths; counters;
+#                      3: a group_send stores its payload once (queues.py)
 
 WORD = 8
 PAGE_WORDS = 512

@@ -4,6 +4,11 @@ The channel index (a ``ChainedIndex``, index.py) chains the *channel records* by
 their name. A record holds the channel's first and last message and its message count, so
 the capacity check and the append happen under one lock hold in O(1), and the list of processes
 waiting on it. A message is one block: links, expiry, length and CRC-32, then the msgpack bytes.
+A group_send to several channels stores its body once instead, in a *payload block* that counts
+its references, and gives each channel a *shared node*: a message block of 64 bytes whose length
+word is ``SHARED`` and whose data word holds the payload block's address. A 10 KiB message to
+1000 members takes about 10 KiB plus 1000 x 64 B, not 10 MB. A send, a put_back and a group_send
+to one channel store the message inline (no second allocation on the hot path).
 
 Every queued message is also on one global list in the order of sending, so that the sweep can
 reclaim the memory of expired messages in channels nobody reads, a few at a time: the oldest
@@ -11,11 +16,24 @@ message of the store is always the first of its own channel.
 
 Visibility: a send becomes visible when the journal commits the words that link its block in (the
 previous tail's ``next``, the record's tail and count); a receive when the journal commits the
-unlinking. A group_send cuts the copies for a run of members from one allocation, writes them
-unjournaled (nothing reaches them yet), then links each into its channel with three journaled
-words and the run into the order of sending with two; all of it commits with the group_send. A
-message handed to a receive that was then cancelled is linked back in first (``put_back``). See
+unlinking. A group_send writes the payload block unjournaled with no reference (nothing reaches
+it yet), cuts the nodes for a run of members from one allocation and writes them unjournaled too,
+then links each into its channel with three journaled words, the run into the order of sending
+with two, and adds the run's nodes to the payload's count with one; all of it commits with the
+group_send, or with a step of it (a run at a time). A payload block whose run found no room is
+freed before anything can commit, so a commit never leaves one unreachable. A message handed to
+a receive that was then cancelled is linked back in first (``put_back``), inline. See
 ``journal.py`` for what a kill in between leaves.
+
+Freeing: whatever unlinks a message (a receive, an expiry) frees its block; a shared node first
+gives up its reference (``_unref``): the count is journaled one lower, or the payload block is
+freed with its last reference, in the same journal step as the unlinking. So at every commit,
+and so after any kill, each payload block's count is the number of nodes linked to it; and since
+a freed block is never reused before its free commits (``Journal.step``), a rollback never finds
+a payload block handed out again. A flush clears everything at once. A reference is checked
+before a count is changed through it: a damaged one raises StoreCorrupted (a read through it
+fails its CRC check), and ``verify`` reports it, and any count that differs from the nodes
+found, as a problem.
 
 Counting (the counters of layout.py): each message taken, put back or dropped as expired, and each
 group_send copy queued or skipped, is counted here with ``Journal.add`` right after the journaled
@@ -28,6 +46,9 @@ Layouts, in words from the block header (word 0):
                    8... name
   message          1 next in channel, 2 next sent, 3 previous sent, 4 channel record, 5 expiry
                    (ms since the epoch), 6 length | crc32 << 32, 7... msgpack bytes
+  shared node      1-5 as a message, 6 SHARED, 7 payload block
+  payload block    1 references (shared nodes linked to it), 2 length | crc32 << 32,
+                   3... msgpack bytes
   waiter           1 next, 2 process slot, 3 slot token
 """
 
@@ -39,7 +60,7 @@ import zlib
 from collections.abc import Callable, Container
 
 from ..exceptions import StoreCorrupted
-from .heap import Heap
+from .heap import USED, Heap
 from .index import MAX_CHAIN, ChainedIndex, words_for
 from .journal import Journal
 from .layout import (
@@ -59,6 +80,13 @@ from .slots import ProcessSlots
 
 C_NEXT, C_HASH, C_HEAD, C_TAIL, C_COUNT, C_WAITERS, C_NAME_LENGTH, C_NAME = range(1, 9)
 M_NEXT, M_SENT_NEXT, M_SENT_PREV, M_CHANNEL, M_EXPIRES, M_LENGTH, M_DATA = range(1, 8)
+P_REFS, P_LENGTH, P_DATA = range(1, 4)
+# The length word of a shared node: the length field all ones, which no inline message has (a
+# message is at most 1 MiB, see layer.py, and the field holds 32 bits).
+SHARED = 0xFFFF_FFFF
+# The words after the header of a shared node: the message words up to M_DATA, which holds the
+# payload block's address; with the header, 64 bytes.
+NODE_WORDS = M_DATA
 W_NEXT, W_SLOT, W_TOKEN = range(1, 4)
 
 # How send() reports that the message was not queued.
@@ -66,11 +94,10 @@ QUEUED, OVER_CAPACITY, OUT_OF_MEMORY = range(3)
 # The counter of each outcome of a group_send copy.
 _GROUP_OUTCOME = {QUEUED: H_DELIVERED, OVER_CAPACITY: H_GROUP_FULL, OUT_OF_MEMORY: H_NO_MEMORY}
 
-# A group_send cuts the copies for up to this many channels, and this many words, from one
-# allocation (see ``append_to_all``); it journals three words per copy, well within the room
-# that ``Journal.checkpoint`` leaves.
+# A group_send cuts the nodes for up to this many channels (64 B each) from one allocation
+# (see ``append_to_all``); it journals three words per node, well within the room that
+# ``Journal.checkpoint`` leaves.
 RUN_CHANNELS = 512
-RUN_WORDS = 1 << 15
 
 
 class ChannelQueues:
@@ -140,17 +167,57 @@ class ChannelQueues:
             if not head or w[head + M_EXPIRES] > now:
                 return
             self._j.checkpoint()
-            self.heap.free(self._unlink_head(rec))
+            node = self._unlink_head(rec)
+            if w[node + M_LENGTH] == SHARED:
+                self._unref(node)
+            self.heap.free(node)
             self._j.add(H_EXPIRED)
 
     def _read(self, node: int) -> bytes:
-        packed = self._w[node + M_LENGTH]
+        """The bytes of the message at ``node``. A shared node's reference is read through
+        unchecked: whatever a damaged one points at fails the length or CRC check (or lies
+        outside the store: IndexError, which a hold reports as corruption)."""
+        w = self._w
+        packed, start = w[node + M_LENGTH], node + M_DATA
+        if packed == SHARED:
+            payload = w[node + M_DATA]
+            packed, start = w[payload + P_LENGTH], payload + P_DATA
         length, crc = packed & 0xFFFFFFFF, packed >> 32
-        start = (node + M_DATA) * WORD
+        start *= WORD
         data = self._b[start : start + length]
-        if len(data) != length or zlib.crc32(data) != crc:
+        # A message is never empty, and an empty one would pass (the CRC-32 of nothing is 0):
+        # a length word cleared by damage must not hand out nothing.
+        if not length or len(data) != length or zlib.crc32(data) != crc:
             raise StoreCorrupted(f"message at word {node} fails its CRC check")
         return data
+
+    def _is_payload(self, block: int) -> bool:
+        """Whether ``block`` can be a payload block: a used block of this heap with room for
+        the length it states. Checked before its count is changed through a reference, so
+        that a damaged reference raises StoreCorrupted rather than change or free another
+        block's words."""
+        w, heap = self._w, self.heap
+        if not heap.start <= block or block + P_DATA >= heap.end:
+            return False
+        header = w[block]
+        size = header >> 2
+        return bool(header & USED) and block + size < heap.end and (
+            (size - P_DATA) * WORD >= w[block + P_LENGTH] & 0xFFFFFFFF
+        )
+
+    def _unref(self, node: int) -> None:
+        """Give up the reference of the shared node ``node``, unlinked from its channel: the
+        count goes down by one, journaled, and the last reference frees the payload block, in
+        the same journal step as the unlinking. The caller frees the node."""
+        w = self._w
+        payload = w[node + M_DATA]
+        refs = w[payload + P_REFS] if self._is_payload(payload) else 0
+        if refs < 1:
+            raise StoreCorrupted(f"message {node} references {payload}, not a payload block")
+        if refs == 1:
+            self.heap.free(payload)
+        else:
+            self._j.set(payload + P_REFS, refs - 1)
 
     def append(
         self,
@@ -226,16 +293,22 @@ class ChannelQueues:
     ) -> int:
         """Queue ``data`` on each channel of ``names`` that has room (a group_send): the
         number of channels skipped, full or out of memory. Each channel gets its copy or not on
-        its own; the copies for up to a run of channels are cut from one allocation and linked
-        into the order of sending together, which makes a copy about half the work of a send."""
-        w, jset = self._w, self._j.set
-        payload_words = M_DATA - 1 + words_for(len(data))
-        run = max(1, min(RUN_CHANNELS, RUN_WORDS // (payload_words + 1)))
-        skipped = 0
-        for first in range(0, len(names), run):
+        its own.
+
+        The body is stored once, in a payload block, and each channel gets a shared node that
+        references it; the nodes for up to a run of channels are cut from one allocation and
+        linked into the order of sending together. A group_send to one channel queues an
+        ordinary message, as a send does."""
+        if len(names) < 2:
+            return self._append_each(
+                [(name, capacity_of(name)) for name in names], data, crc, expires, now, rings
+            )
+        w, j = self._w, self._j
+        skipped = payload = 0
+        for first in range(0, len(names), RUN_CHANNELS):
             accepted: list[tuple[bytes, int, int]] = []
-            for name in names[first : first + run]:
-                self._j.checkpoint()
+            for name in names[first : first + RUN_CHANNELS]:
+                j.checkpoint()
                 capacity = capacity_of(name)
                 h = self.hash(name)
                 rec = self.find(name, h)
@@ -243,55 +316,100 @@ class ChannelQueues:
                     self._drop_expired(rec, now)
                     if w[rec + C_COUNT] >= capacity:
                         skipped += 1
-                        self._j.add(H_GROUP_FULL)
+                        j.add(H_GROUP_FULL)
                         continue
                 elif capacity < 1:
                     skipped += 1
-                    self._j.add(H_GROUP_FULL)
+                    j.add(H_GROUP_FULL)
                     continue
                 if not rec:
-                    self._j.step()  # expired messages of the channels before stay dropped
+                    j.step()  # expired messages of the channels before stay dropped
                     rec = self._create(name, h)
                 accepted.append((name, rec, capacity))
             if not accepted:
                 continue
-            self._j.checkpoint()
-            self._j.step()  # before the links below
+            j.checkpoint()
+            j.step()  # before the allocations below
             nodes = []
             if all(rec for _name, rec, _capacity in accepted):
-                nodes = self.heap.alloc_run(payload_words, len(accepted))
+                payload = payload or self._store_payload(data, crc)
+                if payload:
+                    nodes = self.heap.alloc_run(NODE_WORDS, len(accepted))
             if not nodes:
+                if payload and not w[payload + P_REFS]:
+                    # Referenced by nothing: freed before the sends below reclaim memory, and
+                    # commit, so that no commit ever leaves it allocated and unreachable.
+                    self.heap.free(payload)
+                    payload = 0
                 # No room for the run in one piece: one send at a time, which reclaims
                 # memory where it can and skips the channels that still find none.
-                for name, _rec, capacity in accepted:
-                    self._j.checkpoint()
-                    result = self.append(name, data, crc, capacity, expires, now, rings)
-                    skipped += result != QUEUED
-                    self._j.add(_GROUP_OUTCOME[result])
+                skipped += self._append_each(
+                    [(name, capacity) for name, _rec, capacity in accepted],
+                    data, crc, expires, now, rings,
+                )
                 continue
             last = w[H_EXPIRY_TAIL]
             previous, woken = last, []
             for (name, rec, _capacity), node, following in zip(
                 accepted, nodes, [*nodes[1:], 0], strict=True
             ):
+                # Written without the journal: nothing reaches the node before it is linked.
                 w[node + M_NEXT] = 0
                 w[node + M_SENT_NEXT] = following
                 w[node + M_SENT_PREV] = previous
-                self._write_message(node, rec, data, crc, expires)
+                w[node + M_CHANNEL] = rec
+                w[node + M_EXPIRES] = expires
+                w[node + M_LENGTH] = SHARED
+                w[node + M_DATA] = payload
                 previous = node
                 count, tail = w[rec + C_COUNT], w[rec + C_TAIL]
-                jset(tail + M_NEXT if tail else rec + C_HEAD, node)
-                jset(rec + C_TAIL, node)
-                jset(rec + C_COUNT, count + 1)
+                j.set(tail + M_NEXT if tail else rec + C_HEAD, node)
+                j.set(rec + C_TAIL, node)
+                j.set(rec + C_COUNT, count + 1)
                 if not count and w[rec + C_WAITERS]:
                     woken.append((name, rec))
-            jset(last + M_SENT_NEXT if last else H_EXPIRY_HEAD, nodes[0])
-            jset(H_EXPIRY_TAIL, nodes[-1])
-            self._j.add(H_DELIVERED, len(nodes))
-            # Only now that the whole run is linked: pruning stale waiters may commit.
+            j.set(last + M_SENT_NEXT if last else H_EXPIRY_HEAD, nodes[0])
+            j.set(H_EXPIRY_TAIL, nodes[-1])
+            j.set(payload + P_REFS, w[payload + P_REFS] + len(nodes))
+            j.add(H_DELIVERED, len(nodes))
+            # Only now that the whole run is linked and counted: pruning stale waiters may
+            # commit.
             for name, rec in woken:
                 self._collect_doorbells(rec, name, rings)
         return skipped
+
+    def _append_each(
+        self,
+        targets: list[tuple[bytes, int]],
+        data: bytes,
+        crc: int,
+        expires: int,
+        now: int,
+        rings: list,
+    ) -> int:
+        """Queue an ordinary message of ``data`` on each (channel, capacity) of ``targets``,
+        one send at a time, counting each outcome as a group_send copy's: the number
+        skipped."""
+        skipped = 0
+        for name, capacity in targets:
+            self._j.checkpoint()
+            result = self.append(name, data, crc, capacity, expires, now, rings)
+            skipped += result != QUEUED
+            self._j.add(_GROUP_OUTCOME[result])
+        return skipped
+
+    def _store_payload(self, data: bytes, crc: int) -> int:
+        """A payload block holding ``data`` and no reference yet, or 0 if memory is short.
+        Written without the journal: nothing reaches it before a node is linked, and its count
+        is journaled from the first run of nodes on."""
+        block = self.heap.alloc(P_DATA - 1 + words_for(len(data)))
+        if block:
+            w = self._w
+            w[block + P_REFS] = 0
+            w[block + P_LENGTH] = len(data) | crc << 32
+            start = (block + P_DATA) * WORD
+            self._b[start : start + len(data)] = data
+        return block
 
     def pop(self, name: bytes, now: int, rec: int = 0) -> tuple[bytes, int] | None:
         """The oldest unexpired message of ``name`` and its expiry, or None. ``rec``, when
@@ -310,6 +428,8 @@ class ChannelQueues:
                 self._j.add(H_RECEIVED)
             else:
                 self._j.add(H_EXPIRED)
+            if w[node + M_LENGTH] == SHARED:
+                self._unref(node)
             self.heap.free(node)
         return found
 
@@ -367,7 +487,10 @@ class ChannelQueues:
             if not self.heap.start <= rec < self.heap.end or w[rec + C_HEAD] != node:
                 raise StoreCorrupted(f"the oldest message {node} is not first in its channel")
             self._j.checkpoint()
-            self.heap.free(self._unlink_head(rec))
+            node = self._unlink_head(rec)
+            if w[node + M_LENGTH] == SHARED:
+                self._unref(node)
+            self.heap.free(node)
             self._j.add(H_EXPIRED)
             done += 1
         return done
@@ -464,10 +587,18 @@ class ChannelQueues:
         return live + dead
 
     def _check_record(
-        self, bucket: int, rec: int, name: bytes, now: int, problems: list[str]
+        self,
+        bucket: int,
+        rec: int,
+        name: bytes,
+        now: int,
+        problems: list[str],
+        references: dict[int, int],
     ) -> tuple[int, int, int]:
-        """Walk one channel record's messages, adding what is wrong to ``problems``:
-        (messages, words of the record's and messages' blocks, words of the expired ones)."""
+        """Walk one channel record's messages, adding what is wrong to ``problems`` and each
+        shared node's reference to ``references`` (payload block -> nodes seen): (messages,
+        words of the record's and messages' blocks, words of the expired ones). A payload
+        block is read, and its words counted, at its first reference only."""
         w = self._w
         block_words = w[rec] >> 2
         expired = 0
@@ -477,13 +608,26 @@ class ChannelQueues:
         while node:
             if w[node + M_CHANNEL] != rec:
                 problems.append(f"message {node} points to the wrong channel")
-            try:
-                self._read(node)
-            except StoreCorrupted as exc:
-                problems.append(str(exc))
+            words, payload, seen = w[node] >> 2, 0, 0
+            if w[node + M_LENGTH] == SHARED:
+                payload = w[node + M_DATA]
+                seen = references.get(payload, 0)
+                references[payload] = seen + 1
+                if not seen:
+                    if self._is_payload(payload):
+                        words += w[payload] >> 2
+                    else:
+                        problems.append(f"message {node} references {payload}, not a payload "
+                                        "block")
+                        seen = 1  # not to be read through
+            if not seen:
+                try:
+                    self._read(node)
+                except StoreCorrupted as exc:
+                    problems.append(str(exc))
             if w[node + M_EXPIRES] <= now:
-                expired += w[node] >> 2
-            block_words += w[node] >> 2
+                expired += words
+            block_words += words
             last, node, count = node, w[node + M_NEXT], count + 1
             if count > self.heap.size_words:
                 problems.append(f"the message list of channel record {rec} loops")
@@ -524,11 +668,14 @@ class ChannelQueues:
         w = self._w
         messages = expired = records = block_words = idle = dead = 0
         rows = []
+        references: dict[int, int] = {}
         for bucket, rec in self.index.records():
             records += 1
             name = self.name_of(rec)
             if check:
-                count, words, old = self._check_record(bucket, rec, name, now, problems)
+                count, words, old = self._check_record(
+                    bucket, rec, name, now, problems, references
+                )
                 block_words, expired = block_words + words, expired + old
             else:
                 count = w[rec + C_COUNT]
@@ -568,6 +715,12 @@ class ChannelQueues:
             problems.append(
                 f"{messages} messages in channels, {sent} in the order of sending"
             )
+        for payload, nodes in references.items():
+            if self._is_payload(payload) and w[payload + P_REFS] != nodes:
+                problems.append(
+                    f"payload block {payload} counts {w[payload + P_REFS]} references, "
+                    f"{nodes} messages reference it"
+                )
         if block_words != self.heap.used_words():
             problems.append(
                 f"channel memory: {self.heap.used_words()} words allocated, {block_words} "
