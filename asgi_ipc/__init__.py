@@ -11,7 +11,7 @@ from .exceptions import (
 )
 from .layer import IPCChannelLayer
 
-__version__ = "2.1.0"
+__version__ = "2.2.0"
 
 __all__ = [
     "ForeignObject",
