@@ -20,10 +20,9 @@ from collections import Counter
 import pytest
 
 from asgi_ipc import IPCChannelLayer
-from asgi_ipc.engine import compiled
 
 from . import workers
-from .helpers import MiB
+from .helpers import ENGINES, MiB
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -350,14 +349,6 @@ async def _contents(layer, store) -> tuple[dict, dict]:
         if got:
             members[group] = set(got)
     return queued, members
-
-
-# The engines a stopped child can run: the compiled one only where it is built.
-ENGINES = [
-    "python",
-    pytest.param("compiled", marks=pytest.mark.skipif(
-        not compiled.built(), reason="the compiled engine is not built here")),
-]
 
 
 def _stalled_child(children, target, *args, engine=None):
