@@ -64,7 +64,9 @@ class _PureFinder:
     names = frozenset(f"{_PACKAGE}.{module}" for module in MODULES)
 
     @classmethod
-    def find_spec(cls, fullname: str, path: object = None, target: object = None):
+    def find_spec(
+        cls, fullname: str, path: object = None, target: object = None
+    ) -> importlib.machinery.ModuleSpec | None:
         if fullname not in cls.names:
             return None
         source = os.path.join(_HERE, fullname.rpartition(".")[2] + ".py")
