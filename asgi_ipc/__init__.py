@@ -1,5 +1,6 @@
 """asgi_ipc: a Django Channels layer over POSIX shared memory, for processes of one machine."""
 
+from .engine import ENGINE
 from .engine.segment import unlink
 from .exceptions import (
     ForeignObject,
@@ -14,6 +15,7 @@ from .layer import IPCChannelLayer
 __version__ = "2.2.0"
 
 __all__ = [
+    "ENGINE",
     "ForeignObject",
     "GroupMemoryFull",
     "IPCChannelLayer",

@@ -30,7 +30,7 @@ import stat
 import sys
 import time
 
-from . import __version__
+from . import ENGINE, __version__
 from .engine.layout import NAME_PREFIX, SHM_DIR, WAKE_DIR_SUFFIX, store_path, validate_prefix
 from .engine.segment import unlink
 from .exceptions import StoreError
@@ -101,6 +101,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     finally:
         store.close()
     report["processes_attached"] = _users_of(args.prefix)
+    # This command's own engine: the store does not record which one each process runs.
+    report["engine"] = ENGINE
     report = _keyed(report)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -122,6 +124,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"  {'global lock':16} {f'held by pid {holder}' if holder else 'free'}")
     print(f"  {'receiving pids':16} {_pids(report['waiting_processes'])}")
     print(f"  {'attached pids':16} {_pids(report['processes_attached'])}")
+    print(f"  {'engine':16} {ENGINE} (this command's; ASGI_IPC_PURE_PYTHON=1 forces python)")
     if report["dead_waiters"]:
         print(f"  {'exited waiters':16} {report['dead_waiters']} receives of processes that "
               "have exited, not counted above")

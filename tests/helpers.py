@@ -19,7 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
+
 from asgi_ipc import IPCChannelLayer
+from asgi_ipc.engine import compiled
 from asgi_ipc.engine.layout import store_path, wake_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +33,14 @@ PATIENCE = 60.0
 made_prefixes: set[str] = set()
 
 T = TypeVar("T")
+
+# The engines a child process can run (workers.start_piped's ``engine``): the compiled one only
+# where it is built. A child of the other engine than this process's makes a mixed pair.
+ENGINES = [
+    "python",
+    pytest.param("compiled", marks=pytest.mark.skipif(
+        not compiled.built(), reason="the compiled engine is not built here")),
+]
 
 
 def new_prefix() -> str:

@@ -22,7 +22,7 @@ import pytest
 from asgi_ipc import IPCChannelLayer
 
 from . import workers
-from .helpers import MiB
+from .helpers import ENGINES, MiB
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -370,15 +370,20 @@ async def _contents(layer, store) -> tuple[dict, dict]:
     return queued, members
 
 
-def _stalled_child(children, target, *args):
-    child, parent_end = workers.start_piped(target, *args)
+def _stalled_child(children, target, *args, engine=None):
+    child, parent_end = workers.start_piped(target, *args, engine=engine)
     children.append(child)
     assert parent_end.poll(30), "the child neither stalled nor finished"
     return child, parent_end.recv()
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_kill_while_holding_the_lock_mid_write(prefix, children, scenario):
+def test_kill_while_holding_the_lock_mid_write(prefix, children, scenario, engine):
+    """A child running ``engine`` is stopped after each journaled write of an operation and
+    killed; the next operation finds the store as it was before. The writes are listed by a
+    first run of the pure-Python engine, whose frames name the function that made each; a
+    compiled child must make the same writes, word for word."""
     setup, op, args, queued, members = SCENARIOS[scenario]
     queued = {"bystander": BYSTANDER, **queued}
     members = {"h": {"m2"}, **members}
@@ -393,13 +398,21 @@ def test_kill_while_holding_the_lock_mid_write(prefix, children, scenario):
         run(setup(layer))
         return _figures(store)
 
+    def run_through(engine: str) -> list[tuple[str, int]]:
+        prepare()
+        child, (state, writes) = _stalled_child(
+            children, workers.stall_after_journaled_writes, prefix, CONFIG, op, args, 10**9,
+            engine=engine,
+        )
+        child.join(10)
+        assert state == "done" and writes
+        return writes
+
     # A first run to completion lists the journaled writes of the operation, and who made them.
-    prepare()
-    child, (state, writers) = _stalled_child(
-        children, workers.stall_after_journaled_writes, prefix, CONFIG, op, args, 10**9
-    )
-    child.join(10)
-    assert state == "done" and writers
+    writers = [writer for writer, _word in run_through("python")]
+    words = [word for _writer, word in run_through("python")]
+    if engine != "python":
+        assert [word for _writer, word in run_through(engine)] == words
     in_heap = [w for w in writers if w.startswith("heap.")]
     if scenario not in NO_ALLOCATION:
         assert in_heap, "the operation never reached the allocator"
@@ -409,9 +422,11 @@ def test_kill_while_holding_the_lock_mid_write(prefix, children, scenario):
     for cut in range(1, len(writers) + 1):
         before = prepare()
         child, (state, so_far) = _stalled_child(
-            children, workers.stall_after_journaled_writes, prefix, CONFIG, op, args, cut
+            children, workers.stall_after_journaled_writes, prefix, CONFIG, op, args, cut,
+            engine=engine,
         )
-        where = f"{scenario}: cut after journaled write {cut} of {len(writers)} ({so_far[-1]})"
+        where = (f"{scenario}, {engine}: cut after journaled write {cut} of {len(writers)} "
+                 f"({writers[cut - 1]}, word {so_far[-1][1]})")
         assert state == "stalled", where
         assert store.segment.lock_holder() == child.pid, f"{where}: the child lets go of the lock"
         _kill(child)
@@ -426,7 +441,8 @@ def test_kill_while_holding_the_lock_mid_write(prefix, children, scenario):
     loop.close()
 
 
-def test_kill_in_the_middle_of_flush_is_finished_by_the_next_process(prefix, children):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_kill_in_the_middle_of_flush_is_finished_by_the_next_process(prefix, children, engine):
     loop = asyncio.new_event_loop()
     run = loop.run_until_complete
     layer = IPCChannelLayer(prefix=prefix, **CONFIG)
@@ -441,7 +457,7 @@ def test_kill_in_the_middle_of_flush_is_finished_by_the_next_process(prefix, chi
     for stall_at in range(20):
         run(fill())
         child, (state, done) = _stalled_child(
-            children, workers.stall_in_flush, prefix, CONFIG, stall_at
+            children, workers.stall_in_flush, prefix, CONFIG, stall_at, engine=engine
         )
         if state == "done":
             # Counting the steps of a whole flush ends the loop.

@@ -27,7 +27,7 @@ import asgi_ipc
 from asgi_ipc import IPCChannelLayer
 
 from . import workers
-from .helpers import MiB
+from .helpers import ENGINES, MiB
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -220,8 +220,11 @@ class TwoProcesses(RuleBasedStateMachine):
         assert self.store.verify() == []
 
 
-def test_two_processes_agree_with_the_model(prefix):
-    child, parent_end = workers.start_piped(workers.model_server)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_two_processes_agree_with_the_model(prefix, engine):
+    """This process and a child running ``engine`` (the other one than this process's makes a
+    pair of a compiled and a pure-Python engine) agree with the model."""
+    child, parent_end = workers.start_piped(workers.model_server, engine=engine)
     TwoProcesses.conn, TwoProcesses.base = parent_end, prefix
     try:
         run_state_machine_as_test(

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import zipfile
 from dataclasses import dataclass
@@ -23,15 +24,18 @@ from pathlib import Path
 import pytest
 
 import asgi_ipc
+from asgi_ipc.engine.compiled import MODULES
 
 from .helpers import ROOT
 
 BUILD_TIMEOUT = 300
 PYTEST_TIMEOUT = 300
 # What a checkout or a previous build leaves beside the sources; none of it is part of a release.
+# What building the compiled engine in place leaves beside its sources (setup.py).
+BUILT = ("*.so", "*.c")
 NOT_SOURCES = shutil.ignore_patterns(
     ".git", "build", "dist", "*.egg-info", "__pycache__", "*.py[cod]", ".venv", ".tox",
-    ".pytest_cache", ".ruff_cache", ".hypothesis",
+    ".pytest_cache", ".ruff_cache", ".hypothesis", *BUILT,
 )
 
 
@@ -64,7 +68,8 @@ def tree_files(top: Path) -> set[str]:
     """The files under ``top`` that a release carries, relative to ROOT."""
     return {
         path.relative_to(ROOT).as_posix() for path in top.rglob("*")
-        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
+        if path.is_file() and "__pycache__" not in path.parts
+        and path.suffix not in (".pyc", *(pattern[1:] for pattern in BUILT))
     }
 
 
@@ -85,10 +90,14 @@ def test_wheel_holds_the_package_with_its_metadata_and_no_tests(dists):
         entry_points = wheel.read(f"{dist_info}/entry_points.txt").decode()
 
     # Every module of the package and of its subpackages (asgi_ipc.bench).
-    package = {path.relative_to(ROOT).as_posix() for path in (ROOT / "asgi_ipc").rglob("*.py")}
-    assert {name for name in names if not name.startswith(dist_info + "/")} == package | {
-        "asgi_ipc/py.typed"
-    }
+    package = {path.relative_to(ROOT).as_posix() for pattern in ("*.py", "*.pxd")
+               for path in (ROOT / "asgi_ipc").rglob(pattern)}
+    # Built here, where a C compiler and Cython are found: the compiled engine is in the wheel.
+    extensions = {f"asgi_ipc/engine/{module}{sysconfig.get_config_var('EXT_SUFFIX')}"
+                  for module in MODULES}
+    assert {name for name in names if not name.startswith(dist_info + "/")} == (
+        package | extensions | {"asgi_ipc/py.typed"}
+    )
     assert f"{dist_info}/licenses/LICENSE" in names
 
     assert metadata["Name"] == "asgi_ipc"
@@ -124,7 +133,7 @@ def test_sdist_holds_everything_the_suite_needs_and_its_suite_runs_from_it(dists
     wanted = (
         tree_files(ROOT / "asgi_ipc") | tree_files(ROOT / "tests") | tree_files(ROOT / "examples")
         | tree_files(ROOT / "benchmarks")
-        | {"LICENSE", "README.rst", "pyproject.toml", "tox.ini", "MANIFEST.in"}
+        | {"LICENSE", "README.rst", "pyproject.toml", "setup.py", "tox.ini", "MANIFEST.in"}
     )
     assert wanted - members == set()
 

@@ -27,6 +27,7 @@ import traceback
 
 from channels.exceptions import ChannelFull
 
+import asgi_ipc
 from asgi_ipc import GroupMemoryFull, IPCChannelLayer, StoreError
 from asgi_ipc.doorbell import Ringer
 from asgi_ipc.observe import figures
@@ -43,6 +44,10 @@ CHAOS_CONFIG = {
 }
 
 
+# The environment variable that forces the pure-Python engine (asgi_ipc/engine/compiled.py).
+PURE_PYTHON = "ASGI_IPC_PURE_PYTHON"
+
+
 def context():
     """A multiprocessing context whose children start in milliseconds (see the docstring)."""
     ctx = multiprocessing.get_context("forkserver")
@@ -50,12 +55,31 @@ def context():
     return ctx
 
 
-def start_piped(target, *args):
+def start_piped(target, *args, engine: str | None = None):
     """Start ``target(*args, conn)`` in a child of ``context()``; return the child and the
-    parent's end of the pipe whose other end is ``conn``."""
-    parent_end, child_end = context().Pipe()
-    child = context().Process(target=target, args=(*args, child_end), daemon=True)
-    child.start()
+    parent's end of the pipe whose other end is ``conn``.
+
+    ``engine`` ("compiled" or "python"): the child runs that engine. A child of the forkserver
+    runs the engine the server imported, this process's; for the other one the child is a
+    fresh interpreter ("spawn"), which chooses as it imports, from the environment it inherits.
+    """
+    if engine is None or engine == asgi_ipc.ENGINE:
+        parent_end, child_end = context().Pipe()
+        child = context().Process(target=target, args=(*args, child_end), daemon=True)
+        child.start()
+        return child, parent_end
+    ctx = multiprocessing.get_context("spawn")
+    parent_end, child_end = ctx.Pipe()
+    child = ctx.Process(target=target, args=(*args, child_end), daemon=True)
+    before = os.environ.pop(PURE_PYTHON, None)
+    if engine == "python":
+        os.environ[PURE_PYTHON] = "1"
+    try:
+        child.start()
+    finally:
+        os.environ.pop(PURE_PYTHON, None)
+        if before is not None:
+            os.environ[PURE_PYTHON] = before
     return child, parent_end
 
 
@@ -169,7 +193,10 @@ def chaos_churner(prefix: str, slot: int, log_path: str) -> None:
 
 def _caller() -> str:
     """``module.function`` of the library code that made the journaled write (three frames up:
-    past the hook that calls this and the journal's wrapper that calls the hook)."""
+    past the hook that calls this and the ``Journal.set`` that calls the hook). Only the
+    pure-Python engine has frames to show: the compiled one's functions make none."""
+    if asgi_ipc.ENGINE != "python":
+        return "compiled"
     code = sys._getframe(3).f_code
     return f"{os.path.basename(code.co_filename).removesuffix('.py')}.{code.co_name}"
 
@@ -180,14 +207,15 @@ def _run_op(layer: IPCChannelLayer, op: str, args: tuple):
 
 def stall_after_journaled_writes(prefix, config, op, args, stall_at, conn) -> None:
     """Run ``layer.<op>(*args)``, but after its ``stall_at``-th ``Journal.set`` has been written
-    report the writers so far and sleep for ever, still holding the store lock.
+    report the writes so far, ``(writer, word)`` each, and sleep for ever, still holding the
+    store lock.
 
-    If the operation makes fewer writes it completes and reports ``("done", writers)``."""
+    If the operation makes fewer writes it completes and reports ``("done", writes)``."""
     layer = IPCChannelLayer(prefix=prefix, **config)
-    writers: list[str] = []
+    writers: list[tuple[str, int]] = []
 
-    def maybe_stall(_index):
-        writers.append(_caller())
+    def maybe_stall(index):
+        writers.append((_caller(), index))
         if len(writers) == stall_at:
             conn.send(("stalled", writers))
             time.sleep(3600)

@@ -41,6 +41,7 @@ from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
 from ..exceptions import StoreClosed, StoreCorrupted
+from .compiled import ENGINE  # first: it chooses where the modules below are loaded from
 from .groups import GroupStore
 from .heap import Heap
 from .journal import Journal
@@ -65,7 +66,9 @@ from .slots import ProcessSlots, Seat
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OUT_OF_MEMORY", "OVER_CAPACITY", "QUEUED", "Engine", "Seat", "Taken", "open_engine"]
+__all__ = [
+    "ENGINE", "OUT_OF_MEMORY", "OVER_CAPACITY", "QUEUED", "Engine", "Seat", "Taken", "open_engine",
+]
 
 # Bounded background work that each send does for the store as a whole.
 EXPIRE_PER_SEND = 2
@@ -248,11 +251,11 @@ class Engine:
         on_flush_step: Callable[[str], None] | None = None,
     ) -> None:
         """Fault injection, for crash tests: call ``on_write(word)`` after each journaled
-        write (``Journal.on_write``), and ``on_flush_step("clear" or "format")`` before each
+        write (``Journal.hook``), and ``on_flush_step("clear" or "format")`` before each
         step of a flush's clearing (``format_areas``). A hook that never returns (a sleep, a
         kill) leaves the store as a process killed at that point would."""
         if on_write is not None:
-            self.journal.on_write(on_write)
+            self.journal.hook = on_write
         if on_flush_step is not None:
             self._flush_step = on_flush_step
 
@@ -567,6 +570,10 @@ class Engine:
 
     def close(self) -> None:
         """Detach from the segment; the store's contents stay."""
+        # The parts first: compiled, each holds the word view, which must be let go of before
+        # the segment unmaps it.
+        for part in (self.queues, self.groups, self.queues.heap, self.groups.heap, self.journal):
+            part.detach()
         self.segment.close()
 
 

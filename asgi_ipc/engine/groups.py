@@ -63,6 +63,13 @@ class GroupStore:
         self._hash = hasher
         self._most_records = heap.size_words // MIN_BLOCK
 
+    def detach(self) -> None:
+        """Let go of the store's words, so that the segment can unmap them: compiled, this
+        object holds a buffer export of the view, which would keep the mapping open."""
+        self._w = None  # type: ignore[assignment]
+        self._groups.detach()
+        self._members.detach()
+
     def find(self, group: bytes) -> int:
         """The record of ``group``, or 0."""
         return self._groups.find(group, self._hash(group))
@@ -72,31 +79,31 @@ class GroupStore:
         return self._members.find_owned(channel, h, B_GROUP, rec), h
 
     def _link_last(self, rec: int, member: int, added: int) -> None:
-        w, jset = self._w, self._j.set
+        w, j = self._w, self._j
         last = w[rec + G_LAST]
-        jset(member + B_LIST_PREV, last)
-        jset(member + B_LIST_NEXT, 0)
-        jset(member + B_ADDED, added)
-        jset(last + B_LIST_NEXT if last else rec + G_FIRST, member)
-        jset(rec + G_LAST, member)
+        j.set(member + B_LIST_PREV, last)
+        j.set(member + B_LIST_NEXT, 0)
+        j.set(member + B_ADDED, added)
+        j.set(last + B_LIST_NEXT if last else rec + G_FIRST, member)
+        j.set(rec + G_LAST, member)
 
     def _unlink(self, rec: int, member: int) -> None:
-        w, jset = self._w, self._j.set
+        w, j = self._w, self._j
         before, after = w[member + B_LIST_PREV], w[member + B_LIST_NEXT]
-        jset(before + B_LIST_NEXT if before else rec + G_FIRST, after)
-        jset(after + B_LIST_PREV if after else rec + G_LAST, before)
+        j.set(before + B_LIST_NEXT if before else rec + G_FIRST, after)
+        j.set(after + B_LIST_PREV if after else rec + G_LAST, before)
 
     def _remove_member(self, rec: int, member: int, group: bytes) -> None:
-        w, jset = self._w, self._j.set
+        w, j = self._w, self._j
         self._unlink(rec, member)
         self._members.unchain(member)
         self.heap.free(member)
-        jset(rec + G_MEMBERS, w[rec + G_MEMBERS] - 1)
-        jset(H_MEMBERSHIPS, w[H_MEMBERSHIPS] - 1)
+        j.set(rec + G_MEMBERS, w[rec + G_MEMBERS] - 1)
+        j.set(H_MEMBERSHIPS, w[H_MEMBERSHIPS] - 1)
         if not w[rec + G_MEMBERS]:
             self._groups.unchain(rec)
             self.heap.free(rec)
-            jset(H_GROUPS, w[H_GROUPS] - 1)
+            j.set(H_GROUPS, w[H_GROUPS] - 1)
 
     def _drop_expired(self, rec: int, group: bytes, oldest: int, limit: int) -> bool:
         """Drop up to ``limit`` memberships added before ``oldest``; False if the group went."""
@@ -113,7 +120,7 @@ class GroupStore:
         return True
 
     def add(self, group: bytes, channel: bytes, now: int) -> None:
-        w, jset = self._w, self._j.set
+        w, j = self._w, self._j
         h = self._hash(group)
         rec = self._groups.find(group, h)
         if not rec:
@@ -122,7 +129,7 @@ class GroupStore:
                 raise GroupMemoryFull(
                     f"group memory is full: cannot create group {group.decode()!r}"
                 )
-            jset(H_GROUPS, w[H_GROUPS] + 1)
+            j.set(H_GROUPS, w[H_GROUPS] + 1)
         member, h = self._membership(group, channel, rec)
         if member:
             self._unlink(rec, member)
@@ -134,8 +141,8 @@ class GroupStore:
                     f"{group.decode()!r}"
                 )
             w[member + B_GROUP] = rec
-            jset(rec + G_MEMBERS, w[rec + G_MEMBERS] + 1)
-            jset(H_MEMBERSHIPS, w[H_MEMBERSHIPS] + 1)
+            j.set(rec + G_MEMBERS, w[rec + G_MEMBERS] + 1)
+            j.set(H_MEMBERSHIPS, w[H_MEMBERSHIPS] + 1)
         self._link_last(rec, member, now)
 
     def discard(self, group: bytes, channel: bytes) -> None:

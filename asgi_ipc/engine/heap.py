@@ -102,6 +102,11 @@ class Heap:
         self.start = start
         self.end = end
 
+    def detach(self) -> None:
+        """Let go of the store's words, so that the segment can unmap them: compiled, this
+        object holds a buffer export of the view, which would keep the mapping open."""
+        self._w = None  # type: ignore[assignment]
+
     def format(self) -> None:
         """Make the area one free block (the metadata page must read as zeros, and the first
         and last pages must be reserved). The pages in between are unreserved from then on."""
@@ -137,7 +142,7 @@ class Heap:
     def _insert(self, block: int, size: int, carved: bool = False) -> None:
         """File a free block. ``carved``: it was cut from the body of a free block, whose
         rollback never needs those words back, so its header and links need no journal."""
-        w, jset = self._w, self._j.set
+        w, j = self._w, self._j
         idx = _bin(size)
         bin_word = self._bins + idx
         head = w[bin_word]
@@ -146,40 +151,40 @@ class Heap:
             w[block + 1] = head
             w[block + 2] = 0
         else:
-            jset(block + 1, head)
-            jset(block + 2, 0)
-        jset(block + size - 1, size)
+            j.set(block + 1, head)
+            j.set(block + 2, 0)
+        j.set(block + size - 1, size)
         if head:
-            jset(head + 2, block)
+            j.set(head + 2, block)
         else:
             sl_word = self._meta + M_SL_BITMAP + (idx >> SL_BITS)
             sl_map = w[sl_word]
             if not sl_map:
                 fl_word = self._meta + M_FL_BITMAP
-                jset(fl_word, w[fl_word] | 1 << (idx >> SL_BITS))
-            jset(sl_word, sl_map | 1 << (idx & 7))
-        jset(bin_word, block)
+                j.set(fl_word, w[fl_word] | 1 << (idx >> SL_BITS))
+            j.set(sl_word, sl_map | 1 << (idx & 7))
+        j.set(bin_word, block)
 
     def _remove(self, block: int, size: int) -> None:
-        w, jset = self._w, self._j.set
+        w, j = self._w, self._j
         nxt = w[block + 1]
         prv = w[block + 2]
         if prv:
-            jset(prv + 1, nxt)
+            j.set(prv + 1, nxt)
         else:
             idx = _bin(size)
             if w[self._bins + idx] != block:
                 raise StoreCorrupted(f"free block {block} is not the head of its bin")
-            jset(self._bins + idx, nxt)
+            j.set(self._bins + idx, nxt)
             if not nxt:
                 sl_word = self._meta + M_SL_BITMAP + (idx >> SL_BITS)
                 sl_map = w[sl_word] & ~(1 << (idx & 7))
-                jset(sl_word, sl_map)
+                j.set(sl_word, sl_map)
                 if not sl_map:
                     fl_word = self._meta + M_FL_BITMAP
-                    jset(fl_word, w[fl_word] & ~(1 << (idx >> SL_BITS)))
+                    j.set(fl_word, w[fl_word] & ~(1 << (idx >> SL_BITS)))
         if nxt:
-            jset(nxt + 2, prv)
+            j.set(nxt + 2, prv)
 
     def _replace(self, old: int, old_size: int, new: int, new_size: int, carved: bool) -> None:
         """Refile free block ``old`` as ``new`` (split off or merged): when both fall in the
@@ -189,7 +194,7 @@ class Heap:
             self._remove(old, old_size)
             self._insert(new, new_size, carved)
             return
-        w, jset = self._w, self._j.set
+        w, j = self._w, self._j
         if new != old:
             nxt, prv = w[old + 1], w[old + 2]
             if carved:
@@ -197,17 +202,17 @@ class Heap:
                 w[new + 1] = nxt
                 w[new + 2] = prv
             else:
-                jset(new + 1, nxt)
-                jset(new + 2, prv)
+                j.set(new + 1, nxt)
+                j.set(new + 2, prv)
             if prv:
-                jset(prv + 1, new)
+                j.set(prv + 1, new)
             elif w[self._bins + idx] == old:
-                jset(self._bins + idx, new)
+                j.set(self._bins + idx, new)
             else:
                 raise StoreCorrupted(f"free block {old} is not the head of its bin")
             if nxt:
-                jset(nxt + 2, new)
-        jset(new + new_size - 1, new_size)
+                j.set(nxt + 2, new)
+        j.set(new + new_size - 1, new_size)
 
     def _find(self, size: int) -> int:
         """A free block of at least ``size`` words, or 0."""
@@ -310,7 +315,7 @@ class Heap:
         return blocks
 
     def free(self, block: int) -> None:
-        w, jset = self._w, self._j.set
+        w, j = self._w, self._j
         header = w[block] if self.start <= block < self.end else 0
         size = header >> 2
         if not header & USED or size < MIN_BLOCK or block + size >= self.end:
@@ -334,9 +339,9 @@ class Heap:
             self._replace(after, after_size, block, total, carved=False)
         else:
             self._insert(block, size)
-        jset(start, total << 2 | prev_used)
+        j.set(start, total << 2 | prev_used)
         after = start + total
-        jset(after, w[after] & ~PREV_USED)
+        j.set(after, w[after] & ~PREV_USED)
 
     def largest_free_words(self) -> int:
         """Size of the largest free block, found from the highest non-empty bin."""

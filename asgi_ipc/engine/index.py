@@ -57,6 +57,11 @@ class ChainedIndex:
         self._length = length_field
         self._what = what  # for error messages: "channel", "group", "membership"
 
+    def detach(self) -> None:
+        """Let go of the store's words, so that the segment can unmap them: compiled, this
+        object holds a buffer export of the view, which would keep the mapping open."""
+        self._w = None  # type: ignore[assignment]
+
     def loops(self) -> StoreCorrupted:
         return StoreCorrupted(f"a {self._what} index chain loops")
 

@@ -70,18 +70,17 @@ class Journal:
         # Commits made by this process, so that an operation committed in steps can tell
         # which of its steps are done for good.
         self.commits = 0
+        # The fault-injection seam of crash tests (``Engine.inject``): called with the word
+        # after each journaled write. A test on the object itself rather than a method
+        # replaced on the instance, so that the compiled journal, whose methods cannot be
+        # replaced and whose callers reach ``set`` directly, stops at the same writes; unset,
+        # it costs each write one comparison.
+        self.hook: Callable[[int], None] | None = None
 
-    def on_write(self, hook: Callable[[int], None]) -> None:
-        """From now on call ``hook(word)`` after each journaled write (``set``, ``add``): the
-        fault-injection seam of crash tests. It shadows ``set`` on this journal only, so that
-        a journal without a hook pays nothing for it."""
-        write = Journal.set.__get__(self)
-
-        def set_then_hook(index: int, value: int) -> None:
-            write(index, value)
-            hook(index)
-
-        self.set = set_then_hook  # type: ignore[method-assign]
+    def detach(self) -> None:
+        """Let go of the store's words, so that the segment can unmap them: compiled, this
+        object holds a buffer export of the view, which would keep the mapping open."""
+        self._w = None  # type: ignore[assignment]
 
     @property
     def count(self) -> int:
@@ -99,6 +98,8 @@ class Journal:
         self._count = n + 1
         w[H_JOURNAL_COUNT] = n + 1
         w[index] = value
+        if self.hook is not None:
+            self.hook(index)
 
     def add(self, index: int, n: int = 1) -> None:
         """Add ``n`` to a counter word (modulo 2**64) so that a rollback takes it back."""

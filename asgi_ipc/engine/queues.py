@@ -124,6 +124,12 @@ class ChannelQueues:
         self.name_of = self.index.name_of
         self.hash = hasher
 
+    def detach(self) -> None:
+        """Let go of the store's words, so that the segment can unmap them: compiled, this
+        object holds a buffer export of the view, which would keep the mapping open."""
+        self._w = None  # type: ignore[assignment]
+        self.index.detach()
+
     # --- records ---------------------------------------------------------------------------
 
     def _create(self, name: bytes, h: int) -> int:
@@ -145,19 +151,19 @@ class ChannelQueues:
     # --- messages --------------------------------------------------------------------------
 
     def _unlink_head(self, rec: int) -> int:
-        w, jset = self._w, self._j.set
+        w, j = self._w, self._j
         node = w[rec + C_HEAD]
         if w[node + M_CHANNEL] != rec:
             # A damaged link must not hand one channel's message to another's receiver.
             raise StoreCorrupted(f"message {node} is linked into a channel not its own")
         following = w[node + M_NEXT]
-        jset(rec + C_HEAD, following)
+        j.set(rec + C_HEAD, following)
         if not following:
-            jset(rec + C_TAIL, 0)
-        jset(rec + C_COUNT, w[rec + C_COUNT] - 1)
+            j.set(rec + C_TAIL, 0)
+        j.set(rec + C_COUNT, w[rec + C_COUNT] - 1)
         before, after = w[node + M_SENT_PREV], w[node + M_SENT_NEXT]
-        jset(before + M_SENT_NEXT if before else H_EXPIRY_HEAD, after)
-        jset(after + M_SENT_PREV if after else H_EXPIRY_TAIL, before)
+        j.set(before + M_SENT_NEXT if before else H_EXPIRY_HEAD, after)
+        j.set(after + M_SENT_PREV if after else H_EXPIRY_TAIL, before)
         return node
 
     def _drop_expired(self, rec: int, now: int) -> None:
@@ -235,7 +241,7 @@ class ChannelQueues:
         Returns QUEUED, OVER_CAPACITY or OUT_OF_MEMORY; appends to ``rings`` the
         (slot, token, channel) of each doorbell to ring once the lock is released.
         """
-        w, jset = self._w, self._j.set
+        w, j = self._w, self._j
         h = self.hash(name)
         rec = self.find(name, h)
         if rec:
@@ -272,11 +278,11 @@ class ChannelQueues:
         w[node + M_SENT_PREV] = last
         self._write_message(node, rec, data, crc, expires)
         tail = w[rec + C_TAIL]
-        jset(tail + M_NEXT if tail else rec + C_HEAD, node)
-        jset(rec + C_TAIL, node)
-        jset(rec + C_COUNT, count + 1)
-        jset(last + M_SENT_NEXT if last else H_EXPIRY_HEAD, node)
-        jset(H_EXPIRY_TAIL, node)
+        j.set(tail + M_NEXT if tail else rec + C_HEAD, node)
+        j.set(rec + C_TAIL, node)
+        j.set(rec + C_COUNT, count + 1)
+        j.set(last + M_SENT_NEXT if last else H_EXPIRY_HEAD, node)
+        j.set(H_EXPIRY_TAIL, node)
         if not count and w[rec + C_WAITERS]:
             self._collect_doorbells(rec, name, rings)
         return QUEUED
@@ -437,7 +443,7 @@ class ChannelQueues:
         """Queue ``data`` first on ``name`` again, as if it had never been taken: a receive
         that was handed it got cancelled. Capacity does not apply (it was counted before);
         False if there is no memory left for it."""
-        w, jset = self._w, self._j.set
+        w, j = self._w, self._j
         h = self.hash(name)
         self._j.step()  # before the savepoint is taken
         savepoint = self._j.count
@@ -456,13 +462,13 @@ class ChannelQueues:
         w[node + M_SENT_NEXT] = head
         w[node + M_SENT_PREV] = before
         self._write_message(node, rec, data, crc, expires)
-        jset(before + M_SENT_NEXT if before else H_EXPIRY_HEAD, node)
-        jset(head + M_SENT_PREV if head else H_EXPIRY_TAIL, node)
-        jset(rec + C_HEAD, node)
+        j.set(before + M_SENT_NEXT if before else H_EXPIRY_HEAD, node)
+        j.set(head + M_SENT_PREV if head else H_EXPIRY_TAIL, node)
+        j.set(rec + C_HEAD, node)
         if not head:
-            jset(rec + C_TAIL, node)
+            j.set(rec + C_TAIL, node)
         count = w[rec + C_COUNT]
-        jset(rec + C_COUNT, count + 1)
+        j.set(rec + C_COUNT, count + 1)
         self._j.add(H_RETURNED)
         if not count and w[rec + C_WAITERS]:
             self._collect_doorbells(rec, name, rings)
@@ -531,13 +537,13 @@ class ChannelQueues:
             self._prune_waiters(rec, lambda s, t: s == slot and t == token)
 
     def _prune_waiters(self, rec: int, drop: Callable[[int, int], bool]) -> None:
-        w, jset = self._w, self._j.set
+        w, j = self._w, self._j
         at, steps = rec + C_WAITERS, 0
         while w[at]:
             node = w[at]
             if drop(w[node + W_SLOT], w[node + W_TOKEN]):
                 self._j.checkpoint()
-                jset(at, w[node + W_NEXT])
+                j.set(at, w[node + W_NEXT])
                 self.heap.free(node)
             else:
                 at = node + W_NEXT

@@ -1,0 +1,24 @@
+# Compiled declarations for journal.py (Cython pure-Python mode: journal.py stays the source).
+# The word view is unsigned, as the store's words are; the index and value of a journaled write
+# are unsigned too, so a huge word used as an index fails the bounds check instead of becoming
+# a negative one.
+
+cimport cython
+
+cdef class Journal:
+    cdef unsigned long long[::1] _w
+    cdef Py_ssize_t _base
+    cdef Py_ssize_t _count
+    cdef public bint freed
+    cdef public object commits
+    cdef public object hook
+
+    @cython.locals(entry=Py_ssize_t, n=Py_ssize_t)
+    cpdef void set(self, unsigned long long index, unsigned long long value) except *
+    cpdef add(self, index, n=*)
+    @cython.locals(entry=Py_ssize_t, n=Py_ssize_t)
+    cpdef void keep(self, unsigned long long index) except *
+    cpdef begin(self)
+    cpdef step(self)
+    cpdef checkpoint(self)
+    cpdef commit(self)

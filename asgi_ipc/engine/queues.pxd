@@ -1,0 +1,33 @@
+# Compiled declarations for queues.py (Cython pure-Python mode: queues.py stays the source).
+# As in heap.pxd, only attributes and methods are typed; the locals stay Python integers.
+
+from .heap cimport Heap
+from .journal cimport Journal
+
+cdef class ChannelQueues:
+    # Instances take attributes of their own, as in pure Python (tests replace a method).
+    cdef dict __dict__
+    cdef unsigned long long[::1] _w
+    cdef object _b
+    cdef Journal _j
+    cdef public Heap heap
+    cdef object _slots
+    # Untyped: its bound methods are kept as attributes (find, name_of) and called from Python.
+    cdef public object index
+    cdef public object find
+    cdef public object name_of
+    cdef public object hash
+
+    cpdef _create(self, name, h)
+    cpdef _delete(self, rec)
+    cpdef _delete_if_idle(self, rec)
+    cpdef _unlink_head(self, rec)
+    cpdef _drop_expired(self, rec, now)
+    cpdef _read(self, node)
+    cpdef append(self, name, data, crc, capacity, expires, now, rings)
+    cpdef pop(self, name, now, rec=*)
+    cpdef put_back(self, name, data, crc, expires, rings)
+    cpdef _write_message(self, node, rec, data, crc, expires)
+    cpdef expire(self, now, limit)
+    cpdef _collect_doorbells(self, rec, name, rings)
+    cpdef sweep(self, buckets)
