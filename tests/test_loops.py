@@ -224,6 +224,110 @@ def test_an_interrupted_lock_hold_settles_every_receive_it_took(layer):
     assert store.verify() == []
 
 
+@pytest.mark.parametrize("then", ["awaited", "cancelled"])
+def test_an_interrupt_right_after_the_commit_of_a_take_loses_no_message(layer, then):
+    """A KeyboardInterrupt landing right after the commit of the lock hold that took a waiting
+    receive's message: the message was taken for good, so the receive gets it, or puts it back
+    when it is cancelled (it used to get the interrupt's error, and the message was lost)."""
+    store = layer.engine()
+    pop, commit = store.queues.pop, store.journal.commit
+    popped: list = []
+
+    def popping(*args):
+        found = pop(*args)
+        if found is not None:
+            popped.append(found)
+        return found
+
+    def interrupted_commit() -> None:
+        commit()
+        if popped and not fired:
+            fired.append(True)
+            raise KeyboardInterrupt
+
+    fired: list[bool] = []
+    loop = asyncio.new_event_loop()
+    try:
+        task = loop.create_task(layer.receive("after.commit"))
+        for _ in range(HANG * 100):
+            if waiters(store, "after.commit") == 1:
+                break
+            loop.run_until_complete(asyncio.sleep(0.01))
+        assert waiters(store, "after.commit") == 1
+        # No seam lands right after a commit: the instance's own commit and pop are wrapped.
+        store.queues.pop, store.journal.commit = popping, interrupted_commit
+        # Sent from another loop: the ring waits on the doorbell until this loop runs again.
+        asyncio.run(layer.send("after.commit", {"n": 1}))
+        with pytest.raises(KeyboardInterrupt):  # out of the doorbell's callback
+            loop.run_until_complete(asyncio.wait_for(asyncio.shield(task), HANG))
+        del store.queues.pop, store.journal.commit
+        assert fired and len(popped) == 1
+        if then == "awaited":
+            outcome = asyncio.gather(task, return_exceptions=True)
+            assert loop.run_until_complete(asyncio.wait_for(outcome, HANG)) == [{"n": 1}]
+        else:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                loop.run_until_complete(task)
+            again = layer.receive("after.commit")
+            assert loop.run_until_complete(asyncio.wait_for(again, HANG)) == {"n": 1}
+    finally:
+        loop.close()
+    assert store.verify() == []
+
+
+async def test_a_periodic_check_that_fails_forgets_the_registrations_it_made(prefix):
+    """Receives wait unregistered while channel memory is full; the periodic check that
+    registers them once memory frees fails after the first registration and is rolled back.
+    The seat must forget that registration too (it used to keep it, so no check registered
+    the channel again, and a receive trusted a record the rollback had freed)."""
+    layer = IPCChannelLayer(
+        prefix=prefix, channel_memory=256 * 1024, group_memory=64 * 1024, capacity=10**6
+    )
+    store = layer.engine()
+    for size in (4096, 256, 16, 0):  # down to the last crumb: no registration fits
+        while True:
+            try:
+                await layer.send("full", {"b": b"x" * size})
+            except ChannelFull:
+                break
+    receives = {c: asyncio.ensure_future(layer.receive(c)) for c in ("check.a", "check.b")}
+    while store.seat is None or len(store.seat.waiting_channels()) < 2:
+        await asyncio.sleep(0.01)
+    assert not store.seat.registered
+    failures: list[int] = []
+
+    def fail_once(_word: int) -> None:
+        # A write after the check noted its first registration: the second one's.
+        if not failures and store.seat is not None and store.seat.registered:
+            failures.append(len(store.seat.registered))
+            raise OSError("injected fault in the periodic check")
+
+    store.inject(on_write=fail_once)
+    for _ in range(8):  # room again: the checker thread registers the receives
+        assert await layer.receive("full") == {"b": b"x" * 4096}
+    for _ in range(HANG * 100):
+        if failures:
+            break
+        await asyncio.sleep(0.01)
+    assert failures == [1]
+    # Every registration the seat records is in the store: the failed check's was forgotten.
+    assert all(waiters(store, c.decode()) == 1 for c in store.seat.registered), (
+        store.seat.registered
+    )
+    # Memory the rolled-back registration had is used again, then a message for each receive:
+    # the checks that follow register them and hand them their messages.
+    await layer.send("check.filler", {"f": 1})
+    for channel in receives:
+        await layer.send(channel, {"to": channel})
+    for channel, waiting in receives.items():
+        assert await asyncio.wait_for(waiting, HANG) == {"to": channel}
+    assert await layer.receive("check.filler") == {"f": 1}
+    assert store.verify() == []
+    await layer.flush()
+    await layer.close()
+
+
 async def test_a_forked_child_closing_its_copy_leaves_the_parents_doorbell_alone(layer):
     """A child forked while its parent waits inherits the parent's doorbell; closing the child's
     copy of the layer must not remove the parent's socket, or no ring would reach the parent."""

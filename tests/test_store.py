@@ -7,12 +7,13 @@ import asyncio
 import logging
 import os
 import stat
+import threading
 
 import pytest
 from channels.exceptions import ChannelFull, MessageTooLarge
 
 import asgi_ipc
-from asgi_ipc import GroupMemoryFull, IPCChannelLayer, StoreCorrupted
+from asgi_ipc import GroupMemoryFull, IPCChannelLayer, StoreClosed, StoreCorrupted
 from asgi_ipc.engine.layout import (
     COUNTERS,
     H_LOCK_PID,
@@ -21,7 +22,9 @@ from asgi_ipc.engine.layout import (
     LAYOUT_VERSION,
 )
 
-from .helpers import MiB, shm_path, write_object
+from .helpers import MiB, shm_path, wait_until, write_object
+from .test_signals import lock_is_free
+from .test_wakeup import waiters
 
 # The counters count refusals too (a ChannelFull): test_observe checks them.
 HINT_WORDS = (H_LOCK_PID, H_SWEEP_CHANNEL, H_SWEEP_GROUP, *COUNTERS.values())
@@ -381,3 +384,127 @@ async def test_group_send_to_more_members_than_one_run_reaches_each_once(prefix)
         assert [await layer.receive(channel) for _ in range(2)] == [{"n": 0}, {"n": 1}]
     assert store.inspect()["messages"] == 0 and store.verify() == []
     await layer.close()
+
+
+async def test_an_error_in_the_middle_of_registering_a_receive_rolls_its_hold_back(prefix):
+    """A StoreCorrupted raised after each journaled write, in turn, of a receive's registration
+    on a new channel: the whole lock hold is rolled back and the receive gets the error (the
+    half-made registration used to be committed, and the store no longer verified)."""
+    layer = layer_for(prefix)
+    store = layer.engine()
+    first = asyncio.ensure_future(layer.receive("reg.first"))  # the process takes its seat
+    while store.seat is None or waiters(store, "reg.first") != 1:
+        await asyncio.sleep(0.01)
+    faulted: list[int] = []
+    writes = [0, 0]  # writes seen, and the one to fail after (0: none)
+
+    def fault(_word: int) -> None:
+        if writes[1]:
+            writes[0] += 1
+            if writes[0] == writes[1]:
+                faulted.append(writes[1])
+                raise StoreCorrupted(f"injected after write {writes[1]}")
+
+    store.inject(on_write=fault)
+    for n in range(1, 100):
+        channel = f"reg.{n}"
+        writes[:] = [0, n]
+        receive = asyncio.ensure_future(layer.receive(channel))
+        while not receive.done() and waiters(store, channel) != 1:
+            await asyncio.sleep(0.01)
+        writes[1] = 0
+        if not receive.done():  # fewer than n writes: registered, nothing failed
+            break
+        with pytest.raises(StoreCorrupted, match=f"after write {n}"):
+            receive.result()
+        assert store.verify() == [], f"after a fault at write {n}"
+        assert waiters(store, channel) == 0
+        assert channel.encode() not in store.seat.registered
+    assert faulted == list(range(1, n)) and n > 2, faulted
+    await layer.send(channel, {"registered": "after all"})
+    assert await asyncio.wait_for(receive, 20) == {"registered": "after all"}
+    assert store.verify() == []
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    await layer.close()
+
+
+# Rounds of close() racing two threads: enough for the race to land at each point of a hold
+# (a thread spinning for the lock, blocked on it, holding it) many times over.
+ROUNDS = 100
+
+
+def test_close_racing_other_threads_fails_their_calls_with_store_closed_only(prefix):
+    """Threads send and add to groups in a loop while another thread closes the layer: every
+    call cut off fails with StoreClosed (it used to be OSError, ValueError or a false
+    StoreCorrupted), the store verifies and its lock is free."""
+    watcher = layer_for(prefix)
+    errors: list[BaseException] = []
+    for _ in range(ROUNDS):
+        layer = layer_for(prefix)
+        store = layer.engine()
+        done = [0, 0]
+
+        def work(i: int, store=store, done=done) -> None:
+            try:
+                while True:
+                    if i:
+                        store.group_add(b"race", b"race.%d" % (done[i] % 50))
+                    else:
+                        store.send(b"race.%d" % (done[i] % 50), b"x" * 100, 10**6, 60_000)
+                    done[i] += 1
+            except BaseException as exc:  # whatever it is, the test says which
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda done=done: min(done) >= 10, what="both threads to be working")
+        asyncio.run(layer.close())
+        for thread in threads:
+            thread.join(60)
+            assert not thread.is_alive()
+        assert lock_is_free(prefix)
+        assert watcher.engine().verify() == []
+    assert len(errors) == 2 * ROUNDS
+    assert [e for e in errors if not isinstance(e, StoreClosed)] == [], errors
+    asyncio.run(watcher.flush())
+    asyncio.run(watcher.close())
+
+
+def test_calls_after_close_raise_store_closed_and_touch_no_other_file(prefix, tmp_path):
+    """An engine kept after its layer closed: its calls raise StoreClosed, even once another
+    file has the descriptor number the store had (they used to open /proc/self/fd/<number>,
+    that other file, lock it and call the store corrupt)."""
+    layer = layer_for(prefix)
+    store = layer.engine()
+    asyncio.run(layer.send("closed", {"n": 1}))
+    number = store.segment.fd
+    asyncio.run(layer.close())
+    unrelated = tmp_path / "unrelated"
+    unrelated.write_bytes(b"\0" * 4096)
+    fd = os.open(unrelated, os.O_RDWR)
+    try:
+        if fd != number:
+            os.dup2(fd, number)
+        for call in (
+            lambda: store.send(b"closed", b"x", 10, 60_000),
+            store.verify,
+            lambda: store.put_back(b"closed", b"x", 2**62, 0),
+        ):
+            with pytest.raises(StoreClosed):
+                call()
+        opened = [
+            entry for entry in os.listdir("/proc/self/fd")
+            if int(entry) not in (fd, number)
+            and os.path.realpath(f"/proc/self/fd/{entry}") == str(unrelated)
+        ]
+        assert opened == [], "a call after close opened another file"
+    finally:
+        if fd != number:
+            os.close(number)
+        os.close(fd)
+    again = layer_for(prefix)
+    assert asyncio.run(again.receive("closed")) == {"n": 1}
+    assert again.engine().verify() == []
+    asyncio.run(again.close())

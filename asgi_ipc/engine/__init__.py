@@ -135,7 +135,9 @@ def one_hold(operation: Callable[..., T], timed: bool = False) -> Callable[..., 
                 self.due.extend(self._rings)
                 self._rings.clear()
         except BaseException as exc:
-            if self.segment.closed:  # by another thread, under this hold: nothing to undo
+            if self.segment.closed or handle.closed:
+                # Closed by another thread under this hold (close() closes the handles first,
+                # then the segment): nothing to undo, and the handle can no longer ask.
                 raise self.closed_error() from exc
             if self._abort(handle):  # the rings are ours to take only while holding the lock
                 self.due.extend(self._rings)

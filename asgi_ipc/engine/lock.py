@@ -67,6 +67,10 @@ from ..exceptions import StoreClosed, StoreError
 SPIN_TRIES = 50
 
 
+def _closed() -> StoreClosed:
+    return StoreClosed("the asgi_ipc store was closed in this process")
+
+
 class Handle(io.FileIO):
     """One thread's own open file description of the store, the thing its flock is held on.
 
@@ -98,7 +102,8 @@ class StoreLock:
 
     def handle(self) -> Handle:
         """This thread's handle, opened on first use; RuntimeError if this thread is in a lock
-        hold already."""
+        hold already; StoreClosed once the store was closed (never a handle on whatever file
+        reuses the closed descriptor's number)."""
         try:
             handle = self._local.handle
         except AttributeError:
@@ -111,15 +116,23 @@ class StoreLock:
                 )
             return handle
         if self._fd < 0:
-            raise StoreClosed("the asgi_ipc store was closed in this process")
+            raise _closed()
         try:
-            handle = self._local.handle = Handle(f"/proc/self/fd/{self._fd}", "r")
+            handle = Handle(f"/proc/self/fd/{self._fd}", "r")
         except OSError as exc:
+            if self._fd < 0:
+                raise _closed() from exc
             raise StoreError(
                 f"cannot open the store again through /proc/self/fd for this thread's lock "
                 f"(is /proc mounted?): {exc}"
             ) from exc
         self._handles.add(handle)
+        if self._fd < 0:
+            # close() ran while it was being opened: the descriptor number may have named
+            # another file by then (close() clears ``_fd`` before it closes the descriptor).
+            handle.close()
+            raise _closed()
+        self._local.handle = handle
         return handle
 
     def acquire(self, handle: Handle) -> None:
