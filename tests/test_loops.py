@@ -230,7 +230,7 @@ def test_an_interrupt_right_after_the_commit_of_a_take_loses_no_message(layer, t
     receive's message: the message was taken for good, so the receive gets it, or puts it back
     when it is cancelled (it used to get the interrupt's error, and the message was lost)."""
     store = layer.engine()
-    pop, commit = store.queues.pop, store.journal.commit
+    pop = store.queues.pop
     popped: list = []
 
     def popping(*args):
@@ -239,8 +239,7 @@ def test_an_interrupt_right_after_the_commit_of_a_take_loses_no_message(layer, t
             popped.append(found)
         return found
 
-    def interrupted_commit() -> None:
-        commit()
+    def interrupt_once() -> None:
         if popped and not fired:
             fired.append(True)
             raise KeyboardInterrupt
@@ -254,13 +253,15 @@ def test_an_interrupt_right_after_the_commit_of_a_take_loses_no_message(layer, t
                 break
             loop.run_until_complete(asyncio.sleep(0.01))
         assert waiters(store, "after.commit") == 1
-        # No seam lands right after a commit: the instance's own commit and pop are wrapped.
-        store.queues.pop, store.journal.commit = popping, interrupted_commit
+        # The channel queues' own pop is wrapped on the instance, to see the message taken.
+        store.queues.pop = popping
+        store.inject(on_commit=interrupt_once)
         # Sent from another loop: the ring waits on the doorbell until this loop runs again.
         asyncio.run(layer.send("after.commit", {"n": 1}))
         with pytest.raises(KeyboardInterrupt):  # out of the doorbell's callback
             loop.run_until_complete(asyncio.wait_for(asyncio.shield(task), HANG))
-        del store.queues.pop, store.journal.commit
+        del store.queues.pop
+        store.journal.commit_hook = None
         assert fired and len(popped) == 1
         if then == "awaited":
             outcome = asyncio.gather(task, return_exceptions=True)

@@ -251,11 +251,16 @@ class Engine:
         self,
         on_write: Callable[[int], None] | None = None,
         on_flush_step: Callable[[str], None] | None = None,
+        on_commit: Callable[[], None] | None = None,
     ) -> None:
         """Fault injection, for crash tests: call ``on_write(word)`` after each journaled
-        write (``Journal.hook``), and ``on_flush_step("clear" or "format")`` before each
-        step of a flush's clearing (``format_areas``). A hook that never returns (a sleep, a
-        kill) leaves the store as a process killed at that point would."""
+        write (``Journal.hook``), ``on_commit()`` after each commit (``Journal.commit_hook``),
+        and ``on_flush_step("clear" or "format")`` before each step of a flush's clearing
+        (``format_areas``). A hook that never returns (a sleep, a kill) leaves the store as a
+        process killed at that point would; one that raises, as an exception (a signal
+        handler's) landing there would."""
+        if on_commit is not None:
+            self.journal.commit_hook = on_commit
         if on_write is not None:
             self.journal.hook = on_write
         if on_flush_step is not None:
@@ -572,11 +577,13 @@ class Engine:
 
     def close(self) -> None:
         """Detach from the segment; the store's contents stay."""
-        # The parts first: compiled, each holds the word view, which must be let go of before
-        # the segment unmaps it.
+        self.segment.close(before_unmap=self._detach_parts)
+
+    def _detach_parts(self) -> None:
+        # Compiled, each part holds the word view, which must be let go of before the segment
+        # unmaps it; and only once no hold is under way (``Segment.close``).
         for part in (self.queues, self.groups, self.queues.heap, self.groups.heap, self.journal):
             part.detach()
-        self.segment.close()
 
 
 def _heap_figures(heap: Heap) -> dict:

@@ -12,6 +12,7 @@ cdef class Journal:
     cdef public bint freed
     cdef public object commits
     cdef public object hook
+    cdef public object commit_hook
 
     @cython.locals(entry=Py_ssize_t, n=Py_ssize_t)
     cpdef void set(self, unsigned long long index, unsigned long long value) except *

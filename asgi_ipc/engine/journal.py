@@ -76,6 +76,8 @@ class Journal:
         # replaced and whose callers reach ``set`` directly, stops at the same writes; unset,
         # it costs each write one comparison.
         self.hook: Callable[[int], None] | None = None
+        # The same for each commit, called once it is made.
+        self.commit_hook: Callable[[], None] | None = None
 
     def detach(self) -> None:
         """Let go of the store's words, so that the segment can unmap them: compiled, this
@@ -140,6 +142,8 @@ class Journal:
         self._count = 0
         self.freed = False
         self.commits += 1
+        if self.commit_hook is not None:
+            self.commit_hook()
 
     def rollback(self, savepoint: int = 0) -> None:
         """Undo every change journaled since ``savepoint`` (by default since the last commit,

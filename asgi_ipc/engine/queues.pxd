@@ -23,6 +23,7 @@ cdef class ChannelQueues:
     cpdef _delete_if_idle(self, rec)
     cpdef _unlink_head(self, rec)
     cpdef _drop_expired(self, rec, now)
+    cpdef _drop_head(self, rec)
     cpdef _read(self, node)
     cpdef append(self, name, data, crc, capacity, expires, now, rings)
     cpdef pop(self, name, now, rec=*)

@@ -172,12 +172,16 @@ class ChannelQueues:
             head = w[rec + C_HEAD]
             if not head or w[head + M_EXPIRES] > now:
                 return
-            self._j.checkpoint()
-            node = self._unlink_head(rec)
-            if w[node + M_LENGTH] == SHARED:
-                self._unref(node)
-            self.heap.free(node)
-            self._j.add(H_EXPIRED)
+            self._drop_head(rec)
+
+    def _drop_head(self, rec: int) -> None:
+        """Unlink and free the first message of the record at ``rec``, which has expired."""
+        self._j.checkpoint()
+        node = self._unlink_head(rec)
+        if self._w[node + M_LENGTH] == SHARED:
+            self._unref(node)
+        self.heap.free(node)
+        self._j.add(H_EXPIRED)
 
     def _read(self, node: int) -> bytes:
         """The bytes of the message at ``node``. A shared node's reference is read through
@@ -492,12 +496,7 @@ class ChannelQueues:
             rec = w[node + M_CHANNEL]
             if not self.heap.start <= rec < self.heap.end or w[rec + C_HEAD] != node:
                 raise StoreCorrupted(f"the oldest message {node} is not first in its channel")
-            self._j.checkpoint()
-            node = self._unlink_head(rec)
-            if w[node + M_LENGTH] == SHARED:
-                self._unref(node)
-            self.heap.free(node)
-            self._j.add(H_EXPIRED)
+            self._drop_head(rec)
             done += 1
         return done
 

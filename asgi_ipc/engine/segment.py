@@ -377,13 +377,14 @@ class Segment:
             os.close(self.fd)
             self.fd = -1
 
-    def close(self) -> None:
-        """Detach. A hold under way in another thread finishes first: the lock is taken on a
-        handle of its own before the others are closed and the memory unmapped, so that no
-        thread writes on without the lock. A thread still waiting for the lock then finds the
-        store closed. The wait is bounded (``CLOSE_WAIT``): a holder stopped in another
-        process must not keep this one from closing, and none of this process's threads
-        writes while another process holds the lock."""
+    def close(self, before_unmap: Callable[[], None] | None = None) -> None:
+        """Detach, calling ``before_unmap`` once no hold is under way. A hold under way in
+        another thread finishes first: the lock is taken on a handle of its own before the
+        others are closed and the memory unmapped, so that no thread writes on without the
+        lock. A thread still waiting for the lock then finds the store closed. The wait is
+        bounded (``CLOSE_WAIT``): a holder stopped in another process must not keep this one
+        from closing, and none of this process's threads writes while another process holds
+        the lock."""
         _attached.discard(self)
         with Handle(f"/proc/self/fd/{self.fd}", "r") as own:
             deadline = time.monotonic() + CLOSE_WAIT
@@ -396,6 +397,8 @@ class Segment:
                         break
                     time.sleep(0.001)
             self.lock.close()
+            if before_unmap is not None:
+                before_unmap()
             self._close_handles()
 
     @property
