@@ -149,8 +149,11 @@ def one_hold(operation: Callable[..., T], timed: bool = False) -> Callable[..., 
             handle.busy = False
             try:
                 fcntl.flock(handle, fcntl.LOCK_UN)
-            except ValueError:
-                pass  # closed by close(): closing it released the lock
+            except (ValueError, OSError):
+                # Closed by close() in another thread, before or while this looked up its
+                # descriptor: closing it released the lock.
+                if not handle.closed:
+                    raise
         return result
 
     held.__name__, held.__qualname__, held.__doc__ = (
