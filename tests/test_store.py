@@ -8,12 +8,14 @@ import logging
 import os
 import stat
 import threading
+import time
 
 import pytest
 from channels.exceptions import ChannelFull, MessageTooLarge
 
 import asgi_ipc
 from asgi_ipc import GroupMemoryFull, IPCChannelLayer, StoreClosed, StoreCorrupted
+from asgi_ipc.engine import QUEUED, open_engine
 from asgi_ipc.engine.layout import (
     COUNTERS,
     H_LOCK_PID,
@@ -470,6 +472,47 @@ def test_close_racing_other_threads_fails_their_calls_with_store_closed_only(pre
     assert [e for e in errors if not isinstance(e, StoreClosed)] == [], errors
     asyncio.run(watcher.flush())
     asyncio.run(watcher.close())
+
+
+def test_close_waits_for_a_long_hold_in_another_thread(prefix, caplog):
+    """One thread is in the middle of a long write (a hook stops it for 3 s, as a group_send
+    to 400 000 members would take) when another closes the layer: close() waits for the hold
+    to end, however long, instead of releasing the lock under the write; another attachment
+    gets the lock only then, finding nothing to roll back."""
+    layer = layer_for(prefix)
+    store = layer.engine()
+    other = open_engine(prefix)  # another open file description: another process's lock
+    writing = threading.Event()
+
+    def stop_in_the_middle(_word: int) -> None:
+        if not writing.is_set():
+            writing.set()
+            time.sleep(3)
+
+    store.inject(on_write=stop_in_the_middle)
+    outcomes: dict[str, object] = {}
+
+    def run(name: str, call) -> None:
+        try:
+            outcomes[name] = call()
+        except BaseException as exc:  # whatever it is, the test says which
+            outcomes[name] = exc
+
+    sender = threading.Thread(
+        target=run, args=("send", lambda: store.send(b"long", b"x" * 100, 10, 60_000))
+    )
+    sender.start()
+    assert writing.wait(60)
+    closer = threading.Thread(target=run, args=("close", lambda: asyncio.run(layer.close())))
+    closer.start()
+    with caplog.at_level(logging.WARNING, logger="asgi_ipc"):
+        assert other.locked(lambda: other.queues.has_messages(b"long"))
+    sender.join(60)
+    closer.join(60)
+    assert outcomes == {"send": QUEUED, "close": None}
+    assert "rolling back" not in caplog.text
+    assert other.verify() == []
+    other.close()
 
 
 def test_calls_after_close_raise_store_closed_and_touch_no_other_file(prefix, tmp_path):

@@ -59,7 +59,6 @@ from .layout import (
     MAGIC,
     WORD,
 )
-from .lock import Handle
 from .queues import OUT_OF_MEMORY, OVER_CAPACITY, QUEUED, ChannelQueues
 from .segment import Segment, format_areas, heaps, removal_hint
 from .slots import ProcessSlots, Seat
@@ -135,18 +134,21 @@ def one_hold(operation: Callable[..., T], timed: bool = False) -> Callable[..., 
                 self.due.extend(self._rings)
                 self._rings.clear()
         except BaseException as exc:
-            if self.segment.closed or handle.closed:
-                # Closed by another thread under this hold (close() closes the handles first,
-                # then the segment): nothing to undo, and the handle can no longer ask.
-                raise self.closed_error() from exc
-            if self._abort(handle):  # the rings are ours to take only while holding the lock
-                self.due.extend(self._rings)
-                self._rings.clear()
+            if not handle.held:
+                # It never held the lock, or gave it up at once because close() began (see
+                # lock.py), or was cut off right after flock returned: it wrote nothing.
+                if lock.closing or handle.closed:
+                    raise self.closed_error() from exc
+                raise
+            self._abort()
+            self.due.extend(self._rings)  # ours to take only while holding the lock
+            self._rings.clear()
             if isinstance(exc, _CORRUPTION):
                 raise self.corrupted(exc) from exc
             raise
         finally:
-            handle.busy = False
+            # Not held from here on: close() may close the handle, which releases the lock too.
+            handle.busy = handle.held = False
             try:
                 fcntl.flock(handle, fcntl.LOCK_UN)
             except (ValueError, OSError):
@@ -231,24 +233,14 @@ class Engine:
         tools and tests read or change the store consistently."""
         return operation(*args)
 
-    def _abort(self, handle: Handle) -> bool:
-        """Undo what an operation cut short had changed, if this thread holds the lock; False
-        if another does.
-
-        Whether it got as far as taking the lock is unknown (the exception may have landed
-        right after ``flock`` returned), so it asks without waiting. Held by another: this
-        thread changed nothing. Free, or ours: the shared journal count covers exactly the
-        words changed since the last commit, ours or a dead holder's, so rolling it back is
-        right either way; the caller's ``finally`` releases."""
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
+    def _abort(self) -> None:
+        """Undo what an operation cut short had changed, holding the lock: the shared journal
+        count covers exactly the words changed since the last commit, ours or a dead holder's,
+        so rolling it back is right either way; the caller's ``finally`` releases."""
         try:
             self.journal.rollback()
         except (StoreCorrupted, *_CORRUPTION):
             logger.exception("could not roll back a failed operation on %s", self.name)
-        return True
 
     def inject(
         self,

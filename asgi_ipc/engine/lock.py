@@ -53,6 +53,20 @@ cores: one producer to one consumer went from 32k to 69k messages/s, four to fou
 
 flock belongs to an open file description, which ``fork()`` shares between parent and child: a
 child drops the handles it inherited and opens its own (``Segment.reopen_after_fork``).
+
+**close() never releases the lock under a write.** Closing a thread's handle drops its flock, so
+close() must not close the handle of a thread in the middle of a hold: other processes would
+take the lock at once and find the write half done (asgi_ipc 2.2.0 waited 1 s, then closed the
+handles anyway, and a 2 s ``group_send`` in another thread corrupted the store for every
+process). So a handle is *held* (``Handle.held``) from the moment its flock is taken until its
+hold ends, and ``StoreLock.begin_close`` first sets ``closing``, then waits until no handle is
+held, however long that takes: the wait is for this process's own writes, which always end. A
+thread that gets the flock after ``closing`` was set gives it up without writing anything. The
+two flags are set and read in opposite orders (``held`` then ``closing`` in ``acquire``,
+``closing`` then ``held`` in ``begin_close``), so under the GIL at least one side sees the other:
+either close() waits for the hold, or the hold sees close() and writes nothing. A thread merely
+*waiting* for the flock (held by another process, perhaps stopped) is not waited for: its handle
+is closed under it, and when its flock returns it finds the store closing and gives the lock up.
 """
 
 from __future__ import annotations
@@ -60,6 +74,7 @@ from __future__ import annotations
 import fcntl
 import io
 import threading
+import time
 import weakref
 
 from ..exceptions import StoreClosed, StoreError
@@ -81,6 +96,9 @@ class Handle(io.FileIO):
     # so a thread taking the lock inside its own hold (a signal handler calling the store) would
     # run in the middle of its own operation; ``StoreLock.handle`` refuses that instead.
     busy = False
+    # Set from the moment this handle's flock is taken (and the store is not closing) until its
+    # hold ends: close() waits while any handle is held (see the module docstring).
+    held = False
 
     def __del__(self) -> None:
         # The handle of a thread that ended goes with the thread's locals: closing it is the
@@ -92,11 +110,13 @@ class StoreLock:
     """The process-wide and machine-wide lock of one attached segment.
 
     Take it only as ``handle = lock.handle()`` then ``try: handle.busy = True;
-    lock.acquire(handle) ... finally: handle.busy = False; fcntl.flock(handle, fcntl.LOCK_UN)``
-    (see the module docstring for why the release is written out)."""
+    lock.acquire(handle) ... finally: handle.busy = handle.held = False; fcntl.flock(handle,
+    fcntl.LOCK_UN)`` (see the module docstring for why the release is written out)."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
+        # Set by begin_close(): from then on a thread that gets the flock writes nothing.
+        self.closing = False
         self._local = threading.local()
         self._handles: weakref.WeakSet[Handle] = weakref.WeakSet()
 
@@ -136,15 +156,36 @@ class StoreLock:
         return handle
 
     def acquire(self, handle: Handle) -> None:
-        """Take the lock on ``handle``. May be interrupted anywhere, holding it or not: the
-        caller's ``finally`` releases it."""
+        """Take the lock on ``handle`` and mark it held; StoreClosed, with the handle not held,
+        if close() began. May be interrupted anywhere, holding the flock or not: the caller's
+        ``finally`` releases it, and only a held handle may write."""
         for _ in range(SPIN_TRIES):
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
+                break
             except BlockingIOError:
                 pass
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        else:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.held = True
+        if self.closing:
+            # close() may have looked at this handle before it was held: write nothing.
+            handle.held = False
+            raise _closed()
+
+    def begin_close(self) -> None:
+        """Make every hold that starts from now on give the lock up at once, and wait until
+        the holds under way in this process's other threads end, however long they take (see
+        the module docstring). RuntimeError if this thread is itself in a hold."""
+        self.closing = True
+        own = getattr(self._local, "handle", None)
+        if own is not None and own.busy:
+            raise RuntimeError(
+                "an asgi_ipc store was closed by the thread that holds its lock (a signal "
+                "handler or a callback closing the layer in the middle of an operation)"
+            )
+        while any(handle.held for handle in list(self._handles)):
+            time.sleep(0.001)
 
     def close(self) -> None:
         """Close every thread's handle (the segment is being closed)."""

@@ -23,6 +23,7 @@ it as it is and logs a warning. Anything that is not a ready store of this layou
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -31,9 +32,8 @@ import mmap
 import os
 import secrets
 import stat
-import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from ..exceptions import SharedMemoryTooSmall, StoreCorrupted, StoreError
 from ..private import check_private, open_private_file
@@ -115,6 +115,26 @@ def heaps(
     )
 
 
+@contextlib.contextmanager
+def _mapped_words(fd: int, size: int) -> Iterator[memoryview]:
+    """The first ``size`` bytes of ``fd`` as words, mapped for the span of a ``with`` block."""
+    mm = mmap.mmap(fd, size)
+    # Cut off by an exception (a signal handler's), the view may still be exported, by a view
+    # made just before it landed or by the compiled heaps of ``format_areas`` that its traceback
+    # keeps alive: then view and mapping go when those do, and the exception that matters
+    # propagates rather than a BufferError.
+    try:
+        words = memoryview(mm).cast("Q")
+        try:
+            yield words
+        finally:
+            with contextlib.suppress(BufferError):
+                words.release()
+    finally:
+        with contextlib.suppress(BufferError):
+            mm.close()
+
+
 _ZEROS = memoryview(bytes(1 << 20)).cast("Q")
 
 
@@ -168,10 +188,6 @@ def format_areas(
         words[word] = 0
 
 
-# How long close() waits for a hold under way to finish (see Segment.close).
-CLOSE_WAIT = 1.0
-
-
 class Segment:
     """One process's attachment to a prefix's shared-memory object."""
 
@@ -204,6 +220,7 @@ class Segment:
                 lock.close()
             self._close_handles()
             raise
+        handle.held = False
         fcntl.flock(handle, fcntl.LOCK_UN)
         if create and self.geometry != wanted:
             logger.warning(
@@ -262,12 +279,8 @@ class Segment:
         # A dead initialiser may have left the header page a hole: reading it would take a page.
         if not self.reserve(0, PAGE_WORDS):
             raise SharedMemoryTooSmall(f"{SHM_DIR} is full: no room to read {self.path}")
-        with mmap.mmap(self.fd, PAGE_WORDS * WORD) as header:
-            words = memoryview(header).cast("Q")
-            try:
-                return not words[H_READY] and words[H_MAGIC] in (0, MAGIC)
-            finally:
-                words.release()
+        with _mapped_words(self.fd, PAGE_WORDS * WORD) as words:
+            return not words[H_READY] and words[H_MAGIC] in (0, MAGIC)
 
     def _initialise(self, geometry: Geometry) -> None:
         os.ftruncate(self.fd, 0)  # drop whatever a dead initialiser wrote
@@ -291,25 +304,21 @@ class Segment:
 
     def _format(self, geometry: Geometry) -> None:
 
-        with mmap.mmap(self.fd, geometry.total_bytes) as mm:
-            words = memoryview(mm).cast("Q")
-            try:
-                words[H_VERSION] = LAYOUT_VERSION
-                words[H_TOTAL_BYTES] = geometry.total_bytes
-                words[H_CHANNEL_MEMORY] = geometry.channel_memory
-                words[H_GROUP_MEMORY] = geometry.group_memory
-                key = secrets.token_bytes(16)
-                words[H_HASH_KEY] = int.from_bytes(key[:8], "little")
-                words[H_HASH_KEY + 1] = int.from_bytes(key[8:], "little")
-                words[H_CHANNEL_BUCKETS] = geometry.channel_buckets
-                words[H_GROUP_BUCKETS] = geometry.group_buckets
-                words[H_MEMBER_BUCKETS] = geometry.member_buckets
-                words[H_MAGIC] = MAGIC
-                words[H_GEOMETRY_SUM] = _geometry_sum(words)
-                format_areas(words, geometry, self.reserve)
-                words[H_READY] = 1
-            finally:
-                words.release()
+        with _mapped_words(self.fd, geometry.total_bytes) as words:
+            words[H_VERSION] = LAYOUT_VERSION
+            words[H_TOTAL_BYTES] = geometry.total_bytes
+            words[H_CHANNEL_MEMORY] = geometry.channel_memory
+            words[H_GROUP_MEMORY] = geometry.group_memory
+            key = secrets.token_bytes(16)
+            words[H_HASH_KEY] = int.from_bytes(key[:8], "little")
+            words[H_HASH_KEY + 1] = int.from_bytes(key[8:], "little")
+            words[H_CHANNEL_BUCKETS] = geometry.channel_buckets
+            words[H_GROUP_BUCKETS] = geometry.group_buckets
+            words[H_MEMBER_BUCKETS] = geometry.member_buckets
+            words[H_MAGIC] = MAGIC
+            words[H_GEOMETRY_SUM] = _geometry_sum(words)
+            format_areas(words, geometry, self.reserve)
+            words[H_READY] = 1
 
     def _validate(self, size: int) -> Geometry:
         words = self.words
@@ -379,27 +388,16 @@ class Segment:
 
     def close(self, before_unmap: Callable[[], None] | None = None) -> None:
         """Detach, calling ``before_unmap`` once no hold is under way. A hold under way in
-        another thread finishes first: the lock is taken on a handle of its own before the
-        others are closed and the memory unmapped, so that no thread writes on without the
-        lock. A thread still waiting for the lock then finds the store closed. The wait is
-        bounded (``CLOSE_WAIT``): a holder stopped in another process must not keep this one
-        from closing, and none of this process's threads writes while another process holds
-        the lock."""
+        another thread of this process finishes first, however long it lasts, and every hold
+        that starts later gives the lock up without writing (``StoreLock.begin_close``): the
+        lock is never released under a write. A thread still waiting for the lock, behind
+        another process, is not waited for: it finds the store closed."""
         _attached.discard(self)
-        with Handle(f"/proc/self/fd/{self.fd}", "r") as own:
-            deadline = time.monotonic() + CLOSE_WAIT
-            while True:
-                try:
-                    fcntl.flock(own, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        break
-                    time.sleep(0.001)
-            self.lock.close()
-            if before_unmap is not None:
-                before_unmap()
-            self._close_handles()
+        self.lock.begin_close()
+        self.lock.close()
+        if before_unmap is not None:
+            before_unmap()
+        self._close_handles()
 
     @property
     def closed(self) -> bool:
