@@ -8,8 +8,8 @@ this process owes other processes.
   this process's ``Doorbell`` (doorbell.py) or by the periodic check;
 * gathering: the receives of one event loop asked in the same pass of the loop are served by one
   ``Engine.take`` (see ``receive``);
-* the lock-free wait on a lingering registration (``_wait_unlocked``, with the invariant that
-  makes it safe);
+* the lock-free wait on a quiet channel (``_wait_unlocked``, with the invariant that makes it
+  safe, and why it reads nothing of the store that a flush gives back);
 * the rings: after each engine call, the doorbells it left in ``Engine.due`` are rung
   (``_ring``), one datagram per process naming all its channels;
 * the periodic check, in a thread of its own (``_run_checks``), which makes up for lost rings;
@@ -17,8 +17,13 @@ this process owes other processes.
 
 A receive's message leaves the store when the lock hold that serves it commits, and reaches its
 caller after the lock is released: a process killed in between loses it (delivery is at most
-once). A receive cancelled in between puts its message back first in its channel, unless a flush
-came in between, which would have taken it with the rest.
+once). A receive cancelled in between (by its task's cancellation, or by asyncio's own Ctrl-C
+handling, which cancels the main task from a signal handler at any instant) *returns* its
+message (``_return``): it goes back first in its channel, unless it expired or a flush came in
+between, which would have taken it with the rest. The memory its take freed may be gone by then,
+taken by a send; the message then stays in this process, handed first to the next receive of
+its channel here and put back by the periodic check as soon as there is room: only a process
+that dies or closes while channel memory stays full loses it (close() logs each one).
 
 No receive is left waiting for ever: one whose lock hold fails (whatever the exception) gets the
 error, unless its message was taken for good, which it gets; ``close`` ends every receive still
@@ -46,6 +51,7 @@ scheduled in a loop dies with it, leaving the receives of every other loop witho
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import threading
@@ -103,6 +109,10 @@ class Receiver:
         self._checker_guard = threading.Lock()
         self._pid = os.getpid()
         self._local = threading.local()  # each thread's receives to serve together
+        # Messages of cancelled receives that found no channel memory to go back to, oldest
+        # first, by channel: (data, expiry, epoch). See ``_return``.
+        self._returned: dict[bytes, collections.deque[tuple[bytes, int, int]]] = {}
+        self._returned_guard = threading.Lock()
 
     def _forget_parent_process(self) -> None:
         # A forked child shares nothing process-local with its parent but the mapping.
@@ -115,6 +125,8 @@ class Receiver:
         self._checker_guard = threading.Lock()
         self._ringer = Ringer()
         self._local = threading.local()
+        self._returned = {}  # the parent's to put back, not ours
+        self._returned_guard = threading.Lock()
 
     # --- operations that only send ---------------------------------------------------------
 
@@ -188,7 +200,7 @@ class Receiver:
         """Hand the receives waiting on ``names`` (every receive, if None or b"" is among
         them) to be served, all those of one event loop together, in that loop."""
         by_loop: dict[asyncio.AbstractEventLoop, list[Waiter]] = {}
-        for waiter in seat.waiters(names):
+        for waiter in seat.wake(names):
             by_loop.setdefault(waiter.loop, []).append(waiter)
         try:
             current = asyncio.get_running_loop()
@@ -217,6 +229,10 @@ class Receiver:
         draining many channels takes one message from each per hold."""
         if self._closed:
             raise self.engine.closed_error()
+        if self._returned:
+            data = self._take_returned(channel)
+            if data is not None:
+                return data
         loop = asyncio.get_running_loop()
         waiter = Waiter(loop, channel)
         if not self._wait_unlocked(waiter):
@@ -255,33 +271,30 @@ class Receiver:
     def _wait_unlocked(self, waiter: Waiter) -> bool:
         """Start ``waiter`` waiting without the lock, if that is safe: True if it waits.
 
-        The invariant that makes it safe: *a send that makes a channel non-empty rings every
-        process registered on it, after its commit; and this process, while registered, keeps
-        the channel's record in place.* So once ``waiter`` is tracked in the seat (where a ring
-        finds it), reading the record's message count as 0 means that any send that makes the
-        channel non-empty commits after that read, and so rings after the waiter was tracked,
-        and wakes it. Reading the epoch and the slot's token after the count rules out a flush
-        (which moves every record) or a reaper (which frees our slot) in between; one that
-        comes later rings every process anyway, or is noticed by the next hold."""
+        Safe while its channel is *quiet* (``Seat``): a lock hold of this process found it
+        empty while registered on it, and no ring or check has named it since. Any send that
+        makes it non-empty after that hold rings this process once it commits, and the ring's
+        wake either finds ``waiter`` tracked or had made the channel not quiet before
+        ``add_if_quiet`` looked. Of the store, only the epoch and this process's slot token are
+        read, in pages that no flush gives back: a flush returns the heaps' pages to the kernel,
+        and reading one of those on a full /dev/shm would kill the process with SIGBUS. A flush
+        or a reaper (which frees our slot) since the last hold means a locked look instead; one
+        that comes later rings every process, or is noticed by the next hold."""
         engine, doorbell = self.engine, self.doorbell
         seat = engine.seat
         if seat is None or doorbell is None or self._pid != os.getpid():
             return False
-        rec = seat.registered.get(waiter.channel)
-        if rec and engine.queues.queued_at(rec):
-            return False  # a message is there already (or the record moved): take it locked
-        rec = seat.add(waiter.channel, waiter)
+        if not seat.add_if_quiet(waiter.channel, waiter):
+            return False
         if waiter.loop not in doorbell.readers:
             doorbell.watch(waiter.loop)
         w = engine.words
         if (
-            not rec
-            or engine.queues.queued_at(rec)
-            or w[H_FLUSHING]
+            w[H_FLUSHING]
             or w[H_EPOCH] != engine.epoch
             or engine.slots.token(seat.slot) != seat.token
         ):
-            return False
+            return False  # tracked already: the locked look serves it
         self._check_later()
         return True
 
@@ -300,7 +313,7 @@ class Receiver:
             return
         if self._closed:
             for waiter in waiters:
-                waiter.future.set_exception(self.engine.closed_error())
+                _fail(waiter, self.engine.closed_error())
             return
         taken = Taken()
         interrupted: BaseException | None = None
@@ -323,14 +336,19 @@ class Receiver:
         for waiter, data, expires in handed:
             self._stop_tracking(waiter)
             waiter.expires, waiter.epoch = expires, taken.epoch
-            waiter.future.set_result(data)
+            try:
+                waiter.future.set_result(data)
+            except asyncio.InvalidStateError:
+                # Cancelled since the filter above, by a signal handler (asyncio's own, on
+                # Ctrl-C) that ran in the middle of this: its receive never sees the message.
+                self._return(waiter.channel, data, expires, taken.epoch)
         for waiter, problem in failed:
             self._stop_tracking(waiter)
-            waiter.future.set_exception(problem)
+            _fail(waiter, problem)
         for waiter in taken.unseated:
             # The first wait of this process: a slot is claimed without the lock, after it.
             if time.monotonic() < self._slots_full_until:
-                waiter.future.set_exception(self._slots_full())
+                _fail(waiter, self._slots_full())
             else:
                 waiter.loop.call_soon(self._claim_and_serve, waiter)
         if interrupted is None and len(handed) + len(failed) + len(taken.unseated) < len(
@@ -359,12 +377,12 @@ class Receiver:
         try:
             self._take_slot()
         except Exception as exc:  # the wake-up directory is not ours (ForeignObject), ...
-            waiter.future.set_exception(exc)
+            _fail(waiter, exc)
             return
         if self._closed:
-            waiter.future.set_exception(self.engine.closed_error())
+            _fail(waiter, self.engine.closed_error())
         elif self.doorbell is None:
-            waiter.future.set_exception(self._slots_full())
+            _fail(waiter, self._slots_full())
         else:
             self._serve([waiter])
 
@@ -410,25 +428,84 @@ class Receiver:
             seat.discard(waiter.channel, waiter)
 
     def _abandon(self, waiter: Waiter) -> None:
-        """A receive was cancelled. If a message had been handed to it already, it goes back
-        first in its channel; otherwise the receive just stops waiting."""
+        """A receive was cancelled. If a message had been handed to it already, it is
+        returned; otherwise the receive just stops waiting."""
         future = waiter.future
         if not future.done() or future.cancelled() or future.exception() is not None:
             self._stop_tracking(waiter)
             return
-        data = future.result()
+        self._return(waiter.channel, future.result(), waiter.expires, waiter.epoch)
+
+    def _return(self, channel: bytes, data: bytes, expires: int, epoch: int) -> None:
+        """Give back a message taken for a receive that was cancelled before it saw it: first
+        in its channel again, or, with no channel memory left for it, kept here until there
+        is (see the module docstring). Behind messages of its channel kept here already, so
+        that they go back in the order they were taken."""
         engine = self.engine
-        if engine.segment.closed or waiter.expires <= engine.clock():
+        if engine.segment.closed or expires <= engine.clock():
             return
-        back = engine.put_back(waiter.channel, data, waiter.expires, waiter.epoch)
+        with self._returned_guard:
+            kept = self._returned.get(channel)
+            if kept:
+                kept.append((data, expires, epoch))
+                return
+        if engine.put_back(channel, data, expires, epoch):
+            if engine.due:
+                self._ring()
+            return
+        with self._returned_guard:
+            self._returned.setdefault(channel, collections.deque()).append(
+                (data, expires, epoch)
+            )
+        logger.info(
+            "%s: no channel memory to put back a message taken by a cancelled receive on %r; "
+            "this process keeps it until there is", self.name, channel.decode(),
+        )
+        self._check_later()
+
+    def _take_returned(self, channel: bytes) -> bytes | None:
+        """The oldest message kept here for ``channel`` (see ``_return``) that is still
+        deliverable, or None."""
+        epoch = self.engine.words[H_EPOCH]
+        now = self.engine.clock()
+        with self._returned_guard:
+            kept = self._returned.get(channel)
+            while kept:
+                data, expires, taken_in = kept.popleft()
+                if expires > now and taken_in == epoch:
+                    break
+            else:
+                data = None
+            if not kept:
+                self._returned.pop(channel, None)
+            return data
+
+    def _put_back_returned(self) -> int:
+        """Put the messages kept here back in their channels, newest first so that each
+        channel gets them back in order, as far as channel memory allows: how many are still
+        kept. A message that expired or was flushed meanwhile is dropped."""
+        engine = self.engine
+        with self._returned_guard:
+            channels = list(self._returned)
+        for channel in channels:
+            while True:
+                with self._returned_guard:
+                    kept = self._returned.get(channel)
+                    if not kept:
+                        self._returned.pop(channel, None)
+                        break
+                    data, expires, epoch = kept.pop()
+                if expires <= engine.clock() or engine.put_back(channel, data, expires, epoch):
+                    continue
+                with self._returned_guard:  # still no room: keep it, in its place
+                    self._returned.setdefault(channel, collections.deque()).append(
+                        (data, expires, epoch)
+                    )
+                break
         if engine.due:
             self._ring()
-        if back:
-            return
-        logger.warning(
-            "%s: a message taken by a cancelled receive on %r was lost: no channel memory "
-            "left to put it back", self.name, waiter.channel.decode(),
-        )
+        with self._returned_guard:
+            return sum(len(kept) for kept in self._returned.values())
 
     # --- the periodic check ----------------------------------------------------------------
 
@@ -447,7 +524,8 @@ class Receiver:
 
     def _run_checks(self, stop: threading.Event) -> None:
         """The checker thread: the periodic check every ``check_interval`` while this process
-        has receives waiting or registrations lingering, then it ends.
+        has receives waiting, registrations lingering or messages of cancelled receives to put
+        back, then it ends.
 
         A thread rather than ``loop.call_later``, because a callback scheduled in an event loop
         dies with it, and loops come and go while receives of other loops still wait. A check
@@ -465,15 +543,20 @@ class Receiver:
                 if self._checker is None or self._checker[1] is not stop:
                     return  # closed
                 seat = self.engine.seat
-                if seat is None or not seat.needs_checking():
+                if (seat is None or not seat.needs_checking()) and not self._returned:
                     self._checker = None
                     return
 
     def _check(self) -> None:
-        """One periodic check: register the receives that could not be (memory was full),
-        and wake those whose channels hold messages, each in its own event loop."""
+        """One periodic check: put back the messages of cancelled receives kept here, register
+        the receives that could not be (memory was full), and wake those whose channels hold
+        messages, each in its own event loop."""
+        if self._closed or self._pid != os.getpid():
+            return
+        if self._returned:
+            self._put_back_returned()
         seat = self.engine.seat
-        if self._closed or seat is None or self._pid != os.getpid():
+        if seat is None:
             return
         # Stop tracking the receives whose event loop was closed under them: nothing can hand
         # them a message any more, and their registrations may lapse.
@@ -486,6 +569,21 @@ class Receiver:
         self._wake(seat, ready)
 
     # --- close -----------------------------------------------------------------------------
+
+    def _put_back_for_good(self) -> None:
+        """On close: the last chance for the messages of cancelled receives kept here."""
+        try:
+            lost = self._put_back_returned()
+        except Exception:
+            logger.exception("%s: could not put back the messages of cancelled receives",
+                             self.name)
+            lost = sum(len(kept) for kept in self._returned.values())
+        if lost:
+            logger.error(
+                "%s: %d message(s) taken by cancelled receives were lost on close: no channel "
+                "memory was left to put them back", self.name, lost,
+            )
+        self._returned.clear()
 
     def close(self) -> None:
         """Detach from the store; its contents stay. Every receive of this store still
@@ -511,6 +609,8 @@ class Receiver:
             doorbell, self.doorbell = self.doorbell, None
             seat, engine.seat = engine.seat, None
         try:
+            if self._returned:
+                self._put_back_for_good()
             if seat is not None:
                 try:
                     engine.leave(seat)
@@ -528,6 +628,15 @@ class Receiver:
                     _end_elsewhere(waiter, engine.closed_error())
             self._ringer.close()
             engine.close()
+
+
+def _fail(waiter: Waiter, exc: BaseException) -> None:
+    """Settle ``waiter`` with ``exc`` unless it was cancelled meanwhile (by a signal handler,
+    at any instant): a cancelled receive needs no error."""
+    try:
+        waiter.future.set_exception(exc)
+    except asyncio.InvalidStateError:
+        pass
 
 
 def _end_elsewhere(waiter: Waiter, exc: BaseException) -> None:

@@ -107,6 +107,34 @@ async def fills_up(prefix: str) -> dict:
     return report
 
 
+async def receive_after_flush(prefix: str) -> dict:
+    """A registration lingers on "c", whose record lies past the first page of the heap; a
+    flush gives that page back to the kernel and /dev/shm fills up: the next receive on "c"
+    must wait, not die of SIGBUS reading the record without the lock."""
+    layer = layer_for(prefix, 8 * MiB)
+    for i in range(500):  # channels and messages that push "c" past the heap's first page
+        await layer.send(f"before.{i}", MESSAGE)
+    waiting = asyncio.ensure_future(layer.receive("c"))
+    while not layer.engine().inspect(check=False)["waiting_processes"]:
+        await asyncio.sleep(0.01)  # registered on "c"
+    await layer.send("c", MESSAGE)
+    report: dict = {"first": await waiting == MESSAGE}
+    await layer.flush()
+    fill_tmpfs("filler")
+    try:
+        await asyncio.wait_for(layer.receive("c"), 1)
+        report["second"] = "received"
+    except asyncio.TimeoutError:
+        report["second"] = "waited"
+    report["problems"] = layer.engine().verify()
+    os.unlink("/dev/shm/filler")
+    await layer.send("c", MESSAGE)
+    report["third"] = await layer.receive("c") == MESSAGE
+    await layer.close()
+    asgi_ipc.unlink(prefix)
+    return report
+
+
 async def send(prefix: str) -> dict:
     layer = layer_for(prefix, 8 * MiB)
     sent, outcome = await send_until_full(layer, 10)
@@ -116,5 +144,10 @@ async def send(prefix: str) -> dict:
 
 if __name__ == "__main__":
     scenario, prefix = sys.argv[1:]
-    run = {"too_large": too_large, "fills_up": fills_up, "send": send}[scenario]
+    run = {
+        "too_large": too_large,
+        "fills_up": fills_up,
+        "receive_after_flush": receive_after_flush,
+        "send": send,
+    }[scenario]
     print(json.dumps(asyncio.run(run(prefix))))

@@ -65,6 +65,11 @@ def test_a_full_tmpfs_gives_channel_full_and_group_memory_full_not_sigbus(prefix
     assert report["after_flush"][1] == "ChannelFull" and report["problems_after_flush"] == []
 
 
+def test_a_receive_after_a_flush_on_a_full_tmpfs_waits_rather_than_dies_of_sigbus(prefix):
+    report = in_small_shm("receive_after_flush", prefix)
+    assert report == {"first": True, "second": "waited", "problems": [], "third": True}
+
+
 async def test_reading_a_big_sparse_store_allocates_nothing(prefix):
     layer = IPCChannelLayer(prefix=prefix, channel_memory=1024 * MiB, group_memory=MiB)
     store = layer.engine()

@@ -363,12 +363,18 @@ class Engine:
         # Channels registered on since the journal last committed: if the hold fails, the
         # rollback takes those registrations back.
         fresh: list[bytes] = []
+        # Channels found or left empty: quiet once this hold commits (see ``Seat``).
+        quiet: list[bytes] = []
+        queued_at = self.queues.queued_at
         commits = journal.commits
         try:
             for waiter in waiters:
                 journal.checkpoint()
                 channel = waiter.channel
-                found = pop(channel, now, records.get(channel, 0))
+                rec = records.get(channel, 0)
+                found = pop(channel, now, rec)
+                if found is None or rec and not queued_at(rec):
+                    quiet.append(channel)
                 registered = False
                 if found is None:
                     if seat is None:
@@ -390,6 +396,8 @@ class Engine:
             # after the commit still finds every message handed counted as taken for good.
             journal.commit()
             taken.durable = len(handed)
+            if seat is not None and quiet:
+                seat.quiet(quiet)
         except BaseException:
             if journal.commits != commits:
                 taken.durable = len(handed)

@@ -522,8 +522,8 @@ class ChannelQueues:
         return rec
 
     def queued_at(self, rec: int) -> int:
-        """The message count of the record at ``rec``. Read without the lock by a receive
-        whose registration keeps the record in place (see ``Receiver._wait_unlocked``)."""
+        """Under the lock: the message count of the record at ``rec``, which a registration
+        of this process keeps in place (``Engine.take``)."""
         return self._w[rec + C_COUNT]
 
     def has_messages(self, name: bytes) -> bool:

@@ -131,6 +131,13 @@ class Seat(Generic[W]):
     looping on ``receive()`` registers once rather than once per message; a registration with no
     receive behind it costs a sender at most one ring, when the channel turns non-empty.
 
+    A registered channel is *quiet* from a lock hold that found it empty until a ring or a check
+    names it: a send that makes it non-empty after that hold rings this process, so while it is
+    quiet a receive may wait without the lock and without reading the store (see
+    ``Receiver._wait_unlocked``). ``quiet`` and ``wake`` change and read it under ``_guard``,
+    together with the receives tracked, so a receive is either tracked before a ring's wake
+    collects the receives to wake, or finds the channel no longer quiet.
+
     ``registered`` changes under the store lock and ``_guard`` both, so ``add`` (under the
     guard only) sees either the registration or its absence, never half a lapse. Once closed it
     tracks nothing more: ``add`` raises ``StoreClosed``, and ``close`` hands back the receives
@@ -144,6 +151,7 @@ class Seat(Generic[W]):
         self._guard = threading.Lock()
         self._waiting: dict[bytes, set[W]] = {}
         self.registered: dict[bytes, int] = {}
+        self._quiet: set[bytes] = set()
         # Since when the registrations with no receive behind them have been so.
         self._idle_since: dict[bytes, float] = {}
         self.next_lapse = math.inf
@@ -159,6 +167,34 @@ class Seat(Generic[W]):
             self._idle_since.pop(channel, None)
             return self.registered.get(channel, 0)
 
+    def add_if_quiet(self, channel: bytes, waiter: W) -> bool:
+        """Track ``waiter`` if its channel is quiet (see the class docstring): True if it is,
+        and a ring will then find it; False, tracking nothing, if not."""
+        with self._guard:
+            if self._closed:
+                raise StoreClosed("the store was closed")
+            if channel not in self._quiet:
+                return False
+            self._waiting.setdefault(channel, set()).add(waiter)
+            self._idle_since.pop(channel, None)
+            return True
+
+    def quiet(self, channels: list[bytes]) -> None:
+        """Under the lock: ``channels`` are empty; those this process is registered on are
+        quiet."""
+        with self._guard:
+            self._quiet.update(c for c in channels if c in self.registered)
+
+    def wake(self, names: set[bytes] | list[bytes] | None) -> list[W]:
+        """A ring or a check says that ``names`` (every channel, if None or b"" is among them)
+        may hold messages: they are quiet no longer; the receives waiting on them."""
+        with self._guard:
+            if names is None or b"" in names:
+                self._quiet.clear()
+            else:
+                self._quiet.difference_update(names)
+            return self._collect(names)
+
     def note_registered(self, channel: bytes, rec: int) -> None:
         """Under the lock: this process is registered on ``channel``, whose record is at
         ``rec``."""
@@ -173,6 +209,7 @@ class Seat(Generic[W]):
             for channel in channels:
                 self.registered.pop(channel, None)
                 self._idle_since.pop(channel, None)
+                self._quiet.discard(channel)
 
     def discard(self, channel: bytes, waiter: W) -> None:
         """Stop tracking ``waiter``; its channel's registration starts to linger if it was the
@@ -199,6 +236,7 @@ class Seat(Generic[W]):
             for channel in gone:
                 del self._idle_since[channel]
                 del self.registered[channel]
+                self._quiet.discard(channel)
             self.next_lapse = min(self._idle_since.values(), default=math.inf) + self.LINGER
         return gone
 
@@ -208,6 +246,7 @@ class Seat(Generic[W]):
         with self._guard:
             self.registered.clear()
             self._idle_since.clear()
+            self._quiet.clear()
             self.next_lapse = math.inf
             return list(self._waiting)
 
@@ -219,9 +258,12 @@ class Seat(Generic[W]):
         """The receives waiting on ``names``, or on every channel if ``names`` is None or holds
         b"" (a ring that says "look at everything")."""
         with self._guard:
-            if names is None or b"" in names:
-                return [w for waiters in self._waiting.values() for w in waiters]
-            return [w for name in names for w in self._waiting.get(name, ())]
+            return self._collect(names)
+
+    def _collect(self, names: set[bytes] | list[bytes] | None) -> list[W]:
+        if names is None or b"" in names:
+            return [w for waiters in self._waiting.values() for w in waiters]
+        return [w for name in names for w in self._waiting.get(name, ())]
 
     def needs_checking(self) -> bool:
         """Whether the periodic check still has work here: receives waiting, or registrations
