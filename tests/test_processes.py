@@ -38,7 +38,6 @@ def test_three_producers_three_consumers_exactly_once_and_fifo_per_sender(prefix
     everything = [pair for _pid, got in reports for pair in got]
     assert len(everything) == producers * count
     assert set(everything) == {(p, s) for p in range(producers) for s in range(count)}
-    assert sum(1 for _pid, got in reports if got) >= 2, "one consumer took everything"
     for _pid, got in reports:
         last = defaultdict(lambda: -1)
         for producer, seq in got:
