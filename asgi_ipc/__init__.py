@@ -9,6 +9,7 @@ from .exceptions import (
     StoreClosed,
     StoreCorrupted,
     StoreError,
+    StoreInUse,
 )
 from .layer import IPCChannelLayer
 
@@ -23,5 +24,6 @@ __all__ = [
     "StoreClosed",
     "StoreCorrupted",
     "StoreError",
+    "StoreInUse",
     "unlink",
 ]

@@ -33,7 +33,7 @@ import time
 from . import ENGINE, __version__
 from .engine.layout import NAME_PREFIX, SHM_DIR, WAKE_DIR_SUFFIX, store_path, validate_prefix
 from .engine.segment import unlink
-from .exceptions import StoreError
+from .exceptions import StoreError, StoreInUse
 from .layer import IPCChannelLayer
 from .observe import add_commands as add_observe_commands
 from .private import check_private, describe
@@ -59,7 +59,8 @@ def _size(nbytes: float) -> str:
 
 
 def _users_of(prefix: str) -> list[int]:
-    """Pids of the other processes that have the store of ``prefix`` mapped."""
+    """Pids of the other processes of this PID namespace that have the store of ``prefix``
+    mapped: for display only, since processes of other namespaces are not found."""
     path = store_path(prefix)
     users = []
     for entry in os.listdir("/proc"):
@@ -169,15 +170,19 @@ def cmd_flush(args: argparse.Namespace) -> int:
 
 
 def cmd_unlink(args: argparse.Namespace) -> int:
-    users = _users_of(args.prefix)
-    if users and not args.force:
+    try:
+        removed = unlink(args.prefix, unless_in_use=not args.force)
+    except StoreInUse as exc:
+        pids = _users_of(args.prefix)
+        seen = (f"pids in this PID namespace: {_pids(pids)}" if pids
+                else "none of them in this PID namespace")
         print(
-            f"asgi-ipc: prefix {args.prefix!r} is in use by pids {users}; stop them first, or "
-            "pass --force (they would go on with a store nobody else sees)",
+            f"asgi-ipc: {exc} ({seen}); stop them first, or pass --force (they would go on "
+            "with a store nobody else sees)",
             file=sys.stderr,
         )
         return CANNOT_RUN
-    if not unlink(args.prefix):
+    if not removed:
         print(f"asgi-ipc: no asgi_ipc store for prefix {args.prefix!r}", file=sys.stderr)
         return CANNOT_RUN
     print(f"removed the store of prefix {args.prefix!r}")
@@ -390,8 +395,8 @@ def _parser() -> argparse.ArgumentParser:
     ).set_defaults(run=cmd_flush)
     unlink_parser = with_prefix(
         "unlink", "remove the store's shared memory for good",
-        "Remove a store from /dev/shm, with its wake-up directory. Refused while other "
-        "processes have it mapped, unless --force.",
+        "Remove a store from /dev/shm, with its wake-up directory. Refused while any "
+        "process has it open, in whatever PID namespace, unless --force.",
     )
     unlink_parser.add_argument("--force", action="store_true",
                                help="remove it even while processes use it")

@@ -26,6 +26,11 @@ stale; stale registrations are dropped by the next send that meets them and by t
 sweep, so a dead receiver slows nobody down and leaves nothing behind for long. A ring refused
 while the byte is locked frees nothing: the byte's holder lives (it may be a process that has
 just claimed a dead one's slot and not yet recorded its token, which makes the old one stale).
+
+A forked child closes the doorbell sockets it inherited before it runs anything else: kept open
+there, a parent's socket would take the rings meant for the parent after the parent died, so
+that no ring would find it dead and its slot would never be freed. A child that waits binds a
+doorbell of its own.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import weakref
 from collections.abc import Callable
 
 from .engine.layout import wake_dir
+from .engine.lock import no_fork
 from .private import make_private_dir
 
 # Past this many bytes of channel names a ring says "look at everything" instead.
@@ -46,6 +52,9 @@ RING_BYTES = 16384
 RUNG, FULL, GONE = range(3)
 # Binding retries when the wake-up directory vanishes between its creation and the bind.
 BIND_TRIES = 10
+
+# This process's doorbells, whose sockets a forked child closes.
+_doorbells: weakref.WeakSet[Doorbell] = weakref.WeakSet()
 
 
 def doorbell_address(prefix: str, token: int) -> str:
@@ -70,12 +79,15 @@ class Doorbell:
         self.token = secrets.randbits(63) | 1
         self._on_ring = on_ring
         self._prefix = prefix
-        self._sock = self._bind()
+        self._bind()
         self.datagrams = 0  # read so far: what tests count
         self.readers: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 
-    def _bind(self) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    def _bind(self) -> None:
+        with no_fork():
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock = sock
+            _doorbells.add(self)
         try:
             for attempt in range(BIND_TRIES):
                 try:
@@ -88,9 +100,9 @@ class Doorbell:
                         raise
             sock.setblocking(False)
         except BaseException:
+            _doorbells.discard(self)
             sock.close()
             raise
-        return sock
 
     def watch(self, loop: asyncio.AbstractEventLoop) -> None:
         """Have ``loop`` read the doorbell. Left in place when the loop's receives end: the next
@@ -118,8 +130,17 @@ class Doorbell:
                     loop.remove_reader(self._sock.fileno())
                 except RuntimeError:
                     pass
+        _doorbells.discard(self)
         self._sock.close()
         remove_doorbell(self._prefix, self.token)
+
+
+def _after_fork_in_child() -> None:
+    for doorbell in list(_doorbells):
+        doorbell._sock.close()  # the parent's: its path is left alone
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Ringer:

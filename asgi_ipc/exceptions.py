@@ -26,6 +26,17 @@ class SharedMemoryTooSmall(StoreError):
     behind."""
 
 
+class StoreInUse(StoreError):
+    """``unlink(prefix, unless_in_use=True)`` found the store open in other processes, in
+    whatever PID namespace; nothing was removed. ``attached``: how many processes have it open;
+    ``waiting``: how many process slots are held, one per layer that waits in receive()."""
+
+    def __init__(self, message: str, attached: int, waiting: int) -> None:
+        super().__init__(message)
+        self.attached = attached
+        self.waiting = waiting
+
+
 class StoreClosed(StoreError):
     """The layer's store was closed (``IPCChannelLayer.close()``) while a receive waited on it,
     or before it was called. The layer itself opens its store again on its next call."""

@@ -414,7 +414,7 @@ class Receiver:
             try:
                 doorbell = Doorbell(self.prefix, self._rung)
             except BaseException:
-                engine.release_slot_byte(slot)
+                engine.release_slot_byte()
                 raise
             dead = engine.slots.token(slot)
             if dead:
@@ -623,7 +623,7 @@ class Receiver:
                 waiters = seat.close()
                 if doorbell is not None:
                     doorbell.close()  # removes its socket while the byte says we live
-                engine.release_slot_byte(seat.slot)
+                engine.release_slot_byte()
                 for waiter in waiters:
                     _end_elsewhere(waiter, engine.closed_error())
             self._ringer.close()

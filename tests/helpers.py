@@ -88,12 +88,25 @@ def wait_until(condition: Callable[[], T], what: str = "", timeout: float = PATI
     return result
 
 
-def cli(*args: str, timeout: float = 60, **options: Any) -> subprocess.CompletedProcess[str]:
-    """``python -m asgi_ipc ARGS`` with the tree under test."""
+def cli(
+    *args: str, under: list[str] | None = None, timeout: float = 60, **options: Any
+) -> subprocess.CompletedProcess[str]:
+    """``python -m asgi_ipc ARGS`` with the tree under test, run through ``under`` (e.g.
+    unshare) if given."""
     return subprocess.run(
-        [sys.executable, "-m", "asgi_ipc", *args], capture_output=True, text=True,
-        timeout=timeout, **options,
+        [*(under or []), sys.executable, "-m", "asgi_ipc", *args], capture_output=True,
+        text=True, timeout=timeout, **options,
     )
+
+
+def gone(pid: int) -> bool:
+    """Whether process ``pid`` (not necessarily our child) has exited; a zombie has, and its
+    descriptors are closed."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 SPAWN = multiprocessing.get_context("spawn")

@@ -16,6 +16,7 @@ import sys
 
 from asgi_ipc import IPCChannelLayer
 from asgi_ipc.engine.layout import SLOTS
+from asgi_ipc.engine.lock import OwnDescription
 
 CONFIG = {"channel_memory": 1024 * 1024, "group_memory": 256 * 1024, "capacity": 1000}
 
@@ -50,15 +51,27 @@ async def idle(layer: IPCChannelLayer) -> None:
     say("datagrams", layer.receiver().doorbell.datagrams, message["n"])
 
 
+async def attach(layer: IPCChannelLayer) -> None:
+    """Send once (which attaches to the store), then stay attached, never waiting, until stdin
+    closes."""
+    await layer.send("attached", {})
+    say("attached")
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+
 async def hold_slots(layer: IPCChannelLayer) -> None:
     """Hold every slot byte (so no process can claim a slot) until stdin closes."""
     store = layer.engine()
-    held = sum(store.slots.try_lock(store.segment.fd, slot) for slot in range(SLOTS))
+    own = OwnDescription(store.segment.fd)  # as a waiting process holds its slot byte
+    held = sum(store.slots.try_lock(own.fd, slot) for slot in range(SLOTS))
     say("holding", held)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
 
-ROLES = {"ping": ping, "pong": pong, "wait": wait, "idle": idle, "hold-slots": hold_slots}
+ROLES = {
+    "ping": ping, "pong": pong, "wait": wait, "idle": idle, "attach": attach,
+    "hold-slots": hold_slots,
+}
 
 
 async def main() -> None:

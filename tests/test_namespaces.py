@@ -1,5 +1,6 @@
 """Processes in different PID and network namespaces sharing one /dev/shm, as containers that
-share an IPC namespace do: they ring each other, keep their slots, and see each other die.
+share an IPC namespace do: they ring each other, keep their slots, and see each other die; and
+``asgi-ipc unlink`` run in another PID namespace sees that they use the store.
 
 Each process runs under ``unshare`` (as root) with the periodic check raised to an hour (see
 ``ns_worker.py``), so every round trip below was made by a ring: a ring lost, or a slot taken
@@ -15,8 +16,9 @@ import signal
 import pytest
 
 from asgi_ipc import IPCChannelLayer
+from asgi_ipc.observe import figures
 
-from .helpers import Worker, doorbells, slot_table, wait_until
+from .helpers import Worker, cli, doorbells, shm_path, slot_table, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -100,3 +102,52 @@ def test_a_process_killed_in_another_pid_namespace_is_found_dead(layer, workers)
     assert new_token != token and doorbells(prefix) == [f"{new_token:016x}"]
     again.proc.kill()
     again.proc.wait(PATIENCE_EXIT)
+
+
+# "Elsewhere": ``asgi-ipc unlink`` run in a PID namespace of its own, where no pid of the store's
+# users can be seen.
+
+
+def send_once(prefix: str, channel: str, message: dict) -> None:
+    """Send from a layer of this process that is closed again at once: the test itself holds
+    the store open only for that long."""
+    layer = IPCChannelLayer(prefix=prefix, **CONFIG)
+    send(layer, channel, message)
+    asyncio.run(layer.close())
+
+
+def test_unlink_elsewhere_is_refused_while_a_process_waits(prefix, workers):  # noqa: F811
+    send_once(prefix, "created", {})
+    waiter = Worker(NEW_PID_NAMESPACE, "wait", prefix)
+    workers.append(waiter)
+    wait_until(lambda: figures(prefix).waiting_processes, "the waiter to wait")
+    for under in (NEW_PID_NAMESPACE, []):
+        refused = cli("unlink", "--prefix", prefix, under=under)
+        assert refused.returncode == 2, refused
+        assert "open in 1 process, with receives waiting in 1 process slot" in refused.stderr
+        assert os.path.exists(shm_path(prefix))
+    # Its pid is shown where it can be seen, as seen from there.
+    assert str(inner_pid(waiter.proc.pid)) in refused.stderr
+    # The waiter still shares the store with the processes that come later.
+    send_once(prefix, "doomed", {"not": "lost"})
+    waiter.expect("exit")
+    assert waiter.proc.wait(PATIENCE_EXIT) == 0
+    removed = cli("unlink", "--prefix", prefix, under=NEW_PID_NAMESPACE)
+    assert removed.returncode == 0, removed
+    assert "removed the store" in removed.stdout and not os.path.exists(shm_path(prefix))
+
+
+def test_unlink_elsewhere_is_refused_while_a_sender_is_attached(prefix, workers):  # noqa: F811
+    sender = Worker(NEW_PID_NAMESPACE, "attach", prefix)
+    workers.append(sender)
+    sender.expect("attached")
+    refused = cli("unlink", "--prefix", prefix, under=NEW_PID_NAMESPACE)
+    assert refused.returncode == 2, refused
+    assert "open in 1 process, with no receive waiting" in refused.stderr
+    assert "none of them in this PID namespace" in refused.stderr
+    assert os.path.exists(shm_path(prefix))
+    forced = cli("unlink", "--prefix", prefix, "--force", under=NEW_PID_NAMESPACE)
+    assert forced.returncode == 0, forced
+    assert not os.path.exists(shm_path(prefix))
+    sender.stop()
+    assert sender.proc.returncode == 0

@@ -689,3 +689,29 @@ def wait_in_receive(prefix: str, channel: str, ready) -> None:
         await task
 
     asyncio.run(run())
+
+
+# --- a process that forks while it waits (test_slots.py, test_cli.py), started with "spawn" -----
+
+
+def fork_while_waiting(prefix: str, channel: str, conn) -> None:
+    """Wait in receive() on ``channel``; once waiting, fork a child that never calls the layer
+    and lives until the other end of ``conn`` is closed; send (own pid, child's pid) on
+    ``conn``, and wait on until killed."""
+
+    async def run() -> None:
+        layer = observed_layer(prefix)
+        layer.engine()  # opens the store, creating it if need be, before figures() looks
+        task = asyncio.ensure_future(layer.receive(channel))
+        while figures(prefix).waiting_processes != [os.getpid()]:
+            await asyncio.sleep(0.01)
+        child = os.fork()
+        if child == 0:
+            try:
+                conn.recv()
+            finally:
+                os._exit(0)
+        conn.send((os.getpid(), child))
+        await task
+
+    asyncio.run(run())

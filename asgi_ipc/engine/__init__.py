@@ -59,9 +59,10 @@ from .layout import (
     MAGIC,
     WORD,
 )
+from .lock import OwnDescription
 from .queues import OUT_OF_MEMORY, OVER_CAPACITY, QUEUED, ChannelQueues
 from .segment import Segment, format_areas, heaps, removal_hint
-from .slots import ProcessSlots, Seat
+from .slots import ProcessSlots, Seat, slot_locked
 
 logger = logging.getLogger(__name__)
 
@@ -219,6 +220,9 @@ class Engine:
         # appended outside the lock, freed at the next hold.
         self.gone: list[tuple[int, int]] = []
         self.seat: Seat | None = None
+        # The description holding this process's slot byte, from claim_slot to
+        # release_slot_byte (see slots.py).
+        self._slot_byte: OwnDescription | None = None
         # Set by the receiver when it starts closing: a take that gets the lock after it
         # raises StoreClosed rather than track receives nobody will end.
         self.closing = False
@@ -300,6 +304,7 @@ class Engine:
         """In a forked child: nothing process-local of the parent's is ours but the mapping."""
         self._pid = os.getpid()
         self.seat = None
+        self._slot_byte = None  # the parent's, closed in this process at the fork (lock.py)
         self._rings, self.gone = [], []
         self.due = collections.deque()
 
@@ -470,21 +475,28 @@ class Engine:
         self.slots.release(seat.slot, seat.token)
 
     def claim_slot(self) -> int:
-        """Without the lock: lock the byte of a free process slot; the slot, or -1 if every
-        slot is held. Its token is recorded by the next hold once ``seat`` is set."""
-        return self.slots.claim(self.segment.fd)
+        """Without the lock: lock the byte of a free process slot, on a description of the
+        store opened for it alone; the slot, or -1 if every slot is held. Its token is recorded
+        by the next hold once ``seat`` is set."""
+        own = OwnDescription(self.segment.fd)
+        slot = self.slots.claim(own.fd)
+        if slot < 0:
+            own.close()
+        else:
+            self._slot_byte = own
+        return slot
 
-    def release_slot_byte(self, slot: int) -> None:
-        self.slots.unlock(self.segment.fd, slot)
+    def release_slot_byte(self) -> None:
+        """Unlock this process's slot byte, closing the description that holds it."""
+        own, self._slot_byte = self._slot_byte, None
+        if own is not None:
+            own.close()
 
     def died(self, slot: int, token: int) -> bool:
         """Without the lock, for a ring to ``(slot, token)`` that found no one: True if its
         process is dead (its slot byte is unlocked); the caller removes its socket and adds it
         to ``gone``, freed at the next hold if the slot still carries ``token``."""
-        seat = self.seat
-        if seat is not None and seat.slot == slot:
-            return False  # our own byte reads as unlocked to us; and we are alive
-        return not (self.segment.closed or self.slots.locked(self.segment.fd, slot))
+        return not (self.segment.closed or slot_locked(self.segment.fd, slot))
 
     @timed_hold
     def group_add(self, now: int, group: bytes, channel: bytes) -> None:
@@ -542,11 +554,10 @@ class Engine:
             now = self.clock()
             # A slot is live while its holder keeps its byte locked: one that has exited still
             # carries its pid and token, and its waiters are not waiting.
-            seat, fd = self.seat, self.segment.fd
+            fd = self.segment.fd
             live = [
                 (slot, pid, token) for slot, pid, token in self.slots.live()
-                if self.slots.locked(fd, slot)
-                or (seat is not None and (slot, token) == (seat.slot, seat.token))
+                if slot_locked(fd, slot)
             ]
             alive = {(slot, token) for slot, _pid, token in live}
             queues = self.queues.verify(now, alive, top, check)

@@ -24,6 +24,10 @@ and of each heap its first and last pages; the rest of a heap is reserved as it 
 The first byte of each process slot is also that slot's lock byte: a slot is live while a process
 holds an open-file-description lock on it (see ``slots.py``). ``SLOTS`` is therefore fixed by
 the layout: it bounds the processes that can wait in receive() on one prefix at the same time.
+Byte ``ATTACHED_BYTE`` (in the magic word, never a slot's) carries a shared lock of every process
+attached to the store (see ``segment.py``). These byte locks are independent of the store lock
+(a ``flock``, see ``lock.py``), and they sit at the same offsets in every store of a layout
+version, so that they can be probed without reading the header.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ WORD = 8
 PAGE_WORDS = 512
 SLOTS = 1024
 SLOT_WORDS = 3
+SLOT_TABLE = 3 * PAGE_WORDS  # the word where the process slots start
+ATTACHED_BYTE = 0
 JOURNAL_ENTRIES = 1 << 16
 
 # Header words. Words 0 to H_GEOMETRY_END describe the geometry and never change after creation.
@@ -169,7 +175,7 @@ class Geometry:
 
     @property
     def slots(self) -> int:
-        return 3 * PAGE_WORDS
+        return SLOT_TABLE
 
     @property
     def journal(self) -> int:

@@ -1,4 +1,5 @@
-"""The global lock of a store, and what a dead or interrupted holder leaves behind.
+"""The global lock of a store, what a dead or interrupted holder leaves behind, and the byte
+locks that mark which processes use the store.
 
 Every operation on a store runs under one lock: ``flock(LOCK_EX)``, taken by each thread on an
 open file description of the shared-memory object of its own (``StoreLock.handle``: the object
@@ -67,15 +68,35 @@ two flags are set and read in opposite orders (``held`` then ``closing`` in ``ac
 either close() waits for the hold, or the hold sees close() and writes nothing. A thread merely
 *waiting* for the flock (held by another process, perhaps stopped) is not waited for: its handle
 is closed under it, and when its flock returns it finds the store closing and gives the lock up.
+
+Byte locks. Besides the store lock, processes mark what they are with open-file-description
+locks (``F_OFD_SETLK``) on single bytes of the store file: the attached byte (segment.py) and the
+slot bytes (slots.py). On Linux they are independent of the flock. Like it they belong to an open
+file description and go when its last descriptor closes, so when the process dies however it
+dies; any process that has the file open can test them (``F_OFD_GETLK``), whatever PID namespace
+either is in, and no pid is involved. Two rules keep them true:
+
+* they are held on an ``OwnDescription`` only: opened for them alone, never duplicated, and
+  closed in a forked child before it runs anything else, since the child would otherwise keep
+  its parent's marks for as long as it lives. ``mmap`` keeps a duplicate of the descriptor it
+  maps, which a child inherits and cannot drop while it keeps the mapping, so no byte lock is
+  ever held on the mapped descriptor (``Segment.fd``);
+* ``F_OFD_GETLK`` does not see the locks of the description it is asked through, so probes go
+  through one that holds none (``Segment.fd`` again): they then see every holder, this process
+  included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
+import os
+import struct
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 
 from ..exceptions import StoreClosed, StoreError
 
@@ -199,3 +220,84 @@ class StoreLock:
         # them, so that the child's holds exclude the parent's.
         self.close()
         self._fd = fd
+
+
+# struct flock of Linux on 64-bit machines: l_type, l_whence, l_start, l_len, l_pid (0 for OFD
+# locks), padded to 32 bytes.
+_FLOCK = struct.Struct("hhqqi4x")
+assert _FLOCK.size == 32
+
+
+def byte_lock(fd: int, cmd: int, kind: int, offset: int) -> int:
+    """One OFD lock request (``F_OFD_SETLK`` or ``F_OFD_GETLK``) on the byte at ``offset`` of
+    the file of ``fd``: the lock type the kernel answers. ``F_OFD_SETLK`` raises
+    BlockingIOError (or PermissionError) when another description holds a conflicting lock."""
+    answer = fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0))
+    return int(_FLOCK.unpack(answer)[0])
+
+
+def byte_lock_holders(fd: int, offset: int) -> int:
+    """How many open file descriptions hold a lock on the byte at ``offset`` of the file of
+    ``fd``, as /proc/locks lists them (it lists OFD locks to every PID namespace, with pid
+    -1). A figure to show: ``F_OFD_GETLK`` is what tells whether there is any."""
+    st = os.fstat(fd)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    at = str(offset)
+    with open("/proc/locks") as locks:
+        # "7: OFDLCK ADVISORY READ -1 00:1b:1044 0 0"; a request still waiting has "->" after
+        # the number, and holds nothing.
+        return sum(
+            fields[1] == "OFDLCK" and fields[5] == inode and fields[6] == fields[7] == at
+            for fields in map(str.split, locks)
+        )
+
+
+# Held across fork(), and by ``no_fork``.
+_fork_guard = threading.Lock()
+_own: weakref.WeakSet[OwnDescription] = weakref.WeakSet()
+
+
+@contextlib.contextmanager
+def no_fork() -> Iterator[None]:
+    """Keep other threads from forking for the span of the block: around the opening of a
+    descriptor that a forked child must close, and its registration with the hook that closes
+    it. A child made in between would keep a descriptor its hook does not know of."""
+    with _fork_guard:
+        yield
+
+
+class OwnDescription:
+    """An open file description of the store that this process alone holds byte locks on (see
+    the module docstring): opened again through /proc/self/fd from ``store_fd``, close-on-exec,
+    and closed in a forked child before the child runs anything else."""
+
+    def __init__(self, store_fd: int) -> None:
+        self.fd = -1
+        with no_fork():
+            self.fd = os.open(f"/proc/self/fd/{store_fd}", os.O_RDWR | os.O_CLOEXEC)
+            _own.add(self)
+
+    def close(self) -> None:
+        """Close it, dropping its locks; closing it again does nothing."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _after_fork_in_child() -> None:
+    _fork_guard.release()
+    # The parent's locks: shared with the parent, they would outlive it in this process.
+    for own in list(_own):
+        own.close()
+
+
+# Registered when this module is imported, so before segment.py's hook, which runs after this
+# one in the child and takes the child's own marks.
+os.register_at_fork(
+    before=_fork_guard.acquire,
+    after_in_parent=_fork_guard.release,
+    after_in_child=_after_fork_in_child,
+)

@@ -19,6 +19,14 @@ unlinked (no links left) and starts again from the path.
 An existing store keeps the sizes it was created with; a process configured with other sizes uses
 it as it is and logs a warning. Anything that is not a ready store of this layout version raises
 ``StoreCorrupted`` naming the object and the command that removes it.
+
+Every process attached to a store holds a shared OFD lock on its ``ATTACHED_BYTE`` for as long
+as it is (one per process and store file, whatever the number of its segments; a forked child
+takes its own): taken under the store lock before the store is mapped, dropped once the last of
+the process's segments of that file is unmapped. That is what tells ``unlink(unless_in_use=True)``
+that processes still use a store, in any PID namespace, where pids and /proc/*/maps tell
+nothing; it looks under the store lock, so that no process attaches between its look and the
+removal.
 """
 
 from __future__ import annotations
@@ -32,14 +40,16 @@ import mmap
 import os
 import secrets
 import stat
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 
-from ..exceptions import SharedMemoryTooSmall, StoreCorrupted, StoreError
+from ..exceptions import SharedMemoryTooSmall, StoreCorrupted, StoreError, StoreInUse
 from ..private import check_private, open_private_file
 from .heap import Heap
 from .journal import Journal
 from .layout import (
+    ATTACHED_BYTE,
     H_CHANNEL_BUCKETS,
     H_CHANNEL_MEMORY,
     H_CHANNELS,
@@ -70,11 +80,17 @@ from .layout import (
     store_path,
     wake_dir,
 )
-from .lock import Handle, StoreLock
+from .lock import Handle, OwnDescription, StoreLock, byte_lock, byte_lock_holders
+from .slots import held_slots
 
 logger = logging.getLogger(__name__)
 
 _attached: weakref.WeakSet[Segment] = weakref.WeakSet()
+
+# This process's mark of being attached, per store file ((st_dev, st_ino)): the description that
+# holds the shared lock on ATTACHED_BYTE, and how many segments use it.
+_marks: dict[tuple[int, int], tuple[OwnDescription, int]] = {}
+_marks_guard = threading.Lock()
 
 
 def _geometry_sum(words: memoryview) -> int:
@@ -198,10 +214,12 @@ class Segment:
         self._pid = os.getpid()
         wanted = Geometry.for_sizes(channel_memory, group_memory)
         self.fd = -1
+        self._marked: tuple[int, int] | None = None
         lock: StoreLock | None = None
         try:
             lock, handle = self._open_locked(create)
             self.lock = lock
+            self._mark_attached()  # under the store lock: see unlink
             size = os.fstat(self.fd).st_size
             if self._needs_initialising(size):
                 self._initialise(wanted)
@@ -368,12 +386,41 @@ class Segment:
         return os.open(f"/proc/self/fd/{self.fd}", os.O_RDWR | os.O_CLOEXEC)
 
     def reopen_after_fork(self) -> None:
-        """Give a forked child its own open file description, so its flock excludes the parent."""
+        """Give a forked child its own open file description, so its flock excludes the parent,
+        and its own mark of being attached (the parent's was closed in the child: lock.py)."""
         inherited = self.fd
         self.fd = self._reopen()
         os.close(inherited)
         self.lock.reset_after_fork(self.fd)
         self._pid = os.getpid()
+        self._marked = None
+        self._mark_attached()
+
+    def _mark_attached(self) -> None:
+        st = os.fstat(self.fd)
+        key = (st.st_dev, st.st_ino)
+        with _marks_guard:
+            own, users = _marks.get(key, (None, 0))
+            if own is None:
+                own = OwnDescription(self.fd)
+                try:
+                    byte_lock(own.fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, ATTACHED_BYTE)
+                except BaseException:
+                    own.close()
+                    raise
+            _marks[key] = (own, users + 1)
+        self._marked = key
+
+    def _unmark_attached(self) -> None:
+        key, self._marked = self._marked, None
+        if key is None:
+            return
+        with _marks_guard:
+            own, users = _marks.pop(key)
+            if users > 1:
+                _marks[key] = (own, users - 1)
+            else:
+                own.close()
 
     def _close_handles(self) -> None:
         words = getattr(self, "words", None)
@@ -385,6 +432,7 @@ class Segment:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        self._unmark_attached()
 
     def close(self, before_unmap: Callable[[], None] | None = None) -> None:
         """Detach, calling ``before_unmap`` once no hold is under way. A hold under way in
@@ -404,13 +452,17 @@ class Segment:
         return self.fd < 0
 
 
-def unlink(prefix: str) -> bool:
+def unlink(prefix: str, *, unless_in_use: bool = False) -> bool:
     """Remove the store file of ``prefix`` and its wake-up directory with the sockets in it;
     False if there was neither. Either of them that is not a private object of this user
     raises ``ForeignObject`` before anything is removed (no symlink is followed).
 
     Processes still attached keep their mapping but share nothing with processes that attach
-    after this: stop them first.
+    after this: stop them first. With ``unless_in_use``, nothing is removed while any process
+    has the store open, in whatever PID namespace: ``StoreInUse`` says how many, and how many
+    process slots are held. That is judged from the byte locks (see the module docstring), under
+    the store lock, which is held until the store is removed: a process that opened the file in
+    between finds it removed once it has the lock, and starts again from the path.
     """
     path, directory = store_path(prefix), wake_dir(prefix)
     found = {}
@@ -423,22 +475,53 @@ def unlink(prefix: str) -> bool:
         except FileNotFoundError:
             continue
         check_private(where, st, kind, expected)
-    if directory in found:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            if not os.path.samestat(os.fstat(fd), found[directory]):
-                raise StoreError(f"{directory} was replaced while being removed")
-            for entry in os.listdir(fd):
-                os.unlink(entry, dir_fd=fd)
-        finally:
-            os.close(fd)
-        os.rmdir(directory)
-    if path in found:
-        os.unlink(path)
+    with contextlib.ExitStack() as held:
+        if unless_in_use and path in found:
+            fd = open_private_file(path, create=False)[0]
+            held.callback(os.close, fd)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if not os.path.samestat(os.fstat(fd), found[path]):
+                raise StoreError(f"{path} was replaced while being removed")
+            _refuse_if_in_use(prefix, fd)
+        if directory in found:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                if not os.path.samestat(os.fstat(fd), found[directory]):
+                    raise StoreError(f"{directory} was replaced while being removed")
+                for entry in os.listdir(fd):
+                    os.unlink(entry, dir_fd=fd)
+            finally:
+                os.close(fd)
+            os.rmdir(directory)
+        if path in found:
+            os.unlink(path)
     return bool(found)
 
 
+def _refuse_if_in_use(prefix: str, fd: int) -> None:
+    """Raise ``StoreInUse`` if any process has the store of ``fd`` open, asked through ``fd``,
+    which holds no byte lock. Whether any does is ``F_OFD_GETLK``'s answer; how many, the count
+    of /proc/locks (which a process leaving in between may make one short)."""
+    seen = byte_lock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, ATTACHED_BYTE) != fcntl.F_UNLCK
+    waiting = held_slots(fd)
+    if not (seen or waiting):
+        return
+    attached = max(byte_lock_holders(fd, ATTACHED_BYTE), 1)
+    processes = "1 process" if attached == 1 else f"{attached} processes"
+    slots = "1 process slot" if waiting == 1 else f"{waiting} process slots"
+    receives = f"receives waiting in {slots}" if waiting else "no receive waiting"
+    raise StoreInUse(
+        f"the store of prefix {prefix!r} is in use: open in {processes}, with {receives}",
+        attached, waiting,
+    )
+
+
 def _after_fork_in_child() -> None:
+    global _marks_guard
+    # Runs after lock.py's hook has closed the parent's marks: they are forgotten here, and the
+    # guard replaced (another thread of the parent may have held it at the fork).
+    _marks.clear()
+    _marks_guard = threading.Lock()
     for segment in list(_attached):
         if not segment.closed:
             segment.reopen_after_fork()

@@ -1,14 +1,16 @@
 """The process slots: the table, in the store, of the processes that wait in receive().
 
 A slot is live iff its *slot byte* in the store file is locked: an open-file-description lock
-(``F_OFD_SETLK``) taken on the process's own descriptor of the store. The kernel drops it when
-that descriptor is closed, and so when the holder dies however it dies, and any process that has
-the store open can test it (``F_OFD_GETLK``), whatever PID namespace either is in: no pid is ever
-compared. ``Seat`` is this process's side of its slot: the registrations and waiting receives
-it tracks. A slot's words (pid for display, random token, missed-ring mark) are changed through
-the journal under the global lock like any other word of the store, except the missed-ring mark,
-a hint written without it. How a process claims, uses and frees its slot: see doorbell.py and
-receiver.py.
+(``F_OFD_SETLK``) that the process claiming it takes on an ``OwnDescription`` of the store
+opened for that lock alone (see lock.py). The kernel drops it when that description is closed:
+when the process releases its slot, and when it dies however it dies, since nothing else holds
+the description: a forked child closes its copy at once, and no ``mmap`` duplicates it. Any
+process that has the store open can test it (``F_OFD_GETLK``, through a descriptor holding no
+lock), whatever PID namespace either is in: no pid is ever compared. ``Seat`` is this
+process's side of its slot: the registrations and waiting receives it tracks. A slot's words
+(pid for display, random token, missed-ring mark) are changed through the journal under the
+global lock like any other word of the store, except the missed-ring mark, a hint written
+without it. How a process claims, uses and frees its slot: see doorbell.py and receiver.py.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import fcntl
 import math
 import os
-import struct
 import threading
 import time
 from collections.abc import Hashable
@@ -24,22 +25,28 @@ from typing import Generic, TypeVar
 
 from ..exceptions import StoreClosed
 from .journal import Journal
-from .layout import SLOT_WORDS, SLOTS, WORD
+from .layout import SLOT_TABLE, SLOT_WORDS, SLOTS, WORD
+from .lock import byte_lock
 
 SLOT_PID = 0  # for display only: a pid means nothing in another PID namespace
 SLOT_TOKEN = 1
 SLOT_MISSED = 2  # set by a sender that found the doorbell's queue full
 
-# struct flock of Linux on 64-bit machines: l_type, l_whence, l_start, l_len, l_pid (0 for OFD
-# locks), padded to 32 bytes.
-_FLOCK = struct.Struct("hhqqi4x")
-assert _FLOCK.size == 32
+
+def slot_byte(slot: int) -> int:
+    """The file offset of ``slot``'s slot byte: its first byte in the store."""
+    return (SLOT_TABLE + slot * SLOT_WORDS) * WORD
 
 
-def _slot_lock(fd: int, cmd: int, kind: int, offset: int) -> int:
-    """One OFD lock request on the byte at ``offset``; the lock type the kernel answers."""
-    answer = fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0))
-    return _FLOCK.unpack(answer)[0]
+def slot_locked(fd: int, slot: int) -> bool:
+    """True if a process holds ``slot``'s byte, asked through ``fd``, which must hold no byte
+    lock (``Segment.fd``): it then sees every holder, this process included."""
+    return byte_lock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, slot_byte(slot)) != fcntl.F_UNLCK
+
+
+def held_slots(fd: int) -> int:
+    """How many slot bytes of the store are locked, asked as ``slot_locked`` is."""
+    return sum(slot_locked(fd, slot) for slot in range(SLOTS))
 
 
 class ProcessSlots:
@@ -53,30 +60,18 @@ class ProcessSlots:
     def token(self, slot: int) -> int:
         return self._w[self._base + slot * SLOT_WORDS + SLOT_TOKEN] if 0 <= slot < SLOTS else 0
 
-    def lock_offset(self, slot: int) -> int:
-        """The file offset of ``slot``'s slot byte: its first byte in the store."""
-        return (self._base + slot * SLOT_WORDS) * WORD
-
     def try_lock(self, fd: int, slot: int) -> bool:
         """Lock ``slot``'s byte through ``fd`` without waiting: True if it is ours now."""
         try:
-            _slot_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK, self.lock_offset(slot))
+            byte_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK, slot_byte(slot))
         except (BlockingIOError, PermissionError):
             return False
         return True
 
-    def unlock(self, fd: int, slot: int) -> None:
-        _slot_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, self.lock_offset(slot))
-
-    def locked(self, fd: int, slot: int) -> bool:
-        """True if a process holds ``slot``'s byte. Asked through the holder's own descriptor,
-        this answers False: a process must know its own slot."""
-        offset = self.lock_offset(slot)
-        return _slot_lock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, offset) != fcntl.F_UNLCK
-
     def claim(self, fd: int) -> int:
-        """Lock the byte of a slot nobody holds, without the global lock: the slot, or -1 if
-        every slot is held. ``record`` then writes the token, under the lock."""
+        """Lock, through ``fd`` (an ``OwnDescription``'s), the byte of a slot nobody holds,
+        without the global lock: the slot, or -1 if every slot is held. ``record`` then writes
+        the token, under the lock."""
         for slot in range(SLOTS):
             if self.try_lock(fd, slot):
                 return slot
@@ -109,7 +104,7 @@ class ProcessSlots:
 
     def live(self) -> list[tuple[int, int, int]]:
         """(slot, pid, token) of every slot with a token recorded (its holder may have died
-        since: ``locked`` tells)."""
+        since: ``slot_locked`` tells)."""
         w, found = self._w, []
         for slot in range(SLOTS):
             at = self._base + slot * SLOT_WORDS
