@@ -31,7 +31,7 @@ import sys
 import time
 
 from . import ENGINE, __version__
-from .engine.layout import NAME_PREFIX, SHM_DIR, WAKE_DIR_SUFFIX, store_path, validate_prefix
+from .engine.layout import NAME_PREFIX, SHM_DIR, store_path, validate_prefix, wake_dir_prefix
 from .engine.segment import unlink
 from .exceptions import StoreError, StoreInUse
 from .layer import IPCChannelLayer
@@ -198,7 +198,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         if not entry.startswith(FILE_PREFIX):
             continue
         path = f"{SHM_DIR}/{entry}"
-        is_wake_dir = entry.endswith(WAKE_DIR_SUFFIX)
+        is_wake_dir = wake_dir_prefix(entry) is not None
         try:
             st = os.lstat(path)
             if is_wake_dir:

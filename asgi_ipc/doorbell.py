@@ -3,10 +3,18 @@
 Each process that waits in ``receive()`` holds a *process slot* in the store (engine/slots.py:
 live iff its slot byte is locked, whatever PID namespace anyone is in). With the slot comes the
 process's *doorbell*: a Unix datagram socket bound at a path named by the slot's random token
-inside the prefix's wake-up directory (``layout.wake_dir``, mode 0700, checked to be ours). A
+inside the store's wake-up directory (``Segment.wake_dir``, mode 0700, checked to be ours). A
 path reaches the process from every namespace that sees the same /dev/shm, whatever its network
 namespace; the directory is closed to other users, so only processes of the same user can ring
 a doorbell (and they learn its token from the store, mode 0600).
+
+The wake-up directory belongs to the store, not to the processes waiting on it: the first
+doorbell creates it (``make_private_dir``), and it stays, empty or not, until the store is
+unlinked (``segment.unlink``). Its name is keyed by the store's secret hash key (layout.py), so
+no other user can create it first; and since it is never removed while the store lives, no
+other user can create it in the gap after the last waiting process has left either. (One of our
+own user who removes it by hand opens that gap: the next doorbell creates it again, and refuses
+it with ``ForeignObject`` if someone else got there first.)
 
 A waiting receive registers ``(slot, token)`` on its channel's record, under the same lock hold
 in which it found the channel empty, so no send can fall between the check and the registration.
@@ -15,7 +23,7 @@ it has released the lock, sends each process one datagram naming its channels (a
 thousand members in four processes sends four). An empty datagram (after ``flush``, or for too
 many channels) means "look at every channel again". In the receiving process the doorbell is
 read by whichever event loop has a receive waiting (``loop.add_reader``); what happens next, and
-what makes up for a ring that is lost, is receiver.py's.
+what makes up for a ring that is lost (or a doorbell /dev/shm had no room for), is receiver.py's.
 
 What frees a slot: its process closing the store (it clears its token, removes its socket, then
 unlocks the byte), or, for a process that died, a sender whose ring finds the socket missing or
@@ -25,7 +33,8 @@ left removes that socket too. A changed token makes every registration carrying 
 stale; stale registrations are dropped by the next send that meets them and by the incremental
 sweep, so a dead receiver slows nobody down and leaves nothing behind for long. A ring refused
 while the byte is locked frees nothing: the byte's holder lives (it may be a process that has
-just claimed a dead one's slot and not yet recorded its token, which makes the old one stale).
+just claimed a dead one's slot and not yet recorded its token, which makes the old one stale,
+or one waiting without a doorbell).
 
 A forked child closes the doorbell sockets it inherited before it runs anything else: kept open
 there, a parent's socket would take the rings meant for the parent after the parent died, so
@@ -43,42 +52,46 @@ import socket
 import weakref
 from collections.abc import Callable
 
-from .engine.layout import wake_dir
 from .engine.lock import no_fork
 from .private import make_private_dir
 
 # Past this many bytes of channel names a ring says "look at everything" instead.
 RING_BYTES = 16384
 RUNG, FULL, GONE = range(3)
-# Binding retries when the wake-up directory vanishes between its creation and the bind.
-BIND_TRIES = 10
 
 # This process's doorbells, whose sockets a forked child closes.
 _doorbells: weakref.WeakSet[Doorbell] = weakref.WeakSet()
 
 
-def doorbell_address(prefix: str, token: int) -> str:
+def new_token() -> int:
+    """A random token for a process slot; never 0, which marks a free slot."""
+    return secrets.randbits(63) | 1
+
+
+def doorbell_address(wake_dir: str, token: int) -> str:
     """The path of the doorbell of the process whose slot holds ``token``."""
-    return f"{wake_dir(prefix)}/{token:016x}"
+    return f"{wake_dir}/{token:016x}"
 
 
-def remove_doorbell(prefix: str, token: int) -> None:
-    """Remove a doorbell's socket, and the wake-up directory if that leaves it empty."""
+def remove_doorbell(wake_dir: str, token: int) -> None:
+    """Remove a doorbell's socket. The directory stays, for the next process to wait."""
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(doorbell_address(prefix, token))
-    with contextlib.suppress(OSError):  # not empty: other processes wait
-        os.rmdir(wake_dir(prefix))
+        os.unlink(doorbell_address(wake_dir, token))
 
 
 class Doorbell:
-    """This process's doorbell: a datagram socket bound at ``doorbell_address(prefix, token)``,
-    read by every event loop that has a receive waiting. Each ring read hands ``on_ring`` the
-    channel names it carried (b"" for "look at everything"), in the loop that read it."""
+    """This process's doorbell: a datagram socket bound at ``doorbell_address(wake_dir,
+    token)``, read by every event loop that has a receive waiting. Each ring read hands
+    ``on_ring`` the channel names it carried (b"" for "look at everything"), in the loop that
+    read it. Creating one raises ``OSError`` (``ENOSPC``) when /dev/shm has no inode or no space
+    left for the socket or the directory."""
 
-    def __init__(self, prefix: str, on_ring: Callable[[set[bytes]], None]) -> None:
-        self.token = secrets.randbits(63) | 1
+    def __init__(
+        self, wake_dir: str, token: int, on_ring: Callable[[set[bytes]], None]
+    ) -> None:
+        self.token = token
         self._on_ring = on_ring
-        self._prefix = prefix
+        self._wake_dir = wake_dir
         self._bind()
         self.datagrams = 0  # read so far: what tests count
         self.readers: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
@@ -89,15 +102,8 @@ class Doorbell:
             self._sock = sock
             _doorbells.add(self)
         try:
-            for attempt in range(BIND_TRIES):
-                try:
-                    make_private_dir(wake_dir(self._prefix))
-                    sock.bind(doorbell_address(self._prefix, self.token))
-                    break
-                except FileNotFoundError:
-                    # The last doorbell of the prefix removed the empty directory in between.
-                    if attempt == BIND_TRIES - 1:
-                        raise
+            make_private_dir(self._wake_dir)  # there already, unless this is the first doorbell
+            sock.bind(doorbell_address(self._wake_dir, self.token))
             sock.setblocking(False)
         except BaseException:
             _doorbells.discard(self)
@@ -132,15 +138,7 @@ class Doorbell:
                     pass
         _doorbells.discard(self)
         self._sock.close()
-        remove_doorbell(self._prefix, self.token)
-
-
-def _after_fork_in_child() -> None:
-    for doorbell in list(_doorbells):
-        doorbell._sock.close()  # the parent's: its path is left alone
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+        remove_doorbell(self._wake_dir, self.token)
 
 
 class Ringer:
@@ -166,3 +164,11 @@ class Ringer:
 
     def close(self) -> None:
         self._sock.close()
+
+
+def _after_fork_in_child() -> None:
+    for doorbell in list(_doorbells):
+        doorbell._sock.close()  # the parent's: its path is left alone
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -22,8 +22,9 @@ class ForeignObject(StoreError):
 
 class SharedMemoryTooSmall(StoreError):
     """The tmpfs of /dev/shm has no room for the store this process would create: it names the
-    sizes and how to give /dev/shm more room or configure a smaller store. Nothing is left
-    behind."""
+    sizes and how to give /dev/shm more room or configure a smaller store, or, when no inode is
+    left for the store's file, the inodes in use and how to find what takes them. Nothing is
+    left behind."""
 
 
 class StoreInUse(StoreError):

@@ -36,6 +36,14 @@ doorbell; the next lock hold records the slot's token and serves the receive aga
 slot is held, that receive raises ``StoreError``; the process looks for a free slot again no
 sooner than the check interval later, and its other operations go on.
 
+Binding a doorbell takes an inode of /dev/shm (two for the store's first, which creates the
+wake-up directory too), and any local user can take them all. A process that finds no room for
+its doorbell waits without one rather than fail: it holds its slot and registers on its channels
+as usual, a send that rings it finds no socket but leaves it be (its slot byte says it lives),
+and the periodic check hands its receives their messages, so they learn of a message within the
+check interval. Each check tries to bind the doorbell again; once it is bound, every receive
+waiting is served once more, so that each event loop reads it.
+
 A doorbell's queue holds only ``net.unix.max_dgram_qlen`` datagrams (10 by default). A sender
 that finds it full marks the process slot as having missed a ring, then rings once more; the
 receiving process reads the mark after draining its queue and then wakes every receive it has.
@@ -52,13 +60,23 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
 
-from .doorbell import FULL, GONE, RING_BYTES, Doorbell, Ringer, doorbell_address, remove_doorbell
+from .doorbell import (
+    FULL,
+    GONE,
+    RING_BYTES,
+    Doorbell,
+    Ringer,
+    doorbell_address,
+    new_token,
+    remove_doorbell,
+)
 from .engine import Engine, Seat, Taken, now_ms
 from .engine.layout import H_EPOCH, H_FLUSHING, SLOTS
 from .exceptions import StoreError
@@ -176,13 +194,13 @@ class Receiver:
             payload = b"\n".join(names)
             if b"" in names or len(payload) > RING_BYTES:
                 payload = b""
-            address = doorbell_address(self.prefix, token)
+            address = doorbell_address(engine.wake_dir, token)
             result = self._ringer.ring(address, payload)
             if result == FULL:
                 engine.slots.mark_missed(slot)
                 result = self._ringer.ring(address, b"")
             if result == GONE and engine.died(slot, token):
-                remove_doorbell(self.prefix, token)
+                remove_doorbell(engine.wake_dir, token)
                 engine.gone.append((slot, token))
 
     def _rung(self, names: set[bytes]) -> None:
@@ -381,7 +399,7 @@ class Receiver:
             return
         if self._closed:
             _fail(waiter, self.engine.closed_error())
-        elif self.doorbell is None:
+        elif self.engine.seat is None:
             _fail(waiter, self._slots_full())
         else:
             self._serve([waiter])
@@ -398,29 +416,55 @@ class Receiver:
     def _take_slot(self) -> None:
         """Without the lock: claim a process slot (lock its byte) and bind this process's
         doorbell, which the next lock hold records. Every slot held: none is looked for again
-        for the check interval."""
+        for the check interval. No room in /dev/shm for the doorbell: the process waits
+        without one (see the module docstring)."""
         with self._slot_guard:
+            engine = self.engine
             if (
-                self.doorbell is not None
+                engine.seat is not None
                 or self._closed
                 or time.monotonic() < self._slots_full_until
             ):
                 return
-            engine = self.engine
             slot = engine.claim_slot()
             if slot < 0:
                 self._slots_full_until = time.monotonic() + self.check_interval
                 return
+            token = new_token()
             try:
-                doorbell = Doorbell(self.prefix, self._rung)
+                doorbell = self._bind(token)
             except BaseException:
                 engine.release_slot_byte()
                 raise
+            if doorbell is None:
+                logger.warning(
+                    "%s: /dev/shm has no inode or no space left for this process's doorbell "
+                    "in %s; its receives wait without it and learn of their messages within "
+                    "%g s until there is room", self.name, engine.wake_dir, self.check_interval,
+                )
             dead = engine.slots.token(slot)
             if dead:
-                remove_doorbell(self.prefix, dead)  # its holder died: we hold its byte now
+                remove_doorbell(engine.wake_dir, dead)  # its holder died: we hold its byte now
             self.doorbell = doorbell
-            engine.seat = Seat(slot, doorbell.token)
+            engine.seat = Seat(slot, token)
+
+    def _bind(self, token: int) -> Doorbell | None:
+        """This process's doorbell, or None if /dev/shm has no room for it."""
+        try:
+            return Doorbell(self.engine.wake_dir, token, self._rung)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                return None
+            raise
+
+    def _bind_late(self, seat: Seat[Waiter]) -> bool:
+        """From the checker thread, for a process waiting without a doorbell: bind it now if
+        there is room; True if it did."""
+        with self._slot_guard:
+            if self.doorbell is not None or self.engine.seat is not seat or self._closed:
+                return False
+            doorbell = self.doorbell = self._bind(seat.token)
+        return doorbell is not None
 
     def _stop_tracking(self, waiter: Waiter) -> None:
         seat = self.engine.seat
@@ -563,10 +607,13 @@ class Receiver:
         for waiter in seat.waiters():
             if waiter.loop.is_closed():
                 seat.discard(waiter.channel, waiter)
+        bound = self.doorbell is None and self._bind_late(seat)
         ready = self.engine.check(seat)
         if self.engine.due:
             self._ring()
-        self._wake(seat, ready)
+        # Once bound at last, every receive is served again, so that each event loop with one
+        # waiting starts reading the doorbell.
+        self._wake(seat, None if bound else ready)
 
     # --- close -----------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import pytest
 
 from asgi_ipc import IPCChannelLayer
 from asgi_ipc.engine import compiled
-from asgi_ipc.engine.layout import store_path, wake_dir
+from asgi_ipc.engine.layout import SHM_DIR, store_path, wake_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024
@@ -54,8 +54,10 @@ def shm_path(prefix: str) -> str:
 
 
 def left_behind(prefix: str) -> bool:
-    """Whether anything of ``prefix`` (its store, its wake-up directory) is in /dev/shm."""
-    return any(os.path.lexists(path) for path in (store_path(prefix), wake_dir(prefix)))
+    """Whether anything of ``prefix`` is in /dev/shm: its store, or anything named after it
+    (its wake-up directories, or what a test planted beside them)."""
+    name = os.path.basename(store_path(prefix))
+    return any(entry == name or entry.startswith(name + "+") for entry in os.listdir(SHM_DIR))
 
 
 def write_object(prefix: str, data: bytes) -> None:
@@ -171,8 +173,5 @@ def slot_table(layer: IPCChannelLayer) -> list[tuple[int, int]]:
 
 
 def doorbells(prefix: str) -> list[str]:
-    """The sockets in the prefix's wake-up directory."""
-    try:
-        return sorted(os.listdir(wake_dir(prefix)))
-    except FileNotFoundError:
-        return []
+    """The sockets in the prefix's wake-up directories."""
+    return sorted(entry for directory in wake_dirs(prefix) for entry in os.listdir(directory))

@@ -1,4 +1,4 @@
-"""Run inside a mount namespace whose /dev/shm is a 16 MiB tmpfs (see test_small_shm.py):
+"""Run inside a mount namespace whose /dev/shm is a small tmpfs (see test_small_shm.py):
 ``python small_shm_child.py SCENARIO PREFIX``. Prints one JSON object of what happened; the
 test asserts on it. Every process it starts runs in the same namespace."""
 
@@ -10,12 +10,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 from channels.exceptions import ChannelFull
 
 import asgi_ipc
 from asgi_ipc import GroupMemoryFull, IPCChannelLayer, SharedMemoryTooSmall
-from tests.helpers import MiB, cli
+from tests.helpers import PATIENCE, MiB, cli
 
 MESSAGE = {"type": "m", "text": "x" * 1000}
 
@@ -39,6 +40,27 @@ def fill_tmpfs(name: str) -> None:
                     break
     finally:
         os.close(fd)
+
+
+def fill_inodes() -> list[str]:
+    """Take every free inode of /dev/shm with empty files of our own: their paths."""
+    taken: list[str] = []
+    while True:
+        path = f"/dev/shm/inode.{len(taken)}"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            return taken
+        taken.append(path)
+
+
+async def until(condition, what: str) -> None:
+    deadline = time.monotonic() + PATIENCE
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
 
 
 async def send_until_full(layer: IPCChannelLayer, limit: int) -> tuple[int, str]:
@@ -135,6 +157,65 @@ async def receive_after_flush(prefix: str) -> dict:
     return report
 
 
+async def no_inode_for_store(prefix: str) -> dict:
+    fillers = fill_inodes()
+    layer = layer_for(prefix, MiB)
+    try:
+        await layer.send("c", MESSAGE)
+        outcome = ["created", ""]
+    except Exception as exc:
+        outcome = [type(exc).__name__, str(exc)]
+    await layer.close()
+    for path in fillers:
+        os.unlink(path)
+    return {"outcome": outcome, "left": sorted(os.listdir("/dev/shm"))}
+
+
+def send_from_another_process(prefix: str, n: int) -> None:
+    subprocess.run([sys.executable, __file__, "send_one", prefix, str(n)], check=True,
+                   timeout=120)
+
+
+async def no_inode_to_wait(prefix: str) -> dict:
+    layer = layer_for(prefix, MiB)
+    await layer.send("warm", MESSAGE)  # the store exists; nothing has waited on it yet
+    assert await layer.receive("warm") == MESSAGE
+    store, receiver = layer.engine(), layer.receiver()
+    report: dict = {}
+    fillers = fill_inodes()
+    first = asyncio.ensure_future(layer.receive("c"))
+    await until(lambda: store.seat is not None or first.done(), "the receive to wait")
+    report["without_doorbell"] = receiver.doorbell is None
+    await asyncio.to_thread(send_from_another_process, prefix, 0)
+    report["first"] = await asyncio.wait_for(first, PATIENCE)
+    for path in fillers:
+        os.unlink(path)
+    # A receive waiting again keeps the periodic check running, which binds the doorbell.
+    second = asyncio.ensure_future(layer.receive("c"))
+    await until(lambda: receiver.doorbell is not None, "the doorbell to be bound")
+    report["bound_later"] = True
+    report["wake_dir_mode"] = f"{os.stat(store.wake_dir).st_mode & 0o7777:04o}"
+    report["sockets"] = len(os.listdir(store.wake_dir))
+    await asyncio.to_thread(send_from_another_process, prefix, 1)
+    assert await asyncio.wait_for(second, PATIENCE) == {"n": 1}
+    third = asyncio.ensure_future(layer.receive("c"))
+    await until(lambda: receiver.doorbell.readers, "the doorbell to be read")
+    await asyncio.to_thread(send_from_another_process, prefix, 0)
+    report["third"] = await asyncio.wait_for(third, PATIENCE)
+    report["problems"] = store.verify()
+    await layer.close()
+    asgi_ipc.unlink(prefix)
+    report["left"] = sorted(os.listdir("/dev/shm"))
+    return report
+
+
+async def send_one(prefix: str, n: str) -> dict:
+    layer = layer_for(prefix, MiB)
+    await layer.send("c", {"n": int(n)})
+    await layer.close()
+    return {}
+
+
 async def send(prefix: str) -> dict:
     layer = layer_for(prefix, 8 * MiB)
     sent, outcome = await send_until_full(layer, 10)
@@ -143,11 +224,10 @@ async def send(prefix: str) -> dict:
 
 
 if __name__ == "__main__":
-    scenario, prefix = sys.argv[1:]
+    scenario, prefix, *args = sys.argv[1:]
     run = {
-        "too_large": too_large,
-        "fills_up": fills_up,
+        "too_large": too_large, "fills_up": fills_up, "send": send, "send_one": send_one,
+        "no_inode_for_store": no_inode_for_store, "no_inode_to_wait": no_inode_to_wait,
         "receive_after_flush": receive_after_flush,
-        "send": send,
     }[scenario]
-    print(json.dumps(asyncio.run(run(prefix))))
+    print(json.dumps(asyncio.run(run(prefix, *args))))

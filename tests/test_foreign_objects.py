@@ -1,20 +1,25 @@
-"""Objects at a store's path (or its wake-up directory's) that are not this user's private ones:
-another real user's file, a world-writable file of ours, a symlink, another user's directory.
-The layer, ``unlink`` and every command refuse them without reading or writing them."""
+"""Objects at a store's path that are not this user's private ones: another real user's file, a
+world-writable file of ours, a symlink. The layer, ``unlink`` and every command refuse them
+without reading or writing them. Directories another user makes under the names of a prefix's
+wake-up directories are left alone, and do not keep ``unlink`` from removing the store."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import os
+import pwd
 import secrets
+import socket
+import stat
 import subprocess
 
 import pytest
 
 import asgi_ipc
 from asgi_ipc import ForeignObject, IPCChannelLayer
-from asgi_ipc.engine.layout import store_path, wake_dir
+from asgi_ipc.engine.layout import store_path
 
 from .helpers import MiB, cli
 
@@ -109,55 +114,78 @@ def test_list_marks_a_planted_store_foreign(planted):
     assert len(lines) == 1 and "FOREIGN" in lines[0], result.stdout
 
 
-def make_store(prefix: str) -> None:
-    """A store of our own holding one message, closed again."""
+def make_store(prefix: str) -> str:
+    """A store of our own holding one message, on which a receive has waited (which made the
+    store's wake-up directory), closed again: that directory."""
 
-    async def make():
+    async def make() -> str:
         layer = IPCChannelLayer(prefix=prefix, channel_memory=MiB, group_memory=MiB)
         await layer.send("c", {"a": 1})
+        store = layer.engine()
+        waiting = asyncio.ensure_future(layer.receive("empty"))
+        for _ in range(6000):  # a minute at most
+            if store.seat is not None:
+                break
+            await asyncio.sleep(0.01)
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
         await layer.close()
+        return store.wake_dir
 
-    asyncio.run(make())
+    return asyncio.run(make())
 
 
-def test_a_foreign_wake_up_directory_is_refused_and_left_alone(prefix, other_user):
-    make_store(prefix)
-    directory = wake_dir(prefix)
-    as_user(other_user, f"import os; os.mkdir({directory!r}); os.chmod({directory!r}, 0o777)")
+def listed(path: str) -> list[str]:
+    """The lines of ``asgi-ipc list`` about ``path``."""
+    result = cli("list")
+    assert result.returncode == 0, result.stderr
+    return [line for line in result.stdout.splitlines() if line.startswith(path + " ")]
+
+
+def test_wake_up_directories_planted_by_another_user_are_left_alone(prefix, other_user):
+    """Another user can make directories under the names of the prefix's wake-up directories
+    (the fixed name of 2.1, one shaped like a keyed name), never under the store's own. The
+    layer does not use them, unlink removes our store and our directory and leaves theirs as
+    they are (they must not keep us from removing it), and list marks them FOREIGN."""
+    ours = make_store(prefix)
+    name = store_path(prefix)
+    planted = [name + "+wake", name + "+wake." + "0" * 16]
+    as_user(other_user, f"import os\nfor p in {planted!r}:\n    os.mkdir(p); os.chmod(p, 0o777)")
     try:
-        store_before = fingerprint(store_path(prefix))
-        with pytest.raises(ForeignObject) as info:
-            asgi_ipc.unlink(prefix)
-        assert directory in str(info.value) and other_user in str(info.value)
-        assert "0777" in str(info.value)
+        assert os.path.isdir(ours) and ours not in planted
+        assert listed(ours) == []  # part of the store, not an object of its own
+        for path in planted:
+            (line,) = listed(path)
+            assert "FOREIGN" in line and other_user in line and "0777" in line
         result = cli("unlink", "--prefix", prefix)
-        assert result.returncode == 2 and "Traceback" not in result.stderr
-        assert directory in result.stderr and result.stderr.count("\n") == 1
-        listed = [line for line in cli("list").stdout.splitlines() if directory in line]
-        assert len(listed) == 1 and "FOREIGN" in listed[0]
-        # Neither the directory nor the store went.
-        assert os.path.isdir(directory) and fingerprint(store_path(prefix)) == store_before
+        assert result.returncode == 0, result.stderr
+        assert not os.path.lexists(ours) and not os.path.lexists(name)
+        uid = pwd.getpwnam(other_user).pw_uid
+        for path in planted:
+            st = os.lstat(path)
+            assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o777, uid)
     finally:
-        os.rmdir(directory)
+        for path in planted:
+            os.rmdir(path)
 
 
-def test_unlink_removes_our_wake_up_directory_with_its_sockets(prefix):
-    """What another part of the layer creates: mode 0700, one socket per waiting process."""
-    import socket
-
-    make_store(prefix)
-    directory = wake_dir(prefix)
-    os.mkdir(directory, 0o700)
+def test_unlink_removes_our_wake_up_directories_with_their_sockets(prefix):
+    """The store's directory with the sockets of processes still waiting, and one an earlier
+    store of the prefix left behind (mode 0700, ours)."""
+    ours = make_store(prefix)
+    earlier = store_path(prefix) + "+wake." + "1" * 16
+    os.mkdir(earlier, 0o700)
     sockets = []
-    for _ in range(3):
+    for directory in (ours, ours, earlier):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(os.path.join(directory, secrets.token_hex(8)))
         sockets.append(sock)
     try:
-        listed = cli("list").stdout
-        assert f"{prefix} " in listed and directory not in listed  # a store, not two
+        result = cli("list")  # one store; its directories are part of it
+        assert f"{prefix} " in result.stdout and f"{prefix}+wake" not in result.stdout
         assert asgi_ipc.unlink(prefix) is True
-        assert not os.path.lexists(directory) and not os.path.lexists(store_path(prefix))
+        assert not any(map(os.path.lexists, (ours, earlier, store_path(prefix))))
     finally:
         for sock in sockets:
             sock.close()

@@ -337,7 +337,7 @@ async def test_a_forked_child_closing_its_copy_leaves_the_parents_doorbell_alone
     await asyncio.sleep(0)
     while store.seat is None or waiters(store, "forked.parent") != 1:
         await asyncio.sleep(0.01)
-    socket_path = doorbell_address(layer.prefix, store.seat.token)
+    socket_path = doorbell_address(store.wake_dir, store.seat.token)
     assert os.path.exists(socket_path)
     pid = os.fork()
     if pid == 0:  # the child: close its copy and leave at once
@@ -361,7 +361,7 @@ async def test_close_closes_everything_even_when_leaving_the_store_fails(layer):
     store = layer.engine()
     while store.seat is None or waiters(store, "failing.close") != 1:
         await asyncio.sleep(0.01)
-    socket_path = doorbell_address(layer.prefix, store.seat.token)
+    socket_path = doorbell_address(store.wake_dir, store.seat.token)
     lock = store.segment.lock
 
     def no_handle():

@@ -1,7 +1,8 @@
 """Another local user cannot ring our receivers: it finds our doorbells (every Unix socket is
 listed in /proc/net/unix) but every attempt to send to one or connect to one is refused, and the
-waiting receiver reads not one datagram from it. Nor can it prepare the wake-up directory for us:
-one that is not private to us is refused.
+waiting receiver reads not one datagram from it. Nor can it take the wake-up directory from us,
+before the store exists or once every waiting process has left: its name comes from the store's
+secret key, and it lives as long as the store. One that is not private to us is refused.
 
 The other user is a real one (``useradd -M``), running a stdlib-only script with the system
 Python, since it cannot read our tree.
@@ -20,7 +21,6 @@ import subprocess
 import pytest
 
 from asgi_ipc import ForeignObject, IPCChannelLayer
-from asgi_ipc.engine.layout import wake_dir
 
 from .helpers import Worker, doorbells, slot_table, wait_until
 
@@ -31,13 +31,13 @@ ATTACK_SECONDS = 3
 
 # Run as the other user: for ATTACK_SECONDS, send an empty datagram to (and connect a datagram
 # socket to) every Unix socket listed in /proc/net/unix whose name holds the prefix, abstract or
-# at a path, plus any it can list in the wake-up directory; report what got through.
+# at a path, plus any it can list in the wake-up directories (whose names it can see in /dev/shm);
+# report what got through.
 ATTACK = r"""
 import json, os, socket, sys, time
 
 prefix, seconds = sys.argv[1], float(sys.argv[2])
 mark = "asgi_ipc." + prefix
-wake = "/dev/shm/asgi_ipc." + prefix + "+wake"
 report = {"tried": 0, "delivered": 0, "refused": {}, "names": []}
 
 def targets():
@@ -49,10 +49,14 @@ def targets():
             if len(fields) >= 8 and mark in fields[7]:
                 name = fields[7]
                 found.add("\0" + name[1:] if name.startswith("@") else name)
-    try:
-        found.update(os.path.join(wake, name) for name in os.listdir(wake))
-    except OSError as exc:
-        report["refused"][type(exc).__name__] = report["refused"].get(type(exc).__name__, 0) + 1
+    for entry in os.listdir("/dev/shm"):
+        if entry.startswith(mark + "+wake"):
+            wake = "/dev/shm/" + entry
+            try:
+                found.update(os.path.join(wake, name) for name in os.listdir(wake))
+            except OSError as exc:
+                name = type(exc).__name__
+                report["refused"][name] = report["refused"].get(name, 0) + 1
     return found
 
 deadline = time.monotonic() + seconds
@@ -74,6 +78,32 @@ while time.monotonic() < deadline:
                     name = type(exc).__name__
                     report["refused"][name] = report["refused"].get(name, 0) + 1
     time.sleep(0.01)
+print(json.dumps(report))
+"""
+
+
+# Run as the other user: try to remove, open up or rename whatever of the prefix's it finds in
+# /dev/shm, and plant a wake-up directory open to all at the name the layer used before 2.2.
+PLANT = r"""
+import json, os, sys
+
+name = "asgi_ipc." + sys.argv[1]
+report = {"seen": [], "changed": [], "planted": []}
+for entry in os.listdir("/dev/shm"):
+    if entry.startswith(name + "+"):
+        report["seen"].append(entry)
+        path = "/dev/shm/" + entry
+        for how, act, args in (("rmdir", os.rmdir, ()), ("chmod", os.chmod, (0o777,)),
+                               ("rename", os.rename, (path + ".x",))):
+            try:
+                act(path, *args)
+                report["changed"].append(how)
+            except OSError:
+                pass
+planted = "/dev/shm/" + name + "+wake"
+os.mkdir(planted)
+os.chmod(planted, 0o777)
+report["planted"].append(planted)
 print(json.dumps(report))
 """
 
@@ -115,10 +145,12 @@ def test_another_user_cannot_ring_a_waiting_receiver(prefix, workers, other_user
 
 
 @pytest.mark.parametrize("plant", ["open to others", "another user's", "symlink"])
-def test_a_planted_wake_up_directory_is_refused(prefix, other_user, plant, tmp_path):
-    """Whatever sits where the wake-up directory goes and is not private to us fails the
-    receive that would bind there, clearly, and is left as it was; sends still work."""
-    path = wake_dir(prefix)
+def test_a_wake_up_directory_not_private_to_us_is_refused(prefix, other_user, plant, tmp_path):
+    """Should the store's wake-up directory be removed by hand (its name shows in /dev/shm once
+    it exists) and something not private to us take its place, the receive that would bind
+    there fails, clearly, and leaves it as it was; sends still work."""
+    layer = IPCChannelLayer(prefix=prefix, **CONFIG)
+    path = layer.engine().wake_dir
     if plant == "symlink":
         os.symlink(tmp_path, path)
     else:
@@ -129,7 +161,6 @@ def test_a_planted_wake_up_directory_is_refused(prefix, other_user, plant, tmp_p
     before = os.lstat(path)
 
     async def run() -> None:
-        layer = IPCChannelLayer(prefix=prefix, **CONFIG)
         with pytest.raises(ForeignObject, match=re.escape(path)):
             await asyncio.wait_for(layer.receive("c"), 10)
         await layer.send("c", {"n": 1})
@@ -148,3 +179,47 @@ def test_a_planted_wake_up_directory_is_refused(prefix, other_user, plant, tmp_p
             os.unlink(path)
         else:
             os.rmdir(path)
+
+
+def plant_as(user: str, prefix: str) -> dict:
+    planting = subprocess.run(
+        ["runuser", "-u", user, "--", "/usr/bin/python3", "-c", PLANT, prefix],
+        capture_output=True, text=True, timeout=60, cwd="/",
+    )
+    assert planting.returncode == 0, planting.stderr
+    return json.loads(planting.stdout)
+
+
+def wait_and_get_one(workers, layer, prefix: str, n: int) -> None:
+    """A process whose receive has to wait (its first), rung by our send."""
+    receiver = Worker([], "idle", prefix)
+    workers.append(receiver)
+    wait_until(lambda: slot_table(layer), "the receiver to wait")
+    asyncio.run(layer.send("idle", {"n": n}))
+    assert receiver.expect("datagrams") == ["datagrams", "1", str(n)]
+    receiver.expect("exit")
+    assert receiver.proc.wait(30) == 0
+
+
+@pytest.mark.parametrize("when", ["before the store", "after the last waiter left"])
+def test_another_user_cannot_take_the_wake_up_directory(prefix, workers, other_user, when):
+    """Before 2.2 the wake-up directory had a fixed name and was removed when its last waiting
+    process closed: another user who created it open to all, before the first wait or after the
+    last, made every later receive that had to wait raise ForeignObject."""
+    report = None
+    try:
+        if when == "before the store":
+            report = plant_as(other_user, prefix)
+        layer = IPCChannelLayer(prefix=prefix, **CONFIG)
+        wait_and_get_one(workers, layer, prefix, 1)
+        if when == "after the last waiter left":
+            report = plant_as(other_user, prefix)
+        wait_and_get_one(workers, layer, prefix, 2)
+        assert report["changed"] == [], report
+        if when == "after the last waiter left":
+            # It found our directory, kept for the next waiter, and could do nothing to it.
+            assert len(report["seen"]) == 1, report
+        asyncio.run(layer.close())
+    finally:
+        for planted in report["planted"] if report else []:
+            os.rmdir(planted)

@@ -1,8 +1,10 @@
 """A /dev/shm smaller than the store, as Docker's 64 MiB default is smaller than the default
 channel_memory: refused at creation when the store cannot fit, and a store that fills the tmpfs
-up gets ChannelFull and GroupMemoryFull, never SIGBUS. Run in a mount namespace of its own with a
-real 16 MiB tmpfs on /dev/shm; and on the real /dev/shm, reading a big sparse store allocates
-nothing."""
+up gets ChannelFull and GroupMemoryFull, never SIGBUS. A /dev/shm whose inodes are all taken
+(which any user can do): store creation is refused with SharedMemoryTooSmall, and a receive
+still waits and gets its message. Run in a mount namespace of its own with a real 16 MiB tmpfs
+on /dev/shm (of few inodes, for the latter); and on the real /dev/shm, reading a big sparse store
+allocates nothing."""
 
 from __future__ import annotations
 
@@ -28,12 +30,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def in_small_shm(scenario: str, prefix: str) -> dict:
-    """Run a scenario of small_shm_child.py with a 16 MiB tmpfs on /dev/shm."""
+def in_small_shm(scenario: str, prefix: str, options: str = "size=16m") -> dict:
+    """Run a scenario of small_shm_child.py with a tmpfs mounted with ``options`` on /dev/shm."""
     env = dict(os.environ, PYTHONPATH=pythonpath(ROOT))
     result = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         'mount -t tmpfs -o size=16m tmpfs /dev/shm && exec "$0" "$@"',
+         f'mount -t tmpfs -o {options} tmpfs /dev/shm && exec "$0" "$@"',
          sys.executable, CHILD, scenario, prefix],
         capture_output=True, text=True, timeout=240, env=env,
     )
@@ -68,6 +70,30 @@ def test_a_full_tmpfs_gives_channel_full_and_group_memory_full_not_sigbus(prefix
 def test_a_receive_after_a_flush_on_a_full_tmpfs_waits_rather_than_dies_of_sigbus(prefix):
     report = in_small_shm("receive_after_flush", prefix)
     assert report == {"first": True, "second": "waited", "problems": [], "third": True}
+
+
+FEW_INODES = "size=16m,nr_inodes=64"
+
+
+def test_no_inode_left_refuses_the_store_with_shared_memory_too_small(prefix):
+    report = in_small_shm("no_inode_for_store", prefix, FEW_INODES)
+    assert report["outcome"][0] == "SharedMemoryTooSmall", report["outcome"]
+    message = report["outcome"][1]
+    assert "inode" in message and "/dev/shm" in message and prefix in message
+    assert report["left"] == []  # nothing of the store, in the tmpfs or anywhere else
+
+
+def test_no_inode_left_for_a_doorbell_still_lets_a_receive_wait(prefix):
+    """The first receive of a process to wait needs an inode for its doorbell (and one for the
+    wake-up directory). Without one it waits anyway, woken by the periodic check, and its
+    process binds its doorbell once an inode is free."""
+    report = in_small_shm("no_inode_to_wait", prefix, FEW_INODES)
+    assert report["without_doorbell"] is True
+    assert report["first"] == {"n": 0}  # sent by another process while no inode was free
+    assert report["bound_later"] is True
+    assert report["wake_dir_mode"] == "0700" and report["sockets"] == 1
+    assert report["third"] == {"n": 0}  # read by an event loop that reads the doorbell
+    assert report["problems"] == [] and report["left"] == []
 
 
 async def test_reading_a_big_sparse_store_allocates_nothing(prefix):

@@ -22,10 +22,11 @@ harmless since clearing twice is clearing once. Process slots survive a flush; e
 with a slot is rung to register its waits again.
 
 Seams for tools and tests: ``open_engine(prefix)`` attaches to an existing store;
-``IPCChannelLayer.engine()`` is the one a layer uses. ``Engine(..., clock=...)`` replaces the
-clock (milliseconds since the epoch) that expiries are computed from. ``Engine.locked`` runs any
-function as one lock hold, to read the store consistently. ``Engine.inject`` sets fault hooks
-(after each journaled write, before each step of a flush) for crash tests.
+``IPCChannelLayer.engine()`` is the one a layer uses; ``Engine.wake_dir`` is the store's wake-up
+directory (doorbell.py). ``Engine(..., clock=...)`` replaces the clock (milliseconds since the
+epoch) that expiries are computed from. ``Engine.locked`` runs any function as one lock hold, to
+read the store consistently. ``Engine.inject`` sets fault hooks (after each journaled write,
+before each step of a flush) for crash tests.
 """
 
 from __future__ import annotations
@@ -182,6 +183,7 @@ class Engine:
         self.segment = Segment(prefix, channel_memory, group_memory, create=create)
         self.prefix = prefix
         self.name = self.segment.name
+        self.wake_dir = self.segment.wake_dir
         self.clock = clock
         g = self.geometry = self.segment.geometry
         words = self.words = self.segment.words

@@ -32,6 +32,8 @@ version, so that they can be probed without reading the header.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 from dataclasses import dataclass
 
@@ -122,17 +124,37 @@ def shm_name(prefix: str) -> str:
 # Linux keeps POSIX shared memory as files in this tmpfs; the layer opens them there directly,
 # so that it can refuse symlinks and check the owner (see private.py).
 SHM_DIR = "/dev/shm"
-# The directory of a prefix's wake-up sockets. "+" cannot occur in a prefix, so no store's name
-# can ever be a wake-up directory's, nor the reverse.
-WAKE_DIR_SUFFIX = "+wake"
+# The directory of a store's wake-up sockets is named after the store and a tag keyed by the
+# store's hash key, which only its owner can read: nobody else can learn the name before the
+# directory exists, so nobody can take it first; and once it exists it stays until the store is
+# unlinked (see doorbell.py), so nobody can take it later either. "+" cannot occur in a prefix,
+# so no store's name can ever be a wake-up directory's, nor the reverse.
+WAKE_DIR_RE = re.compile(re.escape(NAME_PREFIX[1:]) + r"([^+]+)\+wake\.[0-9a-f]{16}\Z")
 
 
 def store_path(prefix: str) -> str:
     return SHM_DIR + shm_name(prefix)
 
 
-def wake_dir(prefix: str) -> str:
-    return store_path(prefix) + WAKE_DIR_SUFFIX
+def wake_dir(prefix: str, hash_key: bytes) -> str:
+    """The wake-up directory of the store of ``prefix`` whose hash key is ``hash_key``."""
+    tag = hashlib.blake2b(b"wake-up directory", key=hash_key, digest_size=8).hexdigest()
+    return f"{store_path(prefix)}+wake.{tag}"
+
+
+def wake_dir_prefix(entry: str) -> str | None:
+    """The prefix whose wake-up directory an entry of SHM_DIR is named as, or None."""
+    match = WAKE_DIR_RE.match(entry)
+    return match.group(1) if match else None
+
+
+def wake_dirs(prefix: str) -> list[str]:
+    """The paths in SHM_DIR named as wake-up directories of ``prefix``, whoever made them: the
+    store's own, and any left by an earlier store of the prefix or planted by someone else."""
+    return [
+        f"{SHM_DIR}/{entry}" for entry in sorted(os.listdir(SHM_DIR))
+        if wake_dir_prefix(entry) == prefix
+    ]
 
 
 def _pages(words: int) -> int:

@@ -16,6 +16,11 @@ it is ready, so resizing one that is not is safe. An initialiser that finds no r
 removes the object under the lock; a process that was waiting for the lock on it finds it
 unlinked (no links left) and starts again from the path.
 
+Creating the file needs a free inode in /dev/shm, which any local user can take them all of:
+without one, creation raises ``SharedMemoryTooSmall`` too, saying so. The store's wake-up
+directory (``wake_dir``, named after the store's hash key) is not made here but by the first
+process to wait (doorbell.py), and removed only with the store (``unlink``).
+
 An existing store keeps the sizes it was created with; a process configured with other sizes uses
 it as it is and logs a warning. Anything that is not a ready store of this layout version raises
 ``StoreCorrupted`` naming the object and the command that removes it.
@@ -44,7 +49,13 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 
-from ..exceptions import SharedMemoryTooSmall, StoreCorrupted, StoreError, StoreInUse
+from ..exceptions import (
+    ForeignObject,
+    SharedMemoryTooSmall,
+    StoreCorrupted,
+    StoreError,
+    StoreInUse,
+)
 from ..private import check_private, open_private_file
 from .heap import Heap
 from .journal import Journal
@@ -79,6 +90,7 @@ from .layout import (
     shm_name,
     store_path,
     wake_dir,
+    wake_dirs,
 )
 from .lock import Handle, OwnDescription, StoreLock, byte_lock, byte_lock_holders
 from .slots import held_slots
@@ -117,6 +129,17 @@ def _too_small(path: str, geometry: Geometry) -> SharedMemoryTooSmall:
         f"--shm-size=..., Compose shm_size:, in Kubernetes an emptyDir with medium: Memory "
         f"and a sizeLimit mounted at /dev/shm) or configure a smaller channel_memory or "
         f"group_memory"
+    )
+
+
+def _no_inode(path: str) -> SharedMemoryTooSmall:
+    fs = os.statvfs(SHM_DIR)
+    return SharedMemoryTooSmall(
+        f"{SHM_DIR} has no free inode for the asgi_ipc store {path}: "
+        f"{fs.f_files - fs.f_ffree} of its {fs.f_files} inodes are in use, by files of any "
+        f"user ({_mib(fs.f_bavail * fs.f_frsize)} free of {_mib(fs.f_blocks * fs.f_frsize)}). "
+        f"Find out what fills it (ls -la {SHM_DIR}) and have it removed, or give {SHM_DIR} "
+        f"more inodes (the nr_inodes= option of its tmpfs mount)"
     )
 
 
@@ -248,6 +271,7 @@ class Segment:
                 channel_memory, group_memory,
             )
         self.hash_key = self.words[H_HASH_KEY:H_HASH_KEY + 2].tobytes()
+        self.wake_dir = wake_dir(prefix, self.hash_key)
         _attached.add(self)
 
     def _open_locked(self, create: bool) -> tuple[StoreLock, Handle]:
@@ -263,6 +287,10 @@ class Segment:
                 raise StoreError(
                     f"no asgi_ipc store for prefix {self.prefix!r} ({self.path})"
                 ) from None
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise _no_inode(self.path) from None
+                raise
             lock = StoreLock(self.fd)
             try:
                 handle = lock.handle()
@@ -453,9 +481,14 @@ class Segment:
 
 
 def unlink(prefix: str, *, unless_in_use: bool = False) -> bool:
-    """Remove the store file of ``prefix`` and its wake-up directory with the sockets in it;
-    False if there was neither. Either of them that is not a private object of this user
+    """Remove the store file of ``prefix`` and its wake-up directories with the sockets in
+    them; False if there was none of these. A store that is not a private object of this user
     raises ``ForeignObject`` before anything is removed (no symlink is followed).
+
+    The wake-up directories are the paths named as the prefix's (``layout.wake_dirs``): the
+    store's own, and any an earlier store of the prefix left. Of those, the ones that are not
+    private to this user are left alone: the layer never binds a socket in one, and another
+    user must not be able to keep a store from being removed by planting one.
 
     Processes still attached keep their mapping but share nothing with processes that attach
     after this: stop them first. With ``unless_in_use``, nothing is removed while any process
@@ -464,38 +497,44 @@ def unlink(prefix: str, *, unless_in_use: bool = False) -> bool:
     the store lock, which is held until the store is removed: a process that opened the file in
     between finds it removed once it has the lock, and starts again from the path.
     """
-    path, directory = store_path(prefix), wake_dir(prefix)
-    found = {}
-    for where, kind, expected in (
-        (path, stat.S_IFREG, "a regular file"),
-        (directory, stat.S_IFDIR, "a directory"),
-    ):
-        try:
-            found[where] = st = os.lstat(where)
-        except FileNotFoundError:
-            continue
-        check_private(where, st, kind, expected)
+    path = store_path(prefix)
+    try:
+        found: os.stat_result | None = os.lstat(path)
+    except FileNotFoundError:
+        found = None
+    if found is not None:
+        check_private(path, found, stat.S_IFREG, "a regular file")
     with contextlib.ExitStack() as held:
-        if unless_in_use and path in found:
+        if unless_in_use and found is not None:
             fd = open_private_file(path, create=False)[0]
             held.callback(os.close, fd)
             fcntl.flock(fd, fcntl.LOCK_EX)
-            if not os.path.samestat(os.fstat(fd), found[path]):
+            if not os.path.samestat(os.fstat(fd), found):
                 raise StoreError(f"{path} was replaced while being removed")
             _refuse_if_in_use(prefix, fd)
-        if directory in found:
-            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                if not os.path.samestat(os.fstat(fd), found[directory]):
-                    raise StoreError(f"{directory} was replaced while being removed")
-                for entry in os.listdir(fd):
-                    os.unlink(entry, dir_fd=fd)
-            finally:
-                os.close(fd)
-            os.rmdir(directory)
-        if path in found:
+        removed = [directory for directory in wake_dirs(prefix) if _remove_private_dir(directory)]
+        if found is not None:
             os.unlink(path)
-    return bool(found)
+    return found is not None or bool(removed)
+
+
+def _remove_private_dir(directory: str) -> bool:
+    """Remove ``directory`` and the entries in it if it is private to this user: True if so."""
+    try:
+        st = os.lstat(directory)
+        check_private(directory, st, stat.S_IFDIR, "a directory")
+    except (FileNotFoundError, ForeignObject):
+        return False
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not os.path.samestat(os.fstat(fd), st):
+            raise StoreError(f"{directory} was replaced while being removed")
+        for entry in os.listdir(fd):
+            os.unlink(entry, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(directory)
+    return True
 
 
 def _refuse_if_in_use(prefix: str, fd: int) -> None:
