@@ -71,7 +71,9 @@ __all__ = [
     "ENGINE", "OUT_OF_MEMORY", "OVER_CAPACITY", "QUEUED", "Engine", "Seat", "Taken", "open_engine",
 ]
 
-# Bounded background work that each send does for the store as a whole.
+# Bounded background work that each send does for the store as a whole: it reclaims up to
+# EXPIRE_PER_SEND expired messages from the front of the order of sending, and as many again in
+# the SWEEP_BUCKETS_PER_SEND buckets of the channel index that the sweep passes (queues.py).
 EXPIRE_PER_SEND = 2
 SWEEP_BUCKETS_PER_SEND = 4
 
@@ -119,17 +121,20 @@ def one_hold(operation: Callable[..., T], timed: bool = False) -> Callable[..., 
     release. No exception, wherever it lands, keeps the lock held: the release is one C call in
     the ``finally`` (see lock.py). The one place where an operation commits at its end.
 
-    ``operation(self, now, *args)`` is given the time, read from ``Engine.clock`` before the
-    lock is taken if ``timed`` (so that no hold lasts a clock read longer), else 0."""
+    ``operation(self, now, *args)`` is given the time if ``timed``, else 0. It is read from
+    ``Engine.clock`` under the lock, so that the times of successive holds, in any process,
+    follow the order of the holds as far as the clock goes forward: read before the lock, a
+    time could be overtaken by a later one and link a membership out of time order. A clock
+    stepped back still goes back between two holds, which groups.py and queues.py allow for."""
 
     def held(self: Engine, *args: Any) -> T:
-        now = self.clock() if timed else 0
         lock = self.segment.lock
         handle = lock.handle()
         try:
             handle.busy = True
             lock.acquire(handle)
             self._recover()
+            now = self.clock() if timed else 0
             result = operation(self, now, *args)
             self.journal.commit()
             if self._rings:
@@ -347,7 +352,7 @@ class Engine:
                                     now, self._rings)
         self.journal.add(_SEND_OUTCOME[result])
         self.queues.expire(now, EXPIRE_PER_SEND)
-        self.queues.sweep(SWEEP_BUCKETS_PER_SEND)
+        self.queues.sweep(now, SWEEP_BUCKETS_PER_SEND, EXPIRE_PER_SEND)
         return result
 
     @timed_hold

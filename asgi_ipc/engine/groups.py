@@ -8,7 +8,10 @@ O(1) however large the group.
 
 A membership expires ``group_expiry`` seconds after its last ``group_add``. Expired memberships
 are dropped from the front of the list by every operation on the group, and by the incremental
-sweep, one bucket of the group index per operation, for groups nobody touches any more.
+sweep, one bucket of the group index per operation, for groups nobody touches any more. The list
+is in time order because ``group_add`` reads the time under the lock (``one_hold``) and links a
+membership last with a time no earlier than the last one's: after a clock stepped back, the
+memberships added meanwhile take the latest time of their group, and so expire that much later.
 
 Visibility: ``group_add`` becomes visible when the journal commits the link of the membership into
 both the member index and the group's list; ``group_discard`` when it commits the unlinking.
@@ -130,6 +133,11 @@ class GroupStore:
                     f"group memory is full: cannot create group {group.decode()!r}"
                 )
             j.set(H_GROUPS, w[H_GROUPS] + 1)
+        # Linked last, so never with a time before the last one's, even after the clock stepped
+        # back: dropping the expired from the front relies on the order. (Being its group's
+        # last, or before it, a membership added again never expires sooner for it either.)
+        last = w[rec + G_LAST]
+        added = max(now, w[last + B_ADDED]) if last else now
         member, h = self._membership(group, channel, rec)
         if member:
             self._unlink(rec, member)
@@ -143,7 +151,7 @@ class GroupStore:
             w[member + B_GROUP] = rec
             j.set(rec + G_MEMBERS, w[rec + G_MEMBERS] + 1)
             j.set(H_MEMBERSHIPS, w[H_MEMBERSHIPS] + 1)
-        self._link_last(rec, member, now)
+        self._link_last(rec, member, added)
 
     def discard(self, group: bytes, channel: bytes) -> None:
         rec = self.find(group)

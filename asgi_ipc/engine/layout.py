@@ -91,6 +91,11 @@ H_EXPIRED = 35  # messages dropped unread because they had expired
 H_CHANNEL_FULL = 36  # sends refused because the channel was at capacity (ChannelFull)
 H_GROUP_FULL = 37  # group_send() members skipped because their channel was at capacity
 H_NO_MEMORY = 38  # sends refused, and group_send() members skipped, for want of channel memory
+# Hints of the channel sweep (queues.py), never journaled: the latest expiry of a message linked
+# since the last flush, and the time until which an expired message may be queued behind one
+# that has not expired.
+H_LATEST_EXPIRY = 39
+H_DISORDER_UNTIL = 40
 COUNTERS = {
     "sent": H_SENT,
     "received": H_RECEIVED,

@@ -10,30 +10,46 @@ word is ``SHARED`` and whose data word holds the payload block's address. A 10 K
 1000 members takes about 10 KiB plus 1000 x 64 B, not 10 MB. A send, a put_back and a group_send
 to one channel store the message inline (no second allocation on the hot path).
 
-Every queued message is also on one global list in the order of sending, so that the sweep can
-reclaim the memory of expired messages in channels nobody reads, a few at a time: the oldest
-message of the store is always the first of its own channel.
+Expiry. Every queued message is also on one global list in the order of sending, and each channel's
+list is that order restricted to the channel (a put_back goes just before its channel's first
+message), so the oldest message of the store is always the first of its own channel. Each send
+reclaims expired messages from the front of that order, a few at a time, wherever they are queued,
+even in channels nobody reads (``expire``), and stops at the first that has not expired. That finds
+every expired message while messages expire in the order they are linked in, but not behind a
+message that expires later: one sent by a layer of the same prefix with a longer expiry, sent
+before the clock stepped back, or put back ahead of others. Two hints in the header, never
+journaled, say how long that can be the case: the latest expiry of a message linked since the last
+flush (``H_LATEST_EXPIRY``), and ``H_DISORDER_UNTIL``, raised to it whenever a message is linked
+with an earlier expiry or put back. (An expired message queued behind one that has not expired was
+linked after it with an earlier expiry, or that one was put back ahead of it: either way the hint
+is at least that one's expiry, so still to come.) Until then the incremental sweep of the channel
+index (``sweep``: a few buckets per send, 1024 when memory runs short) also walks each channel it
+passes and reclaims its expired messages wherever they are in its list, a bounded number per call.
+A rollback leaves the hints later than they need be, which only makes the sweep walk longer.
 
 Visibility: a send becomes visible when the journal commits the words that link its block in (the
-previous tail's ``next``, the record's tail and count); a receive when the journal commits the
-unlinking. A group_send writes the payload block unjournaled with no reference (nothing reaches
-it yet), cuts the nodes for a run of members from one allocation and writes them unjournaled too,
-then links each into its channel with three journaled words, the run into the order of sending
-with two, and adds the run's nodes to the payload's count with one; all of it commits with the
-group_send, or with a step of it (a run at a time). A payload block whose run found no room is
-freed before anything can commit, so a commit never leaves one unreachable. A message handed to
-a receive that was then cancelled is linked back in first (``put_back``), inline. See
-``journal.py`` for what a kill in between leaves.
+previous tail's ``next``, the record's tail and count); a receive, or the dropping of an expired
+message, when the journal commits the unlinking. A group_send writes the payload block unjournaled
+with no reference (nothing reaches it yet), cuts the nodes for a run of members from one allocation
+and writes them unjournaled too, then links each into its channel with three journaled words, the
+run into the order of sending with two, and adds the run's nodes to the payload's count with one;
+all of it commits with the group_send, or with a step of it (a run at a time). A payload block
+whose run found no room is freed before anything can commit, so a commit never leaves one
+unreachable. A message handed to a receive that was then cancelled is linked back in first
+(``put_back``), inline. See ``journal.py`` for what a kill in between leaves.
 
-Freeing: whatever unlinks a message (a receive, an expiry) frees its block; a shared node first
-gives up its reference (``_unref``): the count is journaled one lower, or the payload block is
-freed with its last reference, in the same journal step as the unlinking. So at every commit,
-and so after any kill, each payload block's count is the number of nodes linked to it; and since
-a freed block is never reused before its free commits (``Journal.step``), a rollback never finds
-a payload block handed out again. A flush clears everything at once. A reference is checked
-before a count is changed through it: a damaged one raises StoreCorrupted (a read through it
-fails its CRC check), and ``verify`` reports it, and any count that differs from the nodes
-found, as a problem.
+Freeing: whatever unlinks a message (a receive, an expiry) frees its block, in a journal step of
+its own (``checkpoint`` before each). Unlinking journals the link that led to it (its channel's
+head, or in the middle of a channel, which only the sweep unlinks from, its predecessor's next),
+the record's tail if it was last, the count, and the links of its neighbours in the order of
+sending. A shared node first gives up its reference (``_unref``): the count is journaled one lower,
+or the payload block is freed with its last reference, in the same journal step as the unlinking.
+So at every commit, and so after any kill, each payload block's count is the number of nodes linked
+to it; and since a freed block is never reused before its free commits (``Journal.step``), a
+rollback never finds a payload block handed out again. A flush clears everything at once. A
+reference is checked before a count is changed through it: a damaged one raises StoreCorrupted (a
+read through it fails its CRC check), and ``verify`` reports it, and any count that differs from
+the nodes found, as a problem.
 
 Counting (the counters of layout.py): each message taken, put back or dropped as expired, and each
 group_send copy queued or skipped, is counted here with ``Journal.add`` right after the journaled
@@ -66,10 +82,12 @@ from .journal import Journal
 from .layout import (
     H_CHANNELS,
     H_DELIVERED,
+    H_DISORDER_UNTIL,
     H_EXPIRED,
     H_EXPIRY_HEAD,
     H_EXPIRY_TAIL,
     H_GROUP_FULL,
+    H_LATEST_EXPIRY,
     H_NO_MEMORY,
     H_RECEIVED,
     H_RETURNED,
@@ -150,16 +168,18 @@ class ChannelQueues:
 
     # --- messages --------------------------------------------------------------------------
 
-    def _unlink_head(self, rec: int) -> int:
+    def _unlink(self, rec: int, prev: int = 0) -> int:
+        """Unlink from both lists the message that follows ``prev`` in the channel of the
+        record at ``rec`` (its first if ``prev`` is 0), and return it."""
         w, j = self._w, self._j
-        node = w[rec + C_HEAD]
+        node = w[prev + M_NEXT] if prev else w[rec + C_HEAD]
         if w[node + M_CHANNEL] != rec:
             # A damaged link must not hand one channel's message to another's receiver.
             raise StoreCorrupted(f"message {node} is linked into a channel not its own")
         following = w[node + M_NEXT]
-        j.set(rec + C_HEAD, following)
+        j.set(prev + M_NEXT if prev else rec + C_HEAD, following)
         if not following:
-            j.set(rec + C_TAIL, 0)
+            j.set(rec + C_TAIL, prev)
         j.set(rec + C_COUNT, w[rec + C_COUNT] - 1)
         before, after = w[node + M_SENT_PREV], w[node + M_SENT_NEXT]
         j.set(before + M_SENT_NEXT if before else H_EXPIRY_HEAD, after)
@@ -172,16 +192,37 @@ class ChannelQueues:
             head = w[rec + C_HEAD]
             if not head or w[head + M_EXPIRES] > now:
                 return
-            self._drop_head(rec)
+            self._drop(rec)
 
-    def _drop_head(self, rec: int) -> None:
-        """Unlink and free the first message of the record at ``rec``, which has expired."""
+    def _drop(self, rec: int, prev: int = 0) -> None:
+        """Unlink and free the message that follows ``prev`` in the record at ``rec`` (its
+        first if ``prev`` is 0), which has expired: one journal step of its own."""
         self._j.checkpoint()
-        node = self._unlink_head(rec)
+        node = self._unlink(rec, prev)
         if self._w[node + M_LENGTH] == SHARED:
             self._unref(node)
         self.heap.free(node)
         self._j.add(H_EXPIRED)
+
+    def _reclaim(self, rec: int, now: int, limit: int) -> int:
+        """Drop up to ``limit`` expired messages of the record at ``rec``, wherever they are in
+        its list: the number dropped."""
+        w = self._w
+        prev, node, dropped = 0, w[rec + C_HEAD], 0
+        # A list longer than its count loops (damage): it must not be walked forever.
+        left = w[rec + C_COUNT]
+        while node and dropped < limit:
+            if not left:
+                raise StoreCorrupted(f"the message list of channel record {rec} loops")
+            left -= 1
+            following = w[node + M_NEXT]
+            if w[node + M_EXPIRES] <= now:
+                self._drop(rec, prev)
+                dropped += 1
+            else:
+                prev = node
+            node = following
+        return dropped
 
     def _read(self, node: int) -> bytes:
         """The bytes of the message at ``node``. A shared node's reference is read through
@@ -229,6 +270,17 @@ class ChannelQueues:
         else:
             self._j.set(payload + P_REFS, refs - 1)
 
+    def _note_expiry(self, expires: int, ahead: bool) -> None:
+        """Before a message that expires at ``expires`` is linked, last in the order of sending
+        or ``ahead`` of messages queued already (a put_back): keep the sweep's hints (see the
+        module docstring)."""
+        w = self._w
+        latest = w[H_LATEST_EXPIRY]
+        if expires > latest:
+            w[H_LATEST_EXPIRY] = latest = expires
+        if (ahead or expires < latest) and w[H_DISORDER_UNTIL] < latest:
+            w[H_DISORDER_UNTIL] = latest
+
     def append(
         self,
         name: bytes,
@@ -262,7 +314,7 @@ class ChannelQueues:
             # Short of memory: reclaim expired messages and idle records, a bounded amount,
             # for good. The sweep may free this very record, so look it up again.
             self.expire(now, 256)
-            self.sweep(1024)
+            self.sweep(now, 1024, 256)
             self._j.step()
             savepoint = self._j.count
             node = self.heap.alloc(payload_words)
@@ -275,6 +327,7 @@ class ChannelQueues:
                 # The message took the room the record needed: undo its allocation.
                 self._j.rollback(savepoint)
                 return OUT_OF_MEMORY
+        self._note_expiry(expires, False)
         count = w[rec + C_COUNT]
         last = w[H_EXPIRY_TAIL]
         w[node + M_NEXT] = 0
@@ -358,6 +411,7 @@ class ChannelQueues:
                     data, crc, expires, now, rings,
                 )
                 continue
+            self._note_expiry(expires, False)
             last = w[H_EXPIRY_TAIL]
             previous, woken = last, []
             for (name, rec, _capacity), node, following in zip(
@@ -431,7 +485,7 @@ class ChannelQueues:
         found = None
         while found is None and w[rec + C_HEAD]:
             self._j.checkpoint()  # a channel whose whole backlog expired
-            node = self._unlink_head(rec)
+            node = self._unlink(rec)
             expires = w[node + M_EXPIRES]
             if expires > now:
                 found = self._read(node), expires
@@ -458,6 +512,7 @@ class ChannelQueues:
         if not rec:
             self._j.rollback(savepoint)
             return False
+        self._note_expiry(expires, True)
         head = w[rec + C_HEAD]
         # In the order of sending it goes just before its channel's first message (or last
         # of all), which keeps the oldest message of the store first in its own channel.
@@ -487,7 +542,9 @@ class ChannelQueues:
         self._b[start : start + len(data)] = data
 
     def expire(self, now: int, limit: int) -> int:
-        """Reclaim up to ``limit`` expired messages, oldest first, wherever they are queued."""
+        """Reclaim up to ``limit`` expired messages from the front of the order of sending,
+        wherever they are queued; it stops at the first one not yet expired (those that expire
+        out of that order are the sweep's)."""
         w, done = self._w, 0
         while done < limit:
             node = w[H_EXPIRY_HEAD]
@@ -496,7 +553,7 @@ class ChannelQueues:
             rec = w[node + M_CHANNEL]
             if not self.heap.start <= rec < self.heap.end or w[rec + C_HEAD] != node:
                 raise StoreCorrupted(f"the oldest message {node} is not first in its channel")
-            self._drop_head(rec)
+            self._drop(rec)
             done += 1
         return done
 
@@ -561,19 +618,29 @@ class ChannelQueues:
             rings.append((w[node + W_SLOT], w[node + W_TOKEN], name))
             node = w[node + W_NEXT]
 
-    def sweep(self, buckets: int) -> None:
-        """Free the idle records (no message, no live waiter) of the next ``buckets`` buckets.
+    def sweep(self, now: int, buckets: int, limit: int) -> None:
+        """Free the idle records (no message, no live waiter) of the next ``buckets`` buckets;
+        and while an expired message may be queued behind one that has not expired
+        (``H_DISORDER_UNTIL``, see the module docstring), first reclaim the expired messages
+        of each record passed, wherever they are in its list (a walk of its whole list). At
+        most ``limit`` are dropped: reaching it, the sweep stops where it is and the next call
+        takes the same bucket up again, so that each call either drops ``limit`` messages or
+        passes a bucket.
 
         An emptied channel keeps its record until the sweep passes, so that a channel used
         over and over (a consumer's own) is not created and freed for every message."""
         w, base, mask = self._w, self.index.base, self.index.mask
         hand = w[H_SWEEP_CHANNEL] & mask
-        for i in range(buckets):
+        passed = dropped = 0
+        walk = now < w[H_DISORDER_UNTIL]
+        while passed < buckets and dropped < limit:
             # The chain walked inline rather than through ``ChainedIndex.chain``: every send
             # sweeps, and a generator per bucket cost it about a microsecond under the lock.
-            rec, steps = w[base + ((hand + i) & mask)], 0
-            while rec:
+            rec, steps = w[base + ((hand + passed) & mask)], 0
+            while rec and dropped < limit:
                 following = w[rec + C_NEXT]
+                if walk and w[rec + C_COUNT]:
+                    dropped += self._reclaim(rec, now, limit - dropped)
                 if not w[rec + C_COUNT]:
                     self._j.checkpoint()
                     if w[rec + C_WAITERS]:
@@ -582,7 +649,9 @@ class ChannelQueues:
                 rec, steps = following, steps + 1
                 if steps > MAX_CHAIN:
                     raise self.index.loops()
-        w[H_SWEEP_CHANNEL] = (hand + buckets) & mask  # a hint: never journaled
+            if not rec:
+                passed += 1
+        w[H_SWEEP_CHANNEL] = (hand + passed) & mask  # a hint: never journaled
 
     # --- inspection ------------------------------------------------------------------------
 

@@ -64,6 +64,7 @@ from .layout import (
     H_CHANNEL_BUCKETS,
     H_CHANNEL_MEMORY,
     H_CHANNELS,
+    H_DISORDER_UNTIL,
     H_EXPIRY_HEAD,
     H_EXPIRY_TAIL,
     H_GEOMETRY_END,
@@ -73,6 +74,7 @@ from .layout import (
     H_GROUP_RESERVED,
     H_GROUPS,
     H_HASH_KEY,
+    H_LATEST_EXPIRY,
     H_LOCK_PID,
     H_MAGIC,
     H_MEMBER_BUCKETS,
@@ -223,7 +225,8 @@ def format_areas(
             on_step("format")
         heap.format()
         _give_back(words, heap.start + PAGE_WORDS, heap.end - PAGE_WORDS)
-    for word in (H_EXPIRY_HEAD, H_EXPIRY_TAIL, H_CHANNELS, H_GROUPS, H_MEMBERSHIPS):
+    for word in (H_EXPIRY_HEAD, H_EXPIRY_TAIL, H_LATEST_EXPIRY, H_DISORDER_UNTIL, H_CHANNELS,
+                 H_GROUPS, H_MEMBERSHIPS):
         words[word] = 0
 
 
