@@ -1,7 +1,5 @@
 """asgi_ipc: a Django Channels layer over POSIX shared memory, for processes of one machine."""
 
-from .engine import ENGINE
-from .engine.segment import unlink
 from .exceptions import (
     ForeignObject,
     GroupMemoryFull,
@@ -10,8 +8,20 @@ from .exceptions import (
     StoreCorrupted,
     StoreError,
     StoreInUse,
+    UnsupportedPlatform,
 )
-from .layer import IPCChannelLayer
+from .host import refusal
+
+try:
+    from .engine import ENGINE
+    from .engine.segment import unlink
+    from .layer import IPCChannelLayer
+except ModuleNotFoundError as missing:
+    # Windows has no fcntl: say what the layer needs rather than which module is missing.
+    why = refusal()
+    if why is None:
+        raise
+    raise UnsupportedPlatform(why) from missing
 
 __version__ = "2.2.0"
 
@@ -25,5 +35,6 @@ __all__ = [
     "StoreCorrupted",
     "StoreError",
     "StoreInUse",
+    "UnsupportedPlatform",
     "unlink",
 ]

@@ -2,34 +2,55 @@
 ``runserver``, ``migrate`` and the like.
 
 Every ``CHANNEL_LAYERS`` entry whose ``BACKEND`` is IPCChannelLayer (or a subclass) has its
-``CONFIG`` and ``TEST_CONFIG`` checked by ``config_problems``, the very validation the layer runs
-when it is built, so the check and the layer can never disagree. And since Docker gives a
-container a 64 MiB /dev/shm unless told otherwise, a store larger than the /dev/shm it would live
-in is reported before the first message meets a full tmpfs.
+``CONFIG`` checked as the layer will meet it, with the layer's own judgements, so that the check
+and the layer can never disagree: the host (``host.refusal``), the options (``config_problems``,
+the very validation the layer runs when it is built), and the store of the prefix as the layer's
+first call would find it (segment.py): a ready store is used as it is, whatever sizes are
+configured; a store to be created must pass ``creation_refusal``, the rule creation applies. What
+the layer would refuse is an Error, so that a deploy that cannot work stops here rather than at
+every WebSocket; a store that works but cannot grow to its full size is a Warning.
+
+``TEST_CONFIG`` is not read by Channels 4 at all; ``asgi_ipc.testing`` builds the tests' store
+from it. Its options are checked, and nothing else: the tests may run elsewhere, on another
+/dev/shm, and their store is a new one of a prefix of its own.
 
 Registered by ``asgi_ipc.apps.AsgiIpcConfig``, that is when ``"asgi_ipc"`` is in INSTALLED_APPS.
 (Django runs the checks of installed apps only; nothing imports the layer before the checks run.)
 
 Ids: E001 a CONFIG that is not a dict; E002 an option with a bad value; E003 an option the layer
-does not know; E004 an option of channels_redis only; W001 a /dev/shm smaller than the store.
+does not know; E004 an option of channels_redis only; E005 a machine the layer cannot run on;
+E006 no room in /dev/shm to create the store; E007 an object at the store's path that the layer
+refuses; W001 a store that cannot grow to its full size.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from django.conf import settings
 from django.core import checks
 from django.utils.module_loading import import_string
 
-from .engine.layout import SHM_DIR, Geometry
+from .engine.layout import Geometry, store_path
+from .engine.segment import creation_refusal, existing_store, growth_shortfall, shm_space
+from .exceptions import ForeignObject, StoreCorrupted
+from .host import refusal
 from .layer import IPCChannelLayer, config_problems
 
 KIND_IDS = {"value": "asgi_ipc.E002", "unknown": "asgi_ipc.E003", "channels_redis": "asgi_ipc.E004"}
 
+_TEST_CONFIG_NOTE = (
+    " (Channels never reads TEST_CONFIG: asgi_ipc.testing builds the tests' store from it)"
+)
+_ONLY_WHERE_UNUSED = (
+    "Where this process never uses the layer (a one-off container that only runs migrate, "
+    "say), silence it with SILENCED_SYSTEM_CHECKS."
+)
 
-def _is_ours(backend: Any) -> bool:
+
+def is_ipc_backend(backend: Any) -> bool:
+    """Whether ``backend``, the BACKEND of a CHANNEL_LAYERS entry, names IPCChannelLayer or a
+    subclass."""
     if not isinstance(backend, str):
         return False
     try:
@@ -39,33 +60,63 @@ def _is_ours(backend: Any) -> bool:
     return isinstance(cls, type) and issubclass(cls, IPCChannelLayer)
 
 
-def _shm_size() -> int | None:
+def _store_problems(where: str, layer: IPCChannelLayer) -> list[checks.CheckMessage]:
+    """What the layer's first call will meet of its store, in /dev/shm as it is now."""
     try:
-        st = os.statvfs(SHM_DIR)
-    except OSError:
-        return None
-    return st.f_blocks * st.f_frsize
+        existing = existing_store(layer.prefix)
+    except (ForeignObject, StoreCorrupted) as exc:
+        return [checks.Error(
+            f"{where}: the layer's first call will refuse what is at the path of its store: "
+            f"{exc}",
+            hint=_ONLY_WHERE_UNUSED,
+            id="asgi_ipc.E007",
+        )]
+    space = shm_space()
+    if existing is None:
+        geometry = Geometry.for_sizes(layer.channel_memory, layer.group_memory)
+        refused = creation_refusal(store_path(layer.prefix), geometry, space)
+        if refused is None:
+            return []
+        return [checks.Error(
+            f"{where}: there is no store of prefix {layer.prefix!r} yet, and the layer's first "
+            f"call will refuse to create it (SharedMemoryTooSmall): {refused}",
+            hint=_ONLY_WHERE_UNUSED,
+            id="asgi_ipc.E006",
+        )]
+    shortfall = growth_shortfall(layer.prefix, existing, space)
+    if shortfall is None:
+        return []
+    return [checks.Warning(
+        f"{where}: {shortfall}",
+        hint="Give /dev/shm more room (docker run --shm-size=..., Compose shm_size:, in "
+        "Kubernetes an emptyDir with medium: Memory and a sizeLimit mounted at /dev/shm), or "
+        "stop every process of the prefix, remove the store (asgi-ipc unlink) and start again "
+        "with a smaller channel_memory.",
+        id="asgi_ipc.W001",
+    )]
 
 
 def check_channel_layers(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """Errors for every bad option of every asgi_ipc layer in CHANNEL_LAYERS; a warning for each
-    whose store would not fit in /dev/shm."""
+    """Errors for every asgi_ipc layer in CHANNEL_LAYERS that will be refused, on this machine,
+    for its options or for its store; a warning for each whose store cannot grow to its full
+    size."""
     layers = getattr(settings, "CHANNEL_LAYERS", None)
     if not isinstance(layers, dict):
         return []
     found: list[checks.CheckMessage] = []
-    shm_size = _shm_size()
+    unsupported = refusal()
     for alias, entry in layers.items():
-        if not isinstance(entry, dict) or not _is_ours(entry.get("BACKEND")):
+        if not isinstance(entry, dict) or not is_ipc_backend(entry.get("BACKEND")):
             continue
         for key in ("CONFIG", "TEST_CONFIG"):
             if key not in entry:
                 continue
             where = f"CHANNEL_LAYERS[{alias!r}][{key!r}]"
+            note = _TEST_CONFIG_NOTE if key == "TEST_CONFIG" else ""
             config = entry[key]
             if not isinstance(config, dict):
                 found.append(checks.Error(
-                    f"{where} is a {type(config).__name__}, not a dict of options",
+                    f"{where} is a {type(config).__name__}, not a dict of options{note}",
                     hint="Write the layer's options as a dict, e.g. {'prefix': 'mysite'}.",
                     id="asgi_ipc.E001",
                 ))
@@ -73,25 +124,21 @@ def check_channel_layers(app_configs: Any = None, **kwargs: Any) -> list[checks.
             problems = config_problems(config)
             for problem in problems:
                 found.append(checks.Error(
-                    f"{where}: {problem.message}",
+                    f"{where}: {problem.message}{note}",
                     hint=problem.hint + ".",
                     id=KIND_IDS[problem.kind],
                 ))
-            if problems or shm_size is None:
+            if key != "CONFIG":
                 continue
-            layer = IPCChannelLayer(**config)  # builds no store: just fills in the defaults
-            needed = Geometry.for_sizes(layer.channel_memory, layer.group_memory).total_bytes
-            if needed > shm_size:
-                found.append(checks.Warning(
-                    f"{where}: the store of prefix {layer.prefix!r} takes {needed} bytes "
-                    f"(channel_memory {layer.channel_memory} + group_memory "
-                    f"{layer.group_memory} + indexes), more than the {shm_size} bytes of "
-                    f"{SHM_DIR}, so the store cannot grow to its configured size",
-                    hint=f"Give {SHM_DIR} more room (docker run --shm-size=..., or shm_size: "
-                    "in docker compose; a Kubernetes emptyDir with medium: Memory and a "
-                    "sizeLimit), or set a smaller channel_memory.",
-                    id="asgi_ipc.W001",
+            if unsupported is not None:
+                found.append(checks.Error(
+                    f"CHANNEL_LAYERS[{alias!r}]: the layer cannot run here: {unsupported}",
+                    hint="Give this machine's settings another BACKEND. " + _ONLY_WHERE_UNUSED,
+                    id="asgi_ipc.E005",
                 ))
+            elif not problems:
+                # Builds no store: it only fills in the defaults.
+                found += _store_problems(where, IPCChannelLayer(**config))
     return found
 
 

@@ -43,5 +43,10 @@ class StoreClosed(StoreError):
     or before it was called. The layer itself opens its store again on its next call."""
 
 
+class UnsupportedPlatform(RuntimeError):
+    """The layer cannot run on this machine: not Linux, or a Linux without what it needs. The
+    message names what the layer needs, what is missing, and what to use instead."""
+
+
 class GroupMemoryFull(StoreError):
     """``group_add`` found no room left in the group memory area."""

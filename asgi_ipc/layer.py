@@ -36,6 +36,7 @@ from channels.layers import BaseChannelLayer
 
 from .engine import OUT_OF_MEMORY, OVER_CAPACITY, Engine, now_ms
 from .engine.layout import PREFIX_RULE, validate_prefix
+from .host import require_supported
 from .receiver import CHECK_INTERVAL, Receiver
 
 logger = logging.getLogger(__name__)
@@ -241,6 +242,9 @@ def _skim(data: bytes) -> None:
 class IPCChannelLayer(BaseChannelLayer):
     """A channel layer shared by every process of this machine that uses the same ``prefix``.
 
+    Built on a machine that lacks what it needs (anything but Linux), it raises
+    ``UnsupportedPlatform`` saying what to use instead (host.py).
+
     For tests and tools: ``engine()`` is the store's engine (engine/__init__.py), opened on
     first use, through which the store can be read or changed one lock hold at a time;
     ``receiver()`` is the asyncio side around it (receiver.py: its ``doorbell``, say); and
@@ -261,6 +265,7 @@ class IPCChannelLayer(BaseChannelLayer):
         channel_capacity: dict | None = None,
         **other: Any,
     ) -> None:
+        require_supported()
         given = {
             "prefix": prefix,
             "channel_memory": channel_memory,

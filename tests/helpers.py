@@ -1,7 +1,8 @@
 """Plain helpers of the suite (its fixtures are in conftest.py, the code its child processes run
 in workers.py, ns_worker.py and small_shm_child.py): prefixes and the paths of their objects,
-free ports, waiting for a condition, the CLI as a subprocess, and the subprocess side of
-ns_worker.py. It does not import pytest, so that the children of workers.py can import it.
+free ports, waiting for a condition, the CLI and ``django check`` as subprocesses, and the
+subprocess side of ns_worker.py. It does not import pytest, so that the children of workers.py
+can import it.
 
 Every wait here has a generous deadline whose only purpose is to turn a hang into a failure."""
 
@@ -11,8 +12,10 @@ import multiprocessing
 import os
 import queue
 import secrets
+import shlex
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -120,6 +123,50 @@ def start(children: list, target: Callable[..., object], *args: object):
     child.start()
     children.append(child)
     return child
+
+
+# --- the Django system check, run by a real `django check` ------------------------------------
+
+SETTINGS = """
+SECRET_KEY = "test-only"
+INSTALLED_APPS = ["channels", "asgi_ipc"]
+DATABASES = {{}}
+CHANNEL_LAYERS = {layers}
+"""
+
+
+def django_check(tmp_path: Path, layers: str, shm: str | None = None, before: str = "",
+                 after: str = "", settings: str = "") -> tuple[int, str]:
+    """``django check`` on a settings module whose CHANNEL_LAYERS is ``layers``, with the Python
+    code ``settings`` at its end: its exit status, and its output. With ``shm``, it runs in a
+    mount namespace of its own whose /dev/shm is a tmpfs mounted with those options, after the
+    Python code ``before`` and followed by the Python code ``after`` (run there too, and
+    printing after the check's output)."""
+    (tmp_path / "checksettings.py").write_text(
+        textwrap.dedent(SETTINGS.format(layers=layers)) + textwrap.dedent(settings)
+    )
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "checksettings",
+        "PYTHONPATH": pythonpath(tmp_path),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    command = [sys.executable, "-m", "django", "check"]
+    if shm:
+        (tmp_path / "before.py").write_text(textwrap.dedent(before))
+        (tmp_path / "after.py").write_text(textwrap.dedent(after))
+        run = shlex.join(command)
+        python = shlex.quote(sys.executable)
+        command = [
+            "unshare", "--mount", "--propagation", "private", "sh", "-c",
+            f"mount -t tmpfs -o {shm} tmpfs /dev/shm && {python} before.py && "
+            f"{{ {run}; status=$?; }} && {python} after.py && exit $status",
+        ]
+    done = subprocess.run(
+        command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, timeout=120,
+    )
+    return done.returncode, done.stdout
 
 
 # --- the subprocess side of ns_worker.py -------------------------------------------------------

@@ -8,17 +8,14 @@ import asyncio
 import math
 import os
 import re
-import shlex
-import subprocess
-import sys
-import textwrap
+import shutil
 
 import pytest
 
 from asgi_ipc import IPCChannelLayer
 from asgi_ipc.layer import config_problems
 
-from .helpers import MiB, pythonpath, shm_path
+from .helpers import MiB, django_check, shm_path, write_object
 
 EXPIRY_RANGE = "from 0.001 to 10**12"
 CAPACITY_RANGE = "from 1 to 2**63 - 1"
@@ -153,29 +150,6 @@ def test_config_problems_reports_every_problem_the_layer_would_raise():
 
 # --- the Django system check, run by a real `django check` ------------------------------------
 
-SETTINGS = """
-SECRET_KEY = "test-only"
-INSTALLED_APPS = ["channels", "asgi_ipc"]
-DATABASES = {{}}
-CHANNEL_LAYERS = {layers}
-"""
-
-
-def django_check(tmp_path, layers: str, wrap: list[str] | None = None):
-    (tmp_path / "checksettings.py").write_text(textwrap.dedent(SETTINGS.format(layers=layers)))
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "checksettings",
-        "PYTHONPATH": pythonpath(tmp_path),
-        "PYTHONDONTWRITEBYTECODE": "1",
-    }
-    command = [sys.executable, "-m", "django", "check"]
-    if wrap:
-        command = [*wrap[:-1], f"{wrap[-1]} {shlex.join(command)}"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    return done.returncode, done.stdout + done.stderr
-
-
 def test_django_check_reports_each_problem_with_an_id_and_a_hint(tmp_path):
     code, output = django_check(tmp_path, """{
         "default": {
@@ -198,6 +172,12 @@ def test_django_check_reports_each_problem_with_an_id_and_a_hint(tmp_path):
     assert "expiry=nan" in output and EXPIRY_RANGE in output
     assert "HINT: asgi_ipc needs no server" in output and "Remove `hosts`" in output
     assert "did you mean 'expiry'" in output
+    # TEST_CONFIG is asgi_ipc.testing's, never Channels': its problems say so.
+    test_config = [line for line in output.splitlines() if "['TEST_CONFIG']" in line]
+    assert len(test_config) == 2 and all(
+        "Channels never reads TEST_CONFIG: asgi_ipc.testing builds the tests' store from it"
+        in line for line in test_config
+    ), output
     assert "'redis'" not in output  # another backend's options are not ours to judge
 
 
@@ -221,20 +201,117 @@ def test_django_check_passes_a_good_configuration(tmp_path):
     assert code == 1 and "(asgi_ipc.E002)" in output and "5.5" in output, output
 
 
-def test_django_check_warns_when_dev_shm_is_smaller_than_the_store(tmp_path):
-    """A /dev/shm of 16 MiB, as a container might have: the default 100 MiB + 1 MiB store does
-    not fit; one of 4 MiB + 1 MiB does."""
-    outputs = {}
-    for memory in ("", '"channel_memory": 4 * 1024 * 1024,'):
-        code, outputs[memory] = django_check(
-            tmp_path,
-            '{"default": {"BACKEND": "asgi_ipc.IPCChannelLayer", "CONFIG": {"prefix": "site", '
-            + memory + ' "group_memory": 1024 * 1024}}}',
-            wrap=["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                  "mount -t tmpfs -o size=16m tmpfs /dev/shm && exec"],
-        )
-        assert code == 0, outputs[memory]
-    warned = outputs[""]
-    assert "(asgi_ipc.W001)" in warned, warned
-    assert "16777216 bytes of /dev/shm" in warned and "--shm-size" in warned
-    assert "asgi_ipc.W001" not in outputs['"channel_memory": 4 * 1024 * 1024,']
+needs_a_tmpfs = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="needs root and unshare to mount a tmpfs of its own on /dev/shm",
+)
+
+# Docker's default /dev/shm.
+DOCKER_SHM = "size=64m"
+
+
+def layers_of(prefix: str, options: str = "") -> str:
+    return (
+        '{"default": {"BACKEND": "asgi_ipc.IPCChannelLayer", '
+        f'"CONFIG": {{"prefix": {prefix!r}, {options}}}}}}}'
+    )
+
+
+def ids_in(output: str) -> list[str]:
+    return re.findall(r"\(asgi_ipc\.(\w+)\)", output)
+
+
+@needs_a_tmpfs
+def test_a_store_the_layer_will_refuse_to_create_fails_the_check_with_the_layers_words(
+    tmp_path, prefix
+):
+    """Docker's 64 MiB /dev/shm and the default store (100 MiB + 20 MiB): the layer's first call
+    raises SharedMemoryTooSmall, so the check fails, saying just what the layer says. A
+    TEST_CONFIG of the same size is not judged: the tests may run on another machine."""
+    config = f'{{"prefix": {prefix!r}}}'
+    code, output = django_check(
+        tmp_path,
+        '{"default": {"BACKEND": "asgi_ipc.IPCChannelLayer", '
+        f'"CONFIG": {config}, "TEST_CONFIG": {config}}}}}',
+        shm=DOCKER_SHM,
+        after=f"""
+            import asyncio
+            from asgi_ipc import IPCChannelLayer, SharedMemoryTooSmall
+
+            try:
+                asyncio.run(IPCChannelLayer(prefix={prefix!r}).send("c", {{}}))
+            except SharedMemoryTooSmall as exc:
+                print("the layer said:", exc)
+        """,
+    )
+    assert code == 1, output
+    assert ids_in(output) == ["E006"], output
+    check, _, runtime = output.partition("the layer said: ")
+    assert runtime.strip() and runtime.strip() in check, output
+    assert f"there is no store of prefix {prefix!r} yet" in check
+    assert "124.3 MiB when full" in runtime and "creation reserves 4.3 MiB at once" in runtime
+    assert "64.0 MiB free of 64.0 MiB" in runtime and "--shm-size" in runtime
+    assert "HINT:" in check and "SILENCED_SYSTEM_CHECKS" in check
+
+
+@needs_a_tmpfs
+def test_a_store_that_is_there_is_used_as_it_is_whatever_the_configured_size(tmp_path, prefix):
+    """The store exists, created with 8 MiB + 1 MiB: a process configured with the default sizes
+    uses it as it is, so there is nothing to refuse. One configured small enough to be created
+    passes too."""
+    for before in (f"""
+            import asyncio
+            from asgi_ipc import IPCChannelLayer
+
+            async def create():
+                layer = IPCChannelLayer(prefix={prefix!r}, channel_memory=8 << 20,
+                                        group_memory=1 << 20)
+                await layer.send("c", {{"n": 1}})
+                await layer.close()
+
+            asyncio.run(create())
+        """, ""):
+        options = "" if before else '"channel_memory": 8 << 20, "group_memory": 1 << 20'
+        code, output = django_check(tmp_path, layers_of(prefix, options), shm=DOCKER_SHM,
+                                    before=before)
+        assert code == 0 and ids_in(output) == [] and "no issues" in output, output
+
+
+@needs_a_tmpfs
+def test_a_store_that_is_there_but_cannot_grow_to_its_size_is_a_warning(tmp_path, prefix):
+    """The store (40 MiB + 1 MiB) fitted when it was created; then 40 MiB of /dev/shm were taken
+    by something else. It works, but cannot grow to its size: a warning, which says what it has
+    reserved and what /dev/shm has left."""
+    code, output = django_check(
+        tmp_path,
+        layers_of(prefix, '"channel_memory": 40 << 20, "group_memory": 1 << 20'),
+        shm=DOCKER_SHM,
+        before=f"""
+            import asyncio
+            from asgi_ipc import IPCChannelLayer
+
+            async def create():
+                layer = IPCChannelLayer(prefix={prefix!r}, channel_memory=40 << 20,
+                                        group_memory=1 << 20)
+                await layer.send("c", {{"n": 1}})
+                await layer.close()
+
+            asyncio.run(create())
+            with open("/dev/shm/other", "wb") as other:
+                other.write(bytes(40 << 20))
+        """,
+    )
+    assert code == 0, output
+    assert ids_in(output) == ["W001"], output
+    assert f"the store of prefix {prefix!r} is there, and is used as it is" in output
+    assert "43.1 MiB when full" in output and "is reserved so far" in output
+    assert "free of 64.0 MiB" in output and "ChannelFull" in output
+
+
+def test_what_the_layer_would_refuse_at_the_path_of_its_store_fails_the_check(tmp_path, prefix):
+    write_object(prefix, b"not a store")
+    code, output = django_check(tmp_path, layers_of(prefix))
+    assert code == 1, output
+    assert ids_in(output) == ["E007"], output
+    assert f"asgi_ipc.{prefix} is 11 bytes, not an asgi_ipc store" in output
+    assert f"asgi-ipc unlink --prefix {prefix} --force" in output

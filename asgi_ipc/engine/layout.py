@@ -37,6 +37,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from ..host import SHM_DIR
+
 MAGIC = int.from_bytes(b"ASGI-IPC", "little")
 LAYOUT_VERSION = 3  # 2: slots live by their byte lock, doorbells at paths; counters;
 #                      3: a group_send stores its payload once (queues.py)
@@ -126,9 +128,6 @@ def shm_name(prefix: str) -> str:
     return NAME_PREFIX + validate_prefix(prefix)
 
 
-# Linux keeps POSIX shared memory as files in this tmpfs; the layer opens them there directly,
-# so that it can refuse symlinks and check the owner (see private.py).
-SHM_DIR = "/dev/shm"
 # The directory of a store's wake-up sockets is named after the store and a tag keyed by the
 # store's hash key, which only its owner can read: nobody else can learn the name before the
 # directory exists, so nobody can take it first; and once it exists it stays until the store is
@@ -249,3 +248,7 @@ class Geometry:
             (self.message_heap_end - PAGE_WORDS, self.group_heap + PAGE_WORDS),
             (self.group_heap_end - PAGE_WORDS, self.group_heap_end),
         ]
+
+    @property
+    def bytes_reserved_at_creation(self) -> int:
+        return WORD * sum(end - start for start, end in self.reserved_at_creation())

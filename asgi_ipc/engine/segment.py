@@ -8,10 +8,11 @@ anything else raises ``ForeignObject`` and is neither read nor written.
 Creation is race-free without a second lock: whoever opens the object first creates it empty,
 and every process then takes the store lock and looks. Under the lock, an object of size 0 or
 without the ready flag is one nobody has initialised yet (or whose initialiser died half way):
-the process that sees it checks that /dev/shm has room for it (``SharedMemoryTooSmall``
-otherwise, naming the sizes and the fixes), sizes it, reserves with ``posix_fallocate`` every
-page that is touched whatever the load (``Geometry.reserved_at_creation``), then formats every
-area, writes the magic word and sets the ready flag, in that order. Nobody maps an object before
+the process that sees it checks that /dev/shm has room for it (``creation_refusal``, the rule
+the system check applies too: ``SharedMemoryTooSmall`` otherwise, naming the sizes and the
+fixes), sizes it, reserves with ``posix_fallocate`` every page that is touched whatever the load
+(``Geometry.reserved_at_creation``), then formats every area, writes the magic word and sets the
+ready flag, in that order. Nobody maps an object before
 it is ready, so resizing one that is not is safe. An initialiser that finds no room empties and
 removes the object under the lock; a process that was waiting for the lock on it finds it
 unlinked (no links left) and starts again from the path.
@@ -23,7 +24,8 @@ process to wait (doorbell.py), and removed only with the store (``unlink``).
 
 An existing store keeps the sizes it was created with; a process configured with other sizes uses
 it as it is and logs a warning. Anything that is not a ready store of this layout version raises
-``StoreCorrupted`` naming the object and the command that removes it.
+``StoreCorrupted`` naming the object and the command that removes it. ``existing_store`` tells,
+without attaching, which of these a process would meet: the system check's view of the store.
 
 Every process attached to a store holds a shared OFD lock on its ``ATTACHED_BYTE`` for as long
 as it is (one per process and store file, whatever the number of its segments; a forked child
@@ -48,6 +50,7 @@ import stat
 import threading
 import weakref
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 from ..exceptions import (
     ForeignObject,
@@ -120,18 +123,139 @@ def _mib(nbytes: int) -> str:
     return f"{nbytes / (1 << 20):.1f} MiB"
 
 
-def _too_small(path: str, geometry: Geometry) -> SharedMemoryTooSmall:
+class ShmSpace(NamedTuple):
+    """The size and the free space of the tmpfs of SHM_DIR, in bytes, at one instant."""
+
+    size: int  # 0 for a tmpfs mounted without a size limit, which reports no blocks at all
+    free: int
+
+
+def shm_space() -> ShmSpace:
     fs = os.statvfs(SHM_DIR)
+    return ShmSpace(size=fs.f_blocks * fs.f_frsize, free=fs.f_bavail * fs.f_frsize)
+
+
+def _sizes(geometry: Geometry) -> str:
+    return (
+        f"{_mib(geometry.total_bytes)} when full (channel_memory "
+        f"{_mib(geometry.channel_memory)}, group_memory {_mib(geometry.group_memory)}, the rest "
+        f"indexes and journal)"
+    )
+
+
+def _too_small(path: str, geometry: Geometry, space: ShmSpace) -> SharedMemoryTooSmall:
     return SharedMemoryTooSmall(
-        f"{SHM_DIR} has no room for the asgi_ipc store {path}: it needs "
-        f"{_mib(geometry.total_bytes)} (channel_memory {_mib(geometry.channel_memory)}, "
-        f"group_memory {_mib(geometry.group_memory)}, the rest indexes and journal), and "
-        f"{SHM_DIR} has {_mib(fs.f_bavail * fs.f_frsize)} free of "
-        f"{_mib(fs.f_blocks * fs.f_frsize)}. Give /dev/shm more room (docker run "
-        f"--shm-size=..., Compose shm_size:, in Kubernetes an emptyDir with medium: Memory "
-        f"and a sizeLimit mounted at /dev/shm) or configure a smaller channel_memory or "
+        f"{SHM_DIR} has no room for the asgi_ipc store {path}: it takes "
+        f"{_sizes(geometry)}, of which creation reserves "
+        f"{_mib(geometry.bytes_reserved_at_creation)} at once and the rest is reserved as "
+        f"messages arrive, and a store is created only where it can grow to its full size, but "
+        f"{SHM_DIR} has {_mib(space.free)} free of {_mib(space.size)}. Give /dev/shm more room "
+        f"(docker run --shm-size=..., Compose shm_size:, in Kubernetes an emptyDir with medium: "
+        f"Memory and a sizeLimit mounted at /dev/shm) or configure a smaller channel_memory or "
         f"group_memory"
     )
+
+
+def creation_refusal(
+    path: str, geometry: Geometry, space: ShmSpace
+) -> SharedMemoryTooSmall | None:
+    """What creating the store of ``geometry`` at ``path`` raises with /dev/shm as ``space``
+    says, or None if it may be created: the one rule by which both store creation and the
+    system check (checks.py) judge. A store is created only where the whole of it fits in the
+    free space, so that it can grow to its configured size, although creation reserves only
+    ``Geometry.bytes_reserved_at_creation`` at once."""
+    if not space.size or geometry.total_bytes <= space.free:
+        return None
+    return _too_small(path, geometry, space)
+
+
+class ExistingStore(NamedTuple):
+    geometry: Geometry  # the sizes it was created with, which it keeps whatever is configured
+    reserved: int  # bytes of it reserved so far: at creation, and by the heaps as they filled
+
+
+def existing_store(prefix: str) -> ExistingStore | None:
+    """The ready store of ``prefix``, as a process attaching to it would find it, read without
+    attaching, locking or allocating anything: None when there is none (or none finished),
+    which the first call of a layer creates; ``ForeignObject`` or ``StoreCorrupted``, as
+    attaching would raise, for an object the layer refuses."""
+    path = store_path(prefix)
+    try:
+        fd = open_private_file(path, create=False)[0]
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if st.st_size == 0:
+            return None
+        _check_size(prefix, st.st_size)
+        # Read, unlike a read through a mapping, allocates no page for a hole.
+        header = memoryview(os.pread(fd, PAGE_WORDS * WORD, 0)).cast("Q")
+        if _unfinished(header):
+            return None
+        return ExistingStore(_validate_header(header, st.st_size, prefix), st.st_blocks * 512)
+    finally:
+        os.close(fd)
+
+
+def growth_shortfall(prefix: str, store: ExistingStore, space: ShmSpace) -> str | None:
+    """Why the existing ``store`` of ``prefix`` cannot grow to its full size in /dev/shm as
+    ``space`` says, or None if it can: it is used all the same, and sends and group_add meet a
+    full tmpfs as they meet a full store."""
+    growth = store.geometry.total_bytes - store.reserved
+    if not space.size or growth <= space.free:
+        return None
+    return (
+        f"the store of prefix {prefix!r} is there, and is used as it is, but cannot grow to its "
+        f"full size: it takes {_sizes(store.geometry)}, of which {_mib(store.reserved)} is "
+        f"reserved so far and the rest is reserved as messages arrive, and {SHM_DIR} has "
+        f"{_mib(space.free)} free of {_mib(space.size)}. Once that is taken, sends get "
+        f"ChannelFull and group_add GroupMemoryFull before the store is full"
+    )
+
+
+def _check_size(prefix: str, size: int) -> None:
+    if size < PAGE_WORDS * WORD or size % (PAGE_WORDS * WORD):
+        raise StoreCorrupted(
+            f"{shm_name(prefix)} is {size} bytes, not an asgi_ipc store; {removal_hint(prefix)}"
+        )
+
+
+def _unfinished(header: memoryview) -> bool:
+    """Whether a header is of a store nobody finished initialising: with our magic word (or
+    none yet) but no ready flag. Anything else is left for ``_validate_header`` to judge."""
+    return not header[H_READY] and header[H_MAGIC] in (0, MAGIC)
+
+
+def _validate_header(words: memoryview, size: int, prefix: str) -> Geometry:
+    """The geometry of the store of ``prefix`` of ``size`` bytes whose first page is
+    ``words``, or StoreCorrupted naming what is wrong with it."""
+    name = shm_name(prefix)
+    hint = removal_hint(prefix)
+    if words[H_MAGIC] != MAGIC:
+        raise StoreCorrupted(f"{name} is not an asgi_ipc store (bad magic); {hint}")
+    if words[H_VERSION] != LAYOUT_VERSION:
+        raise StoreCorrupted(
+            f"{name} has layout version {words[H_VERSION]}, this asgi_ipc reads "
+            f"version {LAYOUT_VERSION}; stop the processes using it and {hint}"
+        )
+    if words[H_GEOMETRY_SUM] != _geometry_sum(words):
+        raise StoreCorrupted(f"{name} has a corrupt header (checksum); {hint}")
+    geometry = Geometry.for_sizes(words[H_CHANNEL_MEMORY], words[H_GROUP_MEMORY])
+    if (
+        geometry.total_bytes != words[H_TOTAL_BYTES]
+        or geometry.total_bytes != size
+        or geometry.channel_buckets != words[H_CHANNEL_BUCKETS]
+        or geometry.group_buckets != words[H_GROUP_BUCKETS]
+        or geometry.member_buckets != words[H_MEMBER_BUCKETS]
+    ):
+        raise StoreCorrupted(
+            f"{name} is {size} bytes but its header describes "
+            f"{words[H_TOTAL_BYTES]} (truncated or corrupt); {hint}"
+        )
+    if words[H_GEOMETRY_END + 1 : H_READY].tobytes().strip(b"\0"):
+        raise StoreCorrupted(f"{name} has a corrupt header (reserved words); {hint}")
+    return geometry
 
 
 def _no_inode(path: str) -> SharedMemoryTooSmall:
@@ -250,14 +374,10 @@ class Segment:
             if self._needs_initialising(size):
                 self._initialise(wanted)
                 size = wanted.total_bytes
-            if size < PAGE_WORDS * WORD or size % (PAGE_WORDS * WORD):
-                raise StoreCorrupted(
-                    f"{self.name} is {size} bytes, not an asgi_ipc store; "
-                    f"{removal_hint(prefix)}"
-                )
+            _check_size(prefix, size)
             self.mm = mmap.mmap(self.fd, size)
             self.words = memoryview(self.mm).cast("Q")
-            self.geometry = self._validate(size)
+            self.geometry = _validate_header(self.words, size, prefix)
         except BaseException:
             # Closing the lock's handles drops the flock, wherever the exception landed.
             if lock is not None:
@@ -319,8 +439,7 @@ class Segment:
         return True
 
     def _needs_initialising(self, size: int) -> bool:
-        """True for an object nobody finished initialising: empty, or with our magic word (or
-        none yet) but no ready flag. Anything else is left alone for ``_validate`` to judge."""
+        """True for an object nobody finished initialising: empty, or ``_unfinished``."""
         if size == 0:
             return True
         if size < PAGE_WORDS * WORD:
@@ -329,18 +448,17 @@ class Segment:
         if not self.reserve(0, PAGE_WORDS):
             raise SharedMemoryTooSmall(f"{SHM_DIR} is full: no room to read {self.path}")
         with _mapped_words(self.fd, PAGE_WORDS * WORD) as words:
-            return not words[H_READY] and words[H_MAGIC] in (0, MAGIC)
+            return _unfinished(words)
 
     def _initialise(self, geometry: Geometry) -> None:
         os.ftruncate(self.fd, 0)  # drop whatever a dead initialiser wrote
-        fs = os.statvfs(SHM_DIR)
-        # A tmpfs mounted without a size limit reports no blocks at all.
-        fits = not fs.f_blocks or geometry.total_bytes <= fs.f_bavail * fs.f_frsize
-        if fits:
+        error = creation_refusal(self.path, geometry, shm_space())
+        if error is None:
             os.ftruncate(self.fd, geometry.total_bytes)
-            fits = all(self.reserve(start, end) for start, end in geometry.reserved_at_creation())
-        if not fits:
-            error = _too_small(self.path, geometry)
+            if not all(self.reserve(start, end) for start, end in geometry.reserved_at_creation()):
+                # Something else took the room in the meantime.
+                error = _too_small(self.path, geometry, shm_space())
+        if error is not None:
             os.ftruncate(self.fd, 0)
             st = os.fstat(self.fd)
             try:
@@ -368,34 +486,6 @@ class Segment:
             words[H_GEOMETRY_SUM] = _geometry_sum(words)
             format_areas(words, geometry, self.reserve)
             words[H_READY] = 1
-
-    def _validate(self, size: int) -> Geometry:
-        words = self.words
-        hint = removal_hint(self.prefix)
-        if words[H_MAGIC] != MAGIC:
-            raise StoreCorrupted(f"{self.name} is not an asgi_ipc store (bad magic); {hint}")
-        if words[H_VERSION] != LAYOUT_VERSION:
-            raise StoreCorrupted(
-                f"{self.name} has layout version {words[H_VERSION]}, this asgi_ipc reads "
-                f"version {LAYOUT_VERSION}; stop the processes using it and {hint}"
-            )
-        if words[H_GEOMETRY_SUM] != _geometry_sum(words):
-            raise StoreCorrupted(f"{self.name} has a corrupt header (checksum); {hint}")
-        geometry = Geometry.for_sizes(words[H_CHANNEL_MEMORY], words[H_GROUP_MEMORY])
-        if (
-            geometry.total_bytes != words[H_TOTAL_BYTES]
-            or geometry.total_bytes != size
-            or geometry.channel_buckets != words[H_CHANNEL_BUCKETS]
-            or geometry.group_buckets != words[H_GROUP_BUCKETS]
-            or geometry.member_buckets != words[H_MEMBER_BUCKETS]
-        ):
-            raise StoreCorrupted(
-                f"{self.name} is {size} bytes but its header describes "
-                f"{words[H_TOTAL_BYTES]} (truncated or corrupt); {hint}"
-            )
-        if words[H_GEOMETRY_END + 1 : H_READY].tobytes().strip(b"\0"):
-            raise StoreCorrupted(f"{self.name} has a corrupt header (reserved words); {hint}")
-        return geometry
 
     def lock_holder(self) -> int | None:
         """The pid holding the store lock right now, or None (asked without waiting)."""

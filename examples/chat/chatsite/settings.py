@@ -14,6 +14,9 @@ ALLOWED_HOSTS = ["127.0.0.1", "localhost", "[::1]"]
 INSTALLED_APPS = [
     # channels provides the runworker command.
     "channels",
+    # asgi_ipc's system check: `manage.py check` (and runworker, which runs the checks first)
+    # reports a layer that would be refused before any WebSocket meets it.
+    "asgi_ipc",
     "chat",
 ]
 
