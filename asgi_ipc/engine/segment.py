@@ -87,7 +87,6 @@ from .layout import (
     SHM_DIR,
     WORD,
     Geometry,
-    shm_name,
     store_path,
     wake_dir,
     wake_dirs,
@@ -232,7 +231,6 @@ class Segment:
 
     def __init__(self, prefix: str, channel_memory: int, group_memory: int, create: bool = True):
         self.prefix = prefix
-        self.name = shm_name(prefix)
         self.path = store_path(prefix)
         self._pid = os.getpid()
         wanted = Geometry.for_sizes(channel_memory, group_memory)
@@ -249,7 +247,7 @@ class Segment:
                 size = wanted.total_bytes
             if size < PAGE_WORDS * WORD or size % (PAGE_WORDS * WORD):
                 raise StoreCorrupted(
-                    f"{self.name} is {size} bytes, not an asgi_ipc store; "
+                    f"{self.path} is {size} bytes, not an asgi_ipc store; "
                     f"{removal_hint(prefix)}"
                 )
             self.mm = mmap.mmap(self.fd, size)
@@ -266,9 +264,10 @@ class Segment:
         if create and self.geometry != wanted:
             logger.warning(
                 "asgi_ipc store %s exists with channel_memory=%d and group_memory=%d; using those "
-                "instead of the configured %d and %d (flush and unlink it to resize)",
-                self.name, self.geometry.channel_memory, self.geometry.group_memory,
-                channel_memory, group_memory,
+                "instead of the configured %d and %d (to resize it: stop every process of the "
+                "prefix, run `asgi-ipc unlink --prefix %s`, start them again)",
+                self.path, self.geometry.channel_memory, self.geometry.group_memory,
+                channel_memory, group_memory, prefix,
             )
         self.hash_key = self.words[H_HASH_KEY:H_HASH_KEY + 2].tobytes()
         self.wake_dir = wake_dir(prefix, self.hash_key)
@@ -370,14 +369,14 @@ class Segment:
         words = self.words
         hint = removal_hint(self.prefix)
         if words[H_MAGIC] != MAGIC:
-            raise StoreCorrupted(f"{self.name} is not an asgi_ipc store (bad magic); {hint}")
+            raise StoreCorrupted(f"{self.path} is not an asgi_ipc store (bad magic); {hint}")
         if words[H_VERSION] != LAYOUT_VERSION:
             raise StoreCorrupted(
-                f"{self.name} has layout version {words[H_VERSION]}, this asgi_ipc reads "
+                f"{self.path} has layout version {words[H_VERSION]}, this asgi_ipc reads "
                 f"version {LAYOUT_VERSION}; stop the processes using it and {hint}"
             )
         if words[H_GEOMETRY_SUM] != _geometry_sum(words):
-            raise StoreCorrupted(f"{self.name} has a corrupt header (checksum); {hint}")
+            raise StoreCorrupted(f"{self.path} has a corrupt header (checksum); {hint}")
         geometry = Geometry.for_sizes(words[H_CHANNEL_MEMORY], words[H_GROUP_MEMORY])
         if (
             geometry.total_bytes != words[H_TOTAL_BYTES]
@@ -387,11 +386,11 @@ class Segment:
             or geometry.member_buckets != words[H_MEMBER_BUCKETS]
         ):
             raise StoreCorrupted(
-                f"{self.name} is {size} bytes but its header describes "
+                f"{self.path} is {size} bytes but its header describes "
                 f"{words[H_TOTAL_BYTES]} (truncated or corrupt); {hint}"
             )
         if words[H_GEOMETRY_END + 1 : H_READY].tobytes().strip(b"\0"):
-            raise StoreCorrupted(f"{self.name} has a corrupt header (reserved words); {hint}")
+            raise StoreCorrupted(f"{self.path} has a corrupt header (reserved words); {hint}")
         return geometry
 
     def lock_holder(self) -> int | None:
@@ -537,15 +536,23 @@ def _remove_private_dir(directory: str) -> bool:
     return True
 
 
-def _refuse_if_in_use(prefix: str, fd: int) -> None:
-    """Raise ``StoreInUse`` if any process has the store of ``fd`` open, asked through ``fd``,
-    which holds no byte lock. Whether any does is ``F_OFD_GETLK``'s answer; how many, the count
-    of /proc/locks (which a process leaving in between may make one short)."""
+def store_users(fd: int) -> tuple[int, int]:
+    """How many processes have the store of ``fd`` open, and how many process slots their
+    receives wait in, whatever PID namespace they run in: asked through ``fd``, which must hold
+    no byte lock of its own. Whether any process has it open is ``F_OFD_GETLK``'s answer; how
+    many, the count of /proc/locks (which a process leaving in between may make one short)."""
     seen = byte_lock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, ATTACHED_BYTE) != fcntl.F_UNLCK
     waiting = held_slots(fd)
     if not (seen or waiting):
+        return 0, 0
+    return max(byte_lock_holders(fd, ATTACHED_BYTE), 1), waiting
+
+
+def _refuse_if_in_use(prefix: str, fd: int) -> None:
+    """Raise ``StoreInUse`` if any process has the store of ``fd`` open (``store_users``)."""
+    attached, waiting = store_users(fd)
+    if not attached:
         return
-    attached = max(byte_lock_holders(fd, ATTACHED_BYTE), 1)
     processes = "1 process" if attached == 1 else f"{attached} processes"
     slots = "1 process slot" if waiting == 1 else f"{waiting} process slots"
     receives = f"receives waiting in {slots}" if waiting else "no receive waiting"
