@@ -29,33 +29,30 @@ import signal
 import stat
 import sys
 import time
+from dataclasses import dataclass
 
 from . import ENGINE, __version__
+from .commandline import bounded, columns, size
+from .engine.compiled import FORCED, NOT_BUILT
 from .engine.layout import NAME_PREFIX, SHM_DIR, store_path, validate_prefix, wake_dir_prefix
-from .engine.segment import unlink
+from .engine.segment import store_users, unlink
 from .exceptions import StoreError, StoreInUse
 from .layer import IPCChannelLayer
 from .observe import add_commands as add_observe_commands
-from .private import check_private, describe
+from .private import check_private, describe, open_private_file
 from .receiver import Receiver
 
 FILE_PREFIX = NAME_PREFIX.lstrip("/")
 
 # The exit statuses listed in the module docstring.
 PROBLEMS_FOUND, CANNOT_RUN, INTERRUPTED = 1, 2, 130
+# The demo starts each worker as an interpreter of its own, one by one: a few dozen are plenty.
+DEMO_PROCESSES = 32
 
 
 def _open(prefix: str) -> Receiver:
     # The sizes only matter when creating, and these commands never create.
     return Receiver(prefix, 0, 0, create=False)
-
-
-def _size(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return ""
 
 
 def _users_of(prefix: str) -> list[int]:
@@ -95,6 +92,18 @@ def _pids(pids: list[int]) -> str:
     return " ".join(map(str, pids)) or "-"
 
 
+def _engine() -> str:
+    """This command's engine, and why."""
+    if ENGINE == "compiled":
+        return "compiled (this command's; ASGI_IPC_PURE_PYTHON=1 forces python)"
+    if FORCED:
+        return "python (this command's, chosen by ASGI_IPC_PURE_PYTHON)"
+    if NOT_BUILT is not None:
+        return ("python (this command's): the compiled engine failed to build when asgi_ipc "
+                f"was installed ({NOT_BUILT}); install gcc and python3-dev, then asgi_ipc again")
+    return "python (this command's: the compiled engine is not built here)"
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     store = _open(args.prefix)
     try:
@@ -104,6 +113,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     report["processes_attached"] = _users_of(args.prefix)
     # This command's own engine: the store does not record which one each process runs.
     report["engine"] = ENGINE
+    report["engine_not_built"] = NOT_BUILT
     report = _keyed(report)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -112,20 +122,20 @@ def cmd_stats(args: argparse.Namespace) -> int:
     for area in ("channel_memory", "group_memory"):
         figures = report[area]
         print(
-            f"  {area.replace('_', ' '):16} {_size(figures['used']):>10} used of "
-            f"{_size(figures['size'])}, {_size(figures['free'])} free, "
-            f"largest free block {_size(figures['largest_free'])}"
+            f"  {area.replace('_', ' '):16} {size(figures['used']):>10} used of "
+            f"{size(figures['size'])}, {size(figures['free'])} free, "
+            f"largest free block {size(figures['largest_free'])}"
         )
     print(f"  {'channels':16} {report['channels']} with messages or waiting receives, "
           f"{report['idle_records']} empty kept until the sweep")
     print(f"  {'messages':16} {report['messages']} queued; expired, not yet reclaimed: "
-          f"{_size(report['expired_bytes'])}")
+          f"{size(report['expired_bytes'])}")
     print(f"  {'groups':16} {report['groups']}, memberships {report['memberships']}")
     holder = report["lock_holder"]
     print(f"  {'global lock':16} {f'held by pid {holder}' if holder else 'free'}")
     print(f"  {'receiving pids':16} {_pids(report['waiting_processes'])}")
     print(f"  {'attached pids':16} {_pids(report['processes_attached'])}")
-    print(f"  {'engine':16} {ENGINE} (this command's; ASGI_IPC_PURE_PYTHON=1 forces python)")
+    print(f"  {'engine':16} {_engine()}")
     if report["dead_waiters"]:
         print(f"  {'exited waiters':16} {report['dead_waiters']} receives of processes that "
               "have exited, not counted above")
@@ -189,11 +199,44 @@ def cmd_unlink(args: argparse.Namespace) -> int:
     return 0
 
 
+def _users(path: str) -> tuple[int, int] | None:
+    """``store_users`` of the store at ``path``, or None if it is gone."""
+    try:
+        fd = open_private_file(path, create=False)[0]
+    except FileNotFoundError:
+        return None
+    try:
+        return store_users(fd)
+    finally:
+        os.close(fd)
+
+
+def _stores(count: int) -> str:
+    return "1 store" if count == 1 else f"{count} stores"
+
+
+@dataclass(eq=False)
+class _Listed:
+    """A store as ``list`` shows it."""
+
+    prefix: str
+    st: os.stat_result
+    attached: int  # processes that have it open
+    waiting: int  # process slots their receives wait in
+
+    @property
+    def state(self) -> str:
+        return "in use" if self.attached else "not in use"
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    """This user's stores, and every object under an asgi_ipc name that the layer would refuse
-    (it is a symlink, another user's, or open to others), marked foreign. A prefix's own
-    wake-up directory is part of its store, not a store."""
-    rows, foreign = [], []
+    """This user's stores, with the processes that have each open and the process slots their
+    receives wait in, from the byte locks, whatever PID namespace they run in; and every object
+    under an asgi_ipc name that the layer would refuse (it is a symlink, another user's, or
+    open to others), marked foreign. A prefix's own wake-up directory is part of its store, not
+    a store. With --remove-abandoned, the stores no process has open are removed, each by
+    ``unlink(unless_in_use=True)``, which looks again under the store lock."""
+    stores, foreign = [], []
     for entry in sorted(os.listdir(SHM_DIR)):
         if not entry.startswith(FILE_PREFIX):
             continue
@@ -203,21 +246,45 @@ def cmd_list(args: argparse.Namespace) -> int:
             st = os.lstat(path)
             if is_wake_dir:
                 check_private(path, st, stat.S_IFDIR, "a directory")
-            else:
-                check_private(path, st, stat.S_IFREG, "a regular file")
+                continue
+            check_private(path, st, stat.S_IFREG, "a regular file")
+            users = _users(path)
         except FileNotFoundError:
             continue  # removed since listdir
         except StoreError:
             foreign.append(f"{path} FOREIGN: {describe(st)}")
             continue
-        if not is_wake_dir:
-            rows.append((entry[len(FILE_PREFIX):], st.st_size, st.st_blocks * 512))
-    if not rows:
+        if users is not None:
+            stores.append(_Listed(entry[len(FILE_PREFIX):], st, *users))
+    removed = []
+    if args.remove_abandoned:
+        for store in stores:
+            if store.attached:
+                continue
+            try:
+                if unlink(store.prefix, unless_in_use=True):
+                    removed.append(store)
+            except StoreInUse as exc:  # a process opened it since
+                store.attached, store.waiting = exc.attached, exc.waiting
+    if not stores:
         print("no asgi_ipc stores for this user")
-    for prefix, size, resident in rows:
-        print(f"{prefix:22} {_size(size):>10} reserved {_size(resident):>10} in memory")
+    else:
+        table = [("prefix", "size", "in memory", "processes", "waiting", "modified", "state")]
+        for store in stores:
+            modified = time.strftime("%Y-%m-%d %H:%M", time.localtime(store.st.st_mtime))
+            table.append((store.prefix, size(store.st.st_size), size(store.st.st_blocks * 512),
+                          str(store.attached), str(store.waiting), modified,
+                          "removed" if store in removed else store.state))
+        print("\n".join(columns(table)))
     for line in foreign:
         print(line)
+    unused = [store for store in stores if not store.attached and store not in removed]
+    if args.remove_abandoned and stores:
+        print(f"removed {_stores(len(removed))} that no process had open" if removed
+              else "no store to remove: every one is open in some process")
+    elif unused:
+        print(f"{len(unused)} not in use (open in no process, in any PID namespace): remove "
+              "with asgi-ipc list --remove-abandoned")
     return 0
 
 
@@ -396,23 +463,33 @@ def _parser() -> argparse.ArgumentParser:
     unlink_parser = with_prefix(
         "unlink", "remove the store's shared memory for good",
         "Remove a store from /dev/shm, with its wake-up directory. Refused while any "
-        "process has it open, in whatever PID namespace, unless --force.",
+        "process has it open, in whatever PID namespace, unless --force. To remove every "
+        "store that no process has open: asgi-ipc list --remove-abandoned.",
     )
     unlink_parser.add_argument("--force", action="store_true",
                                help="remove it even while processes use it")
     unlink_parser.set_defaults(run=cmd_unlink)
-    command(
-        "list", "the stores of this user on this machine",
-        "List this user's stores in /dev/shm with their reserved and resident sizes, and "
-        "mark FOREIGN every object under an asgi_ipc name that the layer would refuse.",
-    ).set_defaults(run=cmd_list)
+    list_parser = command(
+        "list", "the stores of this user on this machine, in use or not",
+        "List this user's stores in /dev/shm: the size of each and the memory it takes, the "
+        "processes that have it open and the process slots their receives wait in, in any "
+        "PID namespace, and when it was last modified; mark FOREIGN every object under an "
+        "asgi_ipc name that the layer would refuse.",
+    )
+    list_parser.add_argument(
+        "--remove-abandoned", action="store_true",
+        help="remove the stores that no process has open, in any PID namespace, with the "
+        "messages and groups they hold (never one in use: each is checked under its lock)")
+    list_parser.set_defaults(run=cmd_list)
     demo = command(
         "demo", "processes exchanging messages through a store",
         "Start worker processes that join a group on a fresh store, send them a few "
         "group messages, print their replies, then remove the store.",
     )
-    demo.add_argument("--processes", type=int, default=3, help="worker processes (default 3)")
-    demo.add_argument("--rounds", type=int, default=3, help="group_send rounds (default 3)")
+    demo.add_argument("--processes", type=bounded(int, 1, DEMO_PROCESSES), default=3,
+                      help=f"worker processes, 1 to {DEMO_PROCESSES} (default 3)")
+    demo.add_argument("--rounds", type=bounded(int, 1, 10**6), default=3,
+                      help="group_send rounds, 1 to 1000000 (default 3)")
     demo.set_defaults(run=cmd_demo)
     command(
         "bench", "asgi_ipc against channels_redis and in-memory",

@@ -29,8 +29,8 @@ long until a channel's first message expires (``Channel.expires_in``), negative 
 expired already and waits to be reclaimed. With one expiry for the whole prefix, a message's age
 is that expiry minus ``expires_in``.
 
-``rich`` (for ``top``) and ``prometheus_client`` (for the metrics) are optional:
-``pip install 'asgi_ipc[top]'`` and ``pip install 'asgi_ipc[metrics]'``.
+``rich`` (for the live view of ``top``) and ``prometheus_client`` (for the metrics) are optional:
+the extras ``top`` and ``metrics``.
 """
 
 from __future__ import annotations
@@ -43,13 +43,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .commandline import address, bounded, columns, size
 from .engine import open_engine
 from .exceptions import StoreError
 
 if TYPE_CHECKING:  # optional dependencies, imported where they are used
     from django.http import HttpRequest, HttpResponse
     from prometheus_client import CollectorRegistry
-    from rich.console import Group
+    from rich.text import Text
 
 logger = logging.getLogger(__name__)
 
@@ -180,8 +181,7 @@ def figures(prefix: str, top: int = 10, check: bool = False) -> Figures:
 
 # --- Prometheus -------------------------------------------------------------------------------
 
-METRICS_HINT = "the metrics need prometheus_client: pip install 'asgi_ipc[metrics]'"
-TOP_HINT = "asgi-ipc top needs rich: pip install 'asgi_ipc[top]'"
+METRICS_HINT = "the metrics need prometheus_client: pip install 'prometheus_client>=0.20'"
 
 
 def _require(module: str, hint: str) -> None:
@@ -293,10 +293,11 @@ def _registry(prefixes: list[str], top: int, strict: bool, check: bool) -> Colle
     return registry
 
 
-def metrics_text(prefixes: list[str], top: int = 10, strict: bool = True,
+def metrics_text(prefixes: list[str], top: int = 10, strict: bool = False,
                  check: bool = False) -> str:
     """The metrics of the stores of ``prefixes`` in the Prometheus text format (see
-    ``StoreCollector``)."""
+    ``StoreCollector``): a store that is missing or unreadable gives ``asgi_ipc_up 0``, or
+    with ``strict`` raises its error."""
     _require("prometheus_client", METRICS_HINT)
     from prometheus_client import generate_latest
 
@@ -333,7 +334,8 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     except ImportError as exc:
         return _missing(exc)
     if args.serve is None:
-        print(metrics_text([args.prefix], args.top, check=args.check), end="")
+        # Printed once, a missing store is an error like any other command's.
+        print(metrics_text([args.prefix], args.top, strict=True, check=args.check), end="")
         return 0
     from prometheus_client import start_http_server
 
@@ -353,99 +355,186 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 # --- top --------------------------------------------------------------------------------------
 
+# The ranges of top's and metrics' options: a view is a lock hold over the whole store (see the
+# module docstring), so views come at most twice a second.
+INTERVALS = (0.5, 3600.0)
+MOST_LISTED = 1000
+TOP_HINT = ("the live view of asgi-ipc top needs rich: pip install 'rich>=13' (piped, or with "
+            "--once, top prints plain text without it)")
+
 
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} s"
 
 
-def render(now: Figures, before: Figures | None) -> Group:
-    """The view of ``now`` as a rich renderable; rates per second are the counters' growth
-    since ``before`` (none for the first view)."""
-    from rich.console import Group
-    from rich.filesize import decimal as size
-    from rich.table import Table
-
+def _counter_rows(now: Figures, before: Figures | None) -> list[tuple[str, str, str]]:
+    """(counter, total, per second) of each counter; the rate is the growth since ``before``
+    ("-" for the first view)."""
     elapsed = now.taken_at - before.taken_at if before is not None else 0.0
-    counters = Table(title=f"asgi_ipc prefix {now.prefix!r}", title_justify="left")
-    counters.add_column("counter")
-    counters.add_column("total", justify="right")
-    counters.add_column("per s", justify="right")
+    rows = []
     for name, value in now.counters.items():
         rate = "-"
         if before is not None and elapsed > 0:
             grown = value - before.counters[name]
             # A counter that went down belongs to a store created again since: count from 0.
             rate = f"{(grown if grown >= 0 else value) / elapsed:.1f}"
-        counters.add_row(name, str(value), rate)
+        rows.append((name, str(value), rate))
+    return rows
 
-    figures_rows = [
-        ("channels", now.channels),
-        ("messages", now.messages),
+
+def _figure_rows(now: Figures) -> list[tuple[str, str]]:
+    rows = [
+        ("channels", str(now.channels)),
+        ("messages", str(now.messages)),
         ("oldest expires in", _seconds(now.oldest_expires_in)),
-        ("groups", now.groups),
-        ("memberships", now.memberships),
+        ("groups", str(now.groups)),
+        ("memberships", str(now.memberships)),
         ("waiting processes", " ".join(map(str, now.waiting_processes)) or "-"),
-        ("flushes", now.flushes),
+        ("flushes", str(now.flushes)),
     ]
     for area, memory in (("channel", now.channel_memory), ("group", now.group_memory)):
-        figures_rows.append((f"{area} memory", f"{size(memory.used)} used of "
-                             f"{size(memory.size)}, largest free {size(memory.largest_free)}"))
+        rows.append((f"{area} memory", f"{size(memory.used)} used of {size(memory.size)}, "
+                     f"largest free {size(memory.largest_free)}"))
     if now.problems is not None:  # checked
         if now.expired_bytes is not None:  # set with problems; the check is for the types
-            figures_rows.append(("expired, unreclaimed", size(now.expired_bytes)))
-        figures_rows.append(("problems", len(now.problems) or "none"))
-    store = Table(title="store", title_justify="left")
-    store.add_column("figure")
-    store.add_column("value", justify="right")
-    for label, shown in figures_rows:
-        store.add_row(label, str(shown))
+            rows.append(("expired, unreclaimed", size(now.expired_bytes)))
+        rows.append(("problems", str(len(now.problems) or "none")))
+    return rows
 
-    def channels(title: str, rows: list[Channel]) -> Table:
-        table = Table(title=title, title_justify="left")
-        table.add_column("channel")
-        table.add_column("depth", justify="right")
-        table.add_column("waiting", justify="right")
-        table.add_column("first expires in", justify="right")
-        for channel in rows:
-            table.add_row(channel.name, str(channel.depth), str(channel.waiting),
-                          _seconds(channel.expires_in))
-        return table
 
-    parts = [counters, store, channels("deepest channels", [c for c in now.deepest if c.depth]),
-             channels("oldest: first message expires soonest", now.expiring)]
-    if now.largest_groups:
-        groups = Table(title="largest groups", title_justify="left")
-        groups.add_column("group")
-        groups.add_column("members", justify="right")
-        for name, members in now.largest_groups:
-            groups.add_row(name, str(members))
-        parts.append(groups)
-    return Group(*parts)
+def _channel_rows(channels: list[Channel]) -> list[tuple[str, ...]]:
+    return [(str(c.depth), str(c.waiting), _seconds(c.expires_in), c.name) for c in channels]
+
+
+CHANNEL_HEADER = ("depth", "waiting", "first expires in")
+
+
+def _sections(now: Figures) -> list[tuple[str, int | None, tuple[str, ...],
+                                          list[tuple[str, ...]]]]:
+    """The lists of the view, in order of importance: (title, how many there are in all if
+    known, header, rows), with the name last in each row."""
+    deepest = [c for c in now.deepest if c.depth]
+    return [
+        ("deepest channels", now.channels, (*CHANNEL_HEADER, "channel"), _channel_rows(deepest)),
+        ("first message expires soonest", None, (*CHANNEL_HEADER, "channel"),
+         _channel_rows(now.expiring)),
+        ("largest groups", now.groups, ("members", "group"),
+         [(str(members), name) for name, members in now.largest_groups]),
+    ]
+
+
+def _title(title: str, shown: int, total: int | None) -> str:
+    count = f"all {shown}" if shown == total else (
+        f"{shown} listed" if total is None else f"{shown} of {total}")
+    return f"{title} ({count})"
+
+
+def plain(now: Figures, before: Figures | None) -> str:
+    """The view of ``now`` as plain text, for scripts and files: tables of columns two spaces
+    apart, every name whole, the name last on its line; rates are the counters' growth since
+    ``before`` (none for the first view)."""
+    taken = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now.taken_at))
+    blocks = [
+        [f"asgi_ipc prefix {now.prefix!r} at {taken}"],
+        columns([("counter", "total", "per s"), *_counter_rows(now, before)]),
+        columns([("figure", "value"), *_figure_rows(now)]),
+    ]
+    for title, total, header, rows in _sections(now):
+        if rows:
+            blocks.append([_title(title, len(rows), total), *columns([header, *rows], left=0)])
+    return "\n\n".join("\n".join(block) for block in blocks) + "\n"
+
+
+def _packed(items: list[str], width: int, gap: str = "   ") -> list[str]:
+    """``items`` laid out in as few lines of ``width`` as they fit in, in order."""
+    lines: list[str] = []
+    for item in items:
+        if lines and len(lines[-1]) + len(gap) + len(item) <= width:
+            lines[-1] += gap + item
+        else:
+            lines.append(item)
+    return lines
+
+
+def _shortened(line: str, name: str, width: int) -> str:
+    """``line``, which ends in ``name``, cut to ``width`` in the middle of the name: channel
+    names often share their beginning (``specific.ipc!``) and differ at their end."""
+    if len(line) <= width:
+        return line
+    room = width - (len(line) - len(name)) - 1  # the ellipsis
+    if room < 2:
+        return line
+    return line[:len(line) - len(name)] + name[:room - room // 2] + "…" + name[-(room // 2):]
+
+
+def render(now: Figures, before: Figures | None, width: int, height: int) -> Text:
+    """The live view of ``now`` for a terminal of ``width`` x ``height``: the figures and the
+    counters with their rates first, then as many of the deepest channels as the height leaves
+    room for, then, if room is left, the channels that expire soonest and the largest groups.
+    Names too long for the width lose their middle; other lines, their end."""
+    from rich.text import Text
+
+    taken = time.strftime("%H:%M:%S", time.localtime(now.taken_at))
+    lines = [(f"asgi_ipc top · prefix {now.prefix!r} · {taken} · Ctrl-C ends", "bold")]
+    lines += [(line, "") for line in
+              _packed([f"{label} {value}" for label, value in _figure_rows(now)], width)]
+    counters = _counter_rows(now, before)
+    # As many counters across as the width takes, up to three.
+    cell = max(len(name) + len(total) + max(len(rate), len("per s")) + 4
+               for name, total, rate in counters)
+    across = max(1, min(3, (width + 2) // (cell + 2)))
+    grid = [("counter", "total", "per s") * across]
+    grid += [sum(counters[at:at + across], ()) for at in range(0, len(counters), across)]
+    grid[-1] += ("",) * (len(grid[0]) - len(grid[-1]))
+    lines.append(("", ""))
+    lines += [(row, "bold" if n == 0 else "") for n, row in enumerate(columns(grid))]
+    # Rich's Live leaves the terminal's last line to the cursor.
+    room = height - 1 - len(lines)
+    for title, total, header, rows in _sections(now):
+        shown = rows[:max(room - 2, 0)]  # under a blank line and the header
+        if not shown:
+            break
+        table = columns([(*header[:-1], _title(title, len(shown), total)), *shown], left=0)
+        lines.append(("", ""))
+        lines.append((table[0], "bold"))
+        lines += [(_shortened(line, row[-1], width), "") for line, row in zip(table[1:], shown,
+                                                                               strict=True)]
+        room -= 2 + len(shown)
+    text = Text(no_wrap=True, overflow="ellipsis")
+    text.append("\n".join(line for line, _ in lines))
+    at = 0
+    for line, style in lines:
+        if style:
+            text.stylize(style, at, at + len(line))
+        at += len(line) + 1
+    return text
 
 
 def run_top(prefix: str, interval: float, iterations: int | None, top: int,
-            check: bool = False) -> int:
+            check: bool = False, live: bool = True) -> int:
     """Show the store of ``prefix`` every ``interval`` seconds, ``iterations`` times (for
-    ever when None), checking it each time if ``check``. On a terminal the view is redrawn in
-    place; otherwise each view is printed after the last, so a program can read it."""
-    _require("rich", TOP_HINT)
-    from rich.console import Console
-    from rich.live import Live
+    ever when None), checking it each time if ``check``. With ``live``, on a terminal, the view
+    is redrawn in place to fit it; otherwise each view is printed after the last, in plain
+    text (``plain``), so a program can read it."""
+    display = None
+    if live and sys.stdout.isatty():
+        _require("rich", TOP_HINT)
+        from rich.live import Live
 
-    console = Console()
+        display = Live(auto_refresh=False)
     before = None
     count = 0
-    live = Live(console=console, auto_refresh=False) if console.is_terminal else None
     try:
-        if live is not None:
-            live.start()
+        if display is not None:
+            display.start()
         while True:
             now = figures(prefix, top, check)
-            view = render(now, before)
-            if live is not None:
-                live.update(view, refresh=True)
+            if display is not None:
+                width, height = display.console.size
+                display.update(render(now, before, width, height), refresh=True)
             else:
-                console.print(view)
+                print(("\n" if before is not None else "") + plain(now, before), end="",
+                      flush=True)
             before, count = now, count + 1
             if iterations is not None and count >= iterations:
                 return 0
@@ -453,36 +542,16 @@ def run_top(prefix: str, interval: float, iterations: int | None, top: int,
     except KeyboardInterrupt:
         return 0
     finally:
-        if live is not None:
-            live.stop()
+        if display is not None:
+            display.stop()
 
 
 def cmd_top(args: argparse.Namespace) -> int:
     try:
-        _require("rich", TOP_HINT)
+        return run_top(args.prefix, args.interval, 1 if args.once else args.iterations,
+                       args.top, args.check, live=not args.once)
     except ImportError as exc:
         return _missing(exc)
-    return run_top(args.prefix, args.interval, 1 if args.once else args.iterations, args.top,
-                   args.check)
-
-
-def _positive(kind: type) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a number above 0, not {text!r}")
-        return value
-
-    return parse
-
-
-def _port(text: str) -> int:
-    if not text.isdigit() or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"expected a TCP port from 0 to 65535, not {text!r}")
-    return int(text)
 
 
 def add_commands(
@@ -494,15 +563,23 @@ def add_commands(
         "top", "a live view of a store: rates, deepest channels, processes, memory",
         "Show a store's figures, refreshed every --interval seconds: the rate of sends, "
         "receives and deliveries, the deepest channels and those whose first message expires "
-        "soonest, the processes waiting, and memory. Ctrl-C ends it.",
+        "soonest, the processes waiting, and memory. In a terminal the view is redrawn in "
+        "place, fitted to the terminal, deepest channels first; with --once, or when the "
+        "output is not a terminal, each view is printed as plain text with every name whole. "
+        "Ctrl-C ends it.",
     )
-    top.add_argument("--interval", type=_positive(float), default=1.0,
-                     help="seconds between views (default 1)")
-    top.add_argument("--iterations", type=_positive(int), default=None,
-                     help="stop after this many views (default: run until interrupted)")
-    top.add_argument("--once", action="store_true", help="show one view and stop")
-    top.add_argument("--top", type=_positive(int), default=10,
-                     help="channels and groups listed (default 10)")
+    low, high = INTERVALS
+    top.add_argument("--interval", type=bounded(float, low, high, "a number of seconds"),
+                     default=1.0, help=f"seconds between views, {low:g} to {high:g} (default 1)")
+    how_long = top.add_mutually_exclusive_group()
+    how_long.add_argument("--iterations", type=bounded(int, 1, 10**6), default=None,
+                          help="stop after this many views, 1 to 1000000 (default: run until "
+                          "interrupted)")
+    how_long.add_argument("--once", action="store_true",
+                          help="print one view as plain text and stop")
+    top.add_argument("--top", type=bounded(int, 1, MOST_LISTED), default=10,
+                     help=f"channels and groups listed, 1 to {MOST_LISTED} (default 10; the "
+                     "live view lists as many as the terminal has room for)")
     top.add_argument("--check", action="store_true",
                      help="check the whole store at each view (slower: pauses the store longer)")
     top.set_defaults(run=cmd_top)
@@ -512,13 +589,15 @@ def add_commands(
         "Print a store's figures in the Prometheus text format, or serve them over HTTP with "
         "--serve for a Prometheus server to scrape.",
     )
-    metrics.add_argument("--serve", type=_port, metavar="PORT", default=None,
+    metrics.add_argument("--serve", type=bounded(int, 0, 65535, "a TCP port"), metavar="PORT",
+                         default=None,
                          help="serve them at http://BIND:PORT/metrics instead of printing them "
                          "(0: any free port, printed)")
-    metrics.add_argument("--bind", default="127.0.0.1",
+    metrics.add_argument("--bind", type=address, default="127.0.0.1",
                          help="the address to serve on (default 127.0.0.1, this machine only)")
-    metrics.add_argument("--top", type=_positive(int), default=10,
-                         help="deepest channels given a depth series each (default 10)")
+    metrics.add_argument("--top", type=bounded(int, 1, MOST_LISTED), default=10,
+                         help=f"deepest channels given a depth series each, 1 to {MOST_LISTED} "
+                         "(default 10)")
     metrics.add_argument("--check", action="store_true",
                          help="check the whole store at each scrape (slower; adds "
                          "asgi_ipc_problems and asgi_ipc_expired_bytes)")

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,9 +19,11 @@ import asgi_ipc
 from asgi_ipc import IPCChannelLayer
 
 from .helpers import (
+    ROOT,
     MiB,
     cli,
     new_prefix,
+    pythonpath,
     shm_path,
     wait_until,
     write_object,
@@ -335,3 +338,135 @@ def test_an_interrupt_ends_the_command_quietly():
         except ProcessLookupError:
             pass
         demo.wait(60)
+
+
+@pytest.mark.parametrize("args, refusal", [
+    (("demo", "--processes", "-5"), "argument --processes: expected a whole number from 1 to 32"),
+    (("demo", "--processes", "100000000000000000000"), "argument --processes: expected"),
+    (("demo", "--processes", "three"), "argument --processes: expected"),
+    (("demo", "--rounds", "-1"), "argument --rounds: expected a whole number from 1 to 1000000"),
+    (("demo", "--rounds", "0"), "argument --rounds: expected"),
+    (("top", "--interval", "inf"), "argument --interval: expected a number of seconds from 0.5"),
+    (("top", "--interval", "1e-300"), "argument --interval: expected"),
+    (("top", "--interval", "nan"), "argument --interval: expected"),
+    (("top", "--iterations", "0"), "argument --iterations: expected a whole number from 1"),
+    (("top", "--top", "0"), "argument --top: expected a whole number from 1 to 1000"),
+    (("top", "--top", "100000"), "argument --top: expected"),
+    (("top", "--once", "--iterations", "3"), "argument --iterations: not allowed with"),
+    (("metrics", "--top", "-1"), "argument --top: expected a whole number from 1 to 1000"),
+    (("metrics", "--serve", "70000"), "argument --serve: expected a TCP port from 0 to 65535"),
+    (("metrics", "--serve", "²"), "argument --serve: expected a TCP port"),
+    (("metrics", "--bind", "nowhere.invalid"), "argument --bind: not an address to listen on"),
+    (("bench", "--only", "nosuch"), "argument --only: unknown workload"),
+])
+def test_every_argument_out_of_range_is_refused_as_argparse_does(prefix, args, refusal):
+    """Nothing runs: one usage and one error line, exit status 2."""
+    where = () if args[0] in ("demo", "bench") else ("--prefix", prefix)
+    result = cli(*args, *where)
+    assert (result.returncode, result.stdout) == (2, ""), result
+    assert result.stderr.startswith(f"usage: asgi-ipc {args[0]}")
+    assert result.stderr.splitlines()[-1].startswith(f"asgi-ipc {args[0]}: error: {refusal}")
+    assert not os.path.exists(shm_path(prefix))
+
+
+def test_stats_names_the_store_by_its_path_and_sizes_in_mib(prefix):
+    fill(prefix)
+    text = cli("stats", "--prefix", prefix).stdout
+    assert text.startswith(f"store /dev/shm/asgi_ipc.{prefix} (prefix {prefix!r})")
+    assert "2.0 MiB free" in text and "1.0 MiB" in text and "MB" not in text
+
+
+def test_list_tells_the_size_from_the_memory_and_who_uses_each_store(prefix):
+    fill(prefix)
+    result = cli("list")
+    assert result.returncode == 0
+    header, *lines = result.stdout.splitlines()
+    assert header.split() == ["prefix", "size", "in", "memory", "processes", "waiting",
+                              "modified", "state"]
+    (row,) = [line for line in lines if line.startswith(prefix + " ")]
+    # 2 MiB + 1 MiB, their indexes and 1.04 MiB of journal, process table and header.
+    assert re.fullmatch(rf"{prefix} +4\.1 MiB +[\d.]+ (KiB|MiB) +0 +0 +[\d-]+ [\d:]+ +not in use",
+                        row), row
+    assert "--remove-abandoned" in lines[-1]
+
+
+# Run in a mount namespace of its own, on a tmpfs of its own: --remove-abandoned removes every
+# store of the user that no process has open, and the real /dev/shm holds those of tests that run
+# beside this one. Store a is left behind; a process waits on store b from another PID namespace;
+# a process of this namespace has store c open.
+ABANDONED = """
+import asyncio, json, os, sys
+from asgi_ipc import IPCChannelLayer
+from asgi_ipc.observe import figures
+from tests.helpers import Worker, cli, wait_until
+from tests.ns_worker import CONFIG
+
+prefix = sys.argv[1]
+a, b, c = prefix + "a", prefix + "b", prefix + "c"
+
+async def create(name):
+    layer = IPCChannelLayer(prefix=name, **CONFIG)
+    await layer.send("left", {})
+    await layer.close()
+
+for name in (a, b, c):
+    asyncio.run(create(name))
+waiter = Worker(["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"], "wait", b)
+sender = Worker([], "attach", c)
+try:
+    sender.expect("attached")
+    wait_until(lambda: figures(b).waiting_processes, "the waiter to wait")
+    listed = cli("list")
+    removed = cli("list", "--remove-abandoned")
+    again = cli("list", "--remove-abandoned")
+finally:
+    sender.stop()
+    waiter.proc.kill()
+    waiter.proc.wait()
+print(json.dumps({
+    "listed": listed.stdout, "removed": removed.stdout, "again": again.stdout,
+    "status": [listed.returncode, removed.returncode, again.returncode],
+    "errors": listed.stderr + removed.stderr + again.stderr,
+    "left": sorted(os.listdir("/dev/shm")),
+}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="needs root and unshare to mount a tmpfs of its own")
+def test_list_tells_stores_in_use_from_abandoned_ones_and_removes_only_those(prefix):
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'mount -t tmpfs -o size=64m tmpfs /dev/shm && exec "$0" "$@"',
+         sys.executable, "-c", ABANDONED, prefix],
+        capture_output=True, text=True, timeout=240,
+        env=dict(os.environ, PYTHONPATH=pythonpath(ROOT)),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["status"] == [0, 0, 0] and report["errors"] == ""
+
+    def rows(text):
+        return {line.split()[0]: (line.split()[5:7], line.split(None, 9)[-1])
+                for line in text.splitlines() if line.startswith(prefix)}
+
+    # (processes, waiting), state; the waiter's process is in another PID namespace.
+    assert rows(report["listed"]) == {
+        prefix + "a": (["0", "0"], "not in use"),
+        prefix + "b": (["1", "1"], "in use"),
+        prefix + "c": (["1", "0"], "in use"),
+    }
+    assert report["listed"].splitlines()[-1] == (
+        "1 not in use (open in no process, in any PID namespace): remove with asgi-ipc list "
+        "--remove-abandoned")
+    assert rows(report["removed"]) == {
+        prefix + "a": (["0", "0"], "removed"),
+        prefix + "b": (["1", "1"], "in use"),
+        prefix + "c": (["1", "0"], "in use"),
+    }
+    assert report["removed"].splitlines()[-1] == "removed 1 store that no process had open"
+    assert report["again"].splitlines()[-1] == (
+        "no store to remove: every one is open in some process")
+    stores = [entry for entry in report["left"] if "+" not in entry]
+    assert stores == [f"asgi_ipc.{prefix}b", f"asgi_ipc.{prefix}c"]
+    assert not [entry for entry in report["left"] if entry.startswith(f"asgi_ipc.{prefix}a")]

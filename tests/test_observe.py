@@ -8,7 +8,8 @@ import mmap
 import os
 import pty
 import re
-import select
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,10 +23,20 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import asgi_ipc
 from asgi_ipc import StoreError
-from asgi_ipc.observe import Channel, figures
+from asgi_ipc.observe import Channel, figures, metrics_text
 
 from . import workers
-from .helpers import SPAWN, cli, left_behind, new_prefix, shm_path, start
+from .helpers import (
+    ROOT,
+    SPAWN,
+    cli,
+    left_behind,
+    new_prefix,
+    pythonpath,
+    shm_path,
+    start,
+    wait_until,
+)
 
 NOTHING = dict.fromkeys(workers.expected_counters(0), 0)
 
@@ -270,98 +281,179 @@ async def test_metrics_view_serves_the_store_of_the_layer(prefix):
     assert values["asgi_ipc_channel_depth", frozenset({("channel", "c.view")})] == 4
 
 
+# Longer than a line of 80 columns, as the names of new_channel() and a prefix of its own make them.
+LONG = "specific.a-consumer-with-a-long-class-name!" + "0123456789abcdef" * 3
+
+
+def channel_name(n: int) -> str:
+    return f"{LONG}{n:02d}"
+
+
 async def fill(prefix):
-    layer = workers.observed_layer(prefix, capacity=5)
-    for n in range(6):
+    """c.deep at capacity (one send refused), c.shallow emptied, and twelve channels of long
+    names holding 1 to 12 messages."""
+    layer = workers.observed_layer(prefix, capacity=20)
+    for n in range(21):
         try:
             await layer.send("c.deep", {"n": n})
         except ChannelFull:
             pass
     await layer.send("c.shallow", {"n": 0})
     await layer.receive("c.shallow")
+    for n in range(1, 13):
+        for _ in range(n):
+            await layer.send(channel_name(n), {"n": n})
     await layer.close()
 
 
-def table_rows(text: str) -> dict[str, list[str]]:
-    """The rows of the tables rich drew, by their first cell."""
+def plain_rows(text: str) -> dict[str, list[str]]:
+    """The rows of plain tables, by their first cell (cells two spaces or more apart)."""
     rows = {}
     for line in text.splitlines():
-        cells = [cell.strip() for cell in line.strip().strip("│").split("│")]
-        if len(cells) > 1 and cells[0]:
+        cells = re.split(r"\s{2,}", line.strip())
+        if len(cells) > 1:
             rows.setdefault(cells[0], cells[1:])
     return rows
 
 
-async def test_top_once_shows_counters_channels_and_memory(prefix):
+async def test_top_once_prints_plain_tables_with_every_name_whole(prefix):
     await fill(prefix)
     result = await asyncio.to_thread(cli, "top", "--prefix", prefix, "--once", "--check")
     assert result.returncode == 0, result.stderr
-    rows = table_rows(result.stdout)
+    text = result.stdout
+    assert not re.search("[\u2500-\u257f]", text), text  # no box drawing
+    assert text.startswith(f"asgi_ipc prefix {prefix!r} at ")
+    rows = plain_rows(text)
     assert rows["problems"] == ["none"]
-    assert rows["sent"] == ["6", "-"]
+    assert rows["sent"] == ["99", "-"]  # 20 to c.deep, 1 to c.shallow, 1 + 2 + ... + 12
     assert rows["received"] == ["1", "-"]
     assert rows["channel_full"] == ["1", "-"]
-    assert rows["messages"] == ["5"]
-    assert rows["c.deep"][:2] == ["5", "0"]
-    assert "used of" in rows["channel memory"][0]
+    assert rows["messages"] == ["98"]
+    assert rows["channel memory"][0].endswith("MiB, largest free 2.0 MiB")
+    assert "MB" not in text
+    deepest = text.split("deepest channels (10 of 13)\n")[1].split("\n\n")[0].splitlines()
+    assert deepest[0].split() == ["depth", "waiting", "first", "expires", "in", "channel"]
+    assert deepest[1].split()[:2] == ["20", "0"] and deepest[1].endswith("  c.deep")
+    assert deepest[2].split()[:2] == ["12", "0"]
+    assert deepest[2].endswith("  " + channel_name(12)) and len(deepest[2]) > 80
 
 
-async def test_top_redraws_in_a_terminal_with_rates(prefix):
+async def test_top_piped_prints_each_view_plain(prefix):
     await fill(prefix)
-    controller, terminal = pty.openpty()
-    env = dict(os.environ, TERM="xterm", COLUMNS="120", LINES="60")
-    top = subprocess.Popen(
-        [sys.executable, "-m", "asgi_ipc", "top", "--prefix", prefix, "--iterations", "2",
-         "--interval", "0.2"],
-        stdin=terminal, stdout=terminal, stderr=terminal, env=env, close_fds=True,
-    )
-    os.close(terminal)
-    output = b""
-    try:
-        while True:
-            ready, _, _ = select.select([controller], [], [], 60)
-            assert ready, "top said nothing for 60 s"
-            try:
-                chunk = os.read(controller, 65536)
-            except OSError:  # EIO: the terminal's other end closed
-                break
-            if not chunk:
-                break
-            output += chunk
-        assert top.wait(30) == 0
-    finally:
-        os.close(controller)
-        if top.poll() is None:
-            top.kill()
-            top.wait(30)
-    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.decode("utf-8", "replace"))
-    assert "\x1b[" in output.decode("utf-8", "replace")  # drawn for a terminal
-    assert "c.deep" in text
+    result = await asyncio.to_thread(cli, "top", "--prefix", prefix, "--iterations", "2",
+                                     "--interval", "0.5", "--top", "20")
+    assert result.returncode == 0, result.stderr
+    views = result.stdout.split(f"\n\nasgi_ipc prefix {prefix!r} at ")
+    assert len(views) == 2 and "\u2502" not in result.stdout
     # The second view has rates: nothing was sent between the two.
-    assert re.search(r"│ sent\s+│\s+6 │\s+0\.0 │", text), text
+    assert plain_rows(views[1])["sent"] == ["99", "0.0"]
+    assert "deepest channels (all 13)" in views[1]
+    for n in range(1, 13):
+        assert re.search(rf"^ +{n} +0 +[\d.]+ s  {channel_name(n)}$", views[1], re.M), n
+
+
+class Terminal:
+    """A tmux server of its own (its socket in ``directory``) with one window of 80 x 24."""
+
+    def __init__(self, directory) -> None:
+        self.socket = str(directory / "tmux")
+
+    def tmux(self, *args: str) -> str:
+        return subprocess.run(["tmux", "-S", self.socket, *args], check=True,
+                              capture_output=True, text=True, timeout=60).stdout
+
+    def start(self, command: list[str]) -> None:
+        # The shell stays after the command so that its last screen can be read, and says
+        # when the command has ended, with its exit status.
+        self.tmux("new-session", "-d", "-x", "80", "-y", "24",
+                  "-e", f"PYTHONPATH={pythonpath(ROOT)}",
+                  f"{shlex.join(command)}; echo ended $?; sleep 600")
+
+    def screen(self) -> list[str]:
+        return self.tmux("capture-pane", "-p").splitlines()
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "-S", self.socket, "kill-server"], capture_output=True,
+                       timeout=60)
+
+
+@pytest.fixture
+def terminal(tmp_path):
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    term = Terminal(tmp_path)
+    yield term
+    term.close()
+
+
+async def test_top_live_fits_80_by_24_and_shows_the_deepest_channels(prefix, terminal):
+    await fill(prefix)
+    terminal.start([sys.executable, "-m", "asgi_ipc", "top", "--prefix", prefix,
+                    "--iterations", "2", "--interval", "0.5"])
+    screen = await asyncio.to_thread(
+        wait_until, lambda: (s := terminal.screen()) and any(
+            line.startswith("ended") for line in s) and s, "top to end")
+    assert "ended 0" in screen
+    view = screen[:screen.index("ended 0")]
+    assert len(view) < 24 and all(len(line) <= 80 for line in view)
+    assert view[0].startswith(f"asgi_ipc top · prefix {prefix!r}")
+    # The second view, with rates: nothing was sent between the two.
+    assert re.search(r"\bsent +99 +0\.0\b", "\n".join(view)), view
+    at = next(n for n, line in enumerate(view) if "deepest channels (10 of 13)" in line)
+    deepest = view[at + 1:at + 11]
+    assert [line.split()[0] for line in deepest] == ["20", *map(str, range(12, 3, -1))]
+    assert deepest[0].endswith(" c.deep")
+    # A name too long for the line keeps its beginning and its end.
+    assert re.search(r" specific\.a-consumer.*….*cdef12$", deepest[1]), deepest[1]
 
 
 @pytest.mark.parametrize("command, module, needs", [
-    ("top", "rich", "asgi-ipc top needs rich: pip install 'asgi_ipc[top]'"),
+    ("top", "rich", "the live view of asgi-ipc top needs rich: pip install 'rich>=13'"),
     ("metrics", "prometheus_client",
-     "the metrics need prometheus_client: pip install 'asgi_ipc[metrics]'"),
+     "the metrics need prometheus_client: pip install 'prometheus_client>=0.20'"),
 ])
 def test_a_missing_extra_is_one_line(prefix, command, module, needs):
     script = (f"import sys; sys.modules[{module!r}] = None; from asgi_ipc.cli import main; "
               f"sys.exit(main([{command!r}, '--prefix', {prefix!r}]))")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=60)
+    # top needs rich for its live view only, in a terminal.
+    controller, terminal = pty.openpty()
+    try:
+        result = subprocess.run([sys.executable, "-c", script], stdout=terminal,
+                                stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(terminal)
+        os.close(controller)
     assert result.returncode == 2
-    assert result.stderr == f"asgi-ipc: {needs}\n"
+    assert result.stderr.startswith(f"asgi-ipc: {needs}") and result.stderr.count("\n") == 1
+
+
+async def test_top_once_needs_no_rich(prefix):
+    await fill(prefix)
+    script = (f"import sys; sys.modules['rich'] = None; from asgi_ipc.cli import main; "
+              f"sys.exit(main(['top', '--prefix', {prefix!r}, '--once']))")
+    result = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", script],
+                                     capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert plain_rows(result.stdout)["messages"] == ["98"]
 
 
 def test_top_refuses_a_bad_interval_and_a_missing_store(prefix):
     result = cli("top", "--prefix", prefix, "--interval", "0")
-    assert result.returncode == 2 and "above 0" in result.stderr
+    assert result.returncode == 2
+    assert "argument --interval: expected a number of seconds from 0.5 to 3600" in result.stderr
     result = cli("top", "--prefix", prefix, "--once")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "no asgi_ipc store" in result.stderr
     assert not left_behind(prefix)
+
+
+def test_metrics_text_of_a_missing_store_says_it_is_down():
+    missing = new_prefix()
+    values = metric_values(metrics_text([missing]))
+    assert values == {("asgi_ipc_up", frozenset()): 0}
+    with pytest.raises(StoreError, match="no asgi_ipc store"):
+        metrics_text([missing], strict=True)
+    assert not left_behind(missing)
 
 
 async def test_a_message_put_back_by_a_cancelled_receive_is_counted(prefix):

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import configparser
 import email.parser
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from pathlib import Path
 import pytest
 
 import asgi_ipc
+from asgi_ipc.engine import compiled
 from asgi_ipc.engine.compiled import MODULES
 
 from .helpers import ROOT
@@ -161,3 +164,93 @@ def test_sdist_holds_everything_the_suite_needs_and_its_suite_runs_from_it(dists
         "tests/test_processes.py",
     )
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+# Opens two stores, so that the warning shows once per process, not once per store.
+OPEN_TWO_STORES = """
+import asyncio, sys
+from asgi_ipc import IPCChannelLayer, unlink
+
+async def main():
+    for name in sys.argv[1:]:
+        layer = IPCChannelLayer(prefix=name, channel_memory=1 << 20, group_memory=1 << 20)
+        await layer.send("c", {})
+        await layer.close()
+
+asyncio.run(main())
+import asgi_ipc
+print(asgi_ipc.ENGINE)
+"""
+
+
+def test_a_wheel_whose_compiler_failed_says_so_at_first_use(dists, tmp_path, prefix):
+    source = tmp_path / "source"
+    shutil.copytree(dists.unpacked, source)
+    built = subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--wheel", "--outdir",
+         str(tmp_path / "dist"), str(source)],
+        capture_output=True, text=True, timeout=BUILD_TIMEOUT, env={**os.environ, "CC": "false"},
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    assert not wheel.name.endswith("-none-any.whl")  # tagged for the platform all the same
+    installed = tmp_path / "installed"
+    with zipfile.ZipFile(wheel) as archive:
+        assert not [name for name in archive.namelist() if name.endswith(".so")]
+        record = archive.read("asgi_ipc/engine/build-failed.txt").decode()
+        archive.extractall(installed)
+    assert record.count("CompileError") == len(MODULES), record
+
+    def run(*args: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(installed), **env})
+
+    other = prefix + "x"
+    try:
+        used = run("-c", OPEN_TWO_STORES, prefix, other)
+        assert (used.returncode, used.stdout) == (0, "python\n"), used.stderr
+        assert used.stderr.count("asgi_ipc runs its pure-Python engine") == 1, used.stderr
+        assert ("the compiled engine failed to build when asgi_ipc was installed (CompileError: "
+                in used.stderr)
+        assert "apt-get install gcc python3-dev" in used.stderr
+        chosen = run("-c", OPEN_TWO_STORES, prefix, other, ASGI_IPC_PURE_PYTHON="1")
+        assert (chosen.returncode, chosen.stdout, chosen.stderr) == (0, "python\n", "")
+        stats = run("-m", "asgi_ipc", "stats", "--prefix", prefix)
+        assert re.search(r"^  engine +python \(this command's\): the compiled engine failed to "
+                         r"build when asgi_ipc was installed \(CompileError: ", stats.stdout, re.M)
+        report = json.loads(run("-m", "asgi_ipc", "stats", "--prefix", prefix, "--json").stdout)
+        assert report["engine"] == "python"
+        assert report["engine_not_built"].startswith("CompileError: ")
+    finally:
+        asgi_ipc.unlink(other)
+
+
+@pytest.mark.skipif(not compiled.built(), reason="the compiled engine is not built here")
+def test_an_editable_install_compiles_only_what_changed(tmp_path):
+    """A copy of this tree with its compiled engine, installed editable with a C compiler that
+    always fails: nothing to compile, nothing fails; then one module edited: that one alone is
+    compiled, and fails."""
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "__pycache__", ".venv", ".tox", "build-failed.txt"))
+    venv = tmp_path / "venv"
+    # With this interpreter's pip and build backend, not the older ones a venv gets its own.
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
+                    str(venv)], check=True, timeout=BUILD_TIMEOUT)
+
+    def install() -> str | None:
+        done = subprocess.run(
+            [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps",
+             "--no-build-isolation", "-e", str(source)],
+            capture_output=True, text=True, timeout=BUILD_TIMEOUT,
+            env={**os.environ, "CC": "false", "PYTHONPATH": ""},
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        record = source / "asgi_ipc" / "engine" / "build-failed.txt"
+        return record.read_text() if record.exists() else None
+
+    assert install() is None
+    (source / "asgi_ipc" / "engine" / "queues.py").touch()
+    record = install()
+    assert record is not None and len(record.splitlines()) == 1 and "queues.c" in record

@@ -28,6 +28,16 @@ from .targets import rst_table
 from .workloads import FULL, QUICK, WORKLOADS, Bench
 
 
+def _workloads(text: str) -> list[str]:
+    """The workloads named in ``text``, in the order they run."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown workload(s) {unknown}; choose from {', '.join(WORKLOADS)}")
+    return [w for w in WORKLOADS if w in names]
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="asgi-ipc bench",
@@ -36,7 +46,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("--quick", action="store_true",
                         help="small counts (a smoke test, not a measurement)")
-    parser.add_argument("--only", metavar="NAME[,NAME]",
+    parser.add_argument("--only", metavar="NAME[,NAME]", type=_workloads, default=list(WORKLOADS),
                         help=f"run only these workloads: {', '.join(WORKLOADS)}")
     parser.add_argument("--no-redis", action="store_true", help="leave channels_redis out")
     parser.add_argument("--targets", action="store_true",
@@ -44,16 +54,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if argv and argv[0] == "--":
         # What a wrapping command line passes on when told `bench -- --quick ...`.
         argv = argv[1:]
-    args = parser.parse_args(argv)
-    if args.only:
-        names = [n.strip() for n in args.only.split(",") if n.strip()]
-        unknown = [n for n in names if n not in WORKLOADS]
-        if unknown or not names:
-            parser.error(f"unknown workload(s) {unknown}; choose from {', '.join(WORKLOADS)}")
-        args.only = [w for w in WORKLOADS if w in names]
-    else:
-        args.only = list(WORKLOADS)
-    return args
+    return parser.parse_args(argv)
 
 
 def _all_counted(results: dict) -> bool:

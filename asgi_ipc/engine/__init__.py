@@ -42,7 +42,7 @@ from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
 from ..exceptions import StoreClosed, StoreCorrupted
-from .compiled import ENGINE  # first: it chooses where the modules below are loaded from
+from .compiled import ENGINE, warn_if_not_built  # first: it picks where the next ones load from
 from .groups import GroupStore
 from .heap import Heap
 from .journal import Journal
@@ -186,8 +186,10 @@ class Engine:
         clock: Callable[[], int] = now_ms,
     ) -> None:
         self.segment = Segment(prefix, channel_memory, group_memory, create=create)
+        warn_if_not_built()
         self.prefix = prefix
-        self.name = self.segment.name
+        # How messages name the store: its path.
+        self.name = self.segment.path
         self.wake_dir = self.segment.wake_dir
         self.clock = clock
         g = self.geometry = self.segment.geometry

@@ -35,6 +35,13 @@ Compiling the lock hold itself (``one_hold``) bought nothing measurable, so it s
 Crash tests stop the compiled engine at each journaled write as they stop the pure one, through
 ``Journal.hook`` (``Engine.inject``), which the compiled ``set`` tests like the pure one.
 
+A build that could not compile them (no C compiler, no Python headers) still installs, with the
+pure-Python engine, and says why only in pip's verbose output; it leaves the reason in the
+package, in ``BUILD_FAILED`` (setup.py). A process that runs the pure-Python engine for want of
+the compiled one while that record is there says so once, at the first store it opens
+(``warn_if_not_built``), on the ``asgi_ipc`` logger; ``asgi-ipc stats`` says it too. Not when
+``ASGI_IPC_PURE_PYTHON`` chose the pure-Python engine, nor in a checkout where nobody built it.
+
 This module must be imported before any of ``MODULES``, which ``asgi_ipc/engine/__init__.py``
 does first.
 """
@@ -43,6 +50,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import logging
 import os
 import sys
 
@@ -81,9 +89,12 @@ class _PureFinder:
         return importlib.util.spec_from_file_location(fullname, source)
 
 
+#: Whether ``ASGI_IPC_PURE_PYTHON`` chose the pure-Python engine.
+FORCED = os.environ.get("ASGI_IPC_PURE_PYTHON", "") not in ("", "0")
+
+
 def _choose() -> str:
-    forced = os.environ.get("ASGI_IPC_PURE_PYTHON", "") not in ("", "0")
-    if not forced and built():
+    if not FORCED and built():
         return "compiled"
     if not any(isinstance(f, type) and f.__name__ == "_PureFinder" for f in sys.meta_path):
         sys.meta_path.insert(0, _PureFinder)
@@ -92,3 +103,37 @@ def _choose() -> str:
 
 #: "compiled" or "python": the engine this process runs (also ``asgi_ipc.ENGINE``).
 ENGINE = _choose()
+
+#: Where the build leaves why it could not compile the engine (setup.py writes it).
+BUILD_FAILED = os.path.join(_HERE, "build-failed.txt")
+
+
+def _build_failure() -> str | None:
+    if ENGINE == "compiled" or FORCED:
+        return None
+    try:
+        with open(BUILD_FAILED) as record:
+            return record.readline().strip() or "no reason recorded"
+    except OSError:
+        return None
+
+
+#: Why this installation, built to run the compiled engine, runs the pure-Python one: the
+#: first failure its build recorded; None when it runs what it was meant to.
+NOT_BUILT = _build_failure()
+_warned = False
+
+
+def warn_if_not_built() -> None:
+    """Log ``NOT_BUILT``, once per process."""
+    global _warned
+    if NOT_BUILT is None or _warned:
+        return
+    _warned = True
+    logging.getLogger("asgi_ipc").warning(
+        "asgi_ipc runs its pure-Python engine, which works the same but slower: the compiled "
+        "engine failed to build when asgi_ipc was installed (%s; all of it in %s). Install a C "
+        "compiler and the Python headers (apt-get install gcc python3-dev) and install asgi_ipc "
+        "again, or set ASGI_IPC_PURE_PYTHON=1 to choose the pure-Python engine",
+        NOT_BUILT, BUILD_FAILED,
+    )

@@ -92,7 +92,6 @@ from .layout import (
     SHM_DIR,
     WORD,
     Geometry,
-    shm_name,
     store_path,
     wake_dir,
     wake_dirs,
@@ -217,7 +216,8 @@ def growth_shortfall(prefix: str, store: ExistingStore, space: ShmSpace) -> str 
 def _check_size(prefix: str, size: int) -> None:
     if size < PAGE_WORDS * WORD or size % (PAGE_WORDS * WORD):
         raise StoreCorrupted(
-            f"{shm_name(prefix)} is {size} bytes, not an asgi_ipc store; {removal_hint(prefix)}"
+            f"{store_path(prefix)} is {size} bytes, not an asgi_ipc store; "
+            f"{removal_hint(prefix)}"
         )
 
 
@@ -230,7 +230,7 @@ def _unfinished(header: memoryview) -> bool:
 def _validate_header(words: memoryview, size: int, prefix: str) -> Geometry:
     """The geometry of the store of ``prefix`` of ``size`` bytes whose first page is
     ``words``, or StoreCorrupted naming what is wrong with it."""
-    name = shm_name(prefix)
+    name = store_path(prefix)
     hint = removal_hint(prefix)
     if words[H_MAGIC] != MAGIC:
         raise StoreCorrupted(f"{name} is not an asgi_ipc store (bad magic); {hint}")
@@ -359,7 +359,6 @@ class Segment:
 
     def __init__(self, prefix: str, channel_memory: int, group_memory: int, create: bool = True):
         self.prefix = prefix
-        self.name = shm_name(prefix)
         self.path = store_path(prefix)
         self._pid = os.getpid()
         wanted = Geometry.for_sizes(channel_memory, group_memory)
@@ -389,9 +388,10 @@ class Segment:
         if create and self.geometry != wanted:
             logger.warning(
                 "asgi_ipc store %s exists with channel_memory=%d and group_memory=%d; using those "
-                "instead of the configured %d and %d (flush and unlink it to resize)",
-                self.name, self.geometry.channel_memory, self.geometry.group_memory,
-                channel_memory, group_memory,
+                "instead of the configured %d and %d (to resize it: stop every process of the "
+                "prefix, run `asgi-ipc unlink --prefix %s`, start them again)",
+                self.path, self.geometry.channel_memory, self.geometry.group_memory,
+                channel_memory, group_memory, prefix,
             )
         self.hash_key = self.words[H_HASH_KEY:H_HASH_KEY + 2].tobytes()
         self.wake_dir = wake_dir(prefix, self.hash_key)
@@ -630,15 +630,23 @@ def _remove_private_dir(directory: str) -> bool:
     return True
 
 
-def _refuse_if_in_use(prefix: str, fd: int) -> None:
-    """Raise ``StoreInUse`` if any process has the store of ``fd`` open, asked through ``fd``,
-    which holds no byte lock. Whether any does is ``F_OFD_GETLK``'s answer; how many, the count
-    of /proc/locks (which a process leaving in between may make one short)."""
+def store_users(fd: int) -> tuple[int, int]:
+    """How many processes have the store of ``fd`` open, and how many process slots their
+    receives wait in, whatever PID namespace they run in: asked through ``fd``, which must hold
+    no byte lock of its own. Whether any process has it open is ``F_OFD_GETLK``'s answer; how
+    many, the count of /proc/locks (which a process leaving in between may make one short)."""
     seen = byte_lock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, ATTACHED_BYTE) != fcntl.F_UNLCK
     waiting = held_slots(fd)
     if not (seen or waiting):
+        return 0, 0
+    return max(byte_lock_holders(fd, ATTACHED_BYTE), 1), waiting
+
+
+def _refuse_if_in_use(prefix: str, fd: int) -> None:
+    """Raise ``StoreInUse`` if any process has the store of ``fd`` open (``store_users``)."""
+    attached, waiting = store_users(fd)
+    if not attached:
         return
-    attached = max(byte_lock_holders(fd, ATTACHED_BYTE), 1)
     processes = "1 process" if attached == 1 else f"{attached} processes"
     slots = "1 process slot" if waiting == 1 else f"{waiting} process slots"
     receives = f"receives waiting in {slots}" if waiting else "no receive waiting"
