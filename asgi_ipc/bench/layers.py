@@ -2,9 +2,18 @@
 or in a worker, builds its layer and its messages with.
 
 A backend is named by a ``spec``, a picklable dict that each process turns into a layer of its
-own (``opened``): asgi_ipc (through its public ``IPCChannelLayer`` only), channels_redis, or
-Channels' ``InMemoryChannelLayer``. ``FLOOR`` is no layer: it names the bare asyncio ping-pong
-over Unix datagram sockets that bounds what any layer's cross-process round trip can reach.
+own (``opened``): asgi_ipc (through its public ``IPCChannelLayer`` only), the peers users would
+pick instead (channels_redis's ``RedisChannelLayer`` and ``RedisPubSubChannelLayer``, and
+channels-nats's ``NatsChannelLayer``, each against the server the run started), or Channels'
+``InMemoryChannelLayer``. ``FLOOR`` is no layer: it names the bare asyncio ping-pong over Unix
+datagram sockets that bounds what any layer's cross-process round trip can reach.
+
+Each layer is built with its own defaults but for ``capacity`` and ``expiry``, which every
+workload sets the same for all that have them (above anything it queues, so that a figure is the
+transport's and not its back-pressure's). The pub/sub layers keep no queue in their server:
+``RedisPubSubChannelLayer`` accepts both and ignores them, and channels-nats applies them to each
+channel's mailbox in the receiving process, where what finds it full is dropped (no
+``ChannelFull``).
 """
 
 from __future__ import annotations
@@ -23,12 +32,19 @@ KiB = 1024
 
 IPC = "asgi_ipc"
 REDIS = "channels_redis"
+REDIS_PUBSUB = "channels_redis_pubsub"
+NATS = "channels_nats"
 MEMORY = "in_memory"
 FLOOR = "floor"
-BACKENDS = (IPC, REDIS, MEMORY, FLOOR)
+BACKENDS = (IPC, REDIS, REDIS_PUBSUB, NATS, MEMORY, FLOOR)
+# What a user would run instead of asgi_ipc between the processes of one machine: the backends
+# asgi_ipc's figures are held against ("the fastest peer"). InMemoryChannelLayer never crosses a
+# process, and the floor is no layer.
+PEERS = (REDIS, REDIS_PUBSUB, NATS)
 
 DATA = "bench.data"
 STOP = "bench.stop"
+PROBE = "bench.probe"
 # Sequence numbers are offset so msgpack always encodes them in 9 bytes: every message of a run
 # then packs to exactly the size asked for, however far the count goes.
 SEQ_BASE = 1 << 40
@@ -62,9 +78,10 @@ def packed_size(message: dict) -> int:
 # --- layers ----------------------------------------------------------------------------------
 
 
-def layer_spec(kind: str, run_id: str, redis_url: str | None, **options: Any) -> dict:
-    """What a process needs to build its own layer of the backend under test (picklable)."""
-    return {"kind": kind, "prefix": run_id, "redis_url": redis_url, **options}
+def layer_spec(kind: str, run_id: str, url: str | None, **options: Any) -> dict:
+    """What a process needs to build its own layer of the backend under test (picklable);
+    ``url`` is the server's the backend runs against, if it needs one."""
+    return {"kind": kind, "prefix": run_id, "url": url, **options}
 
 
 def make_layer(spec: dict) -> Any:
@@ -85,10 +102,20 @@ def make_layer(spec: dict) -> Any:
         from channels_redis.core import RedisChannelLayer
 
         return RedisChannelLayer(
-            hosts=[spec["redis_url"]],
+            hosts=[spec["url"]],
             prefix=spec["prefix"] + ":",
             capacity=capacity,
             expiry=expiry,
+        )
+    if kind == REDIS_PUBSUB:
+        from channels_redis.pubsub import RedisPubSubChannelLayer
+
+        return RedisPubSubChannelLayer(hosts=[spec["url"]], prefix=spec["prefix"] + ":")
+    if kind == NATS:
+        from channels_nats import NatsChannelLayer
+
+        return NatsChannelLayer(
+            servers=[spec["url"]], prefix=spec["prefix"], capacity=capacity, expiry=expiry
         )
     if kind == MEMORY:
         from channels.layers import InMemoryChannelLayer
@@ -97,10 +124,14 @@ def make_layer(spec: dict) -> Any:
     raise ValueError(f"unknown backend {kind!r}")
 
 
-async def close_layer(layer: Any) -> None:
-    if hasattr(layer, "close_pools"):
+async def close_layer(kind: str, layer: Any) -> None:
+    if kind == REDIS:
         await layer.close_pools()
-    elif hasattr(layer, "close"):
+    elif kind == REDIS_PUBSUB:
+        # It has no close: its flush() is one (it cancels the reader task and closes the
+        # connections), and there is nothing of it in Redis to remove.
+        await layer.flush()
+    else:
         await layer.close()
 
 
@@ -110,7 +141,26 @@ async def opened(spec: dict) -> AsyncIterator[Any]:
     try:
         yield layer
     finally:
-        await close_layer(layer)
+        await close_layer(spec["kind"], layer)
+
+
+async def subscribed(layer: Any) -> None:
+    """Return once every channel and group this process took up is live at the server.
+
+    The pub/sub layers drop what is published before the server has the subscription, by
+    design, and ``RedisPubSubChannelLayer`` sends SUBSCRIBE without waiting for Redis to
+    answer. A role calls this before it says it is ready: a probe channel, taken up after the
+    others on the same connection, is sent to until a probe arrives, which the server can only
+    do once it has every subscription sent before. The stray probes left behind are never read.
+    """
+    probe = await layer.new_channel()
+    arrived = asyncio.ensure_future(layer.receive(probe))
+    while True:
+        await layer.send(probe, {"type": PROBE})
+        done, _ = await asyncio.wait([arrived], timeout=0.05)
+        if done:
+            arrived.result()
+            return
 
 
 async def send_retrying(layer: Any, channel: str, message: dict) -> int:

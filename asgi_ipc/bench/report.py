@@ -1,22 +1,25 @@
 """The report of a run: one row per figure shown, with each backend's value and count, the ratio
-of asgi_ipc's value to the backend its target names (channels_redis for a row with no target;
-none for a target on asgi_ipc's figure itself), and the target with its verdict
-(``targets.py``), as a table on stdout; ``command.py`` puts the same rows in the ``--json``
-document.
+of asgi_ipc's value to the fastest peer's on that row (naming it), and the target with the
+figure it judges and its verdict (``targets.py``), as a table on stdout; ``command.py`` puts the
+same rows in the ``--json`` document.
 
 A count ``n=`` is what arrived intact and in order; ``!`` marks one short of what was sent, and
-then the speed beside it is not worth reading.
+then the speed beside it is not worth reading (and that backend is not taken as the fastest
+peer).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .layers import BACKENDS, FLOOR, IPC, MEMORY, REDIS
-from .targets import BY_KEY
+from .layers import BACKENDS, FLOOR, IPC, MEMORY, NATS, REDIS, REDIS_PUBSUB
+from .targets import BY_KEY, FASTEST_PEER, fastest_peer
 
-# Short names for the ratio column: the backend asgi_ipc's figure is divided by.
-SHORT = {REDIS: "redis", MEMORY: "in-mem", FLOOR: "floor"}
+# Short names for the ratio columns: the backend asgi_ipc's figure is divided by.
+SHORT = {REDIS: "redis", REDIS_PUBSUB: "pubsub", NATS: "nats", MEMORY: "in-mem",
+         FLOOR: "floor"}
+COLUMNS = {IPC: "asgi_ipc", REDIS: "channels_redis", REDIS_PUBSUB: "redis pubsub",
+           NATS: "channels_nats", MEMORY: "in-memory", FLOOR: "floor"}
 
 
 def num(value: float | None) -> str:
@@ -43,44 +46,54 @@ def summary(result: dict) -> str:
 
 @dataclass
 class Row:
+    #: The figure shown: ``results[workload][case][backend][metric]``.
+    workload: str
+    case: str
+    metric: str
     label: str
     unit: str
     values: dict[str, float | None]
     counts: dict[str, str]
+    #: asgi_ipc's figure over the fastest peer's on this row, and which peer that is.
+    peer_ratio: float | None = None
+    fastest_peer: str | None = None
+    #: The figure the row's target judges: asgi_ipc's over ``ratio_over``'s (the target's
+    #: ``over``, FASTEST_PEER included), or asgi_ipc's own when ``ratio_over`` is None.
     ratio: float | None = None
-    #: The backend the ratio is over (None when the row has no ratio).
     ratio_over: str | None = None
     target: str = ""
     met: bool | None = None
 
 
-# (workload, case, metric, label, unit, extra shown with the count)
+# (workload, case, metric, label, unit)
 ROW_SPECS = [
-    ("pingpong", "2 processes", "p50_us", "ping-pong p50", "us", ""),
-    ("pingpong", "2 processes", "p99_us", "ping-pong p99", "us", ""),
-    ("oneway", "1->1", "msg_per_s", "one-way 1->1", "msg/s", ""),
-    ("oneway", "4->4", "msg_per_s", "one-way 4->4", "msg/s", ""),
-    ("fanout", "10", "deliveries_per_s", "fan-out 10 members", "deliv/s", "drops"),
-    ("fanout", "100", "deliveries_per_s", "fan-out 100 members", "deliv/s", "drops"),
-    ("fanout", "1000", "deliveries_per_s", "fan-out 1000 members", "deliv/s", "drops"),
-    ("backlog", "send+receive", "empty_ops_per_s", "send+recv, empty store", "ops/s", ""),
-    ("backlog", "send+receive", "loaded_ops_per_s", "send+recv, backlog elsewhere",
-     "ops/s", ""),
-    ("backlog", "send+receive", "loaded_over_empty", "  backlog / empty", "x", ""),
-    ("sizes", "100 B", "mb_per_s", "size 100 B", "MB/s", ""),
-    ("sizes", "10 KiB", "mb_per_s", "size 10 KiB", "MB/s", ""),
-    ("sizes", "1 MiB", "mb_per_s", "size 1 MiB", "MB/s", ""),
-    ("memory", "overhead", "overhead_per_message", "shm per message beyond payload", "B", ""),
-    ("memory", "overhead", "bytes_per_membership", "shm per group membership", "B", ""),
-    ("memory", "overhead", "memberships_per_mib", "memberships per MiB", "/MiB", ""),
-    ("memory", "group_send", "channel_bytes", "10 KiB group_send to 1000, memory", "B", ""),
-    ("memory", "group_send", "bytes_per_member", "  per member beyond one payload", "B", ""),
+    ("pingpong", "2 processes", "p50_us", "ping-pong p50", "us"),
+    ("pingpong", "2 processes", "p99_us", "ping-pong p99", "us"),
+    ("oneway", "1->1", "msg_per_s", "one-way 1->1", "msg/s"),
+    ("oneway", "4->4", "msg_per_s", "one-way 4->4", "msg/s"),
+    ("fanout", "10", "deliveries_per_s", "fan-out 10 over 4 processes", "deliv/s"),
+    ("fanout", "100", "deliveries_per_s", "fan-out 100 over 4 processes", "deliv/s"),
+    ("fanout", "1000", "deliveries_per_s", "fan-out 1000 over 4 processes", "deliv/s"),
+    ("fanout-1proc", "100", "deliveries_per_s", "fan-out 100 in 1 process", "deliv/s"),
+    ("fanout-1proc", "1000", "deliveries_per_s", "fan-out 1000 in 1 process", "deliv/s"),
+    ("fanout-10proc", "1000", "deliveries_per_s", "fan-out 1000 over 10 processes", "deliv/s"),
+    ("backlog", "send+receive", "empty_ops_per_s", "send+recv, empty store", "ops/s"),
+    ("backlog", "send+receive", "loaded_ops_per_s", "send+recv, backlog elsewhere", "ops/s"),
+    ("backlog", "send+receive", "loaded_over_empty", "  backlog / empty", "x"),
+    ("sizes", "100 B", "mb_per_s", "size 100 B", "MB/s"),
+    ("sizes", "10 KiB", "mb_per_s", "size 10 KiB", "MB/s"),
+    ("sizes", "1 MiB", "mb_per_s", "size 1 MiB", "MB/s"),
+    ("memory", "overhead", "overhead_per_message", "shm per message beyond payload", "B"),
+    ("memory", "overhead", "bytes_per_membership", "shm per group membership", "B"),
+    ("memory", "overhead", "memberships_per_mib", "memberships per MiB", "/MiB"),
+    ("memory", "group_send", "channel_bytes", "10 KiB group_send to 1000, memory", "B"),
+    ("memory", "group_send", "bytes_per_member", "  per member beyond one payload", "B"),
 ]
 
 
 def build_rows(results: dict) -> list[Row]:
     rows = []
-    for workload, case, metric, label, unit, extra in ROW_SPECS:
+    for workload, case, metric, label, unit in ROW_SPECS:
         cell = results.get(workload, {}).get(case)
         if not cell:
             continue
@@ -97,58 +110,63 @@ def build_rows(results: dict) -> list[Row]:
             note = f"n={num(result['counted'])}"
             if result["counted"] != result["expected"]:
                 note += f"/{num(result['expected'])}!"
-            if extra:
-                note += f" {extra}={result.get(extra)}"
             counts[backend] = note
+        row = Row(workload, case, metric, label, unit, values, counts)
+        row.fastest_peer = fastest_peer(cell, metric)
+        mine = values.get(IPC)
+        if row.fastest_peer is not None and mine is not None:
+            row.peer_ratio = mine / cell[row.fastest_peer][metric]
         target = BY_KEY.get((workload, case, metric))
-        row = Row(label, unit, values, counts)
         if target is not None:
             row.target = target.goal()
-            value, row.met = target.judge(results)
-            if target.over is not None:
-                row.ratio, row.ratio_over = value, target.over
-        elif REDIS in values:
-            a, b = values.get(IPC), values.get(REDIS)
-            row.ratio = a / b if a is not None and b else None
-            row.ratio_over = REDIS
+            row.ratio, row.met, _ = target.judge(results)
+            row.ratio_over = target.over
         rows.append(row)
     return rows
 
 
 def render_table(rows: list[Row], header: dict) -> str:
-    columns = [("asgi_ipc", IPC), ("channels_redis", REDIS), ("in-memory", MEMORY),
-               ("floor", FLOOR)]
-    lines = [
-        f"asgi_ipc benchmark: Python {header['python']}, {header['cpus']} CPUs, "
-        f"{'quick' if header['quick'] else 'full'} run; channels_redis: {header['redis']}",
-        "",
-    ]
-    head = f"{'workload':34} {'unit':7}" + "".join(f" {name:>22}" for name, _ in columns)
-    head += f" {'ratio':>13}  target"
-    lines += [head, "-" * len(head)]
+    measured = {backend for row in rows for backend in row.values}
+    columns = [backend for backend in BACKENDS if backend in measured]
+    table = [["workload", "unit", *(COLUMNS[b] for b in columns), "vs fastest peer", "target"]]
     for row in rows:
-        line = f"{row.label:34} {row.unit:7}"
-        for _, backend in columns:
+        line = [row.label, row.unit]
+        for backend in columns:
             if backend in row.values:
-                cell = f"{num(row.values[backend])} {row.counts[backend]}"
+                line.append(f"{num(row.values[backend])} {row.counts[backend]}")
             else:
-                cell = "-"
-            line += f" {cell:>22}"
-        ratio = f"{num(row.ratio)} /{SHORT[row.ratio_over]}" if row.ratio_over else "-"
-        line += f" {ratio:>13}"
-        if row.target:
-            line += f"  {row.target}"
-            if not header["quick"]:
-                line += " " + {True: "met", False: "MISSED", None: "n/a"}[row.met]
-        lines.append(line)
-    lines += [
+                line.append("-")
+        line.append(f"{num(row.peer_ratio)} /{SHORT[row.fastest_peer]}"
+                    if row.fastest_peer else "-")
+        target = row.target
+        if target and not header["quick"]:
+            over = f" /{SHORT[row.ratio_over]}" if row.ratio_over not in (None, FASTEST_PEER) \
+                else ""
+            verdict = {True: "met", False: "MISSED", None: "n/a"}[row.met]
+            target += f": {num(row.ratio)}{over} {verdict}"
+        line.append(target)
+        table.append(line)
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]) - 1)]
+    text = []
+    for line in table:
+        cells = [f"{line[0]:{widths[0]}}", f"{line[1]:{widths[1]}}"]
+        cells += [f"{cell:>{w}}" for cell, w in zip(line[2:-1], widths[2:], strict=True)]
+        text.append("  ".join([*cells, line[-1]]).rstrip())
+    text.insert(1, "-" * len(text[0]))
+    peers = "; ".join(f"{name}: {note}" for name, note in header["peers"].items())
+    return "\n".join([
+        f"asgi_ipc benchmark: Python {header['python']}, {header['cpus']} CPUs, "
+        f"{'quick' if header['quick'] else 'full'} run; {peers}",
+        "",
+        *text,
         "",
         "n = messages (deliveries, records) counted intact and in order; "
         "'!' marks a count short of what was sent.",
-        "ratio = asgi_ipc's figure over the one named (redis: channels_redis, in-mem: "
+        "vs fastest peer = asgi_ipc's figure over the best of the peers on that row that "
+        "counted every message (redis: RedisChannelLayer, pubsub: RedisPubSubChannelLayer, "
+        "nats: channels_nats). A target over another figure names it (in-mem: "
         "InMemoryChannelLayer, floor: a bare asyncio ping-pong over Unix datagram sockets "
         "between two processes, the least a round trip between processes costs).",
-    ]
-    if header["quick"]:
-        lines.append("A quick run is too short to judge the targets: run without --quick.")
-    return "\n".join(lines)
+        *(["A quick run is too short to judge the targets: run without --quick."]
+          if header["quick"] else []),
+    ])

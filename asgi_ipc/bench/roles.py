@@ -4,7 +4,9 @@
 Every role counts what it received intact and in order, so that the main process can compare
 it with what was sent: a speed figure is only worth reading when the two are equal. A receiver
 gives up (and says it ``stalled``) when nothing arrived for ``stall_seconds``, so a lost wake-up
-shows as a count short rather than a hang.
+shows as a count short rather than a hang. A receiver says it is ready only once its
+subscriptions are live at the server (``layers.subscribed``), as the pub/sub layers lose what is
+published before.
 
 The ping-pong is timed the same way over a layer and over the floor (two bare asyncio
 processes bouncing Unix datagrams): ``ping_loop`` and ``echo_loop`` take the transport as two
@@ -31,6 +33,7 @@ from .layers import (
     opened,
     padded_body,
     send_retrying,
+    subscribed,
 )
 from .pool import handshake
 
@@ -92,6 +95,7 @@ async def echo_loop(bounce: Callable[[], Awaitable[bool]], params: dict) -> dict
 async def role_ping(conn: Any, spec: dict, params: dict) -> dict:
     async with opened(spec) as layer:
         inbox = await layer.new_channel()
+        await subscribed(layer)
         peers = handshake(conn, {"inbox": inbox})
         target = peers[params["peer"]]["inbox"]
         body = padded_body(params["size"])
@@ -110,6 +114,7 @@ async def role_ping(conn: Any, spec: dict, params: dict) -> dict:
 async def role_echo(conn: Any, spec: dict, params: dict) -> dict:
     async with opened(spec) as layer:
         inbox = await layer.new_channel()
+        await subscribed(layer)
         peers = handshake(conn, {"inbox": inbox})
         target = peers[params["peer"]]["inbox"]
 
@@ -214,6 +219,7 @@ async def role_producer(conn: Any, spec: dict, params: dict) -> dict:
 async def role_consumer(conn: Any, spec: dict, params: dict) -> dict:
     async with opened(spec) as layer:
         inbox = await layer.new_channel()
+        await subscribed(layer)
         handshake(conn, {"inbox": inbox})
         producers = params["producers"]
         received = [0] * producers
@@ -250,6 +256,7 @@ async def role_member(conn: Any, spec: dict, params: dict) -> dict:
         channels = [await layer.new_channel() for _ in range(params["members"])]
         for channel in channels:
             await layer.group_add(params["group"], channel)
+        await subscribed(layer)
         handshake(conn, {"members": len(channels)})
         counts = [0] * len(channels)
         stopped = [False] * len(channels)

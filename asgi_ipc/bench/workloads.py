@@ -2,16 +2,25 @@
 
 Workloads (``--only`` takes these names):
 
-  pingpong  round-trip latency between two processes (each receives, then sends back), over
-            each layer and over the floor: two bare asyncio processes bouncing Unix datagrams
-  oneway    throughput from producer processes to consumer processes, 1 -> 1 and 4 -> 4
-  fanout    group_send to 10, 100 and 1000 members spread over 4 consumer processes
-  backlog   send+receive in one process with an empty store, then with 100 000 messages
-            queued in other channels
-  sizes     send+receive throughput of 100 B, 10 KiB and 1 MiB messages in one process
-  memory    asgi_ipc only, from the store's own accounting (``asgi_ipc.observe.figures``):
-            shared memory per queued message and per group membership, and the channel
-            memory one 10 KiB group_send to 1000 members takes
+  pingpong       round-trip latency between two processes (each receives, then sends back),
+                 over each layer and over the floor: two bare asyncio processes bouncing Unix
+                 datagrams
+  oneway         throughput from producer processes to consumer processes, 1 -> 1 and 4 -> 4
+  fanout         group_send to 10, 100 and 1000 members spread over 4 consumer processes
+  fanout-1proc   group_send to 100 and 1000 members all in one other process
+  fanout-10proc  group_send to 1000 members spread over 10 consumer processes
+  backlog        send+receive in one process with an empty store, then with 100 000 messages
+                 queued in other channels
+  sizes          send+receive throughput of 100 B, 10 KiB and 1 MiB messages in one process
+  memory         asgi_ipc only, from the store's own accounting (``asgi_ipc.observe.figures``):
+                 shared memory per queued message and per group membership, and the channel
+                 memory one 10 KiB group_send to 1000 members takes
+
+The cross-process workloads (pingpong, oneway, the fan-outs) run over asgi_ipc and every peer
+that can run (``layers.PEERS``). The in-process ones run over asgi_ipc, ``RedisChannelLayer`` and
+``InMemoryChannelLayer`` only: the pub/sub layers keep no queue, so that a message sent to a
+channel nobody has subscribed to is gone (no backlog can be built), and their send+receive in one
+process is the round trip through the server that the ping-pong measures already.
 
 Every result carries ``counted`` and ``expected``: the messages (or deliveries, or records) that
 arrived intact and in order, against those that should have. A speed figure is only worth
@@ -19,7 +28,8 @@ reading when the two are equal; the exit status is 1 when any result falls short
 
 Every asgi_ipc store made here has a prefix of its own and is unlinked when its step ends,
 whatever happens (``asgi_ipc.unlink``); every channels_redis run has a key prefix of its own and
-is flushed; the floor's sockets live in a directory of their own, removed after.
+is flushed (the pub/sub layers leave nothing in their servers); the floor's sockets live in a
+directory of their own, removed after.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ from .layers import (
     FLOOR,
     IPC,
     MEMORY,
+    PEERS,
     REDIS,
     SEQ_BASE,
     KiB,
@@ -61,7 +72,14 @@ from .pool import WorkerPool, WorkloadError
 from .report import summary
 from .targets import GROUP_SEND_MEMBERS, GROUP_SEND_SIZE
 
-WORKLOADS = ("pingpong", "oneway", "fanout", "backlog", "sizes", "memory")
+# The fan-out workloads: the consumer processes that hold the members (spread evenly), and the
+# group sizes. Every delivery is counted, in deliveries per second.
+FANOUTS = {
+    "fanout": (4, (10, 100, 1000)),
+    "fanout-1proc": (1, (100, 1000)),
+    "fanout-10proc": (10, (1000,)),
+}
+WORKLOADS = ("pingpong", "oneway", *FANOUTS, "backlog", "sizes", "memory")
 
 # The floor's sockets: on tmpfs, as the layer's doorbells are.
 SHM_DIR = "/dev/shm"
@@ -77,7 +95,6 @@ class Scale:
     pingpong_warmup: int
     pingpong_rounds: int
     oneway_per_producer: int
-    fanout_sizes: tuple[int, ...]
     fanout_deliveries: int  # cap on members x group_sends, so slow backends drain in time
     backlog: int
     backlog_channels: int
@@ -93,7 +110,6 @@ FULL = Scale(
     pingpong_warmup=200,
     pingpong_rounds=5000,
     oneway_per_producer=60_000,
-    fanout_sizes=(10, 100, 1000),
     fanout_deliveries=100_000,
     backlog=100_000,
     backlog_channels=10_000,
@@ -109,7 +125,6 @@ QUICK = Scale(
     pingpong_warmup=20,
     pingpong_rounds=200,
     oneway_per_producer=500,
-    fanout_sizes=(10, 100, 1000),
     fanout_deliveries=2_000,
     backlog=2_000,
     backlog_channels=200,
@@ -119,9 +134,8 @@ QUICK = Scale(
     memory_memberships=500,
 )
 
-FANOUT_CONSUMERS = 4
 ONEWAY_CASES = ((1, 1), (4, 4))
-WORKERS = 8  # the most a workload needs at once: 4 producers and 4 consumers
+WORKERS = 11  # the most a workload needs at once: 10 member processes and the sender
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -138,9 +152,11 @@ class Step:
 class Bench:
     """One run: its scale, backends, worker pool, and everything it must clean up."""
 
-    def __init__(self, scale: Scale, redis_url: str | None, quiet: bool = False) -> None:
+    def __init__(self, scale: Scale, urls: dict[str, str], quiet: bool = False) -> None:
+        """``urls``: the server each peer layer that can run runs against; the others are left
+        out."""
         self.scale = scale
-        self.redis_url = redis_url
+        self.urls = urls
         self.quiet = quiet
         self._pool: WorkerPool | None = None
         self._prefixes: list[str] = []
@@ -160,10 +176,10 @@ class Bench:
 
     @contextlib.contextmanager
     def backend(self, kind: str, **options: Any) -> Iterator[dict]:
-        """A fresh store (asgi_ipc), key prefix (channels_redis) or socket directory (the
+        """A fresh store (asgi_ipc), key or subject prefix (the peers) or socket directory (the
         floor) for one step, removed after."""
         run_id = "bench" + secrets.token_hex(6)
-        spec = layer_spec(kind, run_id, self.redis_url, **options)
+        spec = layer_spec(kind, run_id, self.urls.get(kind), **options)
         if kind == IPC:
             self._prefixes.append(run_id)
         elif kind == FLOOR:
@@ -189,8 +205,8 @@ class Bench:
     # -- steps --
 
     def steps(self, workloads: list[str]) -> list[Step]:
-        cross = [IPC] + ([REDIS] if self.redis_url else [])
-        inproc = cross + [MEMORY]
+        cross = [IPC] + [peer for peer in PEERS if peer in self.urls]
+        inproc = [IPC] + ([REDIS] if REDIS in self.urls else []) + [MEMORY]
         steps = []
         for workload in workloads:
             if workload == "pingpong":
@@ -201,11 +217,11 @@ class Bench:
                 for producers, consumers in ONEWAY_CASES:
                     case = f"{producers}->{consumers}"
                     steps += [Step(workload, case, b, f"one-way {case}") for b in cross]
-            elif workload == "fanout":
-                for members in self.scale.fanout_sizes:
-                    steps += [
-                        Step(workload, str(members), b, f"group fan-out {members}") for b in cross
-                    ]
+            elif workload in FANOUTS:
+                processes, sizes = FANOUTS[workload]
+                for members in sizes:
+                    label = f"group fan-out {members} {spread(processes)}"
+                    steps += [Step(workload, str(members), b, label) for b in cross]
             elif workload == "backlog":
                 steps += [Step(workload, "send+receive", b, "backlog") for b in inproc]
             elif workload == "sizes":
@@ -223,7 +239,8 @@ class Bench:
             self.progress(f"[{number}/{len(steps)}] {step.label} / {step.backend} ...")
             started = clock()
             try:
-                result = getattr(self, f"run_{step.workload}")(step)
+                runner = "fanout" if step.workload in FANOUTS else step.workload
+                result = getattr(self, f"run_{runner}")(step)
             except WorkloadError as exc:
                 # The pool may be mid-task in some worker: replace it for the next steps.
                 self._drop_pool()
@@ -315,9 +332,9 @@ class Bench:
     def run_fanout(self, step: Step) -> dict:
         s = self.scale
         members = int(step.case)
+        processes = FANOUTS[step.workload][0]
         sends = max(s.fanout_deliveries // members, 2)
-        share = [members // FANOUT_CONSUMERS + (i < members % FANOUT_CONSUMERS)
-                 for i in range(FANOUT_CONSUMERS)]
+        share = [members // processes + (i < members % processes) for i in range(processes)]
         group = "bench.fanout"
         # Room for every message and the stop on every member: any drop is the layer's.
         with self.backend(step.backend, capacity=sends + 10, group_memory=20 * MiB) as spec:
@@ -339,6 +356,7 @@ class Bench:
             "expected": expected,
             "drops": expected - counted,
             "members": sum(r["members"] for r in got),
+            "processes": len(got),
             "group_sends": sender["sent"],
             "deliveries_per_s": counted / elapsed if elapsed > 0 else None,
             # What the sender alone managed: an upper bound on deliveries/s, met only when the
@@ -538,6 +556,10 @@ async def _group_send_memory(spec: dict) -> dict:
 
 
 # --- labels --------------------------------------------------------------------------------------
+
+
+def spread(processes: int) -> str:
+    return "in 1 process" if processes == 1 else f"over {processes} processes"
 
 
 def percentile(ordered: list[float], pct: float) -> float:
