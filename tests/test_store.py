@@ -287,8 +287,12 @@ def test_other_layout_version_and_truncation_are_refused(prefix):
 
 
 def test_an_uninitialised_object_is_initialised(prefix):
-    # What a creator that died before sizing its object leaves: an empty object.
+    # What a creator that died before sizing its object leaves: an empty object. A tool that
+    # only attaches leaves it for a layer to initialise with the sizes it is configured with.
     write_object(prefix, b"")
+    with pytest.raises(asgi_ipc.StoreError, match="not initialised yet"):
+        open_engine(prefix)
+    assert os.stat(shm_path(prefix)).st_size == 0
 
     async def run():
         layer = layer_for(prefix)

@@ -371,6 +371,14 @@ class Segment:
             self._mark_attached()  # under the store lock: see unlink
             size = os.fstat(self.fd).st_size
             if self._needs_initialising(size):
+                if not create:
+                    # A tool attaching must not make the store with sizes of its own (0 for
+                    # ``open_engine``): whoever created the file has not initialised it yet, or
+                    # died before it was done, and the next layer to open it will.
+                    raise StoreError(
+                        f"the asgi_ipc store {self.path} is not initialised yet (a process is "
+                        f"creating it, or died doing so: the next layer to open it finishes)"
+                    )
                 self._initialise(wanted)
                 size = wanted.total_bytes
             _check_size(prefix, size)
