@@ -79,7 +79,7 @@ from .doorbell import (
 )
 from .engine import Engine, Seat, Taken, now_ms
 from .engine.layout import H_EPOCH, H_FLUSHING, SLOTS
-from .exceptions import StoreError
+from .exceptions import StoreClosed, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -214,9 +214,12 @@ class Receiver:
             names.add(b"")
         self._wake(seat, names)
 
-    def _wake(self, seat: Seat[Waiter], names: set[bytes] | list[bytes] | None) -> None:
+    def _wake(
+        self, seat: Seat[Waiter], names: set[bytes] | list[bytes] | None, later: bool = False
+    ) -> None:
         """Hand the receives waiting on ``names`` (every receive, if None or b"" is among
-        them) to be served, all those of one event loop together, in that loop."""
+        them) to be served, all those of one event loop together, in that loop: at once if it
+        is the running loop, unless ``later``."""
         by_loop: dict[asyncio.AbstractEventLoop, list[Waiter]] = {}
         for waiter in seat.wake(names):
             by_loop.setdefault(waiter.loop, []).append(waiter)
@@ -225,7 +228,7 @@ class Receiver:
         except RuntimeError:
             current = None
         for loop, waiters in by_loop.items():
-            if loop is current:
+            if loop is current and not later:
                 self._serve(waiters)
             else:
                 try:
@@ -248,9 +251,12 @@ class Receiver:
         if self._closed:
             raise self.engine.closed_error()
         if self._returned:
-            data = self._take_returned(channel)
-            if data is not None:
-                return data
+            if self._pid != os.getpid():
+                self._forget_parent_process()  # the parent's kept messages are not ours
+            else:
+                kept = self._take_returned(channel)
+                if kept is not None:
+                    return kept[0]
         loop = asyncio.get_running_loop()
         waiter = Waiter(loop, channel)
         if not self._wait_unlocked(waiter):
@@ -327,6 +333,8 @@ class Receiver:
         if len(waiters) > 1:
             waiters = list(dict.fromkeys(waiters))  # a receive rung twice is served once
         waiters = [w for w in waiters if not w.future.done()]
+        if self._returned and self._pid == os.getpid():
+            waiters = [w for w in waiters if not self._hand_kept(w)]
         if not waiters:
             return
         if self._closed:
@@ -480,76 +488,111 @@ class Receiver:
             return
         self._return(waiter.channel, future.result(), waiter.expires, waiter.epoch)
 
-    def _return(self, channel: bytes, data: bytes, expires: int, epoch: int) -> None:
+    def _return(
+        self, channel: bytes, data: bytes, expires: int, epoch: int, oldest: bool = False
+    ) -> None:
         """Give back a message taken for a receive that was cancelled before it saw it: first
         in its channel again, or, with no channel memory left for it, kept here until there
-        is (see the module docstring). Behind messages of its channel kept here already, so
-        that they go back in the order they were taken."""
+        is (see the module docstring), and offered to the receives of its channel waiting
+        here. Behind the messages of its channel kept here already (before them if
+        ``oldest``), so that they go back in the order they were taken.
+
+        It runs as a cancelled receive unwinds, whose CancelledError must go on: a message it
+        cannot give back for a store error (the store closed under it) is logged as lost."""
         engine = self.engine
-        if engine.segment.closed or expires <= engine.clock():
+        if expires <= engine.clock():
             return
+        # One lock over the kept messages and their put-backs, so that no put-back overtakes
+        # an older message of its channel (a lock hold under it never waits on it).
         with self._returned_guard:
             kept = self._returned.get(channel)
-            if kept:
-                kept.append((data, expires, epoch))
-                return
-        if engine.put_back(channel, data, expires, epoch):
-            if engine.due:
-                self._ring()
+            if kept is None:
+                try:
+                    back = engine.put_back(channel, data, expires, epoch)
+                except StoreClosed:
+                    logger.error(
+                        "%s: a message taken by a cancelled receive on %r was lost: the store "
+                        "was closed before it could go back", self.name, channel.decode(),
+                    )
+                    return
+                except StoreError:
+                    logger.exception(
+                        "%s: a message taken by a cancelled receive on %r was lost",
+                        self.name, channel.decode(),
+                    )
+                    return
+                if not back:
+                    kept = self._returned[channel] = collections.deque()
+            if kept is not None:
+                if oldest:
+                    kept.appendleft((data, expires, epoch))
+                else:
+                    kept.append((data, expires, epoch))
+        if engine.due:
+            self._ring()
+        if kept is None:
             return
-        with self._returned_guard:
-            self._returned.setdefault(channel, collections.deque()).append(
-                (data, expires, epoch)
-            )
         logger.info(
             "%s: no channel memory to put back a message taken by a cancelled receive on %r; "
             "this process keeps it until there is", self.name, channel.decode(),
         )
         self._check_later()
+        seat = engine.seat
+        if seat is not None:
+            self._wake(seat, [channel], later=True)  # receives already waiting get it
 
-    def _take_returned(self, channel: bytes) -> bytes | None:
+    def _take_returned(self, channel: bytes) -> tuple[bytes, int, int] | None:
         """The oldest message kept here for ``channel`` (see ``_return``) that is still
-        deliverable, or None."""
+        deliverable, as (data, expiry, epoch), or None."""
         epoch = self.engine.words[H_EPOCH]
         now = self.engine.clock()
         with self._returned_guard:
             kept = self._returned.get(channel)
-            while kept:
-                data, expires, taken_in = kept.popleft()
-                if expires > now and taken_in == epoch:
-                    break
-            else:
-                data = None
-            if not kept:
-                self._returned.pop(channel, None)
-            return data
+            found = None
+            while kept and found is None:
+                found = kept.popleft()
+                if found[1] <= now or found[2] != epoch:
+                    found = None  # expired, or flushed since
+            if kept is not None and not kept:
+                del self._returned[channel]
+            return found
+
+    def _hand_kept(self, waiter: Waiter) -> bool:
+        """Hand ``waiter`` the oldest message kept here for its channel: True if there was
+        one."""
+        kept = self._take_returned(waiter.channel)
+        if kept is None:
+            return False
+        data, waiter.expires, waiter.epoch = kept
+        self._stop_tracking(waiter)
+        try:
+            waiter.future.set_result(data)
+        except asyncio.InvalidStateError:  # cancelled meanwhile: still the oldest
+            self._return(waiter.channel, data, waiter.expires, waiter.epoch, oldest=True)
+        return True
 
     def _put_back_returned(self) -> int:
         """Put the messages kept here back in their channels, newest first so that each
         channel gets them back in order, as far as channel memory allows: how many are still
-        kept. A message that expired or was flushed meanwhile is dropped."""
+        kept. A message that expired or was flushed meanwhile is dropped; one whose put-back
+        raises stays kept."""
         engine = self.engine
         with self._returned_guard:
-            channels = list(self._returned)
-        for channel in channels:
-            while True:
-                with self._returned_guard:
-                    kept = self._returned.get(channel)
-                    if not kept:
-                        self._returned.pop(channel, None)
-                        break
-                    data, expires, epoch = kept.pop()
-                if expires <= engine.clock() or engine.put_back(channel, data, expires, epoch):
-                    continue
-                with self._returned_guard:  # still no room: keep it, in its place
-                    self._returned.setdefault(channel, collections.deque()).append(
-                        (data, expires, epoch)
-                    )
-                break
+            for channel in list(self._returned):
+                kept = self._returned[channel]
+                while kept:
+                    data, expires, epoch = kept[-1]
+                    if expires > engine.clock() and not engine.put_back(
+                        channel, data, expires, epoch
+                    ):
+                        break  # still no room
+                    kept.pop()
+                if not kept:
+                    del self._returned[channel]
+            left = sum(len(kept) for kept in self._returned.values())
         if engine.due:
             self._ring()
-        with self._returned_guard:
-            return sum(len(kept) for kept in self._returned.values())
+        return left
 
     # --- the periodic check ----------------------------------------------------------------
 

@@ -18,8 +18,8 @@ from asgi_ipc import IPCChannelLayer, StoreError
 from asgi_ipc.engine.layout import SLOTS
 from asgi_ipc.engine.slots import ProcessSlots
 
-from .helpers import Worker, doorbells, gone, slot_table, wait_until
-from .workers import forking_waiter, observed_layer
+from .helpers import PATIENCE, SPAWN, Worker, doorbells, gone, slot_table, start, wait_until
+from .workers import fork_during_a_hold, forking_waiter, observed_layer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -110,3 +110,12 @@ def test_a_child_forked_by_a_waiting_process_does_not_keep_its_slot_alive(prefix
             assert store.inspect()["problems"] == []
     finally:
         asyncio.run(layer.close())
+
+
+def test_a_child_forked_during_a_hold_of_another_thread_can_close(prefix, children):
+    """The child inherits the mark of a hold under way in a thread it does not have: its
+    close() must not wait for that hold for ever."""
+    parent_end, child_end = SPAWN.Pipe()
+    start(children, fork_during_a_hold, prefix, child_end)
+    assert parent_end.poll(PATIENCE), "the forking process never reported"
+    assert parent_end.recv() == ("closed", 0)

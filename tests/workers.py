@@ -23,6 +23,7 @@ import random
 import resource
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -695,6 +696,44 @@ def wait_in_receive(prefix: str, channel: str, ready) -> None:
 
 
 # --- a process that forks while it waits (test_slots.py, test_cli.py), started with "spawn" -----
+
+
+def fork_during_a_hold(prefix: str, conn) -> None:
+    """Fork while another thread is in a lock hold, and while this process keeps a message of
+    a cancelled receive (none here: the child must not find its parent's); report what the
+    child saw: that it could use the layer, and that its close() returned."""
+    layer = observed_layer(prefix)
+    store = layer.engine()
+    in_hold = threading.Event()
+
+    def hold() -> None:
+        store.locked(lambda: (in_hold.set(), time.sleep(1.5)))
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    in_hold.wait()
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(reader)
+        signal.alarm(60)  # a close() that hangs dies here, and says so by its status
+
+        async def use() -> bytes:
+            await layer.send("after.fork", {"from": "child"})
+            got = await layer.receive("after.fork")
+            await layer.close()
+            return b"closed" if got == {"from": "child"} else b"wrong"
+
+        try:
+            os.write(writer, asyncio.run(use()))
+        finally:
+            os._exit(0)
+    os.close(writer)
+    _pid, status = os.waitpid(child, 0)
+    said = os.read(reader, 100)
+    holder.join()
+    asyncio.run(layer.close())
+    conn.send((said.decode(), os.waitstatus_to_exitcode(status)))
 
 
 def fork_while_waiting(prefix: str, channel: str, conn) -> None:

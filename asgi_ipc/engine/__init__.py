@@ -115,6 +115,31 @@ class Taken:
         self.epoch = 0
 
 
+class _Registrations:
+    """The registrations a hold made since the journal last committed. Each is noted in the
+    seat only once listed here, so that when the hold fails, however late, ``forget`` takes out
+    of the seat exactly those the rollback takes out of the store; an exception landing
+    between the two steps leaves a channel listed but not noted, which forgetting ignores."""
+
+    __slots__ = ("_journal", "seat", "_commits", "_channels")
+
+    def __init__(self, journal: Journal, seat: Seat) -> None:
+        self._journal, self.seat = journal, seat
+        self._commits = journal.commits
+        self._channels: list[bytes] = []
+
+    def note(self, channel: bytes, rec: int) -> None:
+        if self._journal.commits != self._commits:  # those listed are committed for good
+            self._commits, self._channels = self._journal.commits, []
+        self._channels.append(channel)
+        self.seat.note_registered(channel, rec)
+
+    def forget(self) -> None:
+        """Under the lock, before the rollback: forget those the rollback takes back."""
+        if self._journal.commits == self._commits:
+            self.seat.forget(self._channels)
+
+
 def one_hold(operation: Callable[..., T], timed: bool = False) -> Callable[..., T]:
     """Make the Engine method ``operation`` run as one lock hold: take the lock and recover,
     run it, commit (or roll back if it raised), move the rings it collected to ``due``,
@@ -144,9 +169,9 @@ def one_hold(operation: Callable[..., T], timed: bool = False) -> Callable[..., 
             if not handle.held:
                 # It never held the lock, or gave it up at once because close() began (see
                 # lock.py), or was cut off right after flock returned: it wrote nothing.
-                if lock.closing or handle.closed:
+                if isinstance(exc, Exception) and (lock.closing or handle.closed):
                     raise self.closed_error() from exc
-                raise
+                raise  # KeyboardInterrupt and the like stay what they are
             self._abort()
             self.due.extend(self._rings)  # ours to take only while holding the lock
             self._rings.clear()
@@ -331,12 +356,17 @@ class Engine:
             # Its slot byte is ours from claim to close, so no live process can have the slot:
             # record our token (the first time, or again if someone cleared it).
             self.slots.record(seat.slot, seat.token)
-        for channel in seat.forget_registrations():
-            self.journal.checkpoint()
-            rec = self.queues.add_waiter(channel, seat.slot, seat.token)
-            if rec:
-                seat.note_registered(channel, rec)
-        self.journal.commit()
+        fresh = _Registrations(self.journal, seat)
+        try:
+            for channel in seat.forget_registrations():
+                self.journal.checkpoint()
+                rec = self.queues.add_waiter(channel, seat.slot, seat.token)
+                if rec:
+                    fresh.note(channel, rec)
+            self.journal.commit()
+        except BaseException:
+            fresh.forget()
+            raise
 
     def _drop_lapsed(self, seat: Seat) -> None:
         for channel in seat.lapsed():
@@ -374,9 +404,7 @@ class Engine:
         seat = self.seat  # taken under the lock, after recovery brought it up to date
         records = seat.registered if seat is not None else {}
         pop = self.queues.pop
-        # Channels registered on since the journal last committed: if the hold fails, the
-        # rollback takes those registrations back.
-        fresh: list[bytes] = []
+        fresh = _Registrations(journal, seat) if seat is not None else None
         # Channels found or left empty: quiet once this hold commits (see ``Seat``).
         quiet: list[bytes] = []
         queued_at = self.queues.queued_at
@@ -389,21 +417,18 @@ class Engine:
                 found = pop(channel, now, rec)
                 if found is None or rec and not queued_at(rec):
                     quiet.append(channel)
-                registered = False
                 if found is None:
-                    if seat is None:
+                    if fresh is None:  # no seat
                         taken.unseated.append(waiter)
                     else:
                         try:
-                            registered = self._wait(seat, channel, waiter)
+                            self._wait(fresh.seat, channel, waiter, fresh)
                         except StoreClosed as exc:
                             # Raised before anything was written; any other error fails the
                             # whole hold, which the rollback then undoes.
                             taken.failed.append((waiter, exc))
                 if journal.commits != commits:
-                    commits, taken.durable, fresh = journal.commits, len(handed), []
-                if registered:
-                    fresh.append(channel)
+                    commits, taken.durable = journal.commits, len(handed)
                 if found is not None:
                     handed.append((waiter, found[0], found[1]))
             # Committed here rather than by ``one_hold``, so that an exception landing right
@@ -415,14 +440,15 @@ class Engine:
         except BaseException:
             if journal.commits != commits:
                 taken.durable = len(handed)
-            if seat is not None:
-                # Forgotten under the lock, before the rollback takes them back.
-                seat.forget(fresh)
+            if fresh is not None:
+                fresh.forget()
             raise
 
-    def _wait(self, seat: Seat, channel: bytes, waiter: Hashable) -> bool:
+    def _wait(
+        self, seat: Seat, channel: bytes, waiter: Hashable, fresh: _Registrations
+    ) -> None:
         """Under the lock, with ``channel`` found empty: track ``waiter`` and make sure a send
-        rings. True if this registered the process on the channel.
+        rings, registering the process on the channel (noted in ``fresh``) unless it is already.
 
         When channel memory has no room for the registration (a small block), the receive
         waits unregistered rather than fail: no send rings for it, but the periodic check
@@ -434,12 +460,10 @@ class Engine:
         if self.slots.token(seat.slot) != seat.token:
             self._register_again(seat)  # records the slot claimed without the lock
         if seat.add(channel, waiter):
-            return False
+            return
         rec = self.queues.add_waiter(channel, seat.slot, seat.token)
-        if not rec:
-            return False  # waits unregistered: see above
-        seat.note_registered(channel, rec)
-        return True
+        if rec:  # else it waits unregistered: see above
+            fresh.note(channel, rec)
 
     @one_hold
     def put_back(self, _now: int, channel: bytes, data: bytes, expires: int, epoch: int) -> bool:
@@ -456,22 +480,18 @@ class Engine:
         return the channels waited on that hold messages. (Taking the lock also drops the
         registrations that have lapsed.)"""
         journal, waiting = self.journal, seat.waiting_channels()
-        fresh: list[bytes] = []  # registered since the journal last committed, as in ``take``
-        commits = journal.commits
+        fresh = _Registrations(journal, seat)
         try:
             for channel in waiting:
                 if channel in seat.registered:
                     continue
                 journal.checkpoint()
                 rec = self.queues.add_waiter(channel, seat.slot, seat.token)
-                if journal.commits != commits:
-                    commits, fresh = journal.commits, []
                 if rec:
-                    seat.note_registered(channel, rec)
-                    fresh.append(channel)
+                    fresh.note(channel, rec)
             return [c for c in waiting if self.queues.has_messages(c)]
         except BaseException:
-            seat.forget(fresh)  # under the lock, before the rollback takes them back
+            fresh.forget()
             raise
 
     @one_hold

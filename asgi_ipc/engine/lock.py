@@ -209,16 +209,35 @@ class StoreLock:
             time.sleep(0.001)
 
     def close(self) -> None:
-        """Close every thread's handle (the segment is being closed)."""
-        for handle in list(self._handles):
-            handle.close()
+        """Let go of every thread's handle (the segment is being closed): each handle's
+        descriptor is pointed at /dev/null, which drops its open file description and so its
+        flock, but keeps the number taken until the handle itself is closed (by its thread, or
+        when its thread ends). Closing the descriptor under another thread would let its number
+        be reused by the next file opened, and that thread's ``flock`` (which the C library
+        retries with the same number after EINTR) or its release would then lock or unlock
+        that file instead: another store's, for ever."""
+        handles, self._handles = list(self._handles), weakref.WeakSet()
+        if handles:
+            null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                for handle in handles:
+                    if not handle.closed:
+                        os.dup2(null, handle.fileno())
+            finally:
+                os.close(null)
         self._local = threading.local()
         self._fd = -1
 
     def reset_after_fork(self, fd: int) -> None:
         # The inherited handles share their open file descriptions with the parent's: close
-        # them, so that the child's holds exclude the parent's.
-        self.close()
+        # them (the child has one thread, so no other uses them), so that the child's holds
+        # exclude the parent's. A parent's thread that was in a hold at the fork does not exist
+        # here: its handle's marks mean nothing to the child, and close() must not wait on them.
+        for handle in list(self._handles):
+            handle.close()
+        self._handles = weakref.WeakSet()
+        self._local = threading.local()
+        self.closing = False
         self._fd = fd
 
 

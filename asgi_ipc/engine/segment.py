@@ -506,6 +506,9 @@ class Segment:
         except BlockingIOError:
             return self.words[H_LOCK_PID] or None
         finally:
+            # Released before it is closed: a child forked meanwhile by another thread shares
+            # the description, and would otherwise hold the lock for as long as it lives.
+            fcntl.flock(probe, fcntl.LOCK_UN)
             os.close(probe)
         return None
 
@@ -610,6 +613,7 @@ def unlink(prefix: str, *, unless_in_use: bool = False) -> bool:
             fd = open_private_file(path, create=False)[0]
             held.callback(os.close, fd)
             fcntl.flock(fd, fcntl.LOCK_EX)
+            held.callback(fcntl.flock, fd, fcntl.LOCK_UN)  # before the close: see lock_holder
             if not os.path.samestat(os.fstat(fd), found):
                 raise StoreError(f"{path} was replaced while being removed")
             _refuse_if_in_use(prefix, fd)
