@@ -617,7 +617,13 @@ def unlink(prefix: str, *, unless_in_use: bool = False) -> bool:
             if not os.path.samestat(os.fstat(fd), found):
                 raise StoreError(f"{path} was replaced while being removed")
             _refuse_if_in_use(prefix, fd)
-        removed = [directory for directory in wake_dirs(prefix) if _remove_private_dir(directory)]
+        removed = [
+            directory for directory in wake_dirs(prefix)
+            # With no store found, a store created since may have made its directory: left
+            # alone, so that no waiting process loses its doorbell and no other user gets the
+            # chance to take the name we would have freed.
+            if (found is not None or not os.path.lexists(path)) and _remove_private_dir(directory)
+        ]
         if found is not None:
             os.unlink(path)
     return found is not None or bool(removed)
