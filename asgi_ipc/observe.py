@@ -75,6 +75,9 @@ COUNTER_HELP = {
     "channel_full": "Sends refused with ChannelFull because the channel was at capacity",
     "group_full": "Group members skipped by group_send() because their channel was at capacity",
     "no_memory": "Sends refused, and group members skipped, for want of channel memory",
+    "reaped_channels": "Process-specific channels removed because their process exited or died",
+    "reaped_memberships": "Group memberships removed with those channels",
+    "reaped_messages": "Messages dropped unread from those channels",
 }
 
 

@@ -177,6 +177,21 @@ class Receiver:
         self.engine.flush()
         self._ring()
 
+    def own(self, channel: bytes) -> None:
+        """Make this process the owner of ``channel``, a process-specific channel it has just
+        made (``Engine.own``), claiming a process slot first if it holds none. With every slot
+        held, the channel has no owner."""
+        if self._closed:
+            raise self.engine.closed_error()
+        if self._pid != os.getpid():
+            self._forget_parent_process()
+        engine = self.engine
+        if engine.seat is None:
+            self._take_slot()
+        engine.own(channel)
+        if engine.due:
+            self._ring()
+
     # --- rings -----------------------------------------------------------------------------
 
     def _ring(self) -> None:
@@ -202,6 +217,7 @@ class Receiver:
             if result == GONE and engine.died(slot, token):
                 remove_doorbell(engine.wake_dir, token)
                 engine.gone.append((slot, token))
+                self._check_later()  # whose thread reaps what it owned
 
     def _rung(self, names: set[bytes]) -> None:
         """The doorbell read ``names``: wake the receives waiting on them."""
@@ -577,7 +593,7 @@ class Receiver:
         interval: the receives it stands guard over may depend on it."""
         while not stop.wait(self.check_interval):
             try:
-                self._check()
+                self._check(stop)
             except Exception:
                 logger.exception(
                     "%s: the periodic check of waiting receives failed; trying again in %s s",
@@ -587,33 +603,50 @@ class Receiver:
                 if self._checker is None or self._checker[1] is not stop:
                     return  # closed
                 seat = self.engine.seat
-                if (seat is None or not seat.needs_checking()) and not self._returned:
+                if (
+                    (seat is None or not seat.needs_checking())
+                    and not self._returned
+                    and not self.engine.reaping()
+                ):
                     self._checker = None
                     return
 
-    def _check(self) -> None:
+    def _check(self, stop: threading.Event) -> None:
         """One periodic check: put back the messages of cancelled receives kept here, register
-        the receives that could not be (memory was full), and wake those whose channels hold
-        messages, each in its own event loop."""
+        the receives that could not be (memory was full), wake those whose channels hold
+        messages, each in its own event loop; then look for processes that died owning
+        channels, and reap (``_reap``)."""
         if self._closed or self._pid != os.getpid():
             return
         if self._returned:
             self._put_back_returned()
         seat = self.engine.seat
-        if seat is None:
-            return
-        # Stop tracking the receives whose event loop was closed under them: nothing can hand
-        # them a message any more, and their registrations may lapse.
-        for waiter in seat.waiters():
-            if waiter.loop.is_closed():
-                seat.discard(waiter.channel, waiter)
-        bound = self.doorbell is None and self._bind_late(seat)
-        ready = self.engine.check(seat)
-        if self.engine.due:
-            self._ring()
-        # Once bound at last, every receive is served again, so that each event loop with one
-        # waiting starts reading the doorbell.
-        self._wake(seat, None if bound else ready)
+        if seat is not None:
+            # Stop tracking the receives whose event loop was closed under them: nothing can
+            # hand them a message any more, and their registrations may lapse.
+            for waiter in seat.waiters():
+                if waiter.loop.is_closed():
+                    seat.discard(waiter.channel, waiter)
+            bound = self.doorbell is None and self._bind_late(seat)
+            ready = self.engine.check(seat)
+            if self.engine.due:
+                self._ring()
+            # Once bound at last, every receive is served again, so that each event loop with
+            # one waiting starts reading the doorbell.
+            self._wake(seat, None if bound else ready)
+        self.engine.look_for_dead()
+        self._reap(stop)
+
+    def _reap(self, stop: threading.Event | None = None) -> None:
+        """Reap the channels of processes that are gone, one bounded lock hold after another,
+        until none is left or ``stop`` is set: each hold is short, and between two of them
+        other processes get the lock."""
+        engine = self.engine
+        while engine.reaping() and not (stop is not None and stop.is_set()):
+            engine.reap()
+            if engine.due:
+                self._ring()
+            os.sched_yield()
 
     # --- close -----------------------------------------------------------------------------
 
@@ -661,8 +694,10 @@ class Receiver:
             if seat is not None:
                 try:
                     engine.leave(seat)
+                    self._reap()  # this process's channels, and whatever else is left
                 except Exception:
-                    # The slot is freed anyway once its byte is unlocked below.
+                    # The slot is freed anyway once its byte is unlocked below, and what it
+                    # owned is reaped by the next process to find it dead.
                     logger.exception("%s: could not leave the store cleanly on close", self.name)
         finally:
             # Whatever happened above, nothing of this process may be left half open.

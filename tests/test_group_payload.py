@@ -14,7 +14,7 @@ import pytest
 
 from asgi_ipc import IPCChannelLayer, StoreCorrupted
 from asgi_ipc.engine import Engine, Taken
-from asgi_ipc.engine.layout import WORD
+from asgi_ipc.engine.layout import LAYOUT_VERSION, WORD
 from asgi_ipc.engine.queues import C_HEAD, M_DATA, P_REFS
 from asgi_ipc.observe import figures
 
@@ -205,5 +205,6 @@ def test_a_store_of_the_layout_before_shared_payloads_is_refused(prefix):
     with open(shm_path(prefix), "r+b") as f:
         f.seek(WORD)
         f.write((2).to_bytes(WORD, "little"))
-    with pytest.raises(StoreCorrupted, match="layout version 2, this asgi_ipc reads version 3"):
+    refused = f"layout version 2, this asgi_ipc reads version {LAYOUT_VERSION}"
+    with pytest.raises(StoreCorrupted, match=refused):
         asyncio.run(IPCChannelLayer(prefix=prefix).send("c", {}))

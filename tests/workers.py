@@ -649,6 +649,9 @@ def expected_counters(processes: int) -> dict[str, int]:
         "channel_full": processes * 2,
         "group_full": processes,
         "no_memory": 0,
+        "reaped_channels": 0,
+        "reaped_memberships": 0,
+        "reaped_messages": 0,
     }
 
 

@@ -8,7 +8,7 @@ start on page boundaries so that each can be returned to the kernel on ``flush``
     header          page 0: magic, layout version, geometry, the live words and counters below
     message heap    allocator metadata of the channel memory          (1 page)
     group heap      allocator metadata of the group memory            (1 page)
-    process slots   one slot per process that waits in receive()      (SLOTS x 3 words)
+    process slots   one slot per process that waits or owns channels  (SLOTS x 5 words)
     journal         the undo journal of the operation in progress     (JOURNAL_ENTRIES x 2 words)
     channel index   hash buckets: channel name -> channel record      (the capacity lookups)
     channel memory  channel records, waiter records, queued messages  (channel_memory bytes)
@@ -38,13 +38,14 @@ import re
 from dataclasses import dataclass
 
 MAGIC = int.from_bytes(b"ASGI-IPC", "little")
-LAYOUT_VERSION = 3  # 2: slots live by their byte lock, doorbells at paths; counters;
-#                      3: a group_send stores its payload once (queues.py)
+LAYOUT_VERSION = 4  # 2: slots live by their byte lock, doorbells at paths; counters;
+#                      3: a group_send stores its payload once (queues.py);
+#                      4: process-specific channels record their owner and memberships
 
 WORD = 8
 PAGE_WORDS = 512
 SLOTS = 1024
-SLOT_WORDS = 3
+SLOT_WORDS = 5
 SLOT_TABLE = 3 * PAGE_WORDS  # the word where the process slots start
 ATTACHED_BYTE = 0
 JOURNAL_ENTRIES = 1 << 16
@@ -96,6 +97,13 @@ H_NO_MEMORY = 38  # sends refused, and group_send() members skipped, for want of
 # that has not expired.
 H_LATEST_EXPIRY = 39
 H_DISORDER_UNTIL = 40
+# Counters of the reaping of dead processes' channels (queues.py), as the ones above.
+H_REAPED_CHANNELS = 41  # process-specific channels whose owner was gone, reaped
+H_REAPED_MEMBERSHIPS = 42  # their memberships removed
+H_REAPED_MESSAGES = 43  # messages dropped unread from them
+# The first channel record of the list of channels whose owner is gone and that are still to
+# be reaped (queues.py); changed through the journal.
+H_REAP_HEAD = 44
 COUNTERS = {
     "sent": H_SENT,
     "received": H_RECEIVED,
@@ -106,6 +114,9 @@ COUNTERS = {
     "channel_full": H_CHANNEL_FULL,
     "group_full": H_GROUP_FULL,
     "no_memory": H_NO_MEMORY,
+    "reaped_channels": H_REAPED_CHANNELS,
+    "reaped_memberships": H_REAPED_MEMBERSHIPS,
+    "reaped_messages": H_REAPED_MESSAGES,
 }
 
 # \Z, not $: "$" would also let a trailing newline through into the object's name.
