@@ -129,6 +129,10 @@ class Figures:
     expired_bytes: int | None
     groups: int
     memberships: int
+    #: Process-specific channels owned by a process (see ``IPCChannelLayer.new_channel``), and
+    #: those whose process has exited or died and that are still being reaped.
+    owned_channels: int
+    channels_to_reap: int
     #: The largest groups, as (name, members), largest first.
     largest_groups: list[tuple[str, int]]
     #: Pids of the live processes waiting in receive(), each as it knows itself (a process in
@@ -172,6 +176,8 @@ def figures(prefix: str, top: int = 10, check: bool = False) -> Figures:
         expired_bytes=report["expired_bytes"],
         groups=report["groups"],
         memberships=report["memberships"],
+        owned_channels=report["owned_channels"],
+        channels_to_reap=report["channels_to_reap"],
         largest_groups=[(name, size) for size, name in report["largest"]],
         waiting_processes=report["waiting_processes"],
         channel_memory=Memory(**report["channel_memory"]),
@@ -240,6 +246,9 @@ class StoreCollector:
             "messages": gauge("messages", "Messages queued"),
             "groups": gauge("groups", "Groups"),
             "memberships": gauge("memberships", "Group memberships"),
+            "owned": gauge("owned_channels", "Process-specific channels owned by a process"),
+            "to_reap": gauge("channels_to_reap",
+                             "Channels of processes that exited or died, still being reaped"),
             "waiting": gauge("waiting_processes", "Live processes waiting in receive()"),
             "expired_bytes": gauge("expired_bytes",
                                    "Channel memory held by expired messages not reclaimed yet"),
@@ -266,7 +275,8 @@ class StoreCollector:
             flushes.add_metric([prefix], f.flushes)
             for key, value in (
                 ("channels", f.channels), ("messages", f.messages), ("groups", f.groups),
-                ("memberships", f.memberships), ("waiting", len(f.waiting_processes)),
+                ("memberships", f.memberships), ("owned", f.owned_channels),
+                ("to_reap", f.channels_to_reap), ("waiting", len(f.waiting_processes)),
                 ("expired_bytes", f.expired_bytes),
                 ("problems", None if f.problems is None else len(f.problems)),
             ):
@@ -387,6 +397,8 @@ def render(now: Figures, before: Figures | None) -> Group:
         ("oldest expires in", _seconds(now.oldest_expires_in)),
         ("groups", now.groups),
         ("memberships", now.memberships),
+        ("owned channels", now.owned_channels),
+        ("channels to reap", now.channels_to_reap),
         ("waiting processes", " ".join(map(str, now.waiting_processes)) or "-"),
         ("flushes", now.flushes),
     ]
