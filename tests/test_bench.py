@@ -32,6 +32,7 @@ EXPECTED_CASES = {
     "backlog": {"send+receive"},
     "sizes": {"100 B", "10 KiB", "1 MiB"},
     "memory": {"overhead", "group_send"},
+    "reap": {"half killed"},
 }
 
 
@@ -89,8 +90,9 @@ def check_document(proc: subprocess.CompletedProcess, backends: set[str]) -> dic
     for workload in IN_PROCESS:
         for cell in results[workload].values():
             assert set(cell) == backends | {"in_memory"}, workload
-    for cell in results["memory"].values():
-        assert set(cell) == {"asgi_ipc"}
+    for workload in ("memory", "reap"):
+        for cell in results[workload].values():
+            assert set(cell) == {"asgi_ipc"}, workload
     for row in document["rows"]:
         assert {"label", "unit", "values", "counts", "ratio", "ratio_over", "target", "met"} <= (
             set(row)
