@@ -12,7 +12,8 @@ this process owes other processes.
   safe, and why it reads nothing of the store that a flush gives back);
 * the rings: after each engine call, the doorbells it left in ``Engine.due`` are rung
   (``_ring``), one datagram per process naming all its channels;
-* the periodic check, in a thread of its own (``_run_checks``), which makes up for lost rings;
+* the periodic check, in a thread of its own (``_run_checks``), which makes up for lost rings,
+  and looks for processes that died owning channels and reaps those (``_reap``);
 * cancellation (``_abandon``) and close (``StoreClosed`` to every receive still waiting).
 
 A receive's message leaves the store when the lock hold that serves it commits, and reaches its
@@ -34,7 +35,18 @@ The first time one of its receives has to wait, a process claims a process slot 
 without the global lock, right after the lock hold that found the channel empty, and binds its
 doorbell; the next lock hold records the slot's token and serves the receive again. If every
 slot is held, that receive raises ``StoreError``; the process looks for a free slot again no
-sooner than the check interval later, and its other operations go on.
+sooner than the check interval later, and its other operations go on. ``new_channel()`` claims
+one the same way (``own``), since the process owns the channel it makes; with every slot held
+the channel has no owner.
+
+Reaping. A process that dies owning channels is found by a ring that finds its doorbell gone
+and its slot byte unlocked, or by any process's periodic check, which tests the slot bytes of
+every process that owns channels (``Engine.look_for_dead``, without the lock: measured, 60 us
+to read the slot table and 1 us per owner). Either starts the checker thread, which then reaps, one bounded lock
+hold after another, until nothing is left; between two holds other processes get the lock. A
+process that closes reaps its own channels the same way before ``close`` returns. So the
+memberships of a killed process are gone about a check interval after its death, as long as
+some process of the prefix has a receive waiting or sends to it.
 
 Binding a doorbell takes an inode of /dev/shm (two for the store's first, which creates the
 wake-up directory too), and any local user can take them all. A process that finds no room for

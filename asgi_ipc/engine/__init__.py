@@ -11,22 +11,33 @@ kill in between leaves, is said once in journal.py.
 The engine never calls back up. It returns plain results, and leaves in ``due`` the doorbells
 its holds found to ring, ``(slot, token, channel)``, for the caller (receiver.py) to ring once
 the lock is released, so that no other process ever waits on a syscall made under the lock.
-``Seat`` (slots.py) is this process's place in the store when it has receives waiting: the engine
-keeps its registrations up to date under the lock; the receiver tracks its receives in it.
+``Seat`` (slots.py) is this process's place in the store once it has waited or made a channel:
+the engine keeps its registrations up to date under the lock; the receiver tracks its receives
+in it.
+
+A process owns the process-specific channels it makes (``own``) or waits on first; once it is
+gone, what they hold is *reaped* (queues.py says how). Whoever finds it gone hands its slot to
+the reaper: a ring that finds no one and its slot byte unlocked, and ``look_for_dead``, which
+tests the slot bytes of the owners without the lock, put it in ``gone``, and the next hold frees
+its slot (``_reap_gone``); ``leave`` (close) and a process that takes the slot over do the same
+for theirs. The reaping itself is bounded work that any hold may take on: ``reap`` (a hold
+given to it, ``REAP_PER_HOLD`` steps), each send and the periodic check.
 
 ``flush`` cannot be undone cheaply (it may free millions of blocks), so it is redone instead: it
 first stores the epoch it moves to in ``H_FLUSHING``; that store is its commit. Then it clears
 the areas (returning their pages to the kernel), bumps the epoch and clears ``H_FLUSHING``. A
 process that finds ``H_FLUSHING`` set when it takes the lock does the same again, which is
-harmless since clearing twice is clearing once. Process slots survive a flush; every process
-with a slot is rung to register its waits again.
+harmless since clearing twice is clearing once. Process slots survive a flush, but not the
+channels they own (a process that waits again owns its channels again); every process with a
+slot is rung to register its waits again.
 
 Seams for tools and tests: ``open_engine(prefix)`` attaches to an existing store;
 ``IPCChannelLayer.engine()`` is the one a layer uses; ``Engine.wake_dir`` is the store's wake-up
 directory (doorbell.py). ``Engine(..., clock=...)`` replaces the clock (milliseconds since the
 epoch) that expiries are computed from. ``Engine.locked`` runs any function as one lock hold, to
 read the store consistently. ``Engine.inject`` sets fault hooks (after each journaled write,
-before each step of a flush) for crash tests.
+before each step of a flush) for crash tests. ``look_for_dead``, ``reaping`` and ``reap`` reap
+the channels of processes that are gone, as the periodic check does.
 """
 
 from __future__ import annotations
@@ -554,11 +565,11 @@ class Engine:
         return self._reap(REAP_PER_HOLD)
 
     def _reap(self, steps: int) -> bool:
-        """Under the lock: take up to ``steps`` steps of reaping, each a commit of its own
-        (``Journal.checkpoint``), so a kill leaves the reaping where its last step left it.
-        A step removes one membership of the first channel to reap from its group, or else
-        drops one of its messages, or else ends its reaping (``ChannelQueues.disown``). True
-        if some is left."""
+        """Under the lock: take up to ``steps`` steps of reaping, each self-contained (a
+        ``Journal.checkpoint`` between two), so that the hold may commit after any of them and
+        a kill leaves the reaping where the last commit left it. A step removes one membership
+        of the first channel to reap from its group, or else drops one of its messages, or
+        else ends its reaping (``ChannelQueues.disown``). True if some is left."""
         w, journal, queues = self.words, self.journal, self.queues
         for _ in range(steps):
             rec = w[H_REAP_HEAD]

@@ -13,14 +13,26 @@ is in time order because ``group_add`` reads the time under the lock (``one_hold
 membership last with a time no earlier than the last one's: after a clock stepped back, the
 memberships added meanwhile take the latest time of their group, and so expire that much later.
 
+A membership of a process-specific channel (a name with "!") is also on its channel's list of
+memberships, which the channel's record starts (queues.py): its *link part*, after the name,
+holds the next membership of the list and the address of the word that points to this one (the
+record's, or the previous membership's), so that removing it, however it goes (group_discard,
+expiry, reaping), unlinks it in O(1) without knowing the record. The reaping of a channel whose
+owner is gone takes its memberships off that list one by one (``remove``). Only these
+memberships pay the two words. Should channel memory have had no room for the channel's record
+at its group_add, a membership is on no list (its link part says so) and lasts until it expires.
+
 Visibility: ``group_add`` becomes visible when the journal commits the link of the membership into
-both the member index and the group's list; ``group_discard`` when it commits the unlinking.
+the member index, the group's list and its channel's list; ``group_discard``, an expiry or a
+reaping step when it commits the unlinking from all three.
 
 Layouts, in words from the block header (word 0):
   group record  1 next in bucket, 2 hash, 3 first member, 4 last member, 5 members,
                 6 name length, 7... name
   membership    1 next in bucket, 2 hash, 3 group record, 4 next in group, 5 previous in group,
-                6 last added (ms since the epoch), 7 channel name length, 8... channel name
+                6 last added (ms since the epoch), 7 channel name length, 8... channel name, then
+                for a name with "!" its link part, in words from the end of the name: 0 next
+                membership of the channel, 1 the word that points to this one (0: on no list)
 """
 
 from __future__ import annotations

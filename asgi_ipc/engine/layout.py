@@ -23,7 +23,8 @@ and of each heap its first and last pages; the rest of a heap is reserved as it 
 
 The first byte of each process slot is also that slot's lock byte: a slot is live while a process
 holds an open-file-description lock on it (see ``slots.py``). ``SLOTS`` is therefore fixed by
-the layout: it bounds the processes that can wait in receive() on one prefix at the same time.
+the layout: it bounds the processes that can wait in receive(), or own channels made with
+new_channel(), on one prefix at the same time.
 Byte ``ATTACHED_BYTE`` (in the magic word, never a slot's) carries a shared lock of every process
 attached to the store (see ``segment.py``). These byte locks are independent of the store lock
 (a ``flock``, see ``lock.py``), and they sit at the same offsets in every store of a layout

@@ -51,15 +51,41 @@ reference is checked before a count is changed through it: a damaged one raises 
 read through it fails its CRC check), and ``verify`` reports it, and any count that differs from
 the nodes found, as a problem.
 
-Counting (the counters of layout.py): each message taken, put back or dropped as expired, and each
-group_send copy queued or skipped, is counted here with ``Journal.add`` right after the journaled
-change it counts and before the next ``checkpoint``, so the count commits or rolls back with it.
-The outcome of a send is counted by its caller (``Engine.send``).
+Owners. The record of a process-specific channel (a name with "!") has an *owner part* after its
+name: the slot and token of the process that owns it (0 when none does), its links in its owner's
+list, and the first of the channel's memberships (groups.py links them, so that reaping finds them
+all and a group_discard still unlinks one in O(1)). ``own`` (new_channel) and a registration on
+a channel nobody owns (``add_waiter``) record an owner and put the record first on the list of
+the owner's slot (``ProcessSlots.owned_at``: first and last record); a record made by
+new_channel() is *fresh* until its owner first waits on it. Such a record is kept while it has
+messages, waiters or memberships, or is fresh, and only then freed by the sweep: so a consumer's
+channel is there for its first group_add, and the record of a channel done with goes like any
+other. A record is on its slot's list while the slot holds its owner's token; before that token
+changes (the slot freed, or taken by a new process: ``ProcessSlots.vacate``), ``orphan`` moves
+the slot's whole list to the front of the list to reap (``H_REAP_HEAD``), in O(1). So the
+token tells which of the two lists an owned record is on.
+
+Reaping (``Engine._reap``) works on the first record of the list to reap, a bounded number of
+steps per lock hold, each self-contained (a ``checkpoint`` between two): remove a membership
+(``GroupStore.remove``), or else drop a message (``reap_message``), or else end it (``disown``):
+drop the registrations of processes that are gone, take it off the list, and free it unless a
+live process still waits on it. Each state between two steps is sound, so a hold may commit
+after any of them; a kill rolls back what the hold did since its last commit, and the next
+holder takes the list up from there.
+
+Counting (the counters of layout.py): each message taken, put back, dropped as expired or reaped,
+each channel reaped, and each group_send copy queued or skipped, is counted here with
+``Journal.add`` right after the journaled change it counts and before the next ``checkpoint``, so
+the count commits or rolls back with it. The outcome of a send is counted by its caller
+(``Engine.send``), each membership reaped by ``Engine._reap``.
 
 Layouts, in words from the block header (word 0):
-  channel record   (kept while it has messages or waiters, and until the sweep passes after)
+  channel record   (kept while it has messages or waiters, and until the sweep passes after;
+                   one with an owner part also while it has memberships or is fresh)
                    1 next in bucket, 2 hash, 3 head, 4 tail, 5 count, 6 waiters, 7 name length,
-                   8... name
+                   8... name, then for a name with "!" its owner part, in words from the end of
+                   the name: 0 owner slot + 1 | FRESH, 1 owner token, 2 next and 3 previous
+                   record on the owner's list (or the list to reap), 4 first membership
   message          1 next in channel, 2 next sent, 3 previous sent, 4 channel record, 5 expiry
                    (ms since the epoch), 6 length | crc32 << 32, 7... msgpack bytes
   shared node      1-5 as a message, 6 SHARED, 7 payload block
