@@ -42,11 +42,11 @@ the channel has no owner.
 Reaping. A process that dies owning channels is found by a ring that finds its doorbell gone
 and its slot byte unlocked, or by any process's periodic check, which tests the slot bytes of
 every process that owns channels (``Engine.look_for_dead``, without the lock: measured, 60 us
-to read the slot table and 1 us per owner). Either starts the checker thread, which then reaps, one bounded lock
-hold after another, until nothing is left; between two holds other processes get the lock. A
-process that closes reaps its own channels the same way before ``close`` returns. So the
-memberships of a killed process are gone about a check interval after its death, as long as
-some process of the prefix has a receive waiting or sends to it.
+to read the slot table and 1 us per owner). Either starts the checker thread, which then
+reaps, one bounded lock hold after another, until nothing is left; between two holds other
+processes get the lock. A process that closes reaps its own channels the same way before
+``close`` returns. So the memberships of a killed process are gone about a check interval after
+its death, as long as some process of the prefix has a receive waiting or sends to it.
 
 Binding a doorbell takes an inode of /dev/shm (two for the store's first, which creates the
 wake-up directory too), and any local user can take them all. A process that finds no room for
