@@ -583,9 +583,11 @@ class Receiver:
 
     def _check_later(self) -> None:
         """Make sure the checker thread runs: called once a receive is tracked (so that a
-        thread deciding to end, under the same guard, sees it or is replaced)."""
+        thread deciding to end, under the same guard, sees it or is replaced), or a process
+        was found gone. Once close() began, none is started: close() stops the one it finds
+        under this guard."""
         with self._checker_guard:
-            if self._checker is None:
+            if self._checker is None and not self._closed:
                 stop = threading.Event()
                 thread = threading.Thread(
                     target=self._run_checks, args=(stop,), daemon=True,

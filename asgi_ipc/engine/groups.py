@@ -222,9 +222,16 @@ class GroupStore:
     def remove(self, member: int) -> None:
         """Remove ``member``, the first membership on its channel's list, from its group (the
         reaping of a channel whose owner is gone)."""
-        rec = self._w[member + B_GROUP]
-        if not self.heap.start <= rec < self.heap.end or self._w[rec + G_MEMBERS] < 1:
-            raise StoreCorrupted(f"membership {member} belongs to no group")
+        w = self._w
+        rec, x = w[member + B_GROUP], self.link_part(member)
+        # Removed, it must leave its channel's list, or reaping would find it again.
+        if (
+            not x
+            or not w[x + L_PREVIOUS]
+            or not self.heap.start <= rec < self.heap.end
+            or w[rec + G_MEMBERS] < 1
+        ):
+            raise StoreCorrupted(f"membership {member} is damaged")
         self._remove_member(rec, member, b"")
 
     def discard(self, group: bytes, channel: bytes) -> None:
@@ -307,9 +314,10 @@ class GroupStore:
                 if self._membership(name, channel, rec)[0] != member:
                     problems.append(f"membership {member} is missing from the member index")
                 x = self.link_part(member)
-                if x and w[x + L_PREVIOUS]:
+                at = w[x + L_PREVIOUS] if x else 0
+                if at:
                     linked += 1
-                    if w[w[x + L_PREVIOUS]] != member:
+                    if not 0 < at < len(w) or w[at] != member:
                         problems.append(f"membership {member} is mislinked in its channel's "
                                         "list")
                 added = w[member + B_ADDED]
