@@ -18,18 +18,14 @@ import asgi_ipc
 from asgi_ipc import IPCChannelLayer
 
 from .helpers import (
-    PATIENCE,
-    SPAWN,
     MiB,
     cli,
-    gone,
     new_prefix,
     shm_path,
-    start,
     wait_until,
     write_object,
 )
-from .workers import fork_while_waiting
+from .workers import forking_waiter
 
 COMMANDS = ("stats", "verify", "flush", "unlink", "list", "demo", "bench")
 
@@ -111,13 +107,7 @@ def test_unlink_refuses_while_in_use_unless_forced(prefix):
 def test_a_forked_child_keeps_the_store_in_use_until_it_exits(prefix, children):
     """A process forked by an attached one is attached too, with a descriptor of its own: its
     parent dead, the store is still in use (by one process, not waiting), until it exits."""
-    parent_end, child_end = SPAWN.Pipe()
-    waiter = start(children, fork_while_waiting, prefix, "forked.wait", child_end)
-    child_end.close()
-    forked = 0
-    try:
-        assert parent_end.poll(PATIENCE), "the waiter never forked"
-        pid, forked = parent_end.recv()
+    with forking_waiter(children, prefix, "forked.wait") as (waiter, pid, forked):
         refused = cli("unlink", "--prefix", prefix)
         assert "open in 2 processes, with receives waiting in 1 process slot" in refused.stderr
         os.kill(pid, signal.SIGKILL)
@@ -131,10 +121,6 @@ def test_a_forked_child_keeps_the_store_in_use_until_it_exits(prefix, children):
             asgi_ipc.unlink(prefix, unless_in_use=True)
         assert (in_use.value.attached, in_use.value.waiting) == (1, 0)
         assert os.path.exists(shm_path(prefix))
-    finally:
-        parent_end.close()  # the forked child's cue to exit
-        if forked:
-            wait_until(lambda: gone(forked), "the forked child to exit")
     removed = cli("unlink", "--prefix", prefix)
     assert removed.returncode == 0 and not os.path.exists(shm_path(prefix))
 

@@ -18,8 +18,8 @@ from asgi_ipc import IPCChannelLayer, StoreError
 from asgi_ipc.engine.layout import SLOTS
 from asgi_ipc.engine.slots import ProcessSlots
 
-from .helpers import PATIENCE, SPAWN, Worker, doorbells, gone, slot_table, start, wait_until
-from .workers import fork_while_waiting, observed_layer
+from .helpers import Worker, doorbells, gone, slot_table, wait_until
+from .workers import forking_waiter, observed_layer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -92,29 +92,21 @@ def test_a_child_forked_by_a_waiting_process_does_not_keep_its_slot_alive(prefix
     living), it is not waiting, a ring finds its doorbell dead, and its slot is freed."""
     layer = observed_layer(prefix)  # the test's own: it sends, it never waits
     store = layer.engine()
-    parent_end, child_end = SPAWN.Pipe()
-    waiter = start(children, fork_while_waiting, prefix, "forked.wait", child_end)
-    child_end.close()
-    forked = 0
     try:
-        assert parent_end.poll(PATIENCE), "the waiter never forked"
-        pid, forked = parent_end.recv()
-        assert store.inspect()["waiting_processes"] == [pid]
-        ((_slot, token),) = slot_table(layer)
-        assert doorbells(prefix) == [f"{token:016x}"]
-        os.kill(pid, signal.SIGKILL)
-        # Not join(timeout): that waits for a pipe the forked child holds open too.
-        wait_until(lambda: waiter.exitcode is not None, "the waiter to die")
-        assert waiter.exitcode == -signal.SIGKILL and not gone(forked)
-        assert store.inspect()["waiting_processes"] == []
-        # A ring finds nobody at the doorbell and the slot byte free: the sender removes the
-        # socket and frees the slot at its next lock hold.
-        asyncio.run(layer.send("forked.wait", {"too": "late"}))
-        assert doorbells(prefix) == []
-        assert slot_table(layer) == []
-        assert store.inspect()["problems"] == []
+        with forking_waiter(children, prefix, "forked.wait") as (waiter, pid, forked):
+            assert store.inspect()["waiting_processes"] == [pid]
+            ((_slot, token),) = slot_table(layer)
+            assert doorbells(prefix) == [f"{token:016x}"]
+            os.kill(pid, signal.SIGKILL)
+            # Not join(timeout): that waits for a pipe the forked child holds open too.
+            wait_until(lambda: waiter.exitcode is not None, "the waiter to die")
+            assert waiter.exitcode == -signal.SIGKILL and not gone(forked)
+            assert store.inspect()["waiting_processes"] == []
+            # A ring finds nobody at the doorbell and the slot byte free: the sender removes the
+            # socket and frees the slot at its next lock hold.
+            asyncio.run(layer.send("forked.wait", {"too": "late"}))
+            assert doorbells(prefix) == []
+            assert slot_table(layer) == []
+            assert store.inspect()["problems"] == []
     finally:
-        parent_end.close()  # the forked child's cue to exit
-        if forked:
-            wait_until(lambda: gone(forked), "the forked child to exit")
         asyncio.run(layer.close())

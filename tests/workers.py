@@ -16,6 +16,7 @@ off at most the one line of the event under way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import random
@@ -24,6 +25,8 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from typing import Any
 
 from channels.exceptions import ChannelFull
 
@@ -32,7 +35,7 @@ from asgi_ipc import GroupMemoryFull, IPCChannelLayer, StoreError
 from asgi_ipc.doorbell import Ringer
 from asgi_ipc.observe import figures
 
-from .helpers import MiB
+from .helpers import PATIENCE, SPAWN, MiB, gone, start, wait_until
 
 # Every layer of a chaos run, in every process, is built from this.
 CHAOS_CONFIG = {
@@ -718,6 +721,24 @@ def fork_while_waiting(prefix: str, channel: str, conn) -> None:
         await task
 
     asyncio.run(run())
+
+
+@contextlib.contextmanager
+def forking_waiter(children: list, prefix: str, channel: str) -> Iterator[tuple[Any, int, int]]:
+    """The parent's side of ``fork_while_waiting``: (the waiting process, its pid, its forked
+    child's pid) for the span of the block, after which the forked child exits."""
+    parent_end, child_end = SPAWN.Pipe()
+    waiter = start(children, fork_while_waiting, prefix, channel, child_end)
+    child_end.close()
+    forked = 0
+    try:
+        assert parent_end.poll(PATIENCE), "the waiter never forked"
+        pid, forked = parent_end.recv()
+        yield waiter, pid, forked
+    finally:
+        parent_end.close()  # the forked child's cue to exit
+        if forked:
+            wait_until(lambda: gone(forked), "the forked child to exit")
 
 
 # --- owners of process-specific channels (test_reap.py) --------------------------------------
