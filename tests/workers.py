@@ -774,8 +774,12 @@ def own_and_consume(prefix, config, count, groups, conn) -> None:
             if command == "counts":
                 conn.send(dict(got))
             elif command == "close":
-                await layer.close()
+                # Stopped first: a consumer looping on receive() after close() would open the
+                # layer again.
+                for receive in receives:
+                    receive.cancel()
                 await asyncio.gather(*receives, return_exceptions=True)
+                await layer.close()
                 conn.send(("closed", dict(got)))
 
     asyncio.run(run())
