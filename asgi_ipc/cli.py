@@ -131,6 +131,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"  {'messages':16} {report['messages']} queued; expired, not yet reclaimed: "
           f"{size(report['expired_bytes'])}")
     print(f"  {'groups':16} {report['groups']}, memberships {report['memberships']}")
+    counters = report["counters"]
+    print(f"  {'owned channels':16} {report['owned_channels']}, and of processes gone "
+          f"{report['channels_to_reap']} still to reap; reaped so far: "
+          f"{counters['reaped_channels']} channels, {counters['reaped_memberships']} "
+          f"memberships, {counters['reaped_messages']} messages")
     holder = report["lock_holder"]
     print(f"  {'global lock':16} {f'held by pid {holder}' if holder else 'free'}")
     print(f"  {'receiving pids':16} {_pids(report['waiting_processes'])}")

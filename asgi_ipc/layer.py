@@ -378,9 +378,12 @@ class IPCChannelLayer(BaseChannelLayer):
         return self._deserialize(data)
 
     async def new_channel(self, prefix: str = "specific.") -> str:
-        """A channel name no other process on this machine will ever return."""
+        """A channel name no other process on this machine will ever return, owned by this
+        process: when it exits (``close()``) or dies, the channel's messages and memberships
+        are removed (see receiver.py)."""
         name = f"{prefix}ipc!{uuid.uuid4().hex}"
         self.require_valid_channel_name(name)
+        self._open().own(name.encode())
         return name
 
     async def group_add(self, group: str, channel: str) -> None:

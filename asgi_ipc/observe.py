@@ -76,6 +76,9 @@ COUNTER_HELP = {
     "channel_full": "Sends refused with ChannelFull because the channel was at capacity",
     "group_full": "Group members skipped by group_send() because their channel was at capacity",
     "no_memory": "Sends refused, and group members skipped, for want of channel memory",
+    "reaped_channels": "Process-specific channels removed because their process exited or died",
+    "reaped_memberships": "Group memberships removed with those channels",
+    "reaped_messages": "Messages dropped unread from those channels",
 }
 
 
@@ -127,6 +130,10 @@ class Figures:
     expired_bytes: int | None
     groups: int
     memberships: int
+    #: Process-specific channels owned by a process (see ``IPCChannelLayer.new_channel``), and
+    #: those whose process has exited or died and that are still being reaped.
+    owned_channels: int
+    channels_to_reap: int
     #: The largest groups, as (name, members), largest first.
     largest_groups: list[tuple[str, int]]
     #: Pids of the live processes waiting in receive(), each as it knows itself (a process in
@@ -170,6 +177,8 @@ def figures(prefix: str, top: int = 10, check: bool = False) -> Figures:
         expired_bytes=report["expired_bytes"],
         groups=report["groups"],
         memberships=report["memberships"],
+        owned_channels=report["owned_channels"],
+        channels_to_reap=report["channels_to_reap"],
         largest_groups=[(name, size) for size, name in report["largest"]],
         waiting_processes=report["waiting_processes"],
         channel_memory=Memory(**report["channel_memory"]),
@@ -237,6 +246,9 @@ class StoreCollector:
             "messages": gauge("messages", "Messages queued"),
             "groups": gauge("groups", "Groups"),
             "memberships": gauge("memberships", "Group memberships"),
+            "owned": gauge("owned_channels", "Process-specific channels owned by a process"),
+            "to_reap": gauge("channels_to_reap",
+                             "Channels of processes that exited or died, still being reaped"),
             "waiting": gauge("waiting_processes", "Live processes waiting in receive()"),
             "expired_bytes": gauge("expired_bytes",
                                    "Channel memory held by expired messages not reclaimed yet"),
@@ -263,7 +275,8 @@ class StoreCollector:
             flushes.add_metric([prefix], f.flushes)
             for key, value in (
                 ("channels", f.channels), ("messages", f.messages), ("groups", f.groups),
-                ("memberships", f.memberships), ("waiting", len(f.waiting_processes)),
+                ("memberships", f.memberships), ("owned", f.owned_channels),
+                ("to_reap", f.channels_to_reap), ("waiting", len(f.waiting_processes)),
                 ("expired_bytes", f.expired_bytes),
                 ("problems", None if f.problems is None else len(f.problems)),
             ):
@@ -389,6 +402,8 @@ def _figure_rows(now: Figures) -> list[tuple[str, str]]:
         ("oldest expires in", _seconds(now.oldest_expires_in)),
         ("groups", str(now.groups)),
         ("memberships", str(now.memberships)),
+        ("owned channels", str(now.owned_channels)),
+        ("channels to reap", str(now.channels_to_reap)),
         ("waiting processes", " ".join(map(str, now.waiting_processes)) or "-"),
         ("flushes", str(now.flushes)),
     ]
@@ -488,8 +503,9 @@ def render(now: Figures, before: Figures | None, width: int, height: int) -> Tex
     grid[-1] += ("",) * (len(grid[0]) - len(grid[-1]))
     lines.append(("", ""))
     lines += [(row, "bold" if n == 0 else "") for n, row in enumerate(columns(grid))]
-    # Rich's Live leaves the terminal's last line to the cursor.
-    room = height - 1 - len(lines)
+    # Rich's Live leaves the terminal's last line to the cursor, and one more is left for the
+    # line the shell prints once top ends, so that the last view stays whole on the screen.
+    room = height - 2 - len(lines)
     for title, total, header, rows in _sections(now):
         shown = rows[:max(room - 2, 0)]  # under a blank line and the header
         if not shown:

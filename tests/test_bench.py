@@ -36,6 +36,7 @@ EXPECTED_CASES = {
     "backlog": {"send+receive"},
     "sizes": {"100 B", "10 KiB", "1 MiB"},
     "memory": {"overhead", "group_send"},
+    "reap": {"half killed"},
 }
 REDIS_LAYERS = {REDIS, REDIS_PUBSUB}
 
@@ -112,8 +113,9 @@ def check_document(proc: subprocess.CompletedProcess, backends: set[str],
         for cell in results.get(workload, {}).values():
             # Of the peers, only RedisChannelLayer keeps a queue to measure in one process.
             assert set(cell) == backends - {REDIS_PUBSUB, NATS} | {"in_memory"}, workload
-    for cell in results.get("memory", {}).values():
-        assert set(cell) == {"asgi_ipc"}
+    for workload in ("memory", "reap"):
+        for cell in results.get(workload, {}).values():
+            assert set(cell) == {"asgi_ipc"}, workload
     for row in document["rows"]:
         assert {"workload", "case", "metric", "label", "unit", "values", "counts", "peer_ratio",
                 "fastest_peer", "ratio", "ratio_over", "target", "met"} <= set(row)

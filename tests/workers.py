@@ -653,6 +653,9 @@ def expected_counters(processes: int) -> dict[str, int]:
         "channel_full": processes * 2,
         "group_full": processes,
         "no_memory": 0,
+        "reaped_channels": 0,
+        "reaped_memberships": 0,
+        "reaped_messages": 0,
     }
 
 
@@ -775,3 +778,69 @@ def forking_waiter(children: list, prefix: str, channel: str) -> Iterator[tuple[
         parent_end.close()  # the forked child's cue to exit
         if forked:
             wait_until(lambda: gone(forked), "the forked child to exit")
+
+
+# --- owners of process-specific channels (test_reap.py) --------------------------------------
+
+
+def own_and_consume(prefix, config, count, groups, conn) -> None:
+    """Make ``count`` channels with new_channel(), add each to every group of ``groups``, and
+    receive on all of them, counting the messages; send ``("ready", pid, names)`` once every
+    receive waits. Then answer the parent's commands: ``"counts"`` (messages received, by
+    channel), ``"close"`` (close the layer, then send ``("closed", counts)``)."""
+
+    async def run() -> None:
+        layer = IPCChannelLayer(prefix=prefix, **config)
+        names = [await layer.new_channel() for _ in range(count)]
+        for name in names:
+            for group in groups:
+                await layer.group_add(group, name)
+        got = dict.fromkeys(names, 0)
+
+        async def consume(name: str) -> None:
+            while True:
+                await layer.receive(name)
+                got[name] += 1
+
+        receives = [asyncio.ensure_future(consume(name)) for name in names]
+        store = layer.engine()
+        while store.seat is None or len(store.seat.registered) < count:
+            await asyncio.sleep(0.01)
+        conn.send(("ready", os.getpid(), names))
+        loop = asyncio.get_running_loop()
+        while True:
+            command = await loop.run_in_executor(None, conn.recv)
+            if command == "counts":
+                conn.send(dict(got))
+            elif command == "close":
+                # Stopped first: a consumer looping on receive() after close() would open the
+                # layer again.
+                for receive in receives:
+                    receive.cancel()
+                await asyncio.gather(*receives, return_exceptions=True)
+                await layer.close()
+                conn.send(("closed", dict(got)))
+
+    asyncio.run(run())
+
+
+def reap_after_journaled_writes(prefix, config, stall_at, conn) -> None:
+    """Look for processes that died owning channels and reap what they owned, but after the
+    ``stall_at``-th journaled write report the number of writes so far and sleep for ever,
+    holding the store lock. If reaping makes fewer writes it completes and reports
+    ``("done", writes)``."""
+    store = IPCChannelLayer(prefix=prefix, **config).engine()
+    writes = 0
+
+    def maybe_stall(_word: int) -> None:
+        nonlocal writes
+        writes += 1
+        if writes == stall_at:
+            conn.send(("stalled", writes))
+            time.sleep(3600)
+
+    store.inject(on_write=maybe_stall)
+    store.look_for_dead()
+    while store.reaping():
+        store.reap()
+    conn.send(("done", writes))

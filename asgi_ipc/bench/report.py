@@ -86,8 +86,13 @@ ROW_SPECS = [
     ("memory", "overhead", "overhead_per_message", "shm per message beyond payload", "B"),
     ("memory", "overhead", "bytes_per_membership", "shm per group membership", "B"),
     ("memory", "overhead", "memberships_per_mib", "memberships per MiB", "/MiB"),
+    ("memory", "overhead", "bytes_per_owned_membership", "  of a new_channel() name", "B"),
     ("memory", "group_send", "channel_bytes", "10 KiB group_send to 1000, memory", "B"),
     ("memory", "group_send", "bytes_per_member", "  per member beyond one payload", "B"),
+    ("reap", "half killed", "reap_seconds", "killed members' memberships gone", "s"),
+    ("reap", "half killed", "group_send_us", "group_send after, to all members", "us"),
+    ("reap", "half killed", "live_group_send_us", "  to the live members alone", "us"),
+    ("reap", "half killed", "over_live_alone", "  all / live alone", "x"),
 ]
 
 

@@ -305,3 +305,37 @@ async def role_group_sender(conn: Any, spec: dict, params: dict) -> dict:
         await layer.group_send(group, {"type": STOP, "sent": sent})
     return {"start": start, "end": end, "sent": sent}
 
+
+
+# --- reaping (not a pool role: half of these processes are killed) -----------------------------
+
+
+def reap_member(conn: Any, spec: dict, params: dict) -> None:
+    """A process of ``members`` consumers for the ``reap`` workload: each channel made with
+    new_channel(), added to every group of ``groups`` and drained by a task of its own. Says
+    ``("ready", None)`` once every receive waits, then runs until it is killed, or until told
+    to stop: it then answers with the messages its consumers received."""
+
+    async def run() -> None:
+        async with opened(spec) as layer:
+            channels = [await layer.new_channel() for _ in range(params["members"])]
+            for channel in channels:
+                for group in params["groups"]:
+                    await layer.group_add(group, channel)
+            received = [0]
+
+            async def drain(channel: str) -> None:
+                while True:
+                    await layer.receive(channel)
+                    received[0] += 1
+
+            drains = [asyncio.ensure_future(drain(channel)) for channel in channels]
+            await asyncio.sleep(0.2)  # every drain waits in receive()
+            conn.send(("ready", None))
+            await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+            for task in drains:
+                task.cancel()
+            await asyncio.gather(*drains, return_exceptions=True)
+        conn.send(("done", received[0]))
+
+    asyncio.run(run())

@@ -158,7 +158,14 @@ TARGETS: tuple[Target, ...] = (
            "shared memory per queued message beyond its payload", None, "<=", 64,
            bound_text="64 B"),
     Target("memory", "overhead", "memberships_per_mib",
-           "group memberships per MiB of group memory", None, ">=", 9000),
+           "group memberships per MiB of group memory (plain channel names)", None, ">=",
+           9000),
+    Target("reap", "half killed", "reap_seconds",
+           "memberships of a killed process gone, after (unreaped: 86 400 s)", None, "<=", 2,
+           bound_text="2 s"),
+    Target("reap", "half killed", "over_live_alone",
+           "group_send to a group half killed, over one to the live half alone", None, "<=",
+           1.1),
 )
 
 BY_KEY = {target.key: target for target in TARGETS}

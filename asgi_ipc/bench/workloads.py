@@ -15,6 +15,9 @@ Workloads (``--only`` takes these names):
   memory         asgi_ipc only, from the store's own accounting (``asgi_ipc.observe.figures``):
                  shared memory per queued message and per group membership, and the channel
                  memory one 10 KiB group_send to 1000 members takes
+  reap           asgi_ipc only: 1000 members of a group in 4 processes, 2 of which are killed
+                 (SIGKILL); how long until their memberships are gone, and what a group_send
+                 to the group costs then, over one to a group of the live members alone
 
 The cross-process workloads (pingpong, oneway, the fan-outs) run over asgi_ipc and every peer
 that can run (``layers.PEERS``). The in-process ones run over asgi_ipc, ``RedisChannelLayer`` and
@@ -37,13 +40,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import multiprocessing
+import os
 import secrets
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
 import time
 import traceback
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -79,7 +86,7 @@ FANOUTS = {
     "fanout-1proc": (1, (100, 1000)),
     "fanout-10proc": (10, (1000,)),
 }
-WORKLOADS = ("pingpong", "oneway", *FANOUTS, "backlog", "sizes", "memory")
+WORKLOADS = ("pingpong", "oneway", *FANOUTS, "backlog", "sizes", "memory", "reap")
 
 # The floor's sockets: on tmpfs, as the layer's doorbells are.
 SHM_DIR = "/dev/shm"
@@ -102,6 +109,8 @@ class Scale:
     size_ops: dict[int, int]
     memory_messages: int
     memory_memberships: int
+    reap_members: int
+    reap_sends: int
 
 
 FULL = Scale(
@@ -117,6 +126,8 @@ FULL = Scale(
     size_ops={100: 20_000, 10 * KiB: 10_000, MiB: 200},
     memory_messages=10_000,
     memory_memberships=10_000,
+    reap_members=1000,
+    reap_sends=40,
 )
 
 QUICK = Scale(
@@ -132,8 +143,13 @@ QUICK = Scale(
     size_ops={100: 300, 10 * KiB: 200, MiB: 5},
     memory_messages=500,
     memory_memberships=500,
+    reap_members=100,
+    reap_sends=4,
 )
 
+# The reap workload's member processes, of which the first half are killed; its two groups.
+REAP_PROCESSES = 4
+REAP_ALL, REAP_LIVE = "bench.reap.all", "bench.reap.live"
 ONEWAY_CASES = ((1, 1), (4, 4))
 WORKERS = 11  # the most a workload needs at once: 10 member processes and the sender
 
@@ -231,6 +247,8 @@ class Bench:
             elif workload == "memory":
                 steps.append(Step(workload, "overhead", IPC, "shared-memory overhead"))
                 steps.append(Step(workload, "group_send", IPC, "group_send memory"))
+            elif workload == "reap":
+                steps.append(Step(workload, "half killed", IPC, "members killed"))
         return steps
 
     def run(self, workloads: list[str]) -> dict:
@@ -392,6 +410,11 @@ class Bench:
                           capacity=self.scale.memory_messages + 1) as spec:
             return asyncio.run(_memory(spec, self.scale))
 
+    def run_reap(self, step: Step) -> dict:
+        # Room for every message of the run on every member: a skipped one would be a drop.
+        with self.backend(IPC, capacity=4 * self.scale.reap_sends) as spec:
+            return asyncio.run(_reap(spec, self.scale, self._timeout()))
+
 
 async def _send_receive(layer: Any, channel: str, body: bytes, seconds: float,
                         max_ops: int) -> tuple[int, int, float]:
@@ -495,27 +518,110 @@ async def _memory(spec: dict, scale: Scale) -> dict:
         messages = after.messages - before.messages
         message_bytes = after.channel_memory.used - before.channel_memory.used
 
-        groups = 10
-        channels = [await layer.new_channel() for _ in range(scale.memory_memberships)]
-        before_groups = figures(prefix)
-        for i, channel in enumerate(channels):
-            await layer.group_add(f"bench.group{i % groups}", channel)
-        after_groups = figures(prefix, check=True)
-        memberships = after_groups.memberships - before_groups.memberships
-        group_bytes = after_groups.group_memory.used - before_groups.group_memory.used
-    per_membership = group_bytes / max(memberships, 1)
+        # Plain names as long as new_channel()'s; then new_channel()'s own, whose memberships
+        # also link their channel to them, for its owner's death (two words more each).
+        plain = [f"bench.member.{uuid.uuid4().hex}"
+                 for _ in range(scale.memory_memberships)]
+        memberships, per_membership = await _memberships(layer, prefix, plain)
+        owned = [await layer.new_channel() for _ in range(scale.memory_memberships)]
+        owned_memberships, per_owned = await _memberships(layer, prefix, owned)
+        problems = figures(prefix, check=True).problems
     return {
-        "counted": messages + memberships,
-        "expected": scale.memory_messages + scale.memory_memberships,
+        "counted": messages + memberships + owned_memberships,
+        "expected": scale.memory_messages + 2 * scale.memory_memberships,
         "messages": messages,
         "payload_bytes": payload,
         "bytes_per_message": message_bytes / max(messages, 1),
         "overhead_per_message": message_bytes / max(messages, 1) - payload,
         "memberships": memberships,
-        "channel_name_bytes": len(channels[0]) if channels else 0,
+        "channel_name_bytes": len(plain[0]) if plain else 0,
         "bytes_per_membership": per_membership,
         "memberships_per_mib": MiB / per_membership if per_membership else None,
-        "problems": after_groups.problems,
+        "bytes_per_owned_membership": per_owned,
+        "problems": problems,
+    }
+
+
+async def _memberships(layer: Any, prefix: str, channels: list[str]) -> tuple[int, float]:
+    """Add ``channels`` to 10 groups: (memberships made, group memory each takes)."""
+    before = figures(prefix)
+    for i, channel in enumerate(channels):
+        await layer.group_add(f"bench.group{i % 10}", channel)
+    after = figures(prefix)
+    made = after.memberships - before.memberships
+    return made, (after.group_memory.used - before.group_memory.used) / max(made, 1)
+
+
+async def _reap(spec: dict, scale: Scale, timeout: float) -> dict:
+    """Kill half the members of a group: how long until their memberships are gone (found
+    dead by the periodic checks of the other members' processes, and reaped), and what a
+    group_send costs then, over one to a group of the live members alone. The two are timed
+    in turns, and the fastest of each compared (the least disturbed by the rest of the
+    machine)."""
+    context = multiprocessing.get_context("spawn")
+    share = scale.reap_members // REAP_PROCESSES
+    doomed = REAP_PROCESSES // 2
+    live = share * (REAP_PROCESSES - doomed)
+    members: list[tuple[Any, Any]] = []
+    try:
+        for index in range(REAP_PROCESSES):
+            parent, child = context.Pipe()
+            groups = [REAP_ALL] if index < doomed else [REAP_ALL, REAP_LIVE]
+            process = context.Process(target=roles.reap_member, daemon=True,
+                                      args=(child, spec, {"members": share, "groups": groups}))
+            process.start()
+            child.close()
+            members.append((process, parent))
+        for _process, conn in members:
+            if not conn.poll(timeout):
+                raise RuntimeError("a member process never got ready")
+            conn.recv()
+        async with opened(spec) as layer:
+            store = layer.engine()
+            before = store.inspect(check=False)["memberships"]
+            for process, _conn in members[:doomed]:
+                os.kill(process.pid, signal.SIGKILL)
+            killed = clock()
+            while store.inspect(check=False)["memberships"] > 2 * live:
+                if clock() - killed > timeout:
+                    raise RuntimeError("the memberships of the killed processes never went")
+                await asyncio.sleep(0.002)
+            reap_seconds = clock() - killed
+            body = padded_body(100)
+            costs: dict[str, list[float]] = {REAP_ALL: [], REAP_LIVE: []}
+            for n in range(scale.reap_sends):
+                for group in (REAP_ALL, REAP_LIVE) if n % 2 else (REAP_LIVE, REAP_ALL):
+                    started = time.perf_counter()
+                    await layer.group_send(group, {"type": DATA, "seq": n, "body": body})
+                    costs[group].append(time.perf_counter() - started)
+            drained = clock()
+            while store.inspect(check=False)["messages"] and clock() - drained < timeout:
+                await asyncio.sleep(0.01)
+            report = store.inspect()
+        received = 0
+        for _process, conn in members[doomed:]:
+            conn.send("stop")
+            if not conn.poll(timeout):
+                raise RuntimeError("a member process never stopped")
+            received += conn.recv()[1]
+    finally:
+        for process, conn in members:
+            if process.is_alive():
+                process.kill()
+            process.join(5)
+            conn.close()
+    all_cost, live_cost = (min(costs[group]) for group in (REAP_ALL, REAP_LIVE))
+    return {
+        "counted": received,
+        "expected": 2 * scale.reap_sends * live,
+        "memberships_before": before,
+        "memberships_after": report["memberships"],
+        "reaped_memberships": report["counters"]["reaped_memberships"],
+        "reap_seconds": reap_seconds,
+        "group_send_us": all_cost * 1e6,
+        "live_group_send_us": live_cost * 1e6,
+        "over_live_alone": all_cost / live_cost,
+        "problems": report["problems"],
     }
 
 

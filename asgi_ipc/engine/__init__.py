@@ -11,22 +11,33 @@ kill in between leaves, is said once in journal.py.
 The engine never calls back up. It returns plain results, and leaves in ``due`` the doorbells
 its holds found to ring, ``(slot, token, channel)``, for the caller (receiver.py) to ring once
 the lock is released, so that no other process ever waits on a syscall made under the lock.
-``Seat`` (slots.py) is this process's place in the store when it has receives waiting: the engine
-keeps its registrations up to date under the lock; the receiver tracks its receives in it.
+``Seat`` (slots.py) is this process's place in the store once it has waited or made a channel:
+the engine keeps its registrations up to date under the lock; the receiver tracks its receives
+in it.
+
+A process owns the process-specific channels it makes (``own``) or waits on first; once it is
+gone, what they hold is *reaped* (queues.py says how). Whoever finds it gone hands its slot to
+the reaper: a ring that finds no one and its slot byte unlocked, and ``look_for_dead``, which
+tests the slot bytes of the owners without the lock, put it in ``gone``, and the next hold frees
+its slot (``_reap_gone``); ``leave`` (close) and a process that takes the slot over do the same
+for theirs. The reaping itself is bounded work that any hold may take on: ``reap`` (a hold
+given to it, ``REAP_PER_HOLD`` steps), each send and the periodic check.
 
 ``flush`` cannot be undone cheaply (it may free millions of blocks), so it is redone instead: it
 first stores the epoch it moves to in ``H_FLUSHING``; that store is its commit. Then it clears
 the areas (returning their pages to the kernel), bumps the epoch and clears ``H_FLUSHING``. A
 process that finds ``H_FLUSHING`` set when it takes the lock does the same again, which is
-harmless since clearing twice is clearing once. Process slots survive a flush; every process
-with a slot is rung to register its waits again.
+harmless since clearing twice is clearing once. Process slots survive a flush, but not the
+channels they own (a process that waits again owns its channels again); every process with a
+slot is rung to register its waits again.
 
 Seams for tools and tests: ``open_engine(prefix)`` attaches to an existing store;
 ``IPCChannelLayer.engine()`` is the one a layer uses; ``Engine.wake_dir`` is the store's wake-up
 directory (doorbell.py). ``Engine(..., clock=...)`` replaces the clock (milliseconds since the
 epoch) that expiries are computed from. ``Engine.locked`` runs any function as one lock hold, to
 read the store consistently. ``Engine.inject`` sets fault hooks (after each journaled write,
-before each step of a flush) for crash tests.
+before each step of a flush) for crash tests. ``look_for_dead``, ``reaping`` and ``reap`` reap
+the channels of processes that are gone, as the periodic check does.
 """
 
 from __future__ import annotations
@@ -56,6 +67,8 @@ from .layout import (
     H_LOCK_PID,
     H_MAGIC,
     H_NO_MEMORY,
+    H_REAP_HEAD,
+    H_REAPED_MEMBERSHIPS,
     H_SENT,
     MAGIC,
     WORD,
@@ -76,6 +89,10 @@ __all__ = [
 # the SWEEP_BUCKETS_PER_SEND buckets of the channel index that the sweep passes (queues.py).
 EXPIRE_PER_SEND = 2
 SWEEP_BUCKETS_PER_SEND = 4
+# The most steps of reaping (a membership, a message or a channel of a process that is gone,
+# see ``Engine.reap``) that a send takes on, and that a hold given to reaping takes.
+REAP_PER_SEND = 16
+REAP_PER_HOLD = 256
 
 HASH_CACHE_SIZE = 1 << 16
 
@@ -237,7 +254,9 @@ class Engine:
             return h
 
         self._hash = keyed_hash
-        self.slots = ProcessSlots(words, self.journal, g.slots)
+        self.slots = ProcessSlots(
+            words, self.journal, g.slots, vacate=lambda slot: self.queues.orphan(slot)
+        )
         self.queues = ChannelQueues(
             words, self.segment.mm, self.journal, message_heap, self.slots,
             g.channel_index, g.channel_buckets, self._hash,
@@ -385,6 +404,8 @@ class Engine:
         self.journal.add(_SEND_OUTCOME[result])
         self.queues.expire(now, EXPIRE_PER_SEND)
         self.queues.sweep(now, SWEEP_BUCKETS_PER_SEND, EXPIRE_PER_SEND)
+        if self.words[H_REAP_HEAD]:
+            self._reap(REAP_PER_SEND)
         return result
 
     @timed_hold
@@ -489,7 +510,9 @@ class Engine:
                 rec = self.queues.add_waiter(channel, seat.slot, seat.token)
                 if rec:
                     fresh.note(channel, rec)
-            return [c for c in waiting if self.queues.has_messages(c)]
+            ready = [c for c in waiting if self.queues.has_messages(c)]
+            self._reap(REAP_PER_HOLD)
+            return ready
         except BaseException:
             fresh.forget()
             raise
@@ -497,7 +520,8 @@ class Engine:
     @one_hold
     def leave(self, _now: int, seat: Seat) -> None:
         """On close: drop this process's registrations and free its slot, so that nothing
-        stale is left for senders and the sweep to prune."""
+        stale is left for senders and the sweep to prune; the channels it owned are to be
+        reaped (``reap``)."""
         for channel in list(seat.registered):
             self.journal.checkpoint()
             self.queues.remove_waiter(channel, seat.slot, seat.token)
@@ -527,9 +551,67 @@ class Engine:
         to ``gone``, freed at the next hold if the slot still carries ``token``."""
         return not (self.segment.closed or slot_locked(self.segment.fd, slot))
 
+    @one_hold
+    def own(self, _now: int, channel: bytes) -> None:
+        """Make this process, which holds a slot (``seat``), the owner of the process-specific
+        channel ``channel`` that it has just made: its memberships and messages go when the
+        process does (``reap``). Nothing is recorded without a seat, nor without room in
+        channel memory: the channel is then a channel like any other."""
+        seat = self.seat
+        if seat is not None:
+            self.queues.own(channel, seat.slot, seat.token, True)
+
+    # --- reaping: the channels of processes that are gone ----------------------------------
+
+    def look_for_dead(self) -> int:
+        """Without the lock: test the slot byte of every slot whose process owns channels, and
+        add the processes found dead to ``gone``, for the next hold to hand their channels to
+        the reaper. How many were found."""
+        segment = self.segment
+        found = 0
+        for slot, token in self.slots.owners():
+            if not (segment.closed or slot_locked(segment.fd, slot)):
+                self.gone.append((slot, token))
+                found += 1
+        return found
+
+    def reaping(self) -> bool:
+        """Without the lock, a hint: whether channels of processes that are gone wait to be
+        reaped (or this process found some such process, to hand to the reaper)."""
+        return bool(self.gone or self.words[H_REAP_HEAD])
+
+    @one_hold
+    def reap(self, _now: int) -> bool:
+        """Reap the channels of processes that are gone, ``REAP_PER_HOLD`` steps of it: True
+        if some is left for the next call. See ``_reap``."""
+        return self._reap(REAP_PER_HOLD)
+
+    def _reap(self, steps: int) -> bool:
+        """Under the lock: take up to ``steps`` steps of reaping, each self-contained (a
+        ``Journal.checkpoint`` between two), so that the hold may commit after any of them and
+        a kill leaves the reaping where the last commit left it. A step removes one membership
+        of the first channel to reap from its group, or else drops one of its messages, or
+        else ends its reaping (``ChannelQueues.disown``). True if some is left."""
+        w, journal, queues = self.words, self.journal, self.queues
+        for _ in range(steps):
+            rec = w[H_REAP_HEAD]
+            if not rec:
+                return False
+            journal.checkpoint()
+            member = queues.first_member(rec)
+            if member:
+                self.groups.remove(member)
+                journal.add(H_REAPED_MEMBERSHIPS)
+            elif not queues.reap_message(rec):
+                queues.disown(rec)
+        return bool(w[H_REAP_HEAD])
+
     @timed_hold
     def group_add(self, now: int, group: bytes, channel: bytes) -> None:
-        self.groups.add(group, channel, now)
+        # A process-specific channel's membership goes on its channel's list, to be reaped
+        # with it.
+        channel_list = self.queues.members_at(channel) if b"!" in channel else 0
+        self.groups.add(group, channel, now, channel_list)
 
     @one_hold
     def group_discard(self, _now: int, group: bytes, channel: bytes) -> None:
@@ -547,6 +629,8 @@ class Engine:
             members, data, zlib.crc32(data), capacity_of, now + expiry_ms, now, self._rings
         )
         self.queues.expire(now, EXPIRE_PER_SEND)
+        if self.words[H_REAP_HEAD]:
+            self._reap(REAP_PER_SEND)
         return len(members), skipped
 
     @one_hold
@@ -590,7 +674,7 @@ class Engine:
             ]
             alive = {(slot, token) for slot, _pid, token in live}
             queues = self.queues.verify(now, alive, top, check)
-            groups = self.groups.verify(top, check)
+            groups = self.groups.verify(top, check, queues.pop("member_lists", []))
             in_queues, in_groups = queues.pop("problems"), groups.pop("problems")
             problems = None
             if check:

@@ -7,6 +7,7 @@ from .journal cimport Journal
 
 cdef class GroupStore:
     cdef unsigned long long[::1] _w
+    cdef object _b
     cdef Journal _j
     cdef public Heap heap
     cdef ChainedIndex _groups
@@ -18,9 +19,14 @@ cdef class GroupStore:
     cpdef _membership(self, group, channel, rec)
     cpdef _link_last(self, rec, member, added)
     cpdef _unlink(self, rec, member)
+    cpdef link_part(self, member)
+    cpdef _part(self, member)
+    cpdef _link_to_channel(self, member, x, head)
+    cpdef _unlink_from_channel(self, member, x)
     cpdef _remove_member(self, rec, member, group)
     cpdef _drop_expired(self, rec, group, oldest, limit)
-    cpdef add(self, group, channel, now)
+    cpdef add(self, group, channel, now, channel_list=*)
+    cpdef remove(self, member)
     cpdef discard(self, group, channel)
     cpdef members(self, group, oldest)
     cpdef sweep(self, oldest)

@@ -13,29 +13,45 @@ is in time order because ``group_add`` reads the time under the lock (``one_hold
 membership last with a time no earlier than the last one's: after a clock stepped back, the
 memberships added meanwhile take the latest time of their group, and so expire that much later.
 
+A membership of a process-specific channel (a name with "!") is also on its channel's list of
+memberships, which the channel's record starts (queues.py): its *link part*, after the name,
+holds the next membership of the list and the address of the word that points to this one (the
+record's, or the previous membership's), so that removing it, however it goes (group_discard,
+expiry, reaping), unlinks it in O(1) without knowing the record. The reaping of a channel whose
+owner is gone takes its memberships off that list one by one (``remove``). Only these
+memberships pay the two words. Should channel memory have had no room for the channel's record
+at its group_add, a membership is on no list (its link part says so) and lasts until it expires.
+
 Visibility: ``group_add`` becomes visible when the journal commits the link of the membership into
-both the member index and the group's list; ``group_discard`` when it commits the unlinking.
+the member index, the group's list and its channel's list; ``group_discard``, an expiry or a
+reaping step when it commits the unlinking from all three.
 
 Layouts, in words from the block header (word 0):
   group record  1 next in bucket, 2 hash, 3 first member, 4 last member, 5 members,
                 6 name length, 7... name
   membership    1 next in bucket, 2 hash, 3 group record, 4 next in group, 5 previous in group,
-                6 last added (ms since the epoch), 7 channel name length, 8... channel name
+                6 last added (ms since the epoch), 7 channel name length, 8... channel name, then
+                for a name with "!" its link part, in words from the end of the name: 0 next
+                membership of the channel, 1 the word that points to this one (0: on no list)
 """
 
 from __future__ import annotations
 
 import mmap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from ..exceptions import GroupMemoryFull, StoreCorrupted
 from .heap import MIN_BLOCK, Heap
-from .index import MAX_CHAIN, ChainedIndex
+from .index import MAX_CHAIN, ChainedIndex, words_for
 from .journal import Journal
-from .layout import H_GROUPS, H_MEMBERSHIPS, H_SWEEP_GROUP
+from .layout import H_GROUPS, H_MEMBERSHIPS, H_SWEEP_GROUP, WORD
 
 G_NEXT, G_HASH, G_FIRST, G_LAST, G_MEMBERS, G_NAME_LENGTH, G_NAME = range(1, 8)
 B_NEXT, B_HASH, B_GROUP, B_LIST_NEXT, B_LIST_PREV, B_ADDED, B_NAME_LENGTH, B_NAME = range(1, 9)
+# The link part of a membership of a process-specific channel, in words from the end of the
+# channel name: the next membership of the channel, and the word that points to this one.
+L_NEXT, L_PREVIOUS = range(2)
+LINK_WORDS = 2
 
 SWEEP_PER_GROUP = 16
 
@@ -54,6 +70,7 @@ class GroupStore:
         hasher: Callable[[bytes], int],
     ) -> None:
         self._w = words
+        self._b = data
         self._j = journal
         self.heap = heap
         self._groups = ChainedIndex(
@@ -96,9 +113,48 @@ class GroupStore:
         j.set(before + B_LIST_NEXT if before else rec + G_FIRST, after)
         j.set(after + B_LIST_PREV if after else rec + G_LAST, before)
 
+    def link_part(self, member: int) -> int:
+        """The link part of ``member`` if it is a membership of a process-specific channel,
+        else 0."""
+        w = self._w
+        n = w[member + B_NAME_LENGTH]
+        start = (member + B_NAME) * WORD
+        if self._b.find(b"!", start, start + n) < 0:
+            return 0
+        return member + B_NAME + words_for(n)
+
+    def _part(self, member: int) -> int:
+        """The link part of a membership known to have one (it is on its channel's list)."""
+        return member + B_NAME + words_for(self._w[member + B_NAME_LENGTH])
+
+    def _link_to_channel(self, member: int, x: int, head: int) -> None:
+        """Put ``member``, whose link part is at ``x``, first on the list that the word
+        ``head`` (in its channel's record) starts."""
+        w, j = self._w, self._j
+        first = w[head]
+        j.set(x + L_NEXT, first)
+        j.set(x + L_PREVIOUS, head)
+        if first:
+            j.set(self._part(first) + L_PREVIOUS, x + L_NEXT)
+        j.set(head, member)
+
+    def _unlink_from_channel(self, member: int, x: int) -> None:
+        w, j = self._w, self._j
+        at, after = w[x + L_PREVIOUS], w[x + L_NEXT]
+        if not at:
+            return  # not on a list: its channel had no record (channel memory was full)
+        if w[at] != member:
+            raise StoreCorrupted(f"membership {member} is mislinked in its channel's list")
+        j.set(at, after)
+        if after:
+            j.set(self._part(after) + L_PREVIOUS, at)
+
     def _remove_member(self, rec: int, member: int, group: bytes) -> None:
         w, j = self._w, self._j
         self._unlink(rec, member)
+        x = self.link_part(member)
+        if x:
+            self._unlink_from_channel(member, x)
         self._members.unchain(member)
         self.heap.free(member)
         j.set(rec + G_MEMBERS, w[rec + G_MEMBERS] - 1)
@@ -122,7 +178,10 @@ class GroupStore:
                 return False
         return True
 
-    def add(self, group: bytes, channel: bytes, now: int) -> None:
+    def add(self, group: bytes, channel: bytes, now: int, channel_list: int = 0) -> None:
+        """Add ``channel`` to ``group`` (again), at ``now``. A membership of a process-specific
+        channel is also put on its channel's list of memberships, which the word
+        ``channel_list`` starts (0 when its channel has no record: channel memory was full)."""
         w, j = self._w, self._j
         h = self._hash(group)
         rec = self._groups.find(group, h)
@@ -139,10 +198,15 @@ class GroupStore:
         last = w[rec + G_LAST]
         added = max(now, w[last + B_ADDED]) if last else now
         member, h = self._membership(group, channel, rec)
+        linked = b"!" in channel
         if member:
             self._unlink(rec, member)
+            x = self._part(member) if linked else 0
+            if x and w[x + L_PREVIOUS]:
+                channel_list = 0  # on its channel's list already
         else:
-            member = self._members.insert(channel, h)
+            member = self._members.insert(channel, h, LINK_WORDS if linked else 0)
+            x = self._part(member) if member and linked else 0
             if not member:
                 raise GroupMemoryFull(
                     f"group memory is full: cannot add {channel.decode()!r} to group "
@@ -151,7 +215,24 @@ class GroupStore:
             w[member + B_GROUP] = rec
             j.set(rec + G_MEMBERS, w[rec + G_MEMBERS] + 1)
             j.set(H_MEMBERSHIPS, w[H_MEMBERSHIPS] + 1)
+        if x and channel_list:
+            self._link_to_channel(member, x, channel_list)
         self._link_last(rec, member, added)
+
+    def remove(self, member: int) -> None:
+        """Remove ``member``, the first membership on its channel's list, from its group (the
+        reaping of a channel whose owner is gone)."""
+        w = self._w
+        rec, x = w[member + B_GROUP], self.link_part(member)
+        # Removed, it must leave its channel's list, or reaping would find it again.
+        if (
+            not x
+            or not w[x + L_PREVIOUS]
+            or not self.heap.start <= rec < self.heap.end
+            or w[rec + G_MEMBERS] < 1
+        ):
+            raise StoreCorrupted(f"membership {member} is damaged")
+        self._remove_member(rec, member, b"")
 
     def discard(self, group: bytes, channel: bytes) -> None:
         rec = self.find(group)
@@ -199,12 +280,19 @@ class GroupStore:
     def size(self, rec: int) -> int:
         return self._w[rec + G_MEMBERS]
 
-    def verify(self, top: int = 10, check: bool = True) -> dict:
+    def verify(
+        self, top: int = 10, check: bool = True,
+        member_lists: Iterable[tuple[bytes, int]] = (),
+    ) -> dict:
         """Walk every group and membership; report problems and what they add up to, with
-        the ``top`` largest groups as (members, name). With ``check`` False the memberships
-        are not walked: the sizes are the counts the group records keep, and ``problems`` is
-        None."""
+        the ``top`` largest groups as (members, name). ``member_lists`` are the lists of
+        memberships that records of process-specific channels start, as (channel, the word
+        that starts the list): each membership of such a channel must be on its channel's
+        list, unless it is on none (its channel had no record). With ``check`` False the
+        memberships are not walked: the sizes are the counts the group records keep, and
+        ``problems`` is None."""
         w, problems, groups, total, block_words = self._w, [], 0, 0, 0
+        linked = 0
         largest = []
         for name, rec in self.groups():
             groups += 1
@@ -225,6 +313,13 @@ class GroupStore:
                     problems.append(f"memberships of group {name!r} are out of order")
                 if self._membership(name, channel, rec)[0] != member:
                     problems.append(f"membership {member} is missing from the member index")
+                x = self.link_part(member)
+                at = w[x + L_PREVIOUS] if x else 0
+                if at:
+                    linked += 1
+                    if not 0 < at < len(w) or w[at] != member:
+                        problems.append(f"membership {member} is mislinked in its channel's "
+                                        "list")
                 added = w[member + B_ADDED]
                 prev, member, count = member, w[member + B_LIST_NEXT], count + 1
                 if count > self._most_records:
@@ -242,6 +337,22 @@ class GroupStore:
             problems.append(
                 f"{groups} groups and {total} memberships, header says "
                 f"{w[H_GROUPS]} and {w[H_MEMBERSHIPS]}"
+            )
+        on_lists = 0
+        for channel, head in member_lists:
+            member, at = w[head], head
+            while member:
+                x = self._part(member)
+                if self._members.name_of(member) != channel or w[x + L_PREVIOUS] != at:
+                    problems.append(f"the list of memberships of channel {channel!r} is "
+                                    "damaged")
+                    break
+                at, member, on_lists = x + L_NEXT, w[x + L_NEXT], on_lists + 1
+                if on_lists > total:
+                    break
+        if on_lists != linked:
+            problems.append(
+                f"{linked} memberships are on their channels' lists, the lists hold {on_lists}"
             )
         indexed = self._members.count()
         if indexed != total:

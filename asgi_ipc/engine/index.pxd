@@ -17,6 +17,6 @@ cdef class ChainedIndex:
     cpdef loops(self)
     cpdef find(self, name, h)
     cpdef find_owned(self, name, h, owner_field, owner)
-    cpdef insert(self, name, h)
+    cpdef insert(self, name, h, extra=*)
     cpdef unchain(self, rec)
     cpdef name_of(self, rec)

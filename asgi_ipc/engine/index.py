@@ -9,7 +9,9 @@ way, in words from the block header (word 0):
   ``length_field + 1``... name
 
 so one find, insert and unchain serve them all; what differs is only ``length_field`` (and, for
-memberships, an owner field that a find may also match). A record enters its bucket with one
+memberships, an owner field that a find may also match). A record may have words of its own
+after the name too (``insert``'s ``extra``): those of process-specific channels and of their
+memberships do (queues.py, groups.py). A record enters its bucket with one
 journaled word (the bucket head) and leaves it with one (the link that pointed to it), so an
 index changes all-or-nothing with the operation around it (journal.py).
 
@@ -103,16 +105,20 @@ class ChainedIndex:
                 raise self.loops()
         return 0
 
-    def insert(self, name: bytes, h: int) -> int:
-        """Allocate a record for ``name``, its own fields zeroed, and link it first in its
-        bucket (one journaled word); 0 if the heap has no room for it."""
+    def insert(self, name: bytes, h: int, extra: int = 0) -> int:
+        """Allocate a record for ``name``, its own fields and ``extra`` words after the name
+        zeroed, and link it first in its bucket (one journaled word); 0 if the heap has no room
+        for it."""
         length = self._length
-        rec = self._heap.alloc(length + words_for(len(name)))
+        named = length + words_for(len(name))
+        rec = self._heap.alloc(named + extra)
         if not rec:
             return 0
         w = self._w
         bucket = self.base + (h & self.mask)
         for k in range(HASH + 1, length):
+            w[rec + k] = 0
+        for k in range(named + 1, named + extra + 1):
             w[rec + k] = 0
         w[rec + NEXT] = w[bucket]
         w[rec + HASH] = h

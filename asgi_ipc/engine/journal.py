@@ -24,7 +24,10 @@ store, so a failed call leaves the store as it was.
 Which word is linked last, and so what the commit publishes, for each operation: a send, the
 words that link its block into its channel and into the order of sending (queues.py); a receive,
 the unlinking of its message; a group_add or group_discard, the membership's links in the member
-index and its group's list (groups.py); a registration, the head of the channel's waiter list.
+index, its group's list and, for a process-specific channel, its channel's list (groups.py); a
+registration, the head of the channel's waiter list; the freeing or taking of a process slot, the
+slot's token, with its list of owned channels moved to the list to reap (queues.py); a step of
+reaping, the unlinking of the one membership, message or channel it removes.
 ``flush`` is redone rather than undone: its commit is the store of ``H_FLUSHING`` (see
 ``Engine``).
 
@@ -33,8 +36,8 @@ index and its group's list (groups.py); a registration, the head of the channel'
 operation, the journal commits in *steps*, at two named calls only, made by the operation:
 
 * ``checkpoint()``, between two self-contained pieces of housekeeping (dropping an expired
-  message or membership, registering one more channel): commits when the journal is nearly
-  full, so that any amount of housekeeping fits;
+  message or membership, registering one more channel, a step of reaping): commits when the
+  journal is nearly full, so that any amount of housekeeping fits;
 * ``step()``, before an operation allocates after it freed a block: commits what it did so far,
   because a block freed by an operation must not be handed out again before that free commits
   (an undo would need the block's whole old contents back). The allocator checks this and never

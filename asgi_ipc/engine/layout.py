@@ -8,7 +8,7 @@ start on page boundaries so that each can be returned to the kernel on ``flush``
     header          page 0: magic, layout version, geometry, the live words and counters below
     message heap    allocator metadata of the channel memory          (1 page)
     group heap      allocator metadata of the group memory            (1 page)
-    process slots   one slot per process that waits in receive()      (SLOTS x 3 words)
+    process slots   one slot per process that waits or owns channels  (SLOTS x 5 words)
     journal         the undo journal of the operation in progress     (JOURNAL_ENTRIES x 2 words)
     channel index   hash buckets: channel name -> channel record      (the capacity lookups)
     channel memory  channel records, waiter records, queued messages  (channel_memory bytes)
@@ -23,7 +23,8 @@ and of each heap its first and last pages; the rest of a heap is reserved as it 
 
 The first byte of each process slot is also that slot's lock byte: a slot is live while a process
 holds an open-file-description lock on it (see ``slots.py``). ``SLOTS`` is therefore fixed by
-the layout: it bounds the processes that can wait in receive() on one prefix at the same time.
+the layout: it bounds the processes that can wait in receive(), or own channels made with
+new_channel(), on one prefix at the same time.
 Byte ``ATTACHED_BYTE`` (in the magic word, never a slot's) carries a shared lock of every process
 attached to the store (see ``segment.py``). These byte locks are independent of the store lock
 (a ``flock``, see ``lock.py``), and they sit at the same offsets in every store of a layout
@@ -44,12 +45,13 @@ LAYOUT_VERSION = 4  # 2: slots live by their byte lock, doorbells at paths; coun
 #                      3: a group_send stores its payload once (queues.py);
 #                      4: the wake-up directory named by the store's key, the attached byte,
 #                         the expiry-order hints (processes of 3 and 4 would miss each
-#                         other's rings and in-use marks)
+#                         other's rings and in-use marks); process-specific channels record
+#                         their owner and memberships
 
 WORD = 8
 PAGE_WORDS = 512
 SLOTS = 1024
-SLOT_WORDS = 3
+SLOT_WORDS = 5
 SLOT_TABLE = 3 * PAGE_WORDS  # the word where the process slots start
 ATTACHED_BYTE = 0
 JOURNAL_ENTRIES = 1 << 16
@@ -101,6 +103,13 @@ H_NO_MEMORY = 38  # sends refused, and group_send() members skipped, for want of
 # that has not expired.
 H_LATEST_EXPIRY = 39
 H_DISORDER_UNTIL = 40
+# Counters of the reaping of dead processes' channels (queues.py), as the ones above.
+H_REAPED_CHANNELS = 41  # process-specific channels whose owner was gone, reaped
+H_REAPED_MEMBERSHIPS = 42  # their memberships removed
+H_REAPED_MESSAGES = 43  # messages dropped unread from them
+# The first channel record of the list of channels whose owner is gone and that are still to
+# be reaped (queues.py); changed through the journal.
+H_REAP_HEAD = 44
 COUNTERS = {
     "sent": H_SENT,
     "received": H_RECEIVED,
@@ -111,6 +120,9 @@ COUNTERS = {
     "channel_full": H_CHANNEL_FULL,
     "group_full": H_GROUP_FULL,
     "no_memory": H_NO_MEMORY,
+    "reaped_channels": H_REAPED_CHANNELS,
+    "reaped_memberships": H_REAPED_MEMBERSHIPS,
+    "reaped_messages": H_REAPED_MESSAGES,
 }
 
 # \Z, not $: "$" would also let a trailing newline through into the object's name.

@@ -51,15 +51,41 @@ reference is checked before a count is changed through it: a damaged one raises 
 read through it fails its CRC check), and ``verify`` reports it, and any count that differs from
 the nodes found, as a problem.
 
-Counting (the counters of layout.py): each message taken, put back or dropped as expired, and each
-group_send copy queued or skipped, is counted here with ``Journal.add`` right after the journaled
-change it counts and before the next ``checkpoint``, so the count commits or rolls back with it.
-The outcome of a send is counted by its caller (``Engine.send``).
+Owners. The record of a process-specific channel (a name with "!") has an *owner part* after its
+name: the slot and token of the process that owns it (0 when none does), its links in its owner's
+list, and the first of the channel's memberships (groups.py links them, so that reaping finds them
+all and a group_discard still unlinks one in O(1)). ``own`` (new_channel) and a registration on
+a channel nobody owns (``add_waiter``) record an owner and put the record first on the list of
+the owner's slot (``ProcessSlots.owned_at``: first and last record); a record made by
+new_channel() is *fresh* until its owner first waits on it. Such a record is kept while it has
+messages, waiters or memberships, or is fresh, and only then freed by the sweep: so a consumer's
+channel is there for its first group_add, and the record of a channel done with goes like any
+other. A record is on its slot's list while the slot holds its owner's token; before that token
+changes (the slot freed, or taken by a new process: ``ProcessSlots.vacate``), ``orphan`` moves
+the slot's whole list to the front of the list to reap (``H_REAP_HEAD``), in O(1). So the
+token tells which of the two lists an owned record is on.
+
+Reaping (``Engine._reap``) works on the first record of the list to reap, a bounded number of
+steps per lock hold, each self-contained (a ``checkpoint`` between two): remove a membership
+(``GroupStore.remove``), or else drop a message (``reap_message``), or else end it (``disown``):
+drop the registrations of processes that are gone, take it off the list, and free it unless a
+live process still waits on it. Each state between two steps is sound, so a hold may commit
+after any of them; a kill rolls back what the hold did since its last commit, and the next
+holder takes the list up from there.
+
+Counting (the counters of layout.py): each message taken, put back, dropped as expired or reaped,
+each channel reaped, and each group_send copy queued or skipped, is counted here with
+``Journal.add`` right after the journaled change it counts and before the next ``checkpoint``, so
+the count commits or rolls back with it. The outcome of a send is counted by its caller
+(``Engine.send``), each membership reaped by ``Engine._reap``.
 
 Layouts, in words from the block header (word 0):
-  channel record   (kept while it has messages or waiters, and until the sweep passes after)
+  channel record   (kept while it has messages or waiters, and until the sweep passes after;
+                   one with an owner part also while it has memberships or is fresh)
                    1 next in bucket, 2 hash, 3 head, 4 tail, 5 count, 6 waiters, 7 name length,
-                   8... name
+                   8... name, then for a name with "!" its owner part, in words from the end of
+                   the name: 0 owner slot + 1 | FRESH, 1 owner token, 2 next and 3 previous
+                   record on the owner's list (or the list to reap), 4 first membership
   message          1 next in channel, 2 next sent, 3 previous sent, 4 channel record, 5 expiry
                    (ms since the epoch), 6 length | crc32 << 32, 7... msgpack bytes
   shared node      1-5 as a message, 6 SHARED, 7 payload block
@@ -89,9 +115,13 @@ from .layout import (
     H_GROUP_FULL,
     H_LATEST_EXPIRY,
     H_NO_MEMORY,
+    H_REAP_HEAD,
+    H_REAPED_CHANNELS,
+    H_REAPED_MESSAGES,
     H_RECEIVED,
     H_RETURNED,
     H_SWEEP_CHANNEL,
+    SLOTS,
     WORD,
 )
 from .slots import ProcessSlots
@@ -106,6 +136,13 @@ SHARED = 0xFFFF_FFFF
 # payload block's address; with the header, 64 bytes.
 NODE_WORDS = M_DATA
 W_NEXT, W_SLOT, W_TOKEN = range(1, 4)
+# The owner part of the record of a process-specific channel (a name with "!"), in words from
+# the end of its name; see the module docstring.
+X_OWNER, X_TOKEN, X_NEXT, X_PREV, X_MEMBERS = range(5)
+OWNER_WORDS = 5
+# In X_OWNER, beside the owner's slot + 1: made by new_channel() and not waited on yet.
+FRESH = 1 << 32
+SLOT_MASK = 0xFFFF_FFFF
 
 # How send() reports that the message was not queued.
 QUEUED, OVER_CAPACITY, OUT_OF_MEMORY = range(3)
@@ -151,7 +188,7 @@ class ChannelQueues:
     # --- records ---------------------------------------------------------------------------
 
     def _create(self, name: bytes, h: int) -> int:
-        rec = self.index.insert(name, h)
+        rec = self.index.insert(name, h, OWNER_WORDS if b"!" in name else 0)
         if rec:
             self._j.add(H_CHANNELS)
         return rec
@@ -163,8 +200,136 @@ class ChannelQueues:
 
     def _delete_if_idle(self, rec: int) -> None:
         w = self._w
-        if not w[rec + C_COUNT] and not w[rec + C_WAITERS]:
-            self._delete(rec)
+        if w[rec + C_COUNT] or w[rec + C_WAITERS]:
+            return
+        x = self.owner_part(rec)
+        if x:
+            if w[x + X_MEMBERS] or w[x + X_OWNER] & FRESH:
+                return
+            if w[x + X_OWNER]:
+                self._unlink_owned(rec, x)
+        self._delete(rec)
+
+    # --- owners ----------------------------------------------------------------------------
+
+    def owner_part(self, rec: int) -> int:
+        """The owner part of the record at ``rec`` if it is a process-specific channel's, else
+        0."""
+        w = self._w
+        n = w[rec + C_NAME_LENGTH]
+        start = (rec + C_NAME) * WORD
+        if self._b.find(b"!", start, start + n) < 0:
+            return 0
+        return rec + C_NAME + words_for(n)
+
+    def _part(self, rec: int) -> int:
+        """The owner part of a record known to have one (it is on an owner's list)."""
+        return rec + C_NAME + words_for(self._w[rec + C_NAME_LENGTH])
+
+    def _list_head(self, x: int) -> int:
+        """The word that heads the list the owned record whose owner part is at ``x`` is on:
+        its owner's slot's, or, once that owner is gone (the slot's token changed), the list
+        of channels to reap."""
+        w, slots = self._w, self._slots
+        slot = (w[x + X_OWNER] & SLOT_MASK) - 1
+        if slots.token(slot) == w[x + X_TOKEN]:
+            return slots.owned_at(slot)
+        return H_REAP_HEAD
+
+    def _unlink_owned(self, rec: int, x: int) -> None:
+        """Take the record at ``rec`` off its owner's list (or the list to reap): it has no
+        owner any more."""
+        w, j = self._w, self._j
+        head = self._list_head(x)
+        before, after = w[x + X_PREV], w[x + X_NEXT]
+        at = self._part(before) + X_NEXT if before else head
+        if w[at] != rec:
+            raise StoreCorrupted(f"channel record {rec} is not on its owner's list")
+        j.set(at, after)
+        if after:
+            j.set(self._part(after) + X_PREV, before)
+        elif head != H_REAP_HEAD:
+            j.set(head + 1, before)
+        for field in (X_OWNER, X_TOKEN, X_NEXT, X_PREV):
+            j.set(x + field, 0)
+
+    def own(self, name: bytes, slot: int, token: int, fresh: bool) -> int:
+        """Make the process of ``slot`` and ``token`` the owner of the process-specific channel
+        ``name`` unless it has an owner; mark it ``fresh`` (kept, while its owner lives, even
+        with nothing in it) if it was made just now by new_channel(). Its record, or 0 if
+        channel memory has no room for one."""
+        self._j.step()
+        h = self.hash(name)
+        rec = self.find(name, h) or self._create(name, h)
+        if rec:
+            self._adopt(rec, self._part(rec), slot, token, fresh)
+        return rec
+
+    def _adopt(self, rec: int, x: int, slot: int, token: int, fresh: bool) -> None:
+        w, j = self._w, self._j
+        if w[x + X_OWNER]:
+            return
+        head = self._slots.owned_at(slot)
+        first = w[head]
+        j.set(x + X_OWNER, (slot + 1) | (FRESH if fresh else 0))
+        j.set(x + X_TOKEN, token)
+        j.set(x + X_NEXT, first)
+        j.set(self._part(first) + X_PREV if first else head + 1, rec)
+        j.set(head, rec)
+
+    def members_at(self, name: bytes) -> int:
+        """The word that heads the list of memberships of the process-specific channel
+        ``name``, whose record is made (with no owner) if it has none; 0 if channel memory has
+        no room for one."""
+        self._j.step()
+        h = self.hash(name)
+        rec = self.find(name, h) or self._create(name, h)
+        return self._part(rec) + X_MEMBERS if rec else 0
+
+    def orphan(self, slot: int) -> None:
+        """Under the lock, before ``slot``'s token changes (its process is gone): move the
+        channels it owned, all at once, to the front of the list of channels to reap."""
+        w, j = self._w, self._j
+        head = self._slots.owned_at(slot)
+        first = w[head]
+        if not first:
+            return
+        last, reap = w[head + 1], w[H_REAP_HEAD]
+        j.set(self._part(last) + X_NEXT, reap)
+        if reap:
+            j.set(self._part(reap) + X_PREV, last)
+        j.set(H_REAP_HEAD, first)
+        j.set(head, 0)
+        j.set(head + 1, 0)
+
+    # --- reaping ---------------------------------------------------------------------------
+
+    def first_member(self, rec: int) -> int:
+        """The first membership of the owned record at ``rec``, or 0."""
+        return self._w[self._part(rec) + X_MEMBERS]
+
+    def reap_message(self, rec: int) -> bool:
+        """Drop the first message of the record at ``rec``, which is being reaped: False if it
+        has none."""
+        w = self._w
+        if not w[rec + C_HEAD]:
+            return False
+        node = self._unlink(rec)
+        if w[node + M_LENGTH] == SHARED:
+            self._unref(node)
+        self.heap.free(node)
+        self._j.add(H_REAPED_MESSAGES)
+        return True
+
+    def disown(self, rec: int) -> None:
+        """The last step of reaping the record at ``rec``, emptied of its memberships and
+        messages: drop the registrations of processes that are gone, take it off the list to
+        reap, and free it unless a live process still waits on it."""
+        if self._w[rec + C_WAITERS]:
+            self._prune_waiters(rec, self._stale)
+        self._unlink_owned(rec, self._part(rec))
+        self._j.add(H_REAPED_CHANNELS)
+        self._delete_if_idle(rec)
 
     # --- messages --------------------------------------------------------------------------
 
@@ -576,6 +741,15 @@ class ChannelQueues:
         w[node + W_SLOT] = slot
         w[node + W_TOKEN] = token
         self._j.set(rec + C_WAITERS, node)
+        if b"!" in name:
+            # The process that receives on a process-specific channel owns it; one it made
+            # is fresh no more.
+            x = self._part(rec)
+            owner = w[x + X_OWNER]
+            if not owner:
+                self._adopt(rec, x, slot, token, False)
+            elif owner & FRESH and w[x + X_TOKEN] == token:
+                self._j.set(x + X_OWNER, owner & ~FRESH)
         return rec
 
     def queued_at(self, rec: int) -> int:
@@ -710,6 +884,48 @@ class ChannelQueues:
             problems.append(f"channel record {rec} counts {w[rec + C_COUNT]}, holds {count}")
         return count, block_words, expired
 
+    def _check_owner_part(self, rec: int, x: int, problems: list[str]) -> None:
+        w = self._w
+        if w[rec] >> 2 < x + OWNER_WORDS - rec:
+            problems.append(f"channel record {rec} has no room for its owner")
+            return
+        owner = w[x + X_OWNER]
+        if not owner and (w[x + X_TOKEN] or w[x + X_NEXT] or w[x + X_PREV]):
+            problems.append(f"channel record {rec} has no owner but links to one")
+        if owner and not (1 <= owner & SLOT_MASK <= SLOTS and w[x + X_TOKEN]):
+            problems.append(f"channel record {rec} has a bad owner")
+
+    def _owner_lists(self, records: int, problems: list[str] | None) -> tuple[list[int], int]:
+        """Walk the list of channels to reap, then every slot's list of owned channels: (the
+        records listed, how many of them are to reap). With ``problems`` given, check each
+        record's owner and links there."""
+        w, slots = self._w, self._slots
+        listed: list[int] = []
+        to_reap = 0
+        for slot in range(-1, SLOTS):
+            head = H_REAP_HEAD if slot < 0 else slots.owned_at(slot)
+            rec, prev = w[head], 0
+            while rec:
+                if len(listed) >= records:
+                    if problems is not None:
+                        problems.append("a list of owned channels loops")
+                    return listed, to_reap
+                listed.append(rec)
+                x = self._part(rec)
+                if problems is not None:
+                    owner, token = w[x + X_OWNER] & SLOT_MASK, w[x + X_TOKEN]
+                    holder = slots.token(owner - 1) == token
+                    # On a slot's list while its owner holds the slot's token, else to reap.
+                    placed = not holder if slot < 0 else owner - 1 == slot and holder
+                    if w[x + X_PREV] != prev or not owner or not placed:
+                        problems.append(f"owned channel record {rec} is mislinked")
+                prev, rec = rec, w[x + X_NEXT]
+            if slot < 0:
+                to_reap = len(listed)
+            elif problems is not None and prev != w[head + 1]:
+                problems.append(f"the list of channels owned by slot {slot} has a wrong end")
+        return listed, to_reap
+
     def _waiters(self, rec: int, alive: Container[tuple[int, int]]) -> tuple[int, int, int]:
         """(waiters of live processes, waiters left by processes that have exited, words of
         their blocks) of the record at ``rec``."""
@@ -732,17 +948,23 @@ class ChannelQueues:
         A waiter counts as waiting when its (slot, token) is in ``alive``; one left by a process
         that has exited counts in ``dead_waiters`` instead. ``channels`` are the records with
         messages or waiting receives, and only they are listed; the other records
-        (``idle_records``) wait for the sweep. Of the channels, the ``top`` deepest and the
-        ``top`` whose first message expires soonest are listed as (depth, name, waiting
-        processes, expiry of the first message in ms since the epoch, 0 when empty). With
-        ``check`` False the messages are not walked: the depths are the counts the records
-        keep, nothing is checked (``problems`` and ``expired_bytes`` are None), and the walk is
-        O(records) instead of O(messages)."""
+        (``idle_records``) wait for the sweep, or are kept for their owner or their
+        memberships. ``owned_channels`` are the records on the lists of their owners,
+        ``channels_to_reap`` those on the list to reap. Of the channels, the ``top`` deepest
+        and the ``top`` whose first message expires soonest are listed as (depth, name,
+        waiting processes, expiry of the first message in ms since the epoch, 0 when empty).
+        With ``check`` False the messages are not walked: the depths are the counts the
+        records keep, nothing is checked (``problems`` and ``expired_bytes`` are None), and
+        the walk is O(records) instead of O(messages). Checked, ``member_lists`` are the lists
+        of memberships that records of process-specific channels start, for
+        ``GroupStore.verify`` to check."""
         problems: list[str] = []
         w = self._w
         messages = expired = records = block_words = idle = dead = 0
         rows = []
         references: dict[int, int] = {}
+        owned: set[int] = set()
+        member_lists: list[tuple[bytes, int]] = []
         for bucket, rec in self.index.records():
             records += 1
             name = self.name_of(rec)
@@ -751,6 +973,13 @@ class ChannelQueues:
                     bucket, rec, name, now, problems, references
                 )
                 block_words, expired = block_words + words, expired + old
+                x = self.owner_part(rec)
+                if x:
+                    self._check_owner_part(rec, x, problems)
+                    if w[x + X_OWNER]:
+                        owned.add(rec)
+                    if w[x + X_MEMBERS]:
+                        member_lists.append((name, x + X_MEMBERS))
             else:
                 count = w[rec + C_COUNT]
             waiters, gone, words = self._waiters(rec, alive)
@@ -764,9 +993,12 @@ class ChannelQueues:
                          w[first + M_EXPIRES] if first else 0))
         first = w[H_EXPIRY_HEAD]
         by_depth = heapq.nlargest(top, rows, key=lambda row: row[0])
+        listed, to_reap = self._owner_lists(records, problems if check else None)
         figures = {
             "channels": records - idle,
             "idle_records": idle,
+            "owned_channels": len(listed) - to_reap,
+            "channels_to_reap": to_reap,
             "dead_waiters": dead,
             "messages": messages,
             "expired_bytes": expired * WORD if check else None,
@@ -778,6 +1010,11 @@ class ChannelQueues:
         }
         if not check:
             return {"problems": None, **figures}
+        if set(listed) != owned:
+            problems.append(
+                f"{len(owned)} channel records have an owner, {len(listed)} are on owners' "
+                "lists and the list to reap"
+            )
         if records != w[H_CHANNELS]:
             problems.append(f"{records} channel records, header says {w[H_CHANNELS]}")
         sent, node, prev = 0, w[H_EXPIRY_HEAD], 0
@@ -800,4 +1037,4 @@ class ChannelQueues:
                 f"channel memory: {self.heap.used_words()} words allocated, {block_words} "
                 "reachable (leak or double use)"
             )
-        return {"problems": problems, **figures}
+        return {"problems": problems, "member_lists": member_lists, **figures}

@@ -84,12 +84,15 @@ from .layout import (
     H_MEMBERSHIPS,
     H_MESSAGE_RESERVED,
     H_READY,
+    H_REAP_HEAD,
     H_TOTAL_BYTES,
     H_VERSION,
     LAYOUT_VERSION,
     MAGIC,
     PAGE_WORDS,
     SHM_DIR,
+    SLOT_WORDS,
+    SLOTS,
     WORD,
     Geometry,
     store_path,
@@ -97,7 +100,7 @@ from .layout import (
     wake_dirs,
 )
 from .lock import Handle, OwnDescription, StoreLock, byte_lock, byte_lock_holders
-from .slots import held_slots
+from .slots import SLOT_OWNED, held_slots
 
 logger = logging.getLogger(__name__)
 
@@ -327,7 +330,8 @@ def format_areas(
     reserve: Callable[[int, int], bool],
     on_step: Callable[[str], None] | None = None,
 ) -> None:
-    """Empty every channel, group and index (the process slots are kept).
+    """Empty every channel, group and index (the process slots are kept, but not the lists of
+    channels they own).
 
     Only what was reserved at creation is written (``Geometry.reserved_at_creation``: the
     allocator metadata, the indexes, the first and last pages of each heap), and those pages
@@ -350,8 +354,11 @@ def format_areas(
         heap.format()
         _give_back(words, heap.start + PAGE_WORDS, heap.end - PAGE_WORDS)
     for word in (H_EXPIRY_HEAD, H_EXPIRY_TAIL, H_LATEST_EXPIRY, H_DISORDER_UNTIL, H_CHANNELS,
-                 H_GROUPS, H_MEMBERSHIPS):
+                 H_GROUPS, H_MEMBERSHIPS, H_REAP_HEAD):
         words[word] = 0
+    # The slots stay, but the channels they list as owned are gone.
+    for at in range(g.slots + SLOT_OWNED, g.slots + SLOTS * SLOT_WORDS, SLOT_WORDS):
+        words[at] = words[at + 1] = 0
 
 
 class Segment:

@@ -1,4 +1,5 @@
-"""The process slots: the table, in the store, of the processes that wait in receive().
+"""The process slots: the table, in the store, of the processes that wait in receive() or own
+process-specific channels.
 
 A slot is live iff its *slot byte* in the store file is locked: an open-file-description lock
 (``F_OFD_SETLK``) that the process claiming it takes on an ``OwnDescription`` of the store
@@ -8,9 +9,15 @@ the description: a forked child closes its copy at once, and no ``mmap`` duplica
 process that has the store open can test it (``F_OFD_GETLK``, through a descriptor holding no
 lock), whatever PID namespace either is in: no pid is ever compared. ``Seat`` is this
 process's side of its slot: the registrations and waiting receives it tracks. A slot's words
-(pid for display, random token, missed-ring mark) are changed through the journal under the
-global lock like any other word of the store, except the missed-ring mark, a hint written
-without it. How a process claims, uses and frees its slot: see doorbell.py and receiver.py.
+(pid for display, random token, missed-ring mark, the first and last of the channels its
+process owns) are changed through the journal under the global lock like any other word of the
+store, except the missed-ring mark, a hint written without it. How a process claims, uses and
+frees its slot: see doorbell.py and receiver.py.
+
+A slot's token changes only when its holder records its own (``record``) or the slot is freed
+(``release``); either way whoever held it before is gone, so both first hand the channels it
+owned to the reaper (``vacate``, which is ``ChannelQueues.orphan``), in the same journal step.
+So the channels listed by a slot are always those of the process that holds its token.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 from ..exceptions import StoreClosed
@@ -31,6 +38,10 @@ from .lock import byte_lock
 SLOT_PID = 0  # for display only: a pid means nothing in another PID namespace
 SLOT_TOKEN = 1
 SLOT_MISSED = 2  # set by a sender that found the doorbell's queue full
+# The first and the last channel record of the process-specific channels that the slot's
+# process owns (queues.py links them).
+SLOT_OWNED = 3
+SLOT_OWNED_LAST = 4
 
 
 def slot_byte(slot: int) -> int:
@@ -50,12 +61,17 @@ def held_slots(fd: int) -> int:
 
 
 class ProcessSlots:
-    """The table of processes that wait in receive(), in the store, and their slot bytes."""
+    """The table of processes that wait in receive() or own channels, in the store, and their
+    slot bytes. ``vacate(slot)`` hands the channels the slot's process owned to the reaper,
+    under the lock, before the slot's token changes."""
 
-    def __init__(self, words: memoryview, journal: Journal, base: int) -> None:
+    def __init__(
+        self, words: memoryview, journal: Journal, base: int, vacate: Callable[[int], None]
+    ) -> None:
         self._w = words
         self._j = journal
         self._base = base
+        self._vacate = vacate
 
     def token(self, slot: int) -> int:
         return self._w[self._base + slot * SLOT_WORDS + SLOT_TOKEN] if 0 <= slot < SLOTS else 0
@@ -77,9 +93,16 @@ class ProcessSlots:
                 return slot
         return -1
 
+    def owned_at(self, slot: int) -> int:
+        """The word that holds the first channel owned by ``slot``'s process; the last one's
+        follows it."""
+        return self._base + slot * SLOT_WORDS + SLOT_OWNED
+
     def record(self, slot: int, token: int) -> None:
         """Under the lock: ``slot``, whose byte this process holds, carries ``token`` now."""
         at = self._base + slot * SLOT_WORDS
+        if self._w[at + SLOT_TOKEN] != token:
+            self._vacate(slot)  # its previous holder died: we hold its byte now
         self._j.set(at + SLOT_PID, os.getpid())
         self._j.set(at + SLOT_TOKEN, token)
         self._w[at + SLOT_MISSED] = 0  # a mark left for the previous holder
@@ -96,9 +119,11 @@ class ProcessSlots:
         return False
 
     def release(self, slot: int, token: int) -> None:
-        """Free ``slot`` if it still holds ``token``; its registrations become stale."""
+        """Free ``slot`` if it still holds ``token``; its registrations become stale, and the
+        channels it owned are to be reaped."""
         at = self._base + slot * SLOT_WORDS
         if 0 <= slot < SLOTS and self._w[at + SLOT_TOKEN] == token:
+            self._vacate(slot)
             self._j.set(at + SLOT_TOKEN, 0)
             self._j.set(at + SLOT_PID, 0)
 
@@ -111,6 +136,16 @@ class ProcessSlots:
             if w[at + SLOT_TOKEN]:
                 found.append((slot, w[at + SLOT_PID], w[at + SLOT_TOKEN]))
         return found
+
+    def owners(self) -> list[tuple[int, int]]:
+        """(slot, token) of every slot whose process owns channels. Read without the lock by
+        ``Engine.look_for_dead``, so a hint: the lock hold that acts on it checks again."""
+        table = self._w[self._base : self._base + SLOTS * SLOT_WORDS].tolist()
+        return [
+            (slot, table[at + SLOT_TOKEN])
+            for slot, at in enumerate(range(0, SLOTS * SLOT_WORDS, SLOT_WORDS))
+            if table[at + SLOT_TOKEN] and table[at + SLOT_OWNED]
+        ]
 
 
 W = TypeVar("W", bound=Hashable)  # a waiting receive, as the receiver represents it
