@@ -138,7 +138,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
           f"memberships, {counters['reaped_messages']} messages")
     holder = report["lock_holder"]
     print(f"  {'global lock':16} {f'held by pid {holder}' if holder else 'free'}")
-    print(f"  {'receiving pids':16} {_pids(report['waiting_processes'])}")
+    print(f"  {'pids with a slot':16} {_pids(report['waiting_processes'])}")
     print(f"  {'attached pids':16} {_pids(report['processes_attached'])}")
     print(f"  {'engine':16} {_engine()}")
     if report["dead_waiters"]:
