@@ -245,7 +245,7 @@ class IPCChannelLayer(BaseChannelLayer):
     Built on a machine that lacks what it needs (anything but Linux), it raises
     ``UnsupportedPlatform`` saying what to use instead (host.py).
 
-    For tests and tools: ``engine()`` is the store's engine (engine/__init__.py), opened on
+    For tests and tools: ``engine()`` is the store's engine (engine/store.py), opened on
     first use, through which the store can be read or changed one lock hold at a time;
     ``receiver()`` is the asyncio side around it (receiver.py: its ``doorbell``, say); and
     ``clock`` (milliseconds since the epoch, which expiries count from) and ``check_interval``

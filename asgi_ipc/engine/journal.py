@@ -31,7 +31,7 @@ reaping, the unlinking of the one membership, message or channel it removes.
 ``flush`` is redone rather than undone: its commit is the store of ``H_FLUSHING`` (see
 ``Engine``).
 
-**Who commits.** ``one_hold`` (engine/__init__.py) commits each operation once, at its end
+**Who commits.** ``one_hold`` (engine/store.py) commits each operation once, at its end
 (``Engine.take`` makes that last commit itself, to count what it made durable). Within an
 operation, the journal commits in *steps*, at two named calls only, made by the operation:
 
