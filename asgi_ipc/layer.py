@@ -55,6 +55,10 @@ MAX_MEMORY = 1 << 40
 # now plus that, fits the store's 64-bit words with four orders of magnitude to spare.
 MIN_EXPIRY = 0.001
 MAX_EXPIRY = 10**12
+# Channel names checked and encoded already, remembered by each layer up to this many: a
+# consumer receives on the same few names again and again, and the check is a regular
+# expression.
+NAME_CACHE = 1 << 16
 # A channel's message count is a 64-bit word.
 MAX_CAPACITY = (1 << 63) - 1
 _CAPACITY_RULE = "a whole number of messages from 1 to 2**63 - 1"
@@ -289,6 +293,7 @@ class IPCChannelLayer(BaseChannelLayer):
         self.check_interval = CHECK_INTERVAL
         self._store: Receiver | None = None
         self._opening = threading.Lock()
+        self._names: dict[str, bytes] = {}
 
     def receiver(self) -> Receiver:
         """The receiver of this layer's store, opening the store if need be."""
@@ -350,6 +355,18 @@ class IPCChannelLayer(BaseChannelLayer):
     def _deserialize(data: bytes) -> dict:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
+    def _channel_name(self, channel: str) -> bytes:
+        """``channel``, checked as Channels checks it, encoded as the store keeps it."""
+        name = self._names.get(channel) if type(channel) is str else None
+        if name is None:
+            self.require_valid_channel_name(channel)
+            name = channel.encode()
+            if type(channel) is str:
+                if len(self._names) >= NAME_CACHE:
+                    self._names.clear()
+                self._names[channel] = name
+        return name
+
     def _capacity_of(self, channel: bytes) -> int:
         if not self.channel_capacity:
             return self.capacity
@@ -359,9 +376,8 @@ class IPCChannelLayer(BaseChannelLayer):
 
     async def send(self, channel: str, message: dict) -> None:
         """Queue ``message`` on ``channel``; raises ChannelFull if it is at capacity."""
-        self.require_valid_channel_name(channel)
+        name = self._channel_name(channel)
         data = self._serialize(message, f"channel {channel!r}")
-        name = channel.encode()
         result = self._open().send(name, data, self._capacity_of(name), int(self.expiry * 1000))
         if result == OVER_CAPACITY:
             raise ChannelFull(f"channel {channel!r} is at capacity ({self._capacity_of(name)})")
@@ -373,8 +389,7 @@ class IPCChannelLayer(BaseChannelLayer):
 
     async def receive(self, channel: str) -> dict:
         """Wait for the next message on ``channel``. Cancelling the wait loses no message."""
-        self.require_valid_channel_name(channel)
-        data = await self._open().receive(channel.encode())
+        data = await self._open().receive(self._channel_name(channel))
         return self._deserialize(data)
 
     async def new_channel(self, prefix: str = "specific.") -> str:
@@ -388,13 +403,11 @@ class IPCChannelLayer(BaseChannelLayer):
 
     async def group_add(self, group: str, channel: str) -> None:
         self.require_valid_group_name(group)
-        self.require_valid_channel_name(channel)
-        self._open().group_add(group.encode(), channel.encode())
+        self._open().group_add(group.encode(), self._channel_name(channel))
 
     async def group_discard(self, group: str, channel: str) -> None:
         self.require_valid_group_name(group)
-        self.require_valid_channel_name(channel)
-        self._open().group_discard(group.encode(), channel.encode())
+        self._open().group_discard(group.encode(), self._channel_name(channel))
 
     async def group_send(self, group: str, message: dict) -> None:
         """Queue ``message`` on every member of ``group``; full members are skipped."""

@@ -77,6 +77,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 from .doorbell import (
@@ -143,6 +144,19 @@ class Receiver:
         # first, by channel: (data, expiry, epoch). See ``_return``.
         self._returned: dict[bytes, collections.deque[tuple[bytes, int, int]]] = {}
         self._returned_guard = threading.Lock()
+        self._forget_lent()
+        _RECEIVERS.add(self)
+
+    def _forget_lent(self) -> None:
+        """Drop the messages lent to this process (see ``receive``): at start, after a fork
+        (the parent's are not ours) and after a flush."""
+        # Channel -> messages lent by the store and not handed out yet, (data, expiry), oldest
+        # first; channel -> those handed out (or expired here) since the last lock hold, for
+        # the next one to settle; the epoch they were lent in.
+        self._lent: dict[bytes, collections.deque[tuple[bytes, int]]] = {}
+        self._unsettled: dict[bytes, int] = {}
+        self._lent_epoch = -1
+        self._lent_guard = threading.Lock()
 
     def _forget_parent_process(self) -> None:
         # A forked child shares nothing process-local with its parent but the mapping.
@@ -157,6 +171,7 @@ class Receiver:
         self._local = threading.local()
         self._returned = {}  # the parent's to put back, not ours
         self._returned_guard = threading.Lock()
+        self._forget_lent()
 
     # --- operations that only send ---------------------------------------------------------
 
@@ -285,9 +300,15 @@ class Receiver:
                 kept = self._take_returned(channel)
                 if kept is not None:
                     return kept[0]
+        if self._lent:
+            lent = self._take_lent(channel)
+            if lent is not None:
+                return lent[0]
         loop = asyncio.get_running_loop()
         waiter = Waiter(loop, channel)
-        if not self._wait_unlocked(waiter):
+        # Lent messages handed out are settled by the next lock hold: soon, so that senders
+        # do not find the channel fuller than it is.
+        if self._unsettled or not self._wait_unlocked(waiter):
             state = self._loop_state(loop)
             task = asyncio.current_task()
             if state.gathering or state.served_task not in (None, task):
@@ -363,16 +384,21 @@ class Receiver:
         waiters = [w for w in waiters if not w.future.done()]
         if self._returned and self._pid == os.getpid():
             waiters = [w for w in waiters if not self._hand_kept(w)]
+        if self._lent:
+            waiters = [w for w in waiters if not self._hand_lent(w)]
         if not waiters:
             return
         if self._closed:
             for waiter in waiters:
                 _fail(waiter, self.engine.closed_error())
             return
-        taken = Taken()
+        taken = Taken(self._to_settle())
         interrupted: BaseException | None = None
         try:
-            self.engine.take(waiters, taken)
+            try:
+                self.engine.take(waiters, taken)
+            finally:
+                self._settled(taken)
             handed, failed = taken.handed, taken.failed
         except BaseException as exc:
             error = exc
@@ -382,12 +408,14 @@ class Receiver:
                 error.__cause__ = exc
             # Only the messages taken for good are handed; every other receive gets the error.
             handed = taken.handed[: taken.durable]
-            served = {waiter for waiter, _data, _expires in handed}
+            served = {waiter for waiter, _data, _expires, _lent in handed}
             failed = [(waiter, error) for waiter in waiters if waiter not in served]
             taken.unseated = []
         if self.engine.due:
             self._ring()
-        for waiter, data, expires in handed:
+        for waiter, data, expires, lent in handed:
+            if lent:
+                self._keep_lent(waiter.channel, lent, taken.epoch)
             self._stop_tracking(waiter)
             waiter.expires, waiter.epoch = expires, taken.epoch
             try:
@@ -418,6 +446,118 @@ class Receiver:
         self._loop_state(waiters[0].loop).gathering = len(handed) > 1
         if interrupted is not None:
             raise interrupted
+
+    # --- messages lent by the store ------------------------------------------------------
+
+    def _take_lent(self, channel: bytes) -> tuple[bytes, int] | None:
+        """The next message lent to this process for ``channel`` that has not expired, as
+        (data, expiry), or None. Lent messages are the next ones of a channel this process
+        owns, taken from the store with a receive's own (``Engine.take``), so that the
+        receives after it return without a lock hold or a wait; each one handed out here is
+        settled with the store by the next lock hold (``_to_settle``). A flush since they
+        were lent takes them, as it would have in the store."""
+        start_checks = False
+        with self._lent_guard:
+            lent = self._lent.get(channel)
+            if lent is None:
+                return None
+            w = self.engine.words
+            if w[H_EPOCH] != self._lent_epoch or w[H_FLUSHING]:
+                self._lent.clear()
+                self._unsettled.clear()
+                return None
+            now = self.engine.clock()
+            found, handed = None, 0
+            while lent and found is None:
+                found = lent.popleft()
+                handed += 1
+                if found[1] <= now:
+                    found = None  # expired here: it leaves the count all the same
+            if not lent:
+                del self._lent[channel]
+            start_checks = not self._unsettled
+            self._unsettled[channel] = self._unsettled.get(channel, 0) + handed
+        if start_checks:
+            self._check_later()  # settles, if no receive does first
+        return found
+
+    def _hand_lent(self, waiter: Waiter) -> bool:
+        """Hand ``waiter`` the next message lent for its channel: True if there was one."""
+        lent = self._take_lent(waiter.channel)
+        if lent is None:
+            return False
+        data, waiter.expires = lent
+        waiter.epoch = self._lent_epoch
+        self._stop_tracking(waiter)
+        try:
+            waiter.future.set_result(data)
+        except asyncio.InvalidStateError:  # cancelled meanwhile: still the next one
+            self._return(waiter.channel, data, waiter.expires, waiter.epoch)
+        return True
+
+    def _keep_lent(self, channel: bytes, lent: list[tuple[bytes, int]], epoch: int) -> None:
+        """Keep the messages of ``channel`` a take lent, for the receives to come; wake any
+        other receive of this process waiting on it."""
+        with self._lent_guard:
+            if epoch != self._lent_epoch:  # a flush took those of the epoch before
+                self._lent.clear()
+                self._unsettled.clear()
+                self._lent_epoch = epoch
+            self._lent.setdefault(channel, collections.deque()).extend(lent)
+        seat = self.engine.seat
+        if seat is not None and seat.waiters([channel]):
+            self._wake(seat, [channel], later=True)
+
+    def _keep_returned_lent(self, channel: bytes, data: bytes, expires: int, epoch: int) -> bool:
+        """A message of ``channel`` taken for a receive that was cancelled goes first among the
+        messages lent for it, if there are any: True if it did (it counts as lent again)."""
+        with self._lent_guard:
+            lent = self._lent.get(channel)
+            if not lent or epoch != self._lent_epoch:
+                return False
+            lent.appendleft((data, expires))
+            self._unsettled[channel] = self._unsettled.get(channel, 0) - 1
+            return True
+
+    def _to_settle(self) -> tuple[int, dict[bytes, int]] | None:
+        """The lent messages handed out since the last lock hold, for the next one to settle
+        (``Engine.take``); given back by ``_settled`` if that hold fails before it settles."""
+        if not self._unsettled:
+            return None
+        with self._lent_guard:
+            handed, self._unsettled = self._unsettled, {}
+            return (self._lent_epoch, handed) if handed else None
+
+    def _settled(self, taken: Taken) -> None:
+        if taken.settle is None or taken.settled:
+            return
+        epoch, handed = taken.settle
+        with self._lent_guard:
+            if epoch == self._lent_epoch:
+                for channel, count in handed.items():
+                    self._unsettled[channel] = self._unsettled.get(channel, 0) + count
+
+    def _settle_lent(self) -> None:
+        """For the periodic check: drop the lent messages that expired unread, and settle
+        with the store what was handed out, in a lock hold of its own."""
+        now = self.engine.clock()
+        with self._lent_guard:
+            for channel, lent in list(self._lent.items()):
+                expired = 0
+                while lent and lent[0][1] <= now:
+                    lent.popleft()
+                    expired += 1
+                if expired:
+                    self._unsettled[channel] = self._unsettled.get(channel, 0) + expired
+                if not lent:
+                    del self._lent[channel]
+        taken = Taken(self._to_settle())
+        if taken.settle is None:
+            return
+        try:
+            self.engine.take([], taken)
+        finally:
+            self._settled(taken)
 
     def _claim_and_serve(self, waiter: Waiter) -> None:
         """After the lock hold that found ``waiter``'s channel empty while this process had no
@@ -529,6 +669,11 @@ class Receiver:
         cannot give back for a store error (the store closed under it) is logged as lost."""
         engine = self.engine
         if expires <= engine.clock():
+            return
+        if self._lent and self._keep_returned_lent(channel, data, expires, epoch):
+            seat = engine.seat
+            if seat is not None:
+                self._wake(seat, [channel], later=True)  # receives already waiting get it
             return
         # One lock over the kept messages and their put-backs, so that no put-back overtakes
         # an older message of its channel (a lock hold under it never waits on it).
@@ -663,6 +808,8 @@ class Receiver:
                 if (
                     (seat is None or not seat.needs_checking())
                     and not self._returned
+                    and not self._lent
+                    and not self._unsettled
                     and not self.engine.reaping()
                 ):
                     self._checker = None
@@ -677,6 +824,8 @@ class Receiver:
             return
         if self._returned:
             self._put_back_returned()
+        if self._lent or self._unsettled:
+            self._settle_lent()
         seat = self.engine.seat
         if seat is not None:
             # Stop tracking the receives whose event loop was closed under them: nothing can
@@ -765,8 +914,22 @@ class Receiver:
                 engine.release_slot_byte()
                 for waiter in waiters:
                     _end_elsewhere(waiter, engine.closed_error())
+            self._forget_lent()  # the store reaps its channels
             self._ringer.close()
             engine.close()
+
+
+_RECEIVERS: weakref.WeakSet[Receiver] = weakref.WeakSet()
+
+
+def _forget_lent_after_fork() -> None:
+    # At once, not when the child next uses the store: a lent message handed out in both
+    # processes would be delivered twice.
+    for receiver in list(_RECEIVERS):
+        receiver._forget_lent()
+
+
+os.register_at_fork(after_in_child=_forget_lent_after_fork)
 
 
 def _fail(waiter: Waiter, exc: BaseException) -> None:

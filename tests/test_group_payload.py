@@ -38,7 +38,7 @@ def take(engine: Engine, channel: bytes) -> tuple[bytes, int, int] | None:
     engine.take([Receive(channel)], taken)
     if not taken.handed:
         return None
-    _receive, data, expires = taken.handed[0]
+    _receive, data, expires, _lent = taken.handed[0]
     return data, expires, taken.epoch
 
 

@@ -844,3 +844,20 @@ def reap_after_journaled_writes(prefix, config, stall_at, conn) -> None:
     while store.reaping():
         store.reap()
     conn.send(("done", writes))
+
+
+def take_one_and_hold(prefix, config, conn) -> None:
+    """Make a channel with new_channel() and send its name; on "take", receive one message
+    (the store lends this process the ones queued behind it) and answer "took", then wait to
+    be killed."""
+
+    async def run() -> None:
+        layer = IPCChannelLayer(prefix=prefix, **config)
+        name = await layer.new_channel()
+        conn.send(name)
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, conn.recv) == "take"
+        conn.send(("took", await layer.receive(name)))
+        await asyncio.sleep(3600)
+
+    asyncio.run(run())

@@ -41,12 +41,14 @@ from dataclasses import dataclass
 from ..host import SHM_DIR
 
 MAGIC = int.from_bytes(b"ASGI-IPC", "little")
-LAYOUT_VERSION = 4  # 2: slots live by their byte lock, doorbells at paths; counters;
+LAYOUT_VERSION = 5  # 2: slots live by their byte lock, doorbells at paths; counters;
 #                      3: a group_send stores its payload once (queues.py);
 #                      4: the wake-up directory named by the store's key, the attached byte,
 #                         the expiry-order hints (processes of 3 and 4 would miss each
 #                         other's rings and in-use marks); process-specific channels record
-#                         their owner and memberships
+#                         their owner and memberships;
+#                      5: the owner part counts the messages lent to the channel's owner
+#                         (queues.py), which a process of 4 would not count against capacity
 
 WORD = 8
 PAGE_WORDS = 512

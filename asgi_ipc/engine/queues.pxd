@@ -40,6 +40,8 @@ cdef class ChannelQueues:
     cpdef _note_expiry(self, expires, ahead)
     cpdef append(self, name, data, crc, capacity, expires, now, rings)
     cpdef pop(self, name, now, rec=*)
+    cpdef lend(self, rec, now, slot, token, limit, budget)
+    cpdef settle(self, name, handed)
     cpdef put_back(self, name, data, crc, expires, rings)
     cpdef _write_message(self, node, rec, data, crc, expires)
     cpdef expire(self, now, limit)

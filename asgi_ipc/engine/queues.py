@@ -73,6 +73,17 @@ live process still waits on it. Each state between two steps is sound, so a hold
 after any of them; a kill rolls back what the hold did since its last commit, and the next
 holder takes the list up from there.
 
+Lending. The process that owns a process-specific channel is the only one that receives from
+it, so when one of its receives takes a message and more are queued, it may take the next ones
+too, in the same hold (``lend``), and hand them to its next receives without the lock. A lent
+message leaves the channel's list but not its count: the record's ``X_LENT`` says how many of
+the count are lent, and the owner gives them back (``settle``) at its next lock hold once
+they are handed out, so a sender's capacity check still counts every message no receive has
+had, and a channel that looked full to a sender was full. Until the owner settles, the check
+errs on the full side only. Reaping a channel forgets what was lent (``disown``): those
+messages died with their owner, as the queued ones are dropped. A channel's list is empty when
+its first message is 0, whatever its count: that is what a send tests before it rings.
+
 Counting (the counters of layout.py): each message taken, put back, dropped as expired or reaped,
 each channel reaped, and each group_send copy queued or skipped, is counted here with
 ``Journal.add`` right after the journaled change it counts and before the next ``checkpoint``, so
@@ -85,7 +96,8 @@ Layouts, in words from the block header (word 0):
                    1 next in bucket, 2 hash, 3 head, 4 tail, 5 count, 6 waiters, 7 name length,
                    8... name, then for a name with "!" its owner part, in words from the end of
                    the name: 0 owner slot + 1 | FRESH, 1 owner token, 2 next and 3 previous
-                   record on the owner's list (or the list to reap), 4 first membership
+                   record on the owner's list (or the list to reap), 4 first membership,
+                   5 messages lent to the owner (counted in the count, see ``lend``)
   message          1 next in channel, 2 next sent, 3 previous sent, 4 channel record, 5 expiry
                    (ms since the epoch), 6 length | crc32 << 32, 7... msgpack bytes
   shared node      1-5 as a message, 6 SHARED, 7 payload block
@@ -138,8 +150,8 @@ NODE_WORDS = M_DATA
 W_NEXT, W_SLOT, W_TOKEN = range(1, 4)
 # The owner part of the record of a process-specific channel (a name with "!"), in words from
 # the end of its name; see the module docstring.
-X_OWNER, X_TOKEN, X_NEXT, X_PREV, X_MEMBERS = range(5)
-OWNER_WORDS = 5
+X_OWNER, X_TOKEN, X_NEXT, X_PREV, X_MEMBERS, X_LENT = range(6)
+OWNER_WORDS = 6
 # In X_OWNER, beside the owner's slot + 1: made by new_channel() and not waited on yet.
 FRESH = 1 << 32
 SLOT_MASK = 0xFFFF_FFFF
@@ -325,9 +337,13 @@ class ChannelQueues:
         """The last step of reaping the record at ``rec``, emptied of its memberships and
         messages: drop the registrations of processes that are gone, take it off the list to
         reap, and free it unless a live process still waits on it."""
-        if self._w[rec + C_WAITERS]:
+        w, x = self._w, self._part(rec)
+        if w[rec + C_WAITERS]:
             self._prune_waiters(rec, self._stale)
-        self._unlink_owned(rec, self._part(rec))
+        if w[x + X_LENT]:  # gone with its owner
+            self._j.set(rec + C_COUNT, w[rec + C_COUNT] - w[x + X_LENT])
+            self._j.set(x + X_LENT, 0)
+        self._unlink_owned(rec, x)
         self._j.add(H_REAPED_CHANNELS)
         self._delete_if_idle(rec)
 
@@ -505,7 +521,7 @@ class ChannelQueues:
         j.set(rec + C_COUNT, count + 1)
         j.set(last + M_SENT_NEXT if last else H_EXPIRY_HEAD, node)
         j.set(H_EXPIRY_TAIL, node)
-        if not count and w[rec + C_WAITERS]:
+        if not tail and w[rec + C_WAITERS]:
             self._collect_doorbells(rec, name, rings)
         return QUEUED
 
@@ -595,7 +611,7 @@ class ChannelQueues:
                 j.set(tail + M_NEXT if tail else rec + C_HEAD, node)
                 j.set(rec + C_TAIL, node)
                 j.set(rec + C_COUNT, count + 1)
-                if not count and w[rec + C_WAITERS]:
+                if not tail and w[rec + C_WAITERS]:
                     woken.append((name, rec))
             j.set(last + M_SENT_NEXT if last else H_EXPIRY_HEAD, nodes[0])
             j.set(H_EXPIRY_TAIL, nodes[-1])
@@ -662,6 +678,54 @@ class ChannelQueues:
             self.heap.free(node)
         return found
 
+    def lend(self, rec: int, now: int, slot: int, token: int, limit: int, budget: int) -> list:
+        """Take up to ``limit`` unexpired messages (and up to about ``budget`` bytes) of the
+        process-specific channel whose record is at ``rec`` for its owner, the process of
+        ``slot`` and ``token``, ahead of its receives: [(data, expiry)], oldest first, or []
+        if that process does not own it. A lent message leaves the list but stays in the
+        count (and in ``X_LENT``) until its owner settles it (``settle``), so that the
+        channel's capacity still bounds the messages not yet handed to a receive. Only the
+        owner receives on such a channel (Channels' contract), and what it has been lent goes
+        with it, as the channel's messages would be reaped: its death loses nothing more."""
+        w, j = self._w, self._j
+        x = self._part(rec)
+        lent: list[tuple[bytes, int]] = []
+        if w[x + X_OWNER] & SLOT_MASK != slot + 1 or w[x + X_TOKEN] != token:
+            return lent
+        while len(lent) < limit and budget > 0 and w[rec + C_HEAD]:
+            j.checkpoint()
+            node = self._unlink(rec)
+            expires = w[node + M_EXPIRES]
+            if expires > now:
+                data = self._read(node)
+                lent.append((data, expires))
+                budget -= len(data)
+                j.set(rec + C_COUNT, w[rec + C_COUNT] + 1)
+                j.set(x + X_LENT, w[x + X_LENT] + 1)
+                j.add(H_RECEIVED)
+            else:
+                j.add(H_EXPIRED)
+            if w[node + M_LENGTH] == SHARED:
+                self._unref(node)
+            self.heap.free(node)
+        return lent
+
+    def settle(self, name: bytes, handed: int) -> None:
+        """Of the messages lent to the owner of ``name`` (``lend``), ``handed`` were handed to
+        its receives or expired there: they leave the count. A negative number gives back to
+        the count messages the owner keeps again (taken for a receive that was cancelled).
+        Nothing happens if the channel has gone meanwhile; the count never drops below what
+        is lent."""
+        rec = self.find(name, self.hash(name))
+        x = self.owner_part(rec) if rec else 0
+        if not x:
+            return
+        w, j = self._w, self._j
+        lent = w[x + X_LENT]
+        handed = min(handed, lent)
+        j.set(x + X_LENT, lent - handed)
+        j.set(rec + C_COUNT, w[rec + C_COUNT] - handed)
+
     def put_back(self, name: bytes, data: bytes, crc: int, expires: int, rings: list) -> bool:
         """Queue ``data`` first on ``name`` again, as if it had never been taken: a receive
         that was handed it got cancelled. Capacity does not apply (it was counted before);
@@ -691,10 +755,9 @@ class ChannelQueues:
         j.set(rec + C_HEAD, node)
         if not head:
             j.set(rec + C_TAIL, node)
-        count = w[rec + C_COUNT]
-        j.set(rec + C_COUNT, count + 1)
+        j.set(rec + C_COUNT, w[rec + C_COUNT] + 1)
         self._j.add(H_RETURNED)
-        if not count and w[rec + C_WAITERS]:
+        if not head and w[rec + C_WAITERS]:
             self._collect_doorbells(rec, name, rings)
         return True
 
@@ -753,13 +816,13 @@ class ChannelQueues:
         return rec
 
     def queued_at(self, rec: int) -> int:
-        """Under the lock: the message count of the record at ``rec``, which a registration
-        of this process keeps in place (``Engine.take``)."""
-        return self._w[rec + C_COUNT]
+        """Under the lock: whether the record at ``rec``, which a registration of this process
+        keeps in place (``Engine.take``), has messages queued (its first, or 0)."""
+        return self._w[rec + C_HEAD]
 
     def has_messages(self, name: bytes) -> bool:
         rec = self.find(name, self.hash(name))
-        return bool(rec and self._w[rec + C_COUNT])
+        return bool(rec and self._w[rec + C_HEAD])
 
     def remove_waiter(self, name: bytes, slot: int, token: int) -> None:
         rec = self.find(name, self.hash(name))
@@ -880,8 +943,12 @@ class ChannelQueues:
             if count > self.heap.size_words:
                 problems.append(f"the message list of channel record {rec} loops")
                 break
-        if count != w[rec + C_COUNT] or last != w[rec + C_TAIL]:
-            problems.append(f"channel record {rec} counts {w[rec + C_COUNT]}, holds {count}")
+        x = self.owner_part(rec)
+        lent = w[x + X_LENT] if x and w[rec] >> 2 >= x + OWNER_WORDS - rec else 0
+        if count + lent != w[rec + C_COUNT] or last != w[rec + C_TAIL]:
+            problems.append(
+                f"channel record {rec} counts {w[rec + C_COUNT]}, holds {count} and lent {lent}"
+            )
         return count, block_words, expired
 
     def _check_owner_part(self, rec: int, x: int, problems: list[str]) -> None:

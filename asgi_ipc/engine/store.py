@@ -90,6 +90,14 @@ SWEEP_BUCKETS_PER_SEND = 4
 REAP_PER_SEND = 16
 REAP_PER_HOLD = 256
 
+# Lending (queues.py): how many messages a receive on a channel its process owns takes beside
+# its own, and about how many bytes, and the most a lock hold lends in all. A lend never
+# commits on its own: its ~30 journal entries a message fit in the room ``Journal.checkpoint``
+# leaves.
+LEND_PER_CHANNEL = 64
+LEND_BYTES = 256 * 1024
+LEND_PER_HOLD = 1024
+
 HASH_CACHE_SIZE = 1 << 16
 
 _CORRUPTION = (IndexError, ValueError, OverflowError, TypeError)
@@ -109,23 +117,29 @@ class Taken:
     """What ``Engine.take`` did for a batch of receives, filled in as it goes so that it is
     there even when the hold fails:
 
-    ``handed``: (receive, message, expiry) of each receive handed a message, in order;
+    ``handed``: (receive, message, expiry, lent) of each receive handed a message, in order,
+    where ``lent`` are the next messages of its channel, (message, expiry), lent to this
+    process along with it (``ChannelQueues.lend``);
     ``durable``: how many of ``handed`` are taken for good (committed), whatever happens next;
     ``failed``: (receive, error) of the receives that cannot wait (no room to track them);
     ``unseated``: the receives that found their channel empty while this process holds no
     slot: the caller claims one without the lock and tries them again;
-    ``epoch``: the store's epoch while they were handed (a flush since takes them all).
+    ``epoch``: the store's epoch while they were handed (a flush since takes them all);
+    ``settled``: whether ``settle``, given by the caller as (epoch, {channel: messages}) of
+    lent messages handed out since, is settled for good (``ChannelQueues.settle``).
     Every other receive of the batch waits, tracked by the seat."""
 
-    __slots__ = ("handed", "durable", "failed", "unseated", "epoch")
+    __slots__ = ("handed", "durable", "failed", "unseated", "epoch", "settle", "settled")
 
-    def __init__(self) -> None:
+    def __init__(self, settle: tuple[int, dict[bytes, int]] | None = None) -> None:
         # Made by the caller, before the lock is taken: the hold has nothing to allocate.
-        self.handed: list[tuple[Any, bytes, int]] = []
+        self.handed: list[tuple[Any, bytes, int, Any]] = []
         self.durable = 0
         self.failed: list[tuple[Any, BaseException]] = []
         self.unseated: list[Any] = []
         self.epoch = 0
+        self.settle = settle
+        self.settled = False
 
 
 class _Registrations:
@@ -412,19 +426,29 @@ class Engine:
 
         The journal may commit between receives (a checkpoint when it fills up, a step before
         memory is reused): the messages handed before such a commit are taken for good, which
-        ``taken.durable`` counts when the hold fails; when it returns, all of them are."""
-        journal = self.journal
+        ``taken.durable`` counts when the hold fails; when it returns, all of them are.
+
+        A receive on a channel this process owns, which no other receive of the batch waits
+        on, is lent the next messages of its channel too (``LEND_PER_CHANNEL``), so that the
+        receives after it need no lock hold; and the lent messages handed out since the last
+        hold leave their channels' counts first (``taken.settle``)."""
+        journal, queues = self.journal, self.queues
         handed = taken.handed
         if self.closing:
             raise self.closed_error()
         taken.epoch = self.words[H_EPOCH]
+        if taken.settle is not None:
+            self._settle(*taken.settle)
+            taken.settled = True
         seat = self.seat  # taken under the lock, after recovery brought it up to date
         records = seat.registered if seat is not None else {}
-        pop = self.queues.pop
+        pop = queues.pop
         fresh = _Registrations(journal, seat) if seat is not None else None
         # Channels found or left empty: quiet once this hold commits (see ``Seat``).
         quiet: list[bytes] = []
-        queued_at = self.queues.queued_at
+        queued_at = queues.queued_at
+        lendable = _lendable(waiters) if seat is not None else ()
+        lend_left = LEND_PER_HOLD
         commits = journal.commits
         try:
             for waiter in waiters:
@@ -447,7 +471,18 @@ class Engine:
                 if journal.commits != commits:
                     commits, taken.durable = journal.commits, len(handed)
                 if found is not None:
-                    handed.append((waiter, found[0], found[1]))
+                    lent: list = []
+                    if seat is not None and channel in lendable and lend_left > 0:
+                        lent = queues.lend(
+                            rec or queues.find(channel, queues.hash(channel)), now,
+                            seat.slot, seat.token, min(LEND_PER_CHANNEL, lend_left), LEND_BYTES,
+                        )
+                        lend_left -= len(lent)
+                    handed.append((waiter, found[0], found[1], lent))
+                    if lent:
+                        # Taken for good with the message they came with.
+                        journal.commit()
+                        commits, taken.durable = journal.commits, len(handed)
             # Committed here rather than by ``one_hold``, so that an exception landing right
             # after the commit still finds every message handed counted as taken for good.
             journal.commit()
@@ -460,6 +495,15 @@ class Engine:
             if fresh is not None:
                 fresh.forget()
             raise
+
+    def _settle(self, epoch: int, handed: dict[bytes, int]) -> None:
+        """Under the lock, for ``take``: the lent messages handed out since the last hold
+        leave their channels' counts, unless a flush (another ``epoch``) took the channels."""
+        if epoch == self.words[H_EPOCH]:
+            for channel, count in handed.items():
+                self.journal.checkpoint()
+                self.queues.settle(channel, count)
+        self.journal.commit()
 
     def _wait(
         self, seat: Seat, channel: bytes, waiter: Hashable, fresh: _Registrations
@@ -707,6 +751,18 @@ class Engine:
         # unmaps it; and only once no hold is under way (``Segment.close``).
         for part in (self.queues, self.groups, self.queues.heap, self.groups.heap, self.journal):
             part.detach()
+
+
+def _lendable(waiters: list) -> set[bytes]:
+    """The process-specific channels that one receive of ``waiters`` alone waits on: the
+    channels a take may lend messages of (``Engine.take``)."""
+    once: set[bytes] = set()
+    again: set[bytes] = set()
+    for waiter in waiters:
+        channel = waiter.channel
+        if b"!" in channel:
+            (again if channel in once else once).add(channel)
+    return once - again
 
 
 def _heap_figures(heap: Heap) -> dict:
