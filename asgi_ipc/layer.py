@@ -389,7 +389,11 @@ class IPCChannelLayer(BaseChannelLayer):
 
     async def receive(self, channel: str) -> dict:
         """Wait for the next message on ``channel``. Cancelling the wait loses no message."""
-        data = await self._open().receive(self._channel_name(channel))
+        name = self._channel_name(channel)
+        store = self._open()
+        data = store.ready(name)
+        if data is None:
+            data = await store.receive(name)
         return self._deserialize(data)
 
     async def new_channel(self, prefix: str = "specific.") -> str:
