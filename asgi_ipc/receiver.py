@@ -92,6 +92,7 @@ from .doorbell import (
 )
 from .engine import Engine, Seat, Taken, now_ms
 from .engine.layout import H_EPOCH, H_FLUSHING, SLOTS
+from .engine.lock import process_id
 from .exceptions import StoreClosed, StoreError
 
 logger = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ class Receiver:
         # The checker thread and the event that stops it, while one runs (see _run_checks).
         self._checker: tuple[threading.Thread, threading.Event] | None = None
         self._checker_guard = threading.Lock()
-        self._pid = os.getpid()
+        self._pid = process_id()
         self._local = threading.local()  # each thread's receives to serve together
         # Messages of cancelled receives that found no channel memory to go back to, oldest
         # first, by channel: (data, expiry, epoch). See ``_return``.
@@ -160,7 +161,7 @@ class Receiver:
 
     def _forget_parent_process(self) -> None:
         # A forked child shares nothing process-local with its parent but the mapping.
-        self._pid = os.getpid()
+        self._pid = process_id()
         self.engine.forget_parent_process()
         self.doorbell = None
         self._slot_guard = threading.Lock()
@@ -210,7 +211,7 @@ class Receiver:
         held, the channel has no owner."""
         if self._closed:
             raise self.engine.closed_error()
-        if self._pid != os.getpid():
+        if self._pid != process_id():
             self._forget_parent_process()
         engine = self.engine
         if engine.seat is None:
@@ -324,7 +325,7 @@ class Receiver:
         if self._closed:
             raise self.engine.closed_error()
         if self._returned:
-            if self._pid != os.getpid():
+            if self._pid != process_id():
                 self._forget_parent_process()  # the parent's kept messages are not ours
             else:
                 kept = self._take_returned(channel)
@@ -365,7 +366,7 @@ class Receiver:
         that comes later rings every process, or is noticed by the next hold."""
         engine, doorbell = self.engine, self.doorbell
         seat = engine.seat
-        if seat is None or doorbell is None or self._pid != os.getpid():
+        if seat is None or doorbell is None or self._pid != process_id():
             return False
         if not seat.add_if_quiet(waiter.channel, waiter):
             return False
@@ -392,7 +393,7 @@ class Receiver:
         if len(waiters) > 1:
             waiters = list(dict.fromkeys(waiters))  # a receive rung twice is served once
         waiters = [w for w in waiters if not w.future.done()]
-        if self._returned and self._pid == os.getpid():
+        if self._returned and self._pid == process_id():
             waiters = [w for w in waiters if not self._hand_kept(w)]
         if self._lent:
             waiters = [w for w in waiters if not self._hand_lent(w)]
@@ -575,7 +576,7 @@ class Receiver:
         slot is held."""
         if waiter.future.done():
             return
-        if self._pid != os.getpid():
+        if self._pid != process_id():
             # A forked child's first wait: nothing of its parent's receiving side is its own.
             self._forget_parent_process()
         try:
@@ -830,7 +831,7 @@ class Receiver:
         the receives that could not be (memory was full), wake those whose channels hold
         messages, each in its own event loop; then look for processes that died owning
         channels, and reap (``_reap``)."""
-        if self._closed or self._pid != os.getpid():
+        if self._closed or self._pid != process_id():
             return
         if self._returned:
             self._put_back_returned()
@@ -885,7 +886,7 @@ class Receiver:
         """Detach from the store; its contents stay. Every receive of this store still
         waiting, in whichever event loop or thread, raises ``StoreClosed`` (settled in its own
         loop); a receive called after this raises it at once."""
-        if self._pid != os.getpid():
+        if self._pid != process_id():
             # A forked child that never took the lock still holds its parent's doorbell and
             # thread state: it must not close the parent's socket or join its thread.
             self._forget_parent_process()

@@ -292,6 +292,14 @@ def byte_lock_holders(fd: int, offset: int) -> int:
 # Held across fork(), and by ``no_fork``.
 _fork_guard = threading.Lock()
 _own: weakref.WeakSet[OwnDescription] = weakref.WeakSet()
+# This process's pid, kept up to date by the hook below: ``os.getpid`` is a system call, and
+# every lock hold and many receives ask whether they run in a forked child.
+_pid = os.getpid()
+
+
+def process_id() -> int:
+    """``os.getpid()``, without the system call."""
+    return _pid
 
 
 @contextlib.contextmanager
@@ -325,6 +333,8 @@ class OwnDescription:
 
 
 def _after_fork_in_child() -> None:
+    global _pid
+    _pid = os.getpid()
     _fork_guard.release()
     # The parent's locks: shared with the parent, they would outlive it in this process.
     for own in list(_own):

@@ -46,7 +46,6 @@ import collections
 import fcntl
 import hashlib
 import logging
-import os
 import time
 import zlib
 from collections.abc import Callable, Hashable
@@ -73,7 +72,7 @@ from .layout import (
     MAGIC,
     WORD,
 )
-from .lock import OwnDescription
+from .lock import OwnDescription, process_id
 from .queues import OUT_OF_MEMORY, OVER_CAPACITY, QUEUED, ChannelQueues
 from .segment import Segment, format_areas, heaps, removal_hint
 from .slots import ProcessSlots, Seat, slot_locked
@@ -290,7 +289,7 @@ class Engine:
         # raises StoreClosed rather than track receives nobody will end.
         self.closing = False
         self._flush_step: Callable[[str], None] | None = None
-        self._pid = os.getpid()
+        self._pid = process_id()
         # The epoch this process last saw under the lock (a flush moves to the next one).
         self.epoch = words[H_EPOCH]
 
@@ -343,7 +342,7 @@ class Engine:
         w = self.words
         if w[H_MAGIC] != MAGIC:
             raise StoreCorrupted(f"{self.name} lost its magic word; {removal_hint(self.prefix)}")
-        if self._pid != os.getpid():
+        if self._pid != process_id():
             self.forget_parent_process()
         if w[H_JOURNAL_COUNT]:
             logger.warning("%s: rolling back an operation cut off by a dead process", self.name)
@@ -365,7 +364,7 @@ class Engine:
 
     def forget_parent_process(self) -> None:
         """In a forked child: nothing process-local of the parent's is ours but the mapping."""
-        self._pid = os.getpid()
+        self._pid = process_id()
         self.seat = None
         self._slot_byte = None  # the parent's, closed in this process at the fork (lock.py)
         self._rings, self.gone = [], []
