@@ -234,8 +234,8 @@ class Heap:
         fl, sl = idx >> SL_BITS, idx & 7
         if fl >= FIRST_LEVELS:
             return 0
-        # The bins from ``sl`` up, and below, the first levels from ``fl + 1`` up: the bits
-        # below shifted out (a mask of -1 << sl would be a negative C integer, compiled).
+        # The bins of this first level from ``sl`` up, else the first levels above ``fl``: the
+        # bits below shifted out, not masked off with -1 << sl (compiled, a negative C integer).
         sl_map = w[self._meta + M_SL_BITMAP + fl] >> sl << sl
         if not sl_map:
             fl_map = w[self._meta + M_FL_BITMAP] >> (fl + 1) << (fl + 1)
