@@ -54,6 +54,15 @@ L_NEXT, L_PREVIOUS = range(2)
 LINK_WORDS = 2
 
 SWEEP_PER_GROUP = 16
+# Compiled, groups.pxd makes the offsets above C variables, which are not attributes of the
+# module: they are made attributes as well, for the tests and tools that read records.
+globals().update(
+    G_NEXT=G_NEXT, G_HASH=G_HASH, G_FIRST=G_FIRST, G_LAST=G_LAST, G_MEMBERS=G_MEMBERS,
+    G_NAME_LENGTH=G_NAME_LENGTH, G_NAME=G_NAME, B_NEXT=B_NEXT, B_HASH=B_HASH, B_GROUP=B_GROUP,
+    B_LIST_NEXT=B_LIST_NEXT, B_LIST_PREV=B_LIST_PREV, B_ADDED=B_ADDED,
+    B_NAME_LENGTH=B_NAME_LENGTH, B_NAME=B_NAME, L_NEXT=L_NEXT, L_PREVIOUS=L_PREVIOUS,
+    LINK_WORDS=LINK_WORDS, SWEEP_PER_GROUP=SWEEP_PER_GROUP,
+)
 
 
 class GroupStore:

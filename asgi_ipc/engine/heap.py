@@ -43,6 +43,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..exceptions import StoreCorrupted
+from . import bitops
 from .journal import Journal
 from .layout import PAGE_WORDS
 
@@ -61,18 +62,25 @@ M_BINS = M_SL_BITMAP + FIRST_LEVELS
 RESERVE_WORDS = 1 << 17
 # Free blocks of the exact size class looked at when the good fit finds nothing (see _find).
 EXACT_BIN_STEPS = 8
+# Compiled, heap.pxd makes the constants above C variables, which are not attributes of the
+# module: they are made attributes as well, for the modules and tests that import them.
+globals().update(
+    USED=USED, PREV_USED=PREV_USED, MIN_BLOCK=MIN_BLOCK, SL_BITS=SL_BITS,
+    FIRST_LEVELS=FIRST_LEVELS, M_FL_BITMAP=M_FL_BITMAP, M_SL_BITMAP=M_SL_BITMAP, M_BINS=M_BINS,
+    EXACT_BIN_STEPS=EXACT_BIN_STEPS,
+)
 
 
 def _bin(size: int) -> int:
     """The bin a free block of ``size`` words is filed under."""
-    bits = size.bit_length()
+    bits = bitops.bit_length(size)
     if bits <= SL_BITS:
         return size
     return ((bits - SL_BITS) << SL_BITS) | ((size >> (bits - SL_BITS - 1)) & 7)
 
 
 def _lowest_bit(mask: int) -> int:
-    return (mask & -mask).bit_length() - 1
+    return bitops.bit_length(mask & -mask) - 1
 
 
 def _page_up(word: int) -> int:
@@ -216,7 +224,7 @@ class Heap:
 
     def _find(self, size: int) -> int:
         """A free block of at least ``size`` words, or 0."""
-        bits = size.bit_length()
+        bits = bitops.bit_length(size)
         wanted = size
         if bits > SL_BITS:
             # Round up to the next bin boundary, so that every block of the bin found fits.
@@ -226,9 +234,11 @@ class Heap:
         fl, sl = idx >> SL_BITS, idx & 7
         if fl >= FIRST_LEVELS:
             return 0
-        sl_map = w[self._meta + M_SL_BITMAP + fl] & (-1 << sl)
+        # The bins of this first level from ``sl`` up, else the first levels above ``fl``: the
+        # bits below shifted out, not masked off with -1 << sl (compiled, a negative C integer).
+        sl_map = w[self._meta + M_SL_BITMAP + fl] >> sl << sl
         if not sl_map:
-            fl_map = w[self._meta + M_FL_BITMAP] & (-1 << (fl + 1))
+            fl_map = w[self._meta + M_FL_BITMAP] >> (fl + 1) << (fl + 1)
             if not fl_map:
                 return self._find_in_own_bin(wanted)
             fl = _lowest_bit(fl_map)
@@ -327,8 +337,11 @@ class Heap:
         after_size = 0 if after_header & USED else after_header >> 2
         if not prev_used:
             prev_size = w[block - 1]
+            # Compared before it is subtracted: a huge size must not wrap round (heap.pxd).
+            if prev_size > block - self.start:
+                raise StoreCorrupted(f"block {block} of the heap has a bad free predecessor")
             prev = block - prev_size
-            if prev < self.start or w[prev] >> 2 != prev_size or w[prev] & USED:
+            if w[prev] >> 2 != prev_size or w[prev] & USED:
                 raise StoreCorrupted(f"block {block} of the heap has a bad free predecessor")
             if after_size:
                 self._remove(after, after_size)

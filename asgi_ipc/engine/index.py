@@ -32,6 +32,9 @@ from .layout import WORD
 NEXT, HASH = 1, 2
 
 MAX_CHAIN = 1 << 20  # a longer bucket chain can only be a cycle in a corrupt store
+# Compiled, index.pxd makes the constants above C variables, which are not attributes of the
+# module: they are made attributes as well, for the modules that import them.
+globals().update(NEXT=NEXT, HASH=HASH, MAX_CHAIN=MAX_CHAIN)
 
 
 def words_for(nbytes: int) -> int:

@@ -1,7 +1,7 @@
 # Compiled declarations for journal.py (Cython pure-Python mode: journal.py stays the source).
 # The word view is unsigned, as the store's words are; the index and value of a journaled write
 # are unsigned too, so a huge word used as an index fails the bounds check instead of becoming
-# a negative one.
+# a negative one (the rule of heap.pxd).
 
 cimport cython
 
@@ -16,10 +16,11 @@ cdef class Journal:
 
     @cython.locals(entry=Py_ssize_t, n=Py_ssize_t)
     cpdef void set(self, unsigned long long index, unsigned long long value) except *
-    cpdef add(self, index, n=*)
+    # The sum stays a Python integer: a counter wraps round modulo 2**64 by design.
+    cpdef void add(self, unsigned long long index, n=*) except *
     @cython.locals(entry=Py_ssize_t, n=Py_ssize_t)
     cpdef void keep(self, unsigned long long index) except *
     cpdef begin(self)
-    cpdef step(self)
-    cpdef checkpoint(self)
-    cpdef commit(self)
+    cpdef void step(self) except *
+    cpdef void checkpoint(self) except *
+    cpdef void commit(self) except *

@@ -1,8 +1,24 @@
 # Compiled declarations for queues.py (Cython pure-Python mode: queues.py stays the source).
-# As in heap.pxd, only attributes and methods are typed; the locals stay Python integers.
+# Locals are typed by the rule of heap.pxd: words from the store, and the addresses computed
+# from them, unsigned long long with overflow checked; counts Py_ssize_t. The inspection
+# (verify and its walks) stays untyped: it reads a damaged store as pure Python does.
 
-from .heap cimport Heap
+cimport cython
+
+from .heap cimport USED, Heap
+from .index cimport MAX_CHAIN, words_for
 from .journal cimport Journal
+
+ctypedef unsigned long long word
+
+cdef Py_ssize_t C_NEXT, C_HASH, C_HEAD, C_TAIL, C_COUNT, C_WAITERS, C_NAME_LENGTH, C_NAME
+cdef Py_ssize_t M_NEXT, M_SENT_NEXT, M_SENT_PREV, M_CHANNEL, M_EXPIRES, M_LENGTH, M_DATA
+cdef Py_ssize_t P_REFS, P_LENGTH, P_DATA, NODE_WORDS, W_NEXT, W_SLOT, W_TOKEN, RUN_CHANNELS
+cdef unsigned long long SHARED
+# From layout.py.
+cdef Py_ssize_t WORD, H_CHANNELS, H_DELIVERED, H_DISORDER_UNTIL, H_EXPIRED, H_EXPIRY_HEAD
+cdef Py_ssize_t H_EXPIRY_TAIL, H_GROUP_FULL, H_LATEST_EXPIRY, H_RECEIVED, H_RETURNED
+cdef Py_ssize_t H_REAPED_MESSAGES, H_SWEEP_CHANNEL
 
 cdef class ChannelQueues:
     # Instances take attributes of their own, as in pure Python (tests replace a method).
@@ -32,18 +48,42 @@ cdef class ChannelQueues:
     cpdef first_member(self, rec)
     cpdef reap_message(self, rec)
     cpdef disown(self, rec)
-    cpdef _unlink(self, rec, prev=*)
-    cpdef _drop_expired(self, rec, now)
-    cpdef _drop(self, rec, prev=*)
-    cpdef _reclaim(self, rec, now, limit)
-    cpdef _read(self, node)
-    cpdef _note_expiry(self, expires, ahead)
-    cpdef append(self, name, data, crc, capacity, expires, now, rings)
-    cpdef pop(self, name, now, rec=*)
-    cpdef lend(self, rec, now, slot, token, limit, budget)
+    @cython.locals(node=word, following=word, before=word, after=word)
+    cpdef word _unlink(self, word rec, word prev=*) except? 0
+    @cython.locals(head=word)
+    cpdef _drop_expired(self, word rec, word now)
+    @cython.locals(node=word)
+    cpdef _drop(self, word rec, word prev=*)
+    @cython.locals(prev=word, node=word, dropped=Py_ssize_t, left=word, following=word)
+    cpdef Py_ssize_t _reclaim(self, word rec, word now, Py_ssize_t limit) except -1
+    @cython.locals(packed=word, start=word, payload=word, length=word, crc=word)
+    cpdef bytes _read(self, word node)
+    @cython.locals(header=word, size=word)
+    cpdef bint _is_payload(self, word block) except -1
+    @cython.locals(payload=word, refs=word)
+    cpdef _unref(self, word node)
+    @cython.locals(latest=word)
+    cpdef _note_expiry(self, word expires, bint ahead)
+    @cython.locals(rec=word, payload_words=Py_ssize_t, node=word, count=word, last=word,
+                   tail=word)
+    cpdef append(self, name, data, word crc, capacity, word expires, word now, list rings)
+    @cython.locals(rec=word, full=Py_ssize_t)
+    cpdef tuple _accept_run(self, list names, capacity_of, word now)
+    @cython.locals(last=word, previous=word, k=Py_ssize_t, rec=word, node=word, count=word,
+                   tail=word)
+    cpdef _link_run(self, list accepted, list nodes, word payload, word expires, list rings)
+    @cython.locals(node=word, expires=word)
+    cpdef pop(self, name, word now, word rec=*)
+    @cython.locals(x=word, node=word, expires=word)
+    cpdef list lend(self, word rec, word now, slot, token, Py_ssize_t limit, Py_ssize_t budget)
     cpdef settle(self, name, handed)
     cpdef put_back(self, name, data, crc, expires, rings)
-    cpdef _write_message(self, node, rec, data, crc, expires)
-    cpdef expire(self, now, limit)
-    cpdef _collect_doorbells(self, rec, name, rings)
-    cpdef sweep(self, now, buckets, limit)
+    @cython.locals(start=word)
+    cpdef _write_message(self, word node, word rec, data, word crc, word expires)
+    @cython.locals(done=Py_ssize_t, node=word, rec=word)
+    cpdef Py_ssize_t expire(self, word now, Py_ssize_t limit) except -1
+    @cython.locals(node=word)
+    cpdef _collect_doorbells(self, word rec, name, list rings)
+    @cython.locals(base=Py_ssize_t, mask=word, hand=word, passed=Py_ssize_t,
+                   dropped=Py_ssize_t, walk=bint, rec=word, steps=Py_ssize_t, following=word)
+    cpdef sweep(self, word now, Py_ssize_t buckets, Py_ssize_t limit)

@@ -165,6 +165,16 @@ _GROUP_OUTCOME = {QUEUED: H_DELIVERED, OVER_CAPACITY: H_GROUP_FULL, OUT_OF_MEMOR
 # (see ``append_to_all``); it journals three words per node, well within the room that
 # ``Journal.checkpoint`` leaves.
 RUN_CHANNELS = 512
+# Compiled, queues.pxd makes the offsets above C variables, which are not attributes of the
+# module: they are made attributes as well, for the tests and tools that read records.
+globals().update(
+    C_NEXT=C_NEXT, C_HASH=C_HASH, C_HEAD=C_HEAD, C_TAIL=C_TAIL, C_COUNT=C_COUNT,
+    C_WAITERS=C_WAITERS, C_NAME_LENGTH=C_NAME_LENGTH, C_NAME=C_NAME, M_NEXT=M_NEXT,
+    M_SENT_NEXT=M_SENT_NEXT, M_SENT_PREV=M_SENT_PREV, M_CHANNEL=M_CHANNEL, M_EXPIRES=M_EXPIRES,
+    M_LENGTH=M_LENGTH, M_DATA=M_DATA, P_REFS=P_REFS, P_LENGTH=P_LENGTH, P_DATA=P_DATA,
+    SHARED=SHARED, NODE_WORDS=NODE_WORDS, W_NEXT=W_NEXT, W_SLOT=W_SLOT, W_TOKEN=W_TOKEN,
+    RUN_CHANNELS=RUN_CHANNELS,
+)
 
 
 class ChannelQueues:
@@ -429,11 +439,12 @@ class ChannelQueues:
         that a damaged reference raises StoreCorrupted rather than change or free another
         block's words."""
         w, heap = self._w, self.heap
-        if not heap.start <= block or block + P_DATA >= heap.end:
+        # Nothing is added to ``block`` or ``size`` before they are checked (heap.pxd).
+        if not heap.start <= block or block >= heap.end - P_DATA:
             return False
         header = w[block]
         size = header >> 2
-        return bool(header & USED) and block + size < heap.end and (
+        return bool(header & USED) and size < heap.end - block and size >= P_DATA and (
             (size - P_DATA) * WORD >= w[block + P_LENGTH] & 0xFFFFFFFF
         )
 
@@ -550,26 +561,9 @@ class ChannelQueues:
         w, j = self._w, self._j
         skipped = payload = 0
         for first in range(0, len(names), RUN_CHANNELS):
-            accepted: list[tuple[bytes, int, int]] = []
-            for name in names[first : first + RUN_CHANNELS]:
-                j.checkpoint()
-                capacity = capacity_of(name)
-                h = self.hash(name)
-                rec = self.find(name, h)
-                if rec:
-                    self._drop_expired(rec, now)
-                    if w[rec + C_COUNT] >= capacity:
-                        skipped += 1
-                        j.add(H_GROUP_FULL)
-                        continue
-                elif capacity < 1:
-                    skipped += 1
-                    j.add(H_GROUP_FULL)
-                    continue
-                if not rec:
-                    j.step()  # expired messages of the channels before stay dropped
-                    rec = self._create(name, h)
-                accepted.append((name, rec, capacity))
+            accepted, full = self._accept_run(names[first : first + RUN_CHANNELS], capacity_of,
+                                              now)
+            skipped += full
             if not accepted:
                 continue
             j.checkpoint()
@@ -592,36 +586,81 @@ class ChannelQueues:
                     data, crc, expires, now, rings,
                 )
                 continue
-            self._note_expiry(expires, False)
-            last = w[H_EXPIRY_TAIL]
-            previous, woken = last, []
-            for (name, rec, _capacity), node, following in zip(
-                accepted, nodes, [*nodes[1:], 0], strict=True
-            ):
-                # Written without the journal: nothing reaches the node before it is linked.
-                w[node + M_NEXT] = 0
-                w[node + M_SENT_NEXT] = following
-                w[node + M_SENT_PREV] = previous
-                w[node + M_CHANNEL] = rec
-                w[node + M_EXPIRES] = expires
-                w[node + M_LENGTH] = SHARED
-                w[node + M_DATA] = payload
-                previous = node
-                count, tail = w[rec + C_COUNT], w[rec + C_TAIL]
-                j.set(tail + M_NEXT if tail else rec + C_HEAD, node)
-                j.set(rec + C_TAIL, node)
-                j.set(rec + C_COUNT, count + 1)
-                if not tail and w[rec + C_WAITERS]:
-                    woken.append((name, rec))
-            j.set(last + M_SENT_NEXT if last else H_EXPIRY_HEAD, nodes[0])
-            j.set(H_EXPIRY_TAIL, nodes[-1])
-            j.set(payload + P_REFS, w[payload + P_REFS] + len(nodes))
-            j.add(H_DELIVERED, len(nodes))
-            # Only now that the whole run is linked and counted: pruning stale waiters may
-            # commit.
-            for name, rec in woken:
-                self._collect_doorbells(rec, name, rings)
+            self._link_run(accepted, nodes, payload, expires, rings)
         return skipped
+
+    def _accept_run(
+        self, names: list[bytes], capacity_of: Callable[[bytes], int], now: int
+    ) -> tuple[list[tuple[bytes, int, int]], int]:
+        """The capacity checks of a run of a group_send: (the channels of ``names`` that have
+        room, as (name, record, capacity), the number that are full). Each channel's expired
+        messages are dropped first; a channel with no record gets one (0 when channel memory
+        has no room for it, which the caller finds)."""
+        w, j = self._w, self._j
+        accepted: list[tuple[bytes, int, int]] = []
+        full = 0
+        for name in names:
+            j.checkpoint()
+            capacity = capacity_of(name)
+            h = self.hash(name)
+            rec = self.find(name, h)
+            if rec:
+                self._drop_expired(rec, now)
+                if w[rec + C_COUNT] >= capacity:
+                    full += 1
+                    j.add(H_GROUP_FULL)
+                    continue
+            elif capacity < 1:
+                full += 1
+                j.add(H_GROUP_FULL)
+                continue
+            if not rec:
+                j.step()  # expired messages of the channels before stay dropped
+                rec = self._create(name, h)
+            accepted.append((name, rec, capacity))
+        return accepted, full
+
+    def _link_run(
+        self,
+        accepted: list[tuple[bytes, int, int]],
+        nodes: list[int],
+        payload: int,
+        expires: int,
+        rings: list,
+    ) -> None:
+        """Link the shared nodes ``nodes`` of a run of a group_send, one per channel of
+        ``accepted``, each referencing ``payload``: last into its channel, then the whole run
+        into the order of sending, and add them to the payload's count."""
+        w, j = self._w, self._j
+        self._note_expiry(expires, False)
+        last = w[H_EXPIRY_TAIL]
+        previous, woken = last, []
+        for k in range(len(nodes)):
+            name, rec, _capacity = accepted[k]
+            node = nodes[k]
+            # Written without the journal: nothing reaches the node before it is linked.
+            w[node + M_NEXT] = 0
+            w[node + M_SENT_NEXT] = nodes[k + 1] if k + 1 < len(nodes) else 0
+            w[node + M_SENT_PREV] = previous
+            w[node + M_CHANNEL] = rec
+            w[node + M_EXPIRES] = expires
+            w[node + M_LENGTH] = SHARED
+            w[node + M_DATA] = payload
+            previous = node
+            count, tail = w[rec + C_COUNT], w[rec + C_TAIL]
+            j.set(tail + M_NEXT if tail else rec + C_HEAD, node)
+            j.set(rec + C_TAIL, node)
+            j.set(rec + C_COUNT, count + 1)
+            if not tail and w[rec + C_WAITERS]:
+                woken.append((name, rec))
+        j.set(last + M_SENT_NEXT if last else H_EXPIRY_HEAD, nodes[0])
+        j.set(H_EXPIRY_TAIL, nodes[-1])
+        j.set(payload + P_REFS, w[payload + P_REFS] + len(nodes))
+        j.add(H_DELIVERED, len(nodes))
+        # Only now that the whole run is linked and counted: pruning stale waiters may
+        # commit.
+        for name, rec in woken:
+            self._collect_doorbells(rec, name, rings)
 
     def _append_each(
         self,
@@ -660,7 +699,8 @@ class ChannelQueues:
         """The oldest unexpired message of ``name`` and its expiry, or None. ``rec``, when
         the caller knows it (a registration of its own keeps it in place), saves the lookup."""
         w = self._w
-        rec = rec or self.find(name, self.hash(name))
+        if not rec:
+            rec = self.find(name, self.hash(name))
         if not rec:
             return None
         found = None
@@ -1007,6 +1047,31 @@ class ChannelQueues:
             waiter, steps = w[waiter + W_NEXT], steps + 1
         return live, dead, words
 
+    def _check_order_of_sending(self, messages: int, problems: list[str]) -> None:
+        """Walk the order of sending, which must hold the ``messages`` found in channels, each
+        linked back to the one before."""
+        w = self._w
+        sent, node, prev = 0, w[H_EXPIRY_HEAD], 0
+        while node and sent <= messages:
+            if w[node + M_SENT_PREV] != prev:
+                problems.append(f"message {node} has a wrong back link in the order of sending")
+            prev, node, sent = node, w[node + M_SENT_NEXT], sent + 1
+        if sent != messages or prev != w[H_EXPIRY_TAIL]:
+            problems.append(
+                f"{messages} messages in channels, {sent} in the order of sending"
+            )
+
+    def _check_references(self, references: dict[int, int], problems: list[str]) -> None:
+        """Each payload block must count the shared nodes found referencing it (``references``:
+        payload block -> nodes)."""
+        w = self._w
+        for payload, nodes in references.items():
+            if self._is_payload(payload) and w[payload + P_REFS] != nodes:
+                problems.append(
+                    f"payload block {payload} counts {w[payload + P_REFS]} references, "
+                    f"{nodes} messages reference it"
+                )
+
     def verify(
         self, now: int, alive: Container[tuple[int, int]], top: int = 10, check: bool = True
     ) -> dict:
@@ -1084,21 +1149,8 @@ class ChannelQueues:
             )
         if records != w[H_CHANNELS]:
             problems.append(f"{records} channel records, header says {w[H_CHANNELS]}")
-        sent, node, prev = 0, w[H_EXPIRY_HEAD], 0
-        while node and sent <= messages:
-            if w[node + M_SENT_PREV] != prev:
-                problems.append(f"message {node} has a wrong back link in the order of sending")
-            prev, node, sent = node, w[node + M_SENT_NEXT], sent + 1
-        if sent != messages or prev != w[H_EXPIRY_TAIL]:
-            problems.append(
-                f"{messages} messages in channels, {sent} in the order of sending"
-            )
-        for payload, nodes in references.items():
-            if self._is_payload(payload) and w[payload + P_REFS] != nodes:
-                problems.append(
-                    f"payload block {payload} counts {w[payload + P_REFS]} references, "
-                    f"{nodes} messages reference it"
-                )
+        self._check_order_of_sending(messages, problems)
+        self._check_references(references, problems)
         if block_words != self.heap.used_words():
             problems.append(
                 f"channel memory: {self.heap.used_words()} words allocated, {block_words} "
