@@ -467,6 +467,8 @@ class Receiver:
         receives after it return without a lock hold or a wait; each one handed out here is
         settled with the store by the next lock hold (``_to_settle``). A flush since they
         were lent takes them, as it would have in the store."""
+        if channel not in self._lent:  # the common miss, without the guard
+            return None
         start_checks = False
         with self._lent_guard:
             lent = self._lent.get(channel)
