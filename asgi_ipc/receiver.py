@@ -92,7 +92,6 @@ from .doorbell import (
 )
 from .engine import Engine, Seat, Taken, now_ms
 from .engine.layout import H_EPOCH, H_FLUSHING, SLOTS
-from .engine.lock import process_id
 from .exceptions import StoreClosed, StoreError
 
 logger = logging.getLogger(__name__)
@@ -139,7 +138,6 @@ class Receiver:
         # The checker thread and the event that stops it, while one runs (see _run_checks).
         self._checker: tuple[threading.Thread, threading.Event] | None = None
         self._checker_guard = threading.Lock()
-        self._pid = process_id()
         self._local = threading.local()  # each thread's receives to serve together
         # Messages of cancelled receives that found no channel memory to go back to, oldest
         # first, by channel: (data, expiry, epoch). See ``_return``.
@@ -160,8 +158,10 @@ class Receiver:
         self._lent_guard = threading.Lock()
 
     def _forget_parent_process(self) -> None:
-        # A forked child shares nothing process-local with its parent but the mapping.
-        self._pid = process_id()
+        """In a forked child, at once (``_after_fork_in_child``): nothing process-local of the
+        parent's is the child's but the mapping. Not its doorbell, thread or kept and lent
+        messages (each handed out in both processes would be delivered twice), nor its slot,
+        whose byte lock.py closed in the child already."""
         self.engine.forget_parent_process()
         self.doorbell = None
         self._slot_guard = threading.Lock()
@@ -211,8 +211,6 @@ class Receiver:
         held, the channel has no owner."""
         if self._closed:
             raise self.engine.closed_error()
-        if self._pid != process_id():
-            self._forget_parent_process()
         engine = self.engine
         if engine.seat is None:
             self._take_slot()
@@ -325,12 +323,9 @@ class Receiver:
         if self._closed:
             raise self.engine.closed_error()
         if self._returned:
-            if self._pid != process_id():
-                self._forget_parent_process()  # the parent's kept messages are not ours
-            else:
-                kept = self._take_returned(channel)
-                if kept is not None:
-                    return kept[0]
+            kept = self._take_returned(channel)
+            if kept is not None:
+                return kept[0]
         if self._lent:
             lent = self._take_lent(channel)
             if lent is not None:
@@ -366,7 +361,7 @@ class Receiver:
         that comes later rings every process, or is noticed by the next hold."""
         engine, doorbell = self.engine, self.doorbell
         seat = engine.seat
-        if seat is None or doorbell is None or self._pid != process_id():
+        if seat is None or doorbell is None:
             return False
         if not seat.add_if_quiet(waiter.channel, waiter):
             return False
@@ -393,7 +388,7 @@ class Receiver:
         if len(waiters) > 1:
             waiters = list(dict.fromkeys(waiters))  # a receive rung twice is served once
         waiters = [w for w in waiters if not w.future.done()]
-        if self._returned and self._pid == process_id():
+        if self._returned:
             waiters = [w for w in waiters if not self._hand_kept(w)]
         if self._lent:
             waiters = [w for w in waiters if not self._hand_lent(w)]
@@ -578,9 +573,6 @@ class Receiver:
         slot is held."""
         if waiter.future.done():
             return
-        if self._pid != process_id():
-            # A forked child's first wait: nothing of its parent's receiving side is its own.
-            self._forget_parent_process()
         try:
             self._take_slot()
         except Exception as exc:  # the wake-up directory is not ours (ForeignObject), ...
@@ -833,7 +825,7 @@ class Receiver:
         the receives that could not be (memory was full), wake those whose channels hold
         messages, each in its own event loop; then look for processes that died owning
         channels, and reap (``_reap``)."""
-        if self._closed or self._pid != process_id():
+        if self._closed:
             return
         if self._returned:
             self._put_back_returned()
@@ -888,10 +880,6 @@ class Receiver:
         """Detach from the store; its contents stay. Every receive of this store still
         waiting, in whichever event loop or thread, raises ``StoreClosed`` (settled in its own
         loop); a receive called after this raises it at once."""
-        if self._pid != process_id():
-            # A forked child that never took the lock still holds its parent's doorbell and
-            # thread state: it must not close the parent's socket or join its thread.
-            self._forget_parent_process()
         if self._closed:
             return
         self._closed = True
@@ -932,17 +920,18 @@ class Receiver:
             engine.close()
 
 
+# Every receiver of this process, for the fork hook.
 _RECEIVERS: weakref.WeakSet[Receiver] = weakref.WeakSet()
 
 
-def _forget_lent_after_fork() -> None:
-    # At once, not when the child next uses the store: a lent message handed out in both
-    # processes would be delivered twice.
+def _after_fork_in_child() -> None:
     for receiver in list(_RECEIVERS):
-        receiver._forget_lent()
+        receiver._forget_parent_process()
 
 
-os.register_at_fork(after_in_child=_forget_lent_after_fork)
+# Registered after engine/lock.py's and segment.py's hooks (imported first), which run first in
+# the child: the slot bytes are closed and the store reopened before the receivers forget.
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _fail(waiter: Waiter, exc: BaseException) -> None:
