@@ -255,6 +255,8 @@ class Receiver:
         if self.engine.slots.take_missed(seat.slot):
             names.add(b"")
         self._wake(seat, names)
+        if self.engine.parcels_pending():
+            self._check_later()  # drains them if no receive does first
 
     def _wake(
         self, seat: Seat[Waiter], names: set[bytes] | list[bytes] | None, later: bool = False
@@ -405,6 +407,8 @@ class Receiver:
                 self.engine.take(waiters, taken)
             finally:
                 self._settled(taken)
+                if taken.drained:
+                    self._keep_parcels(taken.parcels[: taken.drained], taken.epoch, waiters)
             handed, failed = taken.handed, taken.failed
         except BaseException as exc:
             error = exc
@@ -433,15 +437,27 @@ class Receiver:
         for waiter, problem in failed:
             self._stop_tracking(waiter)
             _fail(waiter, problem)
+        deferred = taken.deferred if interrupted is None and not failed else []
+        if deferred:
+            # Their channels' parcels are lent here now, older than what the channels hold.
+            rest = [w for w in deferred if not w.future.done() and not self._hand_lent(w)]
+            if rest:
+                rest[0].loop.call_soon(self._serve, rest)
+        if self._lent and interrupted is None:
+            # A receive left waiting on a channel whose messages another event loop's hold
+            # lent here meanwhile: ``_keep_parcels`` woke it before it was tracked, or after.
+            for waiter in waiters:
+                if not waiter.future.done() and waiter.channel in self._lent:
+                    self._hand_lent(waiter)
         for waiter in taken.unseated:
             # The first wait of this process: a slot is claimed without the lock, after it.
             if time.monotonic() < self._slots_full_until:
                 _fail(waiter, self._slots_full())
             else:
                 waiter.loop.call_soon(self._claim_and_serve, waiter)
-        if interrupted is None and len(handed) + len(failed) + len(taken.unseated) < len(
-            waiters
-        ):
+        if interrupted is None and len(handed) + len(failed) + len(taken.unseated) + len(
+            deferred
+        ) < len(waiters):
             # Some wait now, tracked by the seat: make sure the doorbell is read and the checker
             # runs (started here rather than under the lock, where no other process should
             # wait on it).
@@ -449,7 +465,7 @@ class Receiver:
             if doorbell is not None and loop not in doorbell.readers:
                 doorbell.watch(loop)
             self._check_later()
-        self._loop_state(waiters[0].loop).gathering = len(handed) > 1
+        self._loop_state(waiters[0].loop).gathering = len(handed) + len(deferred) > 1
         if interrupted is not None:
             raise interrupted
 
@@ -516,6 +532,42 @@ class Receiver:
         if seat is not None and seat.waiters([channel]):
             self._wake(seat, [channel], later=True)
 
+    def _keep_parcels(
+        self, parcels: list[tuple[bytes, int, list[bytes]]], epoch: int, batch: list[Waiter]
+    ) -> None:
+        """Keep the messages of the parcels a hold drained (``Engine.take``, ``Engine.check``)
+        as lent, each for every channel it names (one bytes object for all of them, never
+        changed), behind those lent already; then wake the receives of this process waiting on
+        those channels, but for those of ``batch``, which the caller serves."""
+        channels: list[bytes] = []
+        with self._lent_guard:
+            if epoch != self._lent_epoch:  # a flush took those of the epoch before
+                self._lent.clear()
+                self._unsettled.clear()
+                self._lent_epoch = epoch
+            lent = self._lent
+            for data, expires, names in parcels:
+                item = (data, expires)
+                for name in names:
+                    kept = lent.get(name)
+                    if kept is None:
+                        kept = lent[name] = collections.deque()
+                    kept.append(item)
+                channels.extend(names)
+        seat = self.engine.seat
+        if seat is None:
+            return
+        served = set(batch)
+        others: dict[asyncio.AbstractEventLoop, list[Waiter]] = {}
+        for waiter in seat.waiters(channels):
+            if waiter not in served:
+                others.setdefault(waiter.loop, []).append(waiter)
+        for loop, waiters in others.items():
+            try:
+                loop.call_soon_threadsafe(self._serve, waiters)
+            except RuntimeError:
+                pass  # its loop is closed: those receives will never look again
+
     def _keep_returned_lent(self, channel: bytes, data: bytes, expires: int, epoch: int) -> bool:
         """A message of ``channel`` taken for a receive that was cancelled goes first among the
         messages lent for it, if there are any: True if it did (it counts as lent again)."""
@@ -566,6 +618,8 @@ class Receiver:
             self.engine.take([], taken)
         finally:
             self._settled(taken)
+            if taken.drained:
+                self._keep_parcels(taken.parcels[: taken.drained], taken.epoch, [])
 
     def _claim_and_serve(self, waiter: Waiter) -> None:
         """After the lock hold that found ``waiter``'s channel empty while this process had no
@@ -816,6 +870,7 @@ class Receiver:
                     and not self._lent
                     and not self._unsettled
                     and not self.engine.reaping()
+                    and not self.engine.parcels_pending()
                 ):
                     self._checker = None
                     return
@@ -839,7 +894,12 @@ class Receiver:
                 if waiter.loop.is_closed():
                     seat.discard(waiter.channel, waiter)
             bound = self.doorbell is None and self._bind_late(seat)
-            ready = self.engine.check(seat)
+            taken = Taken()
+            try:
+                ready = self.engine.check(seat, taken)
+            finally:
+                if taken.drained:
+                    self._keep_parcels(taken.parcels[: taken.drained], taken.epoch, [])
             if self.engine.due:
                 self._ring()
             # Once bound at last, every receive is served again, so that each event loop with
@@ -900,7 +960,7 @@ class Receiver:
                 self._put_back_for_good()
             if seat is not None:
                 try:
-                    engine.leave(seat)
+                    engine.leave(seat, self._to_settle())
                     self._reap()  # this process's channels, and whatever else is left
                 except Exception:
                     # The slot is freed anyway once its byte is unlocked below, and what it

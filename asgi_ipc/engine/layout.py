@@ -8,7 +8,7 @@ start on page boundaries so that each can be returned to the kernel on ``flush``
     header          page 0: magic, layout version, geometry, the live words and counters below
     message heap    allocator metadata of the channel memory          (1 page)
     group heap      allocator metadata of the group memory            (1 page)
-    process slots   one slot per process that waits or owns channels  (SLOTS x 5 words)
+    process slots   one slot per process that waits or owns channels  (SLOTS x 7 words)
     journal         the undo journal of the operation in progress     (JOURNAL_ENTRIES x 2 words)
     channel index   hash buckets: channel name -> channel record      (the capacity lookups)
     channel memory  channel records, waiter records, queued messages  (channel_memory bytes)
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from ..host import SHM_DIR
 
 MAGIC = int.from_bytes(b"ASGI-IPC", "little")
-LAYOUT_VERSION = 5  # 2: slots live by their byte lock, doorbells at paths; counters;
+LAYOUT_VERSION = 6  # 2: slots live by their byte lock, doorbells at paths; counters;
 #                      3: a group_send stores its payload once (queues.py);
 #                      4: the wake-up directory named by the store's key, the attached byte,
 #                         the expiry-order hints (processes of 3 and 4 would miss each
@@ -49,11 +49,15 @@ LAYOUT_VERSION = 5  # 2: slots live by their byte lock, doorbells at paths; coun
 #                         their owner and memberships;
 #                      5: the owner part counts the messages lent to the channel's owner
 #                         (queues.py), which a process of 4 would not count against capacity
+#                      6: a group_send lends to the owners of its members in parcels, listed
+#                         by each process slot (two more words a slot) and, once their owner
+#                         is gone, in the header (queues.py); a process of 5 would neither
+#                         drain nor free them
 
 WORD = 8
 PAGE_WORDS = 512
 SLOTS = 1024
-SLOT_WORDS = 5
+SLOT_WORDS = 7
 SLOT_TABLE = 3 * PAGE_WORDS  # the word where the process slots start
 ATTACHED_BYTE = 0
 JOURNAL_ENTRIES = 1 << 16
@@ -112,6 +116,11 @@ H_REAPED_MESSAGES = 43  # messages dropped unread from them
 # The first channel record of the list of channels whose owner is gone and that are still to
 # be reaped (queues.py); changed through the journal.
 H_REAP_HEAD = 44
+# (45 to 54 are kept for the words of stores shared between hosts.)
+# The first of the parcels whose owner is gone, still to be freed by reaping (queues.py);
+# changed through the journal.
+H_PARCELS_TO_FREE = 55
+H_PARCELS = 56  # parcels made by group_send() (queues.py): one per owning process a call
 COUNTERS = {
     "sent": H_SENT,
     "received": H_RECEIVED,
@@ -125,6 +134,7 @@ COUNTERS = {
     "reaped_channels": H_REAPED_CHANNELS,
     "reaped_memberships": H_REAPED_MEMBERSHIPS,
     "reaped_messages": H_REAPED_MESSAGES,
+    "parcels": H_PARCELS,
 }
 
 # \Z, not $: "$" would also let a trailing newline through into the object's name.

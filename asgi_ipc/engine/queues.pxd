@@ -15,10 +15,11 @@ cdef Py_ssize_t C_NEXT, C_HASH, C_HEAD, C_TAIL, C_COUNT, C_WAITERS, C_NAME_LENGT
 cdef Py_ssize_t M_NEXT, M_SENT_NEXT, M_SENT_PREV, M_CHANNEL, M_EXPIRES, M_LENGTH, M_DATA
 cdef Py_ssize_t P_REFS, P_LENGTH, P_DATA, NODE_WORDS, W_NEXT, W_SLOT, W_TOKEN, RUN_CHANNELS
 cdef unsigned long long SHARED
+cdef Py_ssize_t PC_NEXT, PC_PAYLOAD, PC_EXPIRES, PC_COUNT, PC_MEMBERS
 # From layout.py.
 cdef Py_ssize_t WORD, H_CHANNELS, H_DELIVERED, H_DISORDER_UNTIL, H_EXPIRED, H_EXPIRY_HEAD
 cdef Py_ssize_t H_EXPIRY_TAIL, H_GROUP_FULL, H_LATEST_EXPIRY, H_RECEIVED, H_RETURNED
-cdef Py_ssize_t H_REAPED_MESSAGES, H_SWEEP_CHANNEL
+cdef Py_ssize_t H_REAPED_MESSAGES, H_SWEEP_CHANNEL, H_PARCELS, H_PARCELS_TO_FREE
 
 cdef class ChannelQueues:
     # Instances take attributes of their own, as in pure Python (tests replace a method).
@@ -72,6 +73,21 @@ cdef class ChannelQueues:
     @cython.locals(last=word, previous=word, k=Py_ssize_t, rec=word, node=word, count=word,
                    tail=word)
     cpdef _link_run(self, list accepted, list nodes, word payload, word expires, list rings)
+    @cython.locals(rec=word, x=word, owner=word, n=Py_ssize_t, block=word, k=Py_ssize_t)
+    cpdef tuple _make_parcels(self, list accepted, word payload, word expires)
+    @cython.locals(rec=word, x=word, delivered=Py_ssize_t, head=word, last=word, block=word)
+    cpdef _link_parcels(self, list parcels, word payload, list rings)
+    @cython.locals(head=word, block=word, following=word, payload=word, expires=word, n=word,
+                   k=word, rec=word, x=word)
+    cpdef drain_parcel(self, slot, word now, list out)
+    @cython.locals(x=word)
+    cpdef word _lent_part(self, word rec, slot) except? 0
+    @cython.locals(block=word)
+    cpdef bint free_parcel(self) except -1
+    @cython.locals(packed=word, length=word, crc=word, start=word)
+    cpdef bytes _read_payload(self, word payload)
+    @cython.locals(refs=word)
+    cpdef _drop_payload(self, word payload)
     @cython.locals(node=word, expires=word)
     cpdef pop(self, name, word now, word rec=*)
     @cython.locals(x=word, node=word, expires=word)

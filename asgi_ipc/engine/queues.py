@@ -127,6 +127,8 @@ from .layout import (
     H_GROUP_FULL,
     H_LATEST_EXPIRY,
     H_NO_MEMORY,
+    H_PARCELS,
+    H_PARCELS_TO_FREE,
     H_REAP_HEAD,
     H_REAPED_CHANNELS,
     H_REAPED_MESSAGES,
@@ -148,6 +150,8 @@ SHARED = 0xFFFF_FFFF
 # payload block's address; with the header, 64 bytes.
 NODE_WORDS = M_DATA
 W_NEXT, W_SLOT, W_TOKEN = range(1, 4)
+# A parcel: what a group_send lends to one owning process (see the module docstring).
+PC_NEXT, PC_PAYLOAD, PC_EXPIRES, PC_COUNT, PC_MEMBERS = range(1, 6)
 # The owner part of the record of a process-specific channel (a name with "!"), in words from
 # the end of its name; see the module docstring.
 X_OWNER, X_TOKEN, X_NEXT, X_PREV, X_MEMBERS, X_LENT = range(6)
@@ -173,7 +177,8 @@ globals().update(
     M_SENT_NEXT=M_SENT_NEXT, M_SENT_PREV=M_SENT_PREV, M_CHANNEL=M_CHANNEL, M_EXPIRES=M_EXPIRES,
     M_LENGTH=M_LENGTH, M_DATA=M_DATA, P_REFS=P_REFS, P_LENGTH=P_LENGTH, P_DATA=P_DATA,
     SHARED=SHARED, NODE_WORDS=NODE_WORDS, W_NEXT=W_NEXT, W_SLOT=W_SLOT, W_TOKEN=W_TOKEN,
-    RUN_CHANNELS=RUN_CHANNELS,
+    RUN_CHANNELS=RUN_CHANNELS, PC_NEXT=PC_NEXT, PC_PAYLOAD=PC_PAYLOAD, PC_EXPIRES=PC_EXPIRES,
+    PC_COUNT=PC_COUNT, PC_MEMBERS=PC_MEMBERS,
 )
 
 
@@ -310,8 +315,16 @@ class ChannelQueues:
 
     def orphan(self, slot: int) -> None:
         """Under the lock, before ``slot``'s token changes (its process is gone): move the
-        channels it owned, all at once, to the front of the list of channels to reap."""
+        channels it owned, all at once, to the front of the list of channels to reap, and the
+        parcels lent to it to the front of the list of parcels to free."""
         w, j = self._w, self._j
+        head = self._slots.parcels_at(slot)
+        first = w[head]
+        if first:
+            j.set(w[head + 1] + PC_NEXT, w[H_PARCELS_TO_FREE])
+            j.set(H_PARCELS_TO_FREE, first)
+            j.set(head, 0)
+            j.set(head + 1, 0)
         head = self._slots.owned_at(slot)
         first = w[head]
         if not first:
@@ -350,8 +363,9 @@ class ChannelQueues:
         w, x = self._w, self._part(rec)
         if w[rec + C_WAITERS]:
             self._prune_waiters(rec, self._stale)
-        if w[x + X_LENT]:  # gone with its owner
+        if w[x + X_LENT]:  # gone with its owner, unread (in its parcels or lent to it)
             self._j.set(rec + C_COUNT, w[rec + C_COUNT] - w[x + X_LENT])
+            self._j.add(H_REAPED_MESSAGES, w[x + X_LENT])
             self._j.set(x + X_LENT, 0)
         self._unlink_owned(rec, x)
         self._j.add(H_REAPED_CHANNELS)
@@ -568,11 +582,20 @@ class ChannelQueues:
                 continue
             j.checkpoint()
             j.step()  # before the allocations below
-            nodes = []
+            nodes: list[int] = []
+            parcels: list = []
             if all(rec for _name, rec, _capacity in accepted):
                 payload = payload or self._store_payload(data, crc)
                 if payload:
-                    nodes = self.heap.alloc_run(NODE_WORDS, len(accepted))
+                    # Every block allocated before any count changes: the members whose
+                    # parcel found no room take the node path.
+                    accepted, parcels = self._make_parcels(accepted, payload, expires)
+                    if accepted:
+                        nodes = self.heap.alloc_run(NODE_WORDS, len(accepted))
+            if parcels:
+                self._link_parcels(parcels, payload, rings)
+            if not accepted:
+                continue
             if not nodes:
                 if payload and not w[payload + P_REFS]:
                     # Referenced by nothing: freed before the sends below reclaim memory, and
@@ -661,6 +684,155 @@ class ChannelQueues:
         # commit.
         for name, rec in woken:
             self._collect_doorbells(rec, name, rings)
+
+    def _make_parcels(
+        self, accepted: list[tuple[bytes, int, int]], payload: int, expires: int
+    ) -> tuple[list[tuple[bytes, int, int]], list]:
+        """Split the channels of a run of a group_send, ``accepted``, into those that take the
+        node path and the parcels of the others: (the first, [(slot, token, parcel block,
+        [(name, record, capacity)])]). A channel goes in a parcel to its owner when it has one that
+        lives (its slot still carries its token) and its list is empty, so that every message
+        queued on it is newer than its parcels. Each parcel is allocated and written here,
+        unjournaled: nothing reaches it before ``_link_parcels``."""
+        w, slots = self._w, self._slots
+        rest: list[tuple[bytes, int, int]] = []
+        by_slot: dict[int, list[tuple[bytes, int, int]]] = {}
+        for item in accepted:
+            name, rec, _capacity = item
+            if w[rec + C_HEAD] or b"!" not in name:
+                rest.append(item)
+                continue
+            x = self._part(rec)
+            owner = w[x + X_OWNER] & SLOT_MASK
+            if not owner or slots.token(owner - 1) != w[x + X_TOKEN]:
+                rest.append(item)
+                continue
+            members = by_slot.get(owner - 1)
+            if members is None:
+                members = by_slot[owner - 1] = []
+            members.append(item)
+        parcels = []
+        for slot, members in by_slot.items():
+            n = len(members)
+            block = self.heap.alloc(PC_MEMBERS - 1 + n)
+            if not block:
+                rest.extend(members)
+                continue
+            w[block + PC_NEXT] = 0
+            w[block + PC_PAYLOAD] = payload
+            w[block + PC_EXPIRES] = expires
+            w[block + PC_COUNT] = n
+            for k in range(n):
+                w[block + PC_MEMBERS + k] = members[k][1]
+            parcels.append((slot, slots.token(slot), block, members))
+        return rest, parcels
+
+    def _link_parcels(self, parcels: list, payload: int, rings: list) -> None:
+        """Lend the parcels of a run of a group_send (``_make_parcels``) to their owners: each
+        member's count and lent count go up by one, each parcel is linked last on its owner's
+        slot's list, and the payload counts one reference a parcel. The link from the slot's
+        list is what makes a parcel visible, and it commits with the rest of the run. An owner
+        registered on a member is rung for it (``Receiver._ring`` rings a process once)."""
+        w, j = self._w, self._j
+        delivered = 0
+        for slot, token, block, members in parcels:
+            for name, rec, _capacity in members:
+                x = self._part(rec)
+                j.set(rec + C_COUNT, w[rec + C_COUNT] + 1)
+                j.set(x + X_LENT, w[x + X_LENT] + 1)
+                if w[rec + C_WAITERS]:
+                    rings.append((slot, token, name))
+            delivered += len(members)
+            head = self._slots.parcels_at(slot)
+            last = w[head + 1]
+            j.set(last + PC_NEXT if last else head, block)
+            j.set(head + 1, block)
+        j.set(payload + P_REFS, w[payload + P_REFS] + len(parcels))
+        j.add(H_DELIVERED, delivered)
+        j.add(H_PARCELS, len(parcels))
+
+    def drain_parcel(self, slot: int, now: int, out: list) -> None:
+        """Under the lock, for the owner of ``slot``: take the first parcel lent to it off the
+        slot's list and free it. Its message, if it has not expired, is appended to ``out`` as
+        (data, expiry, [member channel names]), each member counted as received; an expired
+        one's members are counted as expired and settled here (they leave their counts). No
+        commit: the caller's."""
+        w, j = self._w, self._j
+        head = self._slots.parcels_at(slot)
+        block = w[head]
+        following = w[block + PC_NEXT]
+        j.set(head, following)
+        if not following:
+            j.set(head + 1, 0)
+        payload, expires, n = w[block + PC_PAYLOAD], w[block + PC_EXPIRES], w[block + PC_COUNT]
+        if n > (w[block] >> 2) - PC_COUNT:
+            raise StoreCorrupted(f"parcel {block} names more members than it holds")
+        if expires > now:
+            data = self._read_payload(payload)
+            names = []
+            for k in range(n):
+                rec = w[block + PC_MEMBERS + k]
+                self._lent_part(rec, slot)
+                names.append(self.name_of(rec))
+            out.append((data, expires, names))
+            j.add(H_RECEIVED, n)
+        else:
+            for k in range(n):
+                rec = w[block + PC_MEMBERS + k]
+                x = self._lent_part(rec, slot)
+                j.set(x + X_LENT, w[x + X_LENT] - 1)
+                j.set(rec + C_COUNT, w[rec + C_COUNT] - 1)
+            j.add(H_EXPIRED, n)
+        self._drop_payload(payload)
+        self.heap.free(block)
+
+    def _lent_part(self, rec: int, slot: int) -> int:
+        """The owner part of ``rec``, a member of a parcel of ``slot``: it must be owned by
+        that slot's process and have a message lent."""
+        if not self.heap.start <= rec < self.heap.end:
+            raise StoreCorrupted(f"a parcel names {rec}, not a channel record")
+        x = self.owner_part(rec)
+        w = self._w
+        if not x or w[x + X_OWNER] & SLOT_MASK != slot + 1 or not w[x + X_LENT]:
+            raise StoreCorrupted(f"a parcel names channel record {rec}, which it is not lent to")
+        return x
+
+    def free_parcel(self) -> bool:
+        """A step of reaping: free the first parcel whose owner is gone, with its reference
+        to its payload; its members' records are not touched (``disown`` forgets what was lent
+        to a reaped channel). False if none is left."""
+        w = self._w
+        block = w[H_PARCELS_TO_FREE]
+        if not block:
+            return False
+        self._j.set(H_PARCELS_TO_FREE, w[block + PC_NEXT])
+        self._drop_payload(w[block + PC_PAYLOAD])
+        self.heap.free(block)
+        return True
+
+    def _read_payload(self, payload: int) -> bytes:
+        """The bytes of the payload block at ``payload``, checked as ``_read`` checks."""
+        w = self._w
+        if not self._is_payload(payload):
+            raise StoreCorrupted(f"a parcel references {payload}, not a payload block")
+        packed = w[payload + P_LENGTH]
+        length, crc = packed & 0xFFFFFFFF, packed >> 32
+        start = (payload + P_DATA) * WORD
+        data = self._b[start : start + length]
+        if not length or len(data) != length or zlib.crc32(data) != crc:
+            raise StoreCorrupted(f"payload block {payload} fails its CRC check")
+        return data
+
+    def _drop_payload(self, payload: int) -> None:
+        """Give up a parcel's reference to the payload block at ``payload``: as ``_unref``."""
+        w = self._w
+        refs = w[payload + P_REFS] if self._is_payload(payload) else 0
+        if refs < 1:
+            raise StoreCorrupted(f"a parcel references {payload}, not a payload block")
+        if refs == 1:
+            self.heap.free(payload)
+        else:
+            self._j.set(payload + P_REFS, refs - 1)
 
     def _append_each(
         self,
@@ -1061,9 +1233,73 @@ class ChannelQueues:
                 f"{messages} messages in channels, {sent} in the order of sending"
             )
 
+    def _check_parcels(
+        self, references: dict[int, int], problems: list[str]
+    ) -> tuple[int, int, int, int]:
+        """Walk the parcels of every slot's list and of the list to free, adding each one's
+        reference to ``references`` and what is wrong to ``problems``: (parcels pending on
+        slots, the messages they lend, parcels to free, words of their blocks and of payload
+        blocks seen first here).
+        Each member of a pending parcel must be an owned record of that slot's process whose
+        lent count covers the pending parcels naming it."""
+        w, slots = self._w, self._slots
+        pending = to_free = words = lent = 0
+        naming: dict[int, int] = {}
+        limit = self.heap.size_words
+        for slot in range(-1, SLOTS):
+            head = H_PARCELS_TO_FREE if slot < 0 else slots.parcels_at(slot)
+            block, last, seen = w[head], 0, 0
+            while block:
+                seen += 1
+                if seen > limit:
+                    problems.append("a list of parcels loops")
+                    break
+                words += w[block] >> 2
+                payload = w[block + PC_PAYLOAD]
+                first = not references.get(payload, 0)
+                references[payload] = references.get(payload, 0) + 1
+                if first:
+                    if self._is_payload(payload):
+                        words += w[payload] >> 2
+                        try:
+                            self._read_payload(payload)
+                        except StoreCorrupted as exc:
+                            problems.append(str(exc))
+                    else:
+                        problems.append(f"parcel {block} references {payload}, not a payload "
+                                        "block")
+                if slot >= 0:
+                    n = w[block + PC_COUNT]
+                    if n > (w[block] >> 2) - PC_COUNT:
+                        problems.append(f"parcel {block} names more members than it holds")
+                        n = 0
+                    lent += n
+                    for k in range(n):
+                        rec = w[block + PC_MEMBERS + k]
+                        naming[rec] = naming.get(rec, 0) + 1
+                        x = self.owner_part(rec) if (
+                            self.heap.start <= rec < self.heap.end
+                        ) else 0
+                        if not x or w[x + X_OWNER] & SLOT_MASK != slot + 1 or (
+                            w[x + X_TOKEN] != slots.token(slot)
+                        ):
+                            problems.append(f"parcel {block} names {rec}, not a channel its "
+                                            "owner owns")
+                        elif w[x + X_LENT] < naming[rec]:
+                            problems.append(f"channel record {rec} lends {w[x + X_LENT]}, "
+                                            f"fewer than the parcels naming it")
+                last, block = block, w[block + PC_NEXT]
+            if slot < 0:
+                to_free = seen
+            else:
+                pending += seen
+                if last != w[head + 1]:
+                    problems.append(f"the list of parcels of slot {slot} has a wrong end")
+        return pending, lent, to_free, words
+
     def _check_references(self, references: dict[int, int], problems: list[str]) -> None:
-        """Each payload block must count the shared nodes found referencing it (``references``:
-        payload block -> nodes)."""
+        """Each payload block must count the shared nodes and parcels found referencing it
+        (``references``: payload block -> nodes and parcels)."""
         w = self._w
         for payload, nodes in references.items():
             if self._is_payload(payload) and w[payload + P_REFS] != nodes:
@@ -1150,6 +1386,11 @@ class ChannelQueues:
         if records != w[H_CHANNELS]:
             problems.append(f"{records} channel records, header says {w[H_CHANNELS]}")
         self._check_order_of_sending(messages, problems)
+        pending, lent, to_free, words = self._check_parcels(references, problems)
+        block_words += words
+        # The messages lent in parcels are still to be had: counted as the channels hold them.
+        figures["messages"] += lent
+        figures["parcels"], figures["parcels_to_free"] = pending, to_free
         self._check_references(references, problems)
         if block_words != self.heap.used_words():
             problems.append(

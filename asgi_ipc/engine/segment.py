@@ -83,6 +83,7 @@ from .layout import (
     H_MEMBER_BUCKETS,
     H_MEMBERSHIPS,
     H_MESSAGE_RESERVED,
+    H_PARCELS_TO_FREE,
     H_READY,
     H_REAP_HEAD,
     H_TOTAL_BYTES,
@@ -100,7 +101,7 @@ from .layout import (
     wake_dirs,
 )
 from .lock import Handle, OwnDescription, StoreLock, byte_lock, byte_lock_holders
-from .slots import SLOT_OWNED, held_slots
+from .slots import SLOT_OWNED, SLOT_PARCELS, held_slots
 
 logger = logging.getLogger(__name__)
 
@@ -354,10 +355,12 @@ def format_areas(
         heap.format()
         _give_back(words, heap.start + PAGE_WORDS, heap.end - PAGE_WORDS)
     for word in (H_EXPIRY_HEAD, H_EXPIRY_TAIL, H_LATEST_EXPIRY, H_DISORDER_UNTIL, H_CHANNELS,
-                 H_GROUPS, H_MEMBERSHIPS, H_REAP_HEAD):
+                 H_GROUPS, H_MEMBERSHIPS, H_REAP_HEAD, H_PARCELS_TO_FREE):
         words[word] = 0
-    # The slots stay, but the channels they list as owned are gone.
+    # The slots stay, but the channels they list as owned, and their parcels, are gone.
     for at in range(g.slots + SLOT_OWNED, g.slots + SLOTS * SLOT_WORDS, SLOT_WORDS):
+        words[at] = words[at + 1] = 0
+    for at in range(g.slots + SLOT_PARCELS, g.slots + SLOTS * SLOT_WORDS, SLOT_WORDS):
         words[at] = words[at + 1] = 0
 
 

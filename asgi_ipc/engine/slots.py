@@ -10,14 +10,15 @@ process that has the store open can test it (``F_OFD_GETLK``, through a descript
 lock), whatever PID namespace either is in: no pid is ever compared. ``Seat`` is this
 process's side of its slot: the registrations and waiting receives it tracks. A slot's words
 (pid for display, random token, missed-ring mark, the first and last of the channels its
-process owns) are changed through the journal under the global lock like any other word of the
+process owns, the first and last parcel lent to it by group_sends) are changed through the journal under the global lock like any other word of the
 store, except the missed-ring mark, a hint written without it. How a process claims, uses and
 frees its slot: see doorbell.py and receiver.py.
 
 A slot's token changes only when its holder records its own (``record``) or the slot is freed
 (``release``); either way whoever held it before is gone, so both first hand the channels it
-owned to the reaper (``vacate``, which is ``ChannelQueues.orphan``), in the same journal step.
-So the channels listed by a slot are always those of the process that holds its token.
+owned to the reaper (``vacate``, which is ``ChannelQueues.orphan``), and its parcels to the
+list of parcels to free, in the same journal step. So the channels and parcels listed by a slot
+are always those of the process that holds its token.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ SLOT_MISSED = 2  # set by a sender that found the doorbell's queue full
 # process owns (queues.py links them).
 SLOT_OWNED = 3
 SLOT_OWNED_LAST = 4
+# The first and the last parcel lent to the slot's process by group_sends and not drained yet
+# (queues.py).
+SLOT_PARCELS = 5
+SLOT_PARCELS_LAST = 6
 
 
 def slot_byte(slot: int) -> int:
@@ -97,6 +102,15 @@ class ProcessSlots:
         """The word that holds the first channel owned by ``slot``'s process; the last one's
         follows it."""
         return self._base + slot * SLOT_WORDS + SLOT_OWNED
+
+    def parcels_at(self, slot: int) -> int:
+        """The word that holds the first parcel pending for ``slot``'s process; the last
+        one's follows it."""
+        return self._base + slot * SLOT_WORDS + SLOT_PARCELS
+
+    def parcels_pending(self, slot: int) -> bool:
+        """Without the lock, a hint: whether parcels wait for ``slot``'s process."""
+        return 0 <= slot < SLOTS and bool(self._w[self._base + slot * SLOT_WORDS + SLOT_PARCELS])
 
     def record(self, slot: int, token: int) -> None:
         """Under the lock: ``slot``, whose byte this process holds, carries ``token`` now."""

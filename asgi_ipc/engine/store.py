@@ -66,6 +66,7 @@ from .layout import (
     H_LOCK_PID,
     H_MAGIC,
     H_NO_MEMORY,
+    H_PARCELS_TO_FREE,
     H_REAP_HEAD,
     H_REAPED_MEMBERSHIPS,
     H_SENT,
@@ -125,10 +126,16 @@ class Taken:
     slot: the caller claims one without the lock and tries them again;
     ``epoch``: the store's epoch while they were handed (a flush since takes them all);
     ``settled``: whether ``settle``, given by the caller as (epoch, {channel: messages}) of
-    lent messages handed out since, is settled for good (``ChannelQueues.settle``).
+    lent messages handed out since, is settled for good (``ChannelQueues.settle``);
+    ``parcels``: (message, expiry, [channel]) of each parcel drained for this process at the
+    start of the hold (``ChannelQueues.drain_parcel``), lent to it for each of those channels;
+    ``drained``: how many of ``parcels`` are taken for good, whatever happens next;
+    ``deferred``: the receives on channels that a parcel drained: not served by the hold, for
+    the caller to hand them what was lent first (what the channel holds is newer).
     Every other receive of the batch waits, tracked by the seat."""
 
-    __slots__ = ("handed", "durable", "failed", "unseated", "epoch", "settle", "settled")
+    __slots__ = ("handed", "durable", "failed", "unseated", "epoch", "settle", "settled",
+                 "parcels", "drained", "deferred")
 
     def __init__(self, settle: tuple[int, dict[bytes, int]] | None = None) -> None:
         # Made by the caller, before the lock is taken: the hold has nothing to allocate.
@@ -139,6 +146,9 @@ class Taken:
         self.epoch = 0
         self.settle = settle
         self.settled = False
+        self.parcels: list[tuple[bytes, int, list[bytes]]] = []
+        self.drained = 0
+        self.deferred: list[Any] = []
 
 
 class _Registrations:
@@ -413,7 +423,7 @@ class Engine:
         self.journal.add(_SEND_OUTCOME[result])
         self.queues.expire(now, EXPIRE_PER_SEND)
         self.queues.sweep(now, SWEEP_BUCKETS_PER_SEND, EXPIRE_PER_SEND)
-        if self.words[H_REAP_HEAD]:
+        if self.words[H_REAP_HEAD] or self.words[H_PARCELS_TO_FREE]:
             self._reap(REAP_PER_SEND)
         return result
 
@@ -440,6 +450,12 @@ class Engine:
             self._settle(*taken.settle)
             taken.settled = True
         seat = self.seat  # taken under the lock, after recovery brought it up to date
+        parceled: set[bytes] = set()
+        if seat is not None and self.words[self.slots.parcels_at(seat.slot)]:
+            # First of all: every message a channel holds is newer than its parcels.
+            self._drain(now, seat, taken)
+            for _data, _expires, names in taken.parcels:
+                parceled.update(names)
         records = seat.registered if seat is not None else {}
         pop = queues.pop
         fresh = _Registrations(journal, seat) if seat is not None else None
@@ -451,8 +467,11 @@ class Engine:
         commits = journal.commits
         try:
             for waiter in waiters:
-                journal.checkpoint()
                 channel = waiter.channel
+                if parceled and channel in parceled:
+                    taken.deferred.append(waiter)
+                    continue
+                journal.checkpoint()
                 rec = records.get(channel, 0)
                 found = pop(channel, now, rec)
                 if found is None or rec and not queued_at(rec):
@@ -494,6 +513,33 @@ class Engine:
                 fresh.forget()
             raise
 
+    def _drain(self, now: int, seat: Seat, taken: Taken) -> None:
+        """Under the lock, for ``take`` and ``check``: take every parcel lent to this process
+        (``ChannelQueues.drain_parcel``) into ``taken.parcels``, and commit, counting in
+        ``taken.drained`` those taken for good."""
+        journal, queues, parcels = self.journal, self.queues, taken.parcels
+        head = self.slots.parcels_at(seat.slot)
+        if self.slots.token(seat.slot) != seat.token:
+            return  # not ours: the slot was freed (they are to be freed with it)
+        commits = journal.commits
+        try:
+            while self.words[head]:
+                journal.checkpoint()
+                if journal.commits != commits:
+                    commits, taken.drained = journal.commits, len(parcels)
+                queues.drain_parcel(seat.slot, now, parcels)
+            journal.commit()
+            taken.drained = len(parcels)
+        except BaseException:
+            if journal.commits != commits:
+                taken.drained = len(parcels)
+            raise
+
+    def parcels_pending(self) -> bool:
+        """Without the lock, a hint: whether parcels wait for this process."""
+        seat = self.seat
+        return seat is not None and self.slots.parcels_pending(seat.slot)
+
     def _settle(self, epoch: int, handed: dict[bytes, int]) -> None:
         """Under the lock, for ``take``: the lent messages handed out since the last hold
         leave their channels' counts, unless a flush (another ``epoch``) took the channels."""
@@ -533,12 +579,17 @@ class Engine:
             return True  # flushed since: it would have gone with the rest
         return self.queues.put_back(channel, data, zlib.crc32(data), expires, self._rings)
 
-    @one_hold
-    def check(self, _now: int, seat: Seat) -> list[bytes]:
-        """The periodic check: register the receives that could not be (memory was full), and
+    @timed_hold
+    def check(self, now: int, seat: Seat, taken: Taken | None = None) -> list[bytes]:
+        """The periodic check: drain the parcels lent to this process into ``taken`` (as
+        ``take`` does), register the receives that could not be (memory was full), and
         return the channels waited on that hold messages. (Taking the lock also drops the
         registrations that have lapsed.)"""
         journal, waiting = self.journal, seat.waiting_channels()
+        if taken is not None:
+            taken.epoch = self.words[H_EPOCH]
+            if self.words[self.slots.parcels_at(seat.slot)]:
+                self._drain(now, seat, taken)
         fresh = _Registrations(journal, seat)
         try:
             for channel in waiting:
@@ -556,10 +607,15 @@ class Engine:
             raise
 
     @one_hold
-    def leave(self, _now: int, seat: Seat) -> None:
-        """On close: drop this process's registrations and free its slot, so that nothing
-        stale is left for senders and the sweep to prune; the channels it owned are to be
-        reaped (``reap``)."""
+    def leave(
+        self, _now: int, seat: Seat, settle: tuple[int, dict[bytes, int]] | None = None
+    ) -> None:
+        """On close: settle the lent messages handed out (``settle``, as ``Taken.settle``),
+        drop this process's registrations and free its slot, so that nothing stale is left
+        for senders and the sweep to prune; the channels it owned are to be reaped
+        (``reap``), and what is lent to it still counts as reaped with them."""
+        if settle is not None:
+            self._settle(*settle)
         for channel in list(seat.registered):
             self.journal.checkpoint()
             self.queues.remove_waiter(channel, seat.slot, seat.token)
@@ -616,7 +672,7 @@ class Engine:
     def reaping(self) -> bool:
         """Without the lock, a hint: whether channels of processes that are gone wait to be
         reaped (or this process found some such process, to hand to the reaper)."""
-        return bool(self.gone or self.words[H_REAP_HEAD])
+        return bool(self.gone or self.words[H_REAP_HEAD] or self.words[H_PARCELS_TO_FREE])
 
     @one_hold
     def reap(self, _now: int) -> bool:
@@ -629,9 +685,15 @@ class Engine:
         ``Journal.checkpoint`` between two), so that the hold may commit after any of them and
         a kill leaves the reaping where the last commit left it. A step removes one membership
         of the first channel to reap from its group, or else drops one of its messages, or
-        else ends its reaping (``ChannelQueues.disown``). True if some is left."""
+        else ends its reaping (``ChannelQueues.disown``); first of all, while parcels of
+        processes that are gone are left, a step frees one (``ChannelQueues.free_parcel``).
+        True if some is left."""
         w, journal, queues = self.words, self.journal, self.queues
         for _ in range(steps):
+            if w[H_PARCELS_TO_FREE]:
+                journal.checkpoint()
+                queues.free_parcel()
+                continue
             rec = w[H_REAP_HEAD]
             if not rec:
                 return False
@@ -642,7 +704,7 @@ class Engine:
                 journal.add(H_REAPED_MEMBERSHIPS)
             elif not queues.reap_message(rec):
                 queues.disown(rec)
-        return bool(w[H_REAP_HEAD])
+        return bool(w[H_REAP_HEAD] or w[H_PARCELS_TO_FREE])
 
     @timed_hold
     def group_add(self, now: int, group: bytes, channel: bytes) -> None:
@@ -667,7 +729,7 @@ class Engine:
             members, data, zlib.crc32(data), capacity_of, now + expiry_ms, now, self._rings
         )
         self.queues.expire(now, EXPIRE_PER_SEND)
-        if self.words[H_REAP_HEAD]:
+        if self.words[H_REAP_HEAD] or self.words[H_PARCELS_TO_FREE]:
             self._reap(REAP_PER_SEND)
         return len(members), skipped
 
