@@ -861,3 +861,77 @@ def take_one_and_hold(prefix, config, conn) -> None:
         await asyncio.sleep(3600)
 
     asyncio.run(run())
+
+
+def parcel_owner(prefix, config, count, group, conn) -> None:
+    """Make ``count`` channels with new_channel() and add each to ``group``; send ``("ready",
+    pid, names)``. Then answer the parent's commands, receiving nothing meanwhile:
+    ``("receive", {name: n})`` receives n messages of each channel, all at once, and sends
+    {name: [messages]}; ``("try", seconds)`` sends how many messages a receive on each channel
+    gets within ``seconds``; ``("stall", n, {name: k})``, as "receive", but after its ``n``-th
+    journaled write sends ``("stalled", writes)`` and sleeps for ever, holding the lock (or
+    sends ``("done", writes, got)``)."""
+
+    async def run() -> None:
+        layer = IPCChannelLayer(prefix=prefix, **config)
+        names = [await layer.new_channel() for _ in range(count)]
+        for name in names:
+            await layer.group_add(group, name)
+        conn.send(("ready", os.getpid(), names))
+        loop = asyncio.get_running_loop()
+
+        async def receive_all(wanted: dict) -> dict:
+            async def each(name: str, n: int) -> list:
+                return [await layer.receive(name) for _ in range(n)]
+
+            lists = await asyncio.gather(*(each(name, n) for name, n in wanted.items()))
+            return dict(zip(wanted, lists))
+
+        while True:
+            command = await loop.run_in_executor(None, conn.recv)
+            if command[0] == "receive":
+                conn.send(await receive_all(command[1]))
+            elif command[0] == "try":
+                got = 0
+                for name in names:
+                    try:
+                        await asyncio.wait_for(layer.receive(name), command[1])
+                        got += 1
+                    except asyncio.TimeoutError:
+                        pass
+                conn.send(got)
+            elif command[0] == "stall":
+                writes = 0
+
+                def maybe_stall(_word: int, stall_at: int = command[1]) -> None:
+                    nonlocal writes
+                    writes += 1
+                    if writes == stall_at:
+                        conn.send(("stalled", writes))
+                        time.sleep(3600)
+
+                layer.engine().inject(on_write=maybe_stall)
+                got = await receive_all(command[2])
+                layer.engine().journal.hook = None
+                conn.send(("done", writes, got))
+
+    asyncio.run(run())
+
+
+def group_send_after_journaled_writes(prefix, config, group, message, stall_at, conn) -> None:
+    """group_send ``message`` to ``group``, but after its ``stall_at``-th journaled write send
+    ``("stalled", writes)`` and sleep for ever, holding the store lock; or send ``("done",
+    writes)``."""
+    layer = IPCChannelLayer(prefix=prefix, **config)
+    writes = 0
+
+    def maybe_stall(_word: int) -> None:
+        nonlocal writes
+        writes += 1
+        if writes == stall_at:
+            conn.send(("stalled", writes))
+            time.sleep(3600)
+
+    layer.engine().inject(on_write=maybe_stall)
+    asyncio.run(layer.group_send(group, message))
+    conn.send(("done", writes))
