@@ -885,7 +885,7 @@ def parcel_owner(prefix, config, count, group, conn) -> None:
                 return [await layer.receive(name) for _ in range(n)]
 
             lists = await asyncio.gather(*(each(name, n) for name, n in wanted.items()))
-            return dict(zip(wanted, lists))
+            return dict(zip(wanted, lists, strict=True))
 
         while True:
             command = await loop.run_in_executor(None, conn.recv)

@@ -35,7 +35,13 @@ and writes them unjournaled too, then links each into its channel with three jou
 run into the order of sending with two, and adds the run's nodes to the payload's count with one;
 all of it commits with the group_send, or with a step of it (a run at a time). A payload block
 whose run found no room is freed before anything can commit, so a commit never leaves one
-unreachable. A message handed to a receive that was then cancelled is linked back in first
+unreachable. A parcel (below) is written unjournaled too, allocated with the payload and the
+nodes before any count changes; its members' counts and lent counts go up with two journaled
+words each, and the journaled link from its owner's slot list (the previous last parcel's
+``next``, or the slot's first word, and the slot's last word) makes it visible, with the run.
+Draining a parcel becomes visible when the journal commits its unlinking from the slot's list,
+which the owner commits at once; a kill before that leaves it pending, a kill after, drained
+into the dead process (reaping forgets what was lent to it). A message handed to a receive that was then cancelled is linked back in first
 (``put_back``), inline. See ``journal.py`` for what a kill in between leaves.
 
 Freeing: whatever unlinks a message (a receive, an expiry) frees its block, in a journal step of
@@ -43,7 +49,8 @@ its own (``checkpoint`` before each). Unlinking journals the link that led to it
 head, or in the middle of a channel, which only the sweep unlinks from, its predecessor's next),
 the record's tail if it was last, the count, and the links of its neighbours in the order of
 sending. A shared node first gives up its reference (``_unref``): the count is journaled one lower,
-or the payload block is freed with its last reference, in the same journal step as the unlinking.
+or the payload block is freed with its last reference, in the same journal step as the unlinking
+(a parcel holds one reference, given up when it is drained or freed).
 So at every commit, and so after any kill, each payload block's count is the number of nodes linked
 to it; and since a freed block is never reused before its free commits (``Journal.step``), a
 rollback never finds a payload block handed out again. A flush clears everything at once. A
@@ -84,6 +91,25 @@ errs on the full side only. Reaping a channel forgets what was lent (``disown``)
 messages died with their owner, as the queued ones are dropped. A channel's list is empty when
 its first message is 0, whatever its count: that is what a send tests before it rings.
 
+Parcels. A group_send lends its message to the owner of each member that has one alive (its
+slot carries the record's token) and whose list is empty, rather than queue a node: one
+*parcel* a process, a block that holds the next parcel, the payload block, the expiry, the
+number of members and their records, linked last on the owner slot's list of parcels
+(``ProcessSlots.parcels_at``). Each member's count and ``X_LENT`` go up by one when it is
+named, so capacity counts it as any lent message; a member with messages queued takes the node
+path, so whatever a channel's list holds is newer than every parcel naming it. The owner
+drains its parcels at the start of each lock hold that takes messages, or of its periodic
+check, before taking anything else (``drain_parcel``): the message is read once, counted
+received for each member (an expired one's members are counted expired and settled there),
+the parcel freed, its payload reference dropped; the receiver keeps the message as lent for
+each member and settles it as such once handed out. When the slot's token changes, ``orphan``
+moves its whole list of parcels, in O(1), to the front of the list of parcels to free
+(``H_PARCELS_TO_FREE``), and reaping frees one a step (``free_parcel``), leaving the members
+to ``disown``, which forgets what was lent to them and counts it reaped. A flush clears both
+lists with the heaps. ``verify`` counts each parcel's reference to its payload and its block
+among the words reachable, and checks that each member of a pending parcel is a record its
+slot's process owns, lent at least as many messages as pending parcels name it.
+
 Counting (the counters of layout.py): each message taken, put back, dropped as expired or reaped,
 each channel reaped, and each group_send copy queued or skipped, is counted here with
 ``Journal.add`` right after the journaled change it counts and before the next ``checkpoint``, so
@@ -104,6 +130,8 @@ Layouts, in words from the block header (word 0):
   payload block    1 references (shared nodes linked to it), 2 length | crc32 << 32,
                    3... msgpack bytes
   waiter           1 next, 2 process slot, 3 slot token
+  parcel           1 next parcel (on its owner slot's list or the list to free), 2 payload
+                   block, 3 expiry, 4 members, 5... their channel records
 """
 
 from __future__ import annotations
@@ -1389,7 +1417,7 @@ class ChannelQueues:
         pending, lent, to_free, words = self._check_parcels(references, problems)
         block_words += words
         # The messages lent in parcels are still to be had: counted as the channels hold them.
-        figures["messages"] += lent
+        figures["messages"] = messages + lent
         figures["parcels"], figures["parcels_to_free"] = pending, to_free
         self._check_references(references, problems)
         if block_words != self.heap.used_words():

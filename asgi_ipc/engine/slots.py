@@ -10,8 +10,9 @@ process that has the store open can test it (``F_OFD_GETLK``, through a descript
 lock), whatever PID namespace either is in: no pid is ever compared. ``Seat`` is this
 process's side of its slot: the registrations and waiting receives it tracks. A slot's words
 (pid for display, random token, missed-ring mark, the first and last of the channels its
-process owns, the first and last parcel lent to it by group_sends) are changed through the journal under the global lock like any other word of the
-store, except the missed-ring mark, a hint written without it. How a process claims, uses and
+process owns, the first and last parcel lent to it by group_sends) are changed through the
+journal under the global lock like any other word of the store, except the missed-ring mark, a
+hint written without it. How a process claims, uses and
 frees its slot: see doorbell.py and receiver.py.
 
 A slot's token changes only when its holder records its own (``record``) or the slot is freed
