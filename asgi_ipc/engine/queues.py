@@ -42,7 +42,8 @@ words each, and the journaled link from its owner's slot list (the previous last
 Draining a parcel becomes visible when the journal commits its unlinking from the slot's list,
 which the owner commits at once; a kill before that leaves it pending, a kill after, drained
 into the dead process (reaping forgets what was lent to it). A message handed to a receive
-that was then cancelled is linked back in first (``put_back``), inline. See ``journal.py`` for what a kill in between leaves.
+that was then cancelled is linked back in first (``put_back``), inline. See ``journal.py`` for
+what a kill in between leaves.
 
 Freeing: whatever unlinks a message (a receive, an expiry) frees its block, in a journal step of
 its own (``checkpoint`` before each). Unlinking journals the link that led to it (its channel's
