@@ -11,7 +11,7 @@ import os
 import signal
 
 from asgi_ipc import IPCChannelLayer
-from asgi_ipc.engine.queues import C_COUNT
+from asgi_ipc.engine.queues import C_COUNT, PARCEL_MEMBERS
 
 from . import workers
 from .helpers import PATIENCE, MiB, wait_until
@@ -172,7 +172,7 @@ def _cut(children, target, *args) -> tuple:
 
 
 def test_a_group_send_cut_anywhere_lends_all_or_nothing(prefix, children):
-    owner = Owner(children, prefix, 10)
+    owner = Owner(children, prefix, 20)
     layer = IPCChannelLayer(prefix=prefix, **CONFIG)
     store = layer.engine()
     run = asyncio.new_event_loop().run_until_complete
@@ -188,12 +188,12 @@ def test_a_group_send_cut_anywhere_lends_all_or_nothing(prefix, children):
         assert report["problems"] == [], cut
         if result[0] == "done":
             break
-        assert _counts(store, owner.names) == [1, 1] + [0] * 8, cut
+        assert _counts(store, owner.names) == [1, 1] + [0] * 18, cut
         assert (report["parcels"], report["counters"]["delivered"]) == (0, 0), cut
         assert report["channel_memory"]["used"] == before["channel_memory"]["used"], cut
         cut += 1
     assert cut > 20  # every write of it was cut at
-    assert _counts(store, owner.names) == [2, 2] + [1] * 8
+    assert _counts(store, owner.names) == [2, 2] + [1] * 18
     assert report["parcels"] == 1
     got = owner.ask("receive", {name: 2 if i < 2 else 1 for i, name in enumerate(owner.names)})
     assert got[owner.names[0]] == [{"d": 0}, {"g": cut}]
@@ -208,7 +208,7 @@ def test_a_drain_cut_anywhere_takes_all_or_nothing(prefix, children):
     run = asyncio.new_event_loop().run_until_complete
     cut = 1
     while True:
-        owner = Owner(children, prefix, 5)
+        owner = Owner(children, prefix, PARCEL_MEMBERS)
         run(layer.group_send(GROUP, {"g": cut}))
         received = store.inspect()["counters"]["received"]
         owner.conn.send(("stall", cut, {name: 1 for name in owner.names}))
@@ -222,7 +222,7 @@ def test_a_drain_cut_anywhere_takes_all_or_nothing(prefix, children):
         assert report["problems"] == [], cut
         # Drained for good (and lost with its process), or still pending.
         drained = report["counters"]["received"] - received
-        assert (report["parcels"], drained) in ((1, 0), (0, 5)), cut
+        assert (report["parcels"], drained) in ((1, 0), (0, PARCEL_MEMBERS)), cut
         _reap_all(store)
         report = store.inspect()
         assert report["problems"] == [], cut

@@ -73,7 +73,8 @@ cdef class ChannelQueues:
     @cython.locals(last=word, previous=word, k=Py_ssize_t, rec=word, node=word, count=word,
                    tail=word)
     cpdef _link_run(self, list accepted, list nodes, word payload, word expires, list rings)
-    @cython.locals(rec=word, x=word, owner=word, n=Py_ssize_t, block=word, k=Py_ssize_t)
+    @cython.locals(rec=word, x=word, owner=word, n=Py_ssize_t, block=word, k=Py_ssize_t,
+                   token=object)
     cpdef tuple _make_parcels(self, list accepted, word payload, word expires)
     @cython.locals(rec=word, x=word, delivered=Py_ssize_t, head=word, last=word, block=word)
     cpdef _link_parcels(self, list parcels, word payload, list rings)

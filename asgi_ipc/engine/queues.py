@@ -198,6 +198,13 @@ _GROUP_OUTCOME = {QUEUED: H_DELIVERED, OVER_CAPACITY: H_GROUP_FULL, OUT_OF_MEMOR
 # (see ``append_to_all``); it journals three words per node, well within the room that
 # ``Journal.checkpoint`` leaves.
 RUN_CHANNELS = 512
+# A group_send lends a parcel to a process that owns at least this many of a run's members;
+# to fewer, the nodes cost less (measured: a parcel of 10 members delivered 0.6 as fast as
+# their nodes, one of 100 1.3 times as fast).
+PARCEL_MEMBERS = 16
+# Past this many of a parcel's members waiting, its owner is rung once to look at every
+# channel rather than given each name.
+RING_NAMES = 64
 # Compiled, queues.pxd makes the offsets above C variables, which are not attributes of the
 # module: they are made attributes as well, for the tests and tools that read records.
 globals().update(
@@ -726,6 +733,7 @@ class ChannelQueues:
         w, slots = self._w, self._slots
         rest: list[tuple[bytes, int, int]] = []
         by_slot: dict[int, list[tuple[bytes, int, int]]] = {}
+        tokens: dict[int, int] = {}  # of the owners met, read once
         for item in accepted:
             name, rec, _capacity = item
             if w[rec + C_HEAD] or b"!" not in name:
@@ -733,7 +741,10 @@ class ChannelQueues:
                 continue
             x = self._part(rec)
             owner = w[x + X_OWNER] & SLOT_MASK
-            if not owner or slots.token(owner - 1) != w[x + X_TOKEN]:
+            token = tokens.get(owner)
+            if token is None:
+                token = tokens[owner] = slots.token(owner - 1) if owner else 0
+            if not owner or token != w[x + X_TOKEN]:
                 rest.append(item)
                 continue
             members = by_slot.get(owner - 1)
@@ -743,7 +754,7 @@ class ChannelQueues:
         parcels = []
         for slot, members in by_slot.items():
             n = len(members)
-            block = self.heap.alloc(PC_MEMBERS - 1 + n)
+            block = self.heap.alloc(PC_MEMBERS - 1 + n) if n >= PARCEL_MEMBERS else 0
             if not block:
                 rest.extend(members)
                 continue
@@ -765,12 +776,17 @@ class ChannelQueues:
         w, j = self._w, self._j
         delivered = 0
         for slot, token, block, members in parcels:
+            waiting = []
             for name, rec, _capacity in members:
                 x = self._part(rec)
                 j.set(rec + C_COUNT, w[rec + C_COUNT] + 1)
                 j.set(x + X_LENT, w[x + X_LENT] + 1)
                 if w[rec + C_WAITERS]:
-                    rings.append((slot, token, name))
+                    waiting.append(name)
+            if len(waiting) > RING_NAMES:
+                rings.append((slot, token, b""))
+            else:
+                rings.extend([(slot, token, name) for name in waiting])
             delivered += len(members)
             head = self._slots.parcels_at(slot)
             last = w[head + 1]
