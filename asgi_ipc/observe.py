@@ -79,6 +79,8 @@ COUNTER_HELP = {
     "reaped_channels": "Process-specific channels removed because their process exited or died",
     "reaped_memberships": "Group memberships removed with those channels",
     "reaped_messages": "Messages dropped unread from those channels",
+    "relayed": "Entries of this host's inbox (multi-host layer) applied to the store",
+    "relay_fenced": "Inbox entries skipped because the store had applied them already",
 }
 
 

@@ -78,6 +78,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from .doorbell import (
     FULL,
@@ -203,6 +204,17 @@ class Receiver:
         engine.own(channel)
         if engine.due:
             self._ring()
+
+    # --- the multi-host layer's relay ------------------------------------------------------
+
+    def apply_relayed(self, *args: Any) -> Any:
+        """``Engine.apply_relayed`` (engine/inbox.py), then the rings it left due: the seam
+        through which a multi-host layer's relay writes into the store."""
+        engine = self.engine
+        result = engine.apply_relayed(*args)
+        if engine.due:
+            self._ring()
+        return result
 
     # --- rings -----------------------------------------------------------------------------
 

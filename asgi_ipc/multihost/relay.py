@@ -1,0 +1,221 @@
+"""The relay of a host: one process of the host moves the host's inbox (a Redis stream) into
+its store, exactly once.
+
+Election. Every process whose multi-host layer has opened the store runs a ``Relay`` thread.
+It competes for the store's relay byte (``layout.RELAY_BYTE``) with an open-file-description
+lock taken without waiting (``F_OFD_SETLK``) on a description of its own, the way a process
+slot is held (engine/slots.py): the kernel drops it when the holder dies, however it dies and
+in whatever PID namespace, so no lease has to run out. The holder *leads*; the others stand by
+and try again every ``STANDBY_POLL`` seconds, so a standby takes over within that, plus one
+round trip to Redis, of the leader's death. A leader that closes its layer lets go the same way.
+
+The leader's loop, one round trip per batch: a pipeline of ``BEAT`` (redis_side.py: the inbox's
+epoch, trimming what the store has applied, refreshing the inbox's time to live and this host's
+entry in the hosts) and ``XREAD BLOCK`` from the store's position; then
+``Engine.apply_relayed`` applies what came and moves the position in one lock hold
+(engine/inbox.py), and the rings that leaves are rung. What makes an entry applied is that
+hold's commit; a leader killed before it leaves the entry in the inbox for the next leader,
+and one killed after it leaves the position past it, so the next leader skips it. The stream is
+trimmed only up to the position the store holds, so nothing unapplied is ever trimmed.
+
+Redis gone: the leader logs it once, marks it in the store for `asgi-ipc stats`, and tries again
+with a backoff up to ``MAX_BACKOFF``; nothing is lost that Redis kept. When Redis comes back
+empty (restarted without persistence) or with a stream whose ids went back (a failover to a
+replica that missed writes), ``BEAT`` hands out a new epoch, and the store moves to it before
+applying anything read under it: entries of the new epoch are all applied once, whatever ids
+they carry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import RedisError
+
+from ..engine.inbox import position
+from ..engine.layout import (
+    H_RELAY_DEPTH,
+    H_RELAY_LAG,
+    H_RELAY_PID,
+    H_RELAY_SEEN,
+    RELAY_BYTE,
+)
+from ..engine.lock import OwnDescription, byte_lock
+from ..exceptions import StoreClosed, StoreError
+from .redis_side import Keys, Side, fresh_epoch, host_hex, now_ms, parse_entries, parse_epoch
+
+if TYPE_CHECKING:
+    from ..receiver import Receiver
+
+logger = logging.getLogger(__name__)
+
+STANDBY_POLL = 0.01
+BATCH = 256
+BLOCK_MS = 1000
+MAX_BACKOFF = 1.0
+
+
+def relay_alive(fd: int) -> bool:
+    """Whether some process leads the relay of the store of ``fd`` (a descriptor holding no
+    byte lock, such as ``Segment.fd``)."""
+    return byte_lock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, RELAY_BYTE) != fcntl.F_UNLCK
+
+
+class Relay:
+    """This process's candidacy for the relay of its host, and its loop while it leads."""
+
+    def __init__(
+        self,
+        receiver: Receiver,
+        host: int,
+        where: tuple[str, Any, dict],
+        keys: Keys,
+        inbox_ttl_ms: int,
+        capacity_of: Callable[[bytes], int],
+        expiry_ms: int,
+        group_expiry_ms: int,
+    ) -> None:
+        self.receiver = receiver
+        self.host = host
+        kind, target, options = where
+        # The read blocks for BLOCK_MS: the socket must wait longer than that.
+        waits = (options.get("socket_timeout") or 5) + BLOCK_MS / 1000
+        options = {**options, "socket_timeout": waits}
+        self.where = (kind, target, options)
+        self.keys = keys
+        self.inbox_ttl_ms = inbox_ttl_ms
+        self.capacity_of = capacity_of
+        self.expiry_ms = expiry_ms
+        self.group_expiry_ms = group_expiry_ms
+        self.pid = os.getpid()
+        self.leading = False
+        self.batches = 0
+        self._stop = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._thread = threading.Thread(
+            target=self._run, name=f"asgi_ipc relay {host_hex(host)}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop standing by or leading; a leader lets go of the relay byte on its way out."""
+        self._stop.set()
+        loop, task = self._loop, self._task
+        if loop is not None and task is not None:
+            try:
+                loop.call_soon_threadsafe(task.cancel)
+            except RuntimeError:  # its loop has closed already
+                pass
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    # --- the election ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self.receiver.engine
+        try:
+            own = OwnDescription(engine.segment.fd)
+        except (OSError, ValueError):
+            return  # the store was closed under us
+        try:
+            while not self._stop.is_set():
+                try:
+                    byte_lock(own.fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK, RELAY_BYTE)
+                except (BlockingIOError, PermissionError):
+                    self._stop.wait(STANDBY_POLL)
+                    continue
+                self.leading = True
+                try:
+                    asyncio.run(self._lead())
+                finally:
+                    self.leading = False
+                self._stop.wait(STANDBY_POLL)  # stopped, or the store failed: not a spin
+        except Exception:
+            logger.exception("the relay of %s stopped", engine.name)
+        finally:
+            own.close()
+
+    # --- leading ---------------------------------------------------------------------------
+
+    async def _lead(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        if self._stop.is_set():
+            return
+        words = self.receiver.engine.words
+        words[H_RELAY_PID] = os.getpid()
+        side: Side | None = None
+        backoff, down = 0.02, False
+        try:
+            while not self._stop.is_set():
+                try:
+                    if side is None:
+                        side = Side(self.where)
+                    await self._serve(side)
+                except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                    words[H_RELAY_SEEN] = 0
+                    if not down:
+                        logger.warning("relay %s: Redis unavailable (%r); retrying",
+                                       host_hex(self.host), exc)
+                        down = True
+                    if side is not None:
+                        await side.close()
+                        side = None
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF)
+                    continue
+                backoff = 0.02
+        except asyncio.CancelledError:
+            pass
+        except (StoreClosed, StoreError, ValueError) as exc:
+            # The store closed under a leader that was not told yet: stop leading.
+            if not self._stop.is_set():
+                logger.warning("relay %s stopped: %r", host_hex(self.host), exc)
+        finally:
+            if side is not None:
+                await side.close()
+
+    async def _serve(self, side: Side) -> None:
+        keys, host, receiver = self.keys, self.host, self.receiver
+        words = receiver.engine.words
+        inbox, epoch_key = keys.inbox(host), keys.epoch(host)
+        beat_sha = await side.client.script_load(side.beat.script)
+        while not self._stop.is_set():
+            stored_epoch, ms, seq = position(words)
+            pipe = side.client.pipeline(transaction=False)
+            pipe.evalsha(
+                beat_sha, 3, inbox, epoch_key, keys.hosts,
+                fresh_epoch(), f"{stored_epoch:x}", ms, seq, 1, host_hex(host), now_ms(),
+                self.inbox_ttl_ms,
+            )
+            pipe.xread({inbox: f"{ms}-{seq}"}, count=BATCH, block=BLOCK_MS)
+            (value, depth), reply = await pipe.execute()
+            epoch, start = parse_epoch(value)
+            words[H_RELAY_SEEN] = now_ms()
+            words[H_RELAY_DEPTH] = depth
+            if epoch != stored_epoch:
+                # Read from a position of another epoch: move to this one's start first.
+                if stored_epoch:
+                    logger.warning(
+                        "relay %s: the inbox's epoch changed (Redis restarted empty or "
+                        "failed over); carrying on from %s-%s of the new one",
+                        host_hex(host), *start,
+                    )
+                receiver.apply_relayed(epoch, start, [], self.capacity_of, self.expiry_ms,
+                                       self.group_expiry_ms)
+                continue
+            entries = parse_entries(reply)
+            if entries:
+                receiver.apply_relayed(epoch, start, entries, self.capacity_of,
+                                       self.expiry_ms, self.group_expiry_ms)
+                words[H_RELAY_LAG] = max(0, now_ms() - entries[-1].ms)
+                self.batches += 1
