@@ -99,7 +99,9 @@ class MultiHostChannelLayer(IPCChannelLayer):
     ``inbox_ttl``, seconds after its relay last beat that a dead host's inbox goes away;
     ``local_channels``, normal channel names (globs or compiled regexes) that are per host;
     ``redis_timeout``, the bound in seconds of every operation that needs Redis; ``relay``,
-    False for a process that must never relay (it still sends and receives)."""
+    False for a process that must never relay (it still sends and receives); ``site``, the
+    name under which the hosts meet in Redis (the prefix by default: set it when hosts use
+    different prefixes)."""
 
     extensions = ["groups", "flush"]
 
@@ -112,6 +114,7 @@ class MultiHostChannelLayer(IPCChannelLayer):
         local_channels: Iterable[Any] = (),
         redis_timeout: float = 5.0,
         relay: bool = True,
+        site: str | None = None,
         symmetric_encryption_keys: Any = None,
         serializer_format: str = "msgpack",
         **options: Any,
@@ -142,7 +145,11 @@ class MultiHostChannelLayer(IPCChannelLayer):
         self.inbox_ttl = _seconds("inbox_ttl", inbox_ttl)
         self.hosts = hosts
         self._where = connection_options(hosts[0], self.redis_timeout)
-        self._keys = Keys(prefix)
+        if site is not None and (not isinstance(site, str) or not site or "}" in site):
+            raise ValueError(f"invalid asgi_ipc option site={site!r}: use a non-empty name "
+                             "without '}'")
+        self.site = site if site is not None else prefix
+        self._keys = Keys(self.site)
         self._local = [
             re.compile(translate(p)) if isinstance(p, str) else p for p in local_channels
         ]
@@ -391,10 +398,10 @@ class MultiHostChannelLayer(IPCChannelLayer):
         client, base = self._side().client, self._keys.base
 
         async def everything() -> None:
-            doomed = [
-                key async for pattern in ("chan:*", "group:*", "gchan:*")
-                for key in client.scan_iter(match=base + pattern, count=1000)
-            ]
+            doomed = []
+            for pattern in ("chan:*", "group:*", "gchan:*"):
+                doomed += [key async for key in client.scan_iter(match=base + pattern,
+                                                                 count=1000)]
             hosts = [int(h, 16) for h in await client.zrange(self._keys.hosts, 0, -1)]
             pipe = client.pipeline(transaction=False)
             for key in [*doomed, self._keys.caps]:
