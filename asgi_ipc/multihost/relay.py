@@ -11,7 +11,8 @@ round trip to Redis, of the leader's death. A leader that closes its layer lets 
 
 The leader's loop, one round trip per batch: a pipeline of ``BEAT`` (redis_side.py: the inbox's
 epoch, trimming what the store has applied, refreshing the inbox's time to live and this host's
-entry in the hosts) and ``XREAD BLOCK`` from the store's position; then
+entry in the hosts), ``XREAD BLOCK`` from the store's position, and ``GET`` of the epoch again
+(entries read while the epoch changed are read again under the new one); then
 ``Engine.apply_relayed`` applies what came and moves the position in one lock hold
 (engine/inbox.py), and the rings that leaves are rung. What makes an entry applied is that
 hold's commit; a leader killed before it leaves the entry in the inbox for the next leader,
@@ -198,10 +199,16 @@ class Relay:
                 self.inbox_ttl_ms,
             )
             pipe.xread({inbox: f"{ms}-{seq}"}, count=BATCH, block=BLOCK_MS)
-            (value, depth), reply = await pipe.execute()
+            pipe.get(epoch_key)
+            (value, depth), reply, after = await pipe.execute()
             epoch, start = parse_epoch(value)
             words[H_RELAY_SEEN] = now_ms()
             words[H_RELAY_DEPTH] = depth
+            if after != value:
+                # The epoch changed while the read waited (the keys expired or were removed,
+                # and a sender made the stream anew): what was read belongs to the next
+                # epoch, which the next beat hands out. Read it again then.
+                continue
             if epoch != stored_epoch:
                 # Read from a position of another epoch: move to this one's start first.
                 if stored_epoch:
