@@ -43,7 +43,7 @@ async def receiver(layer: MultiHostChannelLayer) -> None:
     got = []
     while "end" not in (message := await layer.receive(channel)):
         got.append(message["i"])
-    say("got", json.dumps(got))
+    say("got", json.dumps(got, separators=(",", ":")))
 
 
 async def sender(layer: MultiHostChannelLayer, channel: str, count: str, pause: str) -> None:
@@ -71,7 +71,7 @@ async def sender(layer: MultiHostChannelLayer, channel: str, count: str, pause: 
             break
         except (RedisUnavailable, ChannelFull):
             await asyncio.sleep(0.05)
-    say("acked", json.dumps(acked), json.dumps(unsure))
+    say("acked", json.dumps(acked, separators=(",", ":")), json.dumps(unsure, separators=(",", ":")))
 
 
 async def candidate(layer: MultiHostChannelLayer) -> None:
@@ -166,7 +166,7 @@ async def local(layer: MultiHostChannelLayer, seconds: str) -> None:
 
 async def stats(layer: MultiHostChannelLayer) -> None:
     """The store's counters, as JSON."""
-    say("counters", json.dumps(layer.engine().inspect(check=False)["counters"]))
+    say("counters", json.dumps(layer.engine().inspect(check=False)["counters"], separators=(",", ":")))
 
 
 ROLES = {
