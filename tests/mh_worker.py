@@ -29,6 +29,11 @@ def say(*words: object) -> None:
     print(*words, flush=True)
 
 
+def compact(value: object) -> str:
+    """JSON with no spaces: one word of a line."""
+    return json.dumps(value, separators=(",", ":"))
+
+
 def make(prefix: str, url: str, relay: bool = True) -> MultiHostChannelLayer:
     return MultiHostChannelLayer(
         prefix=prefix, hosts=[url], channel_memory=16 * MiB, group_memory=4 * MiB,
@@ -43,7 +48,7 @@ async def receiver(layer: MultiHostChannelLayer) -> None:
     got = []
     while "end" not in (message := await layer.receive(channel)):
         got.append(message["i"])
-    say("got", json.dumps(got, separators=(",", ":")))
+    say("got", compact(got))
 
 
 async def sender(layer: MultiHostChannelLayer, channel: str, count: str, pause: str) -> None:
@@ -71,7 +76,7 @@ async def sender(layer: MultiHostChannelLayer, channel: str, count: str, pause: 
             break
         except (RedisUnavailable, ChannelFull):
             await asyncio.sleep(0.05)
-    say("acked", json.dumps(acked, separators=(",", ":")), json.dumps(unsure, separators=(",", ":")))
+    say("acked", compact(acked), compact(unsure))
 
 
 async def candidate(layer: MultiHostChannelLayer) -> None:
@@ -166,7 +171,7 @@ async def local(layer: MultiHostChannelLayer, seconds: str) -> None:
 
 async def stats(layer: MultiHostChannelLayer) -> None:
     """The store's counters, as JSON."""
-    say("counters", json.dumps(layer.engine().inspect(check=False)["counters"], separators=(",", ":")))
+    say("counters", compact(layer.engine().inspect(check=False)["counters"]))
 
 
 ROLES = {

@@ -305,7 +305,7 @@ class MultiHostChannelLayer(IPCChannelLayer):
                 raise RedisUnavailable(f"Redis is unavailable for {what}: {exc!r}") from exc
             if got is None:
                 continue
-            item = got[1]
+            item: bytes = got[1]
             if int(item[:13]) > now_ms():
                 return item[13:]
 
@@ -402,7 +402,8 @@ class MultiHostChannelLayer(IPCChannelLayer):
             for pattern in ("chan:*", "group:*", "gchan:*"):
                 doomed += [key async for key in client.scan_iter(match=base + pattern,
                                                                  count=1000)]
-            hosts = [int(h, 16) for h in await client.zrange(self._keys.hosts, 0, -1)]
+            found: list[bytes] = await client.zrange(self._keys.hosts, 0, -1)
+            hosts = [int(h, 16) for h in found]
             pipe = client.pipeline(transaction=False)
             for key in [*doomed, self._keys.caps]:
                 pipe.unlink(key)

@@ -97,6 +97,7 @@ class Relay:
         self.pid = os.getpid()
         self.leading = False
         self.batches = 0
+        self._down = False  # Redis found unavailable, and not yet found back
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
@@ -155,7 +156,7 @@ class Relay:
         words = self.receiver.engine.words
         words[H_RELAY_PID] = os.getpid()
         side: Side | None = None
-        backoff, down = 0.02, False
+        backoff, self._down = 0.02, False
         try:
             while not self._stop.is_set():
                 try:
@@ -164,10 +165,10 @@ class Relay:
                     await self._serve(side)
                 except (RedisError, OSError, asyncio.TimeoutError) as exc:
                     words[H_RELAY_SEEN] = 0
-                    if not down:
+                    if not self._down:
                         logger.warning("relay %s: Redis unavailable (%r); retrying",
                                        host_hex(self.host), exc)
-                        down = True
+                        self._down = True
                     if side is not None:
                         await side.close()
                         side = None
@@ -202,6 +203,9 @@ class Relay:
             pipe.get(epoch_key)
             (value, depth), reply, after = await pipe.execute()
             epoch, start = parse_epoch(value)
+            if self._down:
+                logger.warning("relay %s: Redis answers again", host_hex(host))
+                self._down = False
             words[H_RELAY_SEEN] = now_ms()
             words[H_RELAY_DEPTH] = depth
             if after != value:
