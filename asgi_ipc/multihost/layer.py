@@ -291,6 +291,7 @@ class MultiHostChannelLayer(IPCChannelLayer):
         what = f"a receive from {channel!r}"
         while True:
             pop = asyncio.ensure_future(side.client.brpop([key], timeout=1))
+            got: Any
             try:
                 got = await asyncio.shield(pop)
             except asyncio.CancelledError:
@@ -305,7 +306,7 @@ class MultiHostChannelLayer(IPCChannelLayer):
                 raise RedisUnavailable(f"Redis is unavailable for {what}: {exc!r}") from exc
             if got is None:
                 continue
-            item = bytes(got[1])  # the client answers bytes: decode_responses is off
+            item: bytes = got[1]  # the client answers bytes: decode_responses is off
             if int(item[:13]) > now_ms():
                 return item[13:]
 
@@ -402,8 +403,8 @@ class MultiHostChannelLayer(IPCChannelLayer):
             for pattern in ("chan:*", "group:*", "gchan:*"):
                 doomed += [key async for key in client.scan_iter(match=base + pattern,
                                                                  count=1000)]
-            found = await client.zrange(self._keys.hosts, 0, -1)
-            hosts = [int(bytes(h), 16) for h in found]
+            found: Any = await client.zrange(self._keys.hosts, 0, -1)
+            hosts = [int(h, 16) for h in found]
             pipe = client.pipeline(transaction=False)
             for key in [*doomed, self._keys.caps]:
                 pipe.unlink(key)
