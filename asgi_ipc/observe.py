@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from .commandline import address, bounded, columns, size
 from .engine import open_engine
+from .engine.inbox import relay_state
 from .exceptions import StoreError
 
 if TYPE_CHECKING:  # optional dependencies, imported where they are used
@@ -147,6 +148,10 @@ class Figures:
     flushes: int
     #: What the check found inconsistent, empty when the store is sound; None when not checked.
     problems: list[str] | None = None
+    #: The relay of a multi-host store (engine/inbox.py ``relay_state``): host id, whether a
+    #: process leads it and its pid, whether Redis answers it, the lag of the last entry it
+    #: applied (ms), the inbox's depth; None for a store of a single host.
+    relay: dict | None = None
 
 
 def _channel(row: tuple[int, str, int, int], now_ms: int) -> Channel:
@@ -163,6 +168,7 @@ def figures(prefix: str, top: int = 10, check: bool = False) -> Figures:
     store = open_engine(prefix)
     try:
         report = store.inspect(top, check)
+        relay = relay_state(store.words, store.segment.fd, store.clock())
     finally:
         store.close()
     now = report["now"]
@@ -187,6 +193,7 @@ def figures(prefix: str, top: int = 10, check: bool = False) -> Figures:
         group_memory=Memory(**report["group_memory"]),
         flushes=report["epoch"],
         problems=report["problems"],
+        relay=relay,
     )
 
 
@@ -258,6 +265,14 @@ class StoreCollector:
                             "Seconds until the oldest queued message expires"),
             "problems": gauge("problems", "Inconsistencies found in the store (0 when sound)"),
         }
+        relay_gauges = {
+            "leading": gauge("relay_up", "1 if a process relays this host's inbox (multi-host)"),
+            "redis_reachable": gauge("relay_redis_reachable",
+                                     "1 if the relay heard from Redis in the last 5 s"),
+            "lag_ms": gauge("relay_lag_ms", "Milliseconds between the last entry relayed "
+                            "entering the inbox and its application"),
+            "inbox_depth": gauge("relay_inbox_depth", "Entries in this host's inbox"),
+        }
         memory = gauge("memory_bytes", "Bytes of each memory area, by state",
                        ("area", "state"))
         depth = gauge("channel_depth", "Messages queued on each of the deepest channels",
@@ -292,10 +307,14 @@ class StoreCollector:
             for channel in f.deepest:
                 if channel.depth:
                     depth.add_metric([prefix, channel.name], channel.depth)
+            if f.relay is not None:
+                for key, family in relay_gauges.items():
+                    family.add_metric([prefix], int(f.relay[key]))
         yield up
         yield from counters.values()
         yield flushes
         yield from gauges.values()
+        yield from relay_gauges.values()
         yield memory
         yield depth
 
@@ -397,6 +416,15 @@ def _counter_rows(now: Figures, before: Figures | None) -> list[tuple[str, str, 
     return rows
 
 
+def relay_line(relay: dict) -> str:
+    """One line of the relay of a multi-host store (see ``relay_state``)."""
+    if not relay["leading"]:
+        return f"host {relay['host']}: no relay (no process of the host has the layer open)"
+    redis = "Redis reachable" if relay["redis_reachable"] else "Redis UNREACHABLE"
+    return (f"host {relay['host']}: pid {relay['pid']}, {redis}, lag {relay['lag_ms']} ms, "
+            f"inbox depth {relay['inbox_depth']}")
+
+
 def _figure_rows(now: Figures) -> list[tuple[str, str]]:
     rows = [
         ("channels", str(now.channels)),
@@ -412,6 +440,8 @@ def _figure_rows(now: Figures) -> list[tuple[str, str]]:
     for area, memory in (("channel", now.channel_memory), ("group", now.group_memory)):
         rows.append((f"{area} memory", f"{size(memory.used)} used of {size(memory.size)}, "
                      f"largest free {size(memory.largest_free)}"))
+    if now.relay is not None:
+        rows.append(("relay", relay_line(now.relay)))
     if now.problems is not None:  # checked
         if now.expired_bytes is not None:  # set with problems; the check is for the types
             rows.append(("expired, unreclaimed", size(now.expired_bytes)))

@@ -34,6 +34,7 @@ epoch gives, in the same hold.
 
 from __future__ import annotations
 
+import fcntl
 import zlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
@@ -43,14 +44,21 @@ from .layout import (
     H_EPOCH,
     H_FLUSHING,
     H_GROUP_SENDS,
+    H_HOST_ID,
     H_NO_MEMORY,
+    H_RELAY_DEPTH,
     H_RELAY_EPOCH,
     H_RELAY_FENCED,
+    H_RELAY_LAG,
     H_RELAY_MS,
+    H_RELAY_PID,
+    H_RELAY_SEEN,
     H_RELAY_SEQ,
     H_RELAYED,
     H_SENT,
+    RELAY_BYTE,
 )
+from .lock import byte_lock
 from .queues import OUT_OF_MEMORY, OVER_CAPACITY, QUEUED
 
 if TYPE_CHECKING:
@@ -94,6 +102,30 @@ def position(words: memoryview) -> tuple[int, int, int]:
     """(epoch, ms, seq) of the inbox as the store has it: read without the lock it is a hint,
     good for where to read from (the hold that applies checks again)."""
     return words[H_RELAY_EPOCH], words[H_RELAY_MS], words[H_RELAY_SEQ]
+
+
+# Redis counts as reachable when the relay heard from it this recently (it reads at least
+# once a second).
+REACHABLE_WITHIN_MS = 5000
+
+
+def relay_state(words: memoryview, fd: int, now: int) -> dict | None:
+    """What `asgi-ipc stats`, top and the metrics show of the relay of a multi-host store
+    (None for a store no multi-host layer has used): read without the lock, hints all. ``fd``
+    holds no byte lock (``Segment.fd``), so the probe of the relay byte sees every holder."""
+    if not words[H_HOST_ID]:
+        return None
+    seen = words[H_RELAY_SEEN]
+    leading = byte_lock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, RELAY_BYTE) != fcntl.F_UNLCK
+    return {
+        "host": f"{words[H_HOST_ID]:016x}",
+        "leading": leading,
+        "pid": words[H_RELAY_PID] if leading else None,
+        "redis_reachable": leading and bool(seen) and now - seen <= REACHABLE_WITHIN_MS,
+        "lag_ms": words[H_RELAY_LAG],
+        "inbox_depth": words[H_RELAY_DEPTH],
+        "position": f"{words[H_RELAY_MS]}-{words[H_RELAY_SEQ]}",
+    }
 
 
 def apply_batch(

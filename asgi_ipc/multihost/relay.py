@@ -62,12 +62,6 @@ BLOCK_MS = 1000
 MAX_BACKOFF = 1.0
 
 
-def relay_alive(fd: int) -> bool:
-    """Whether some process leads the relay of the store of ``fd`` (a descriptor holding no
-    byte lock, such as ``Segment.fd``)."""
-    return byte_lock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, RELAY_BYTE) != fcntl.F_UNLCK
-
-
 class Relay:
     """This process's candidacy for the relay of its host, and its loop while it leads."""
 
