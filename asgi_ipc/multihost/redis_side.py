@@ -46,6 +46,9 @@ _NOT_CONNECTION = {"address", "sentinels", "master_name", "sentinel_kwargs"}
 
 T = TypeVar("T")
 
+# asyncio.timeout (3.11 and later) bounds a call without making it a task of its own.
+_timeout: Any = getattr(asyncio, "timeout", None)
+
 
 class RedisUnavailable(ConnectionError):
     """Redis did not answer within the layer's ``redis_timeout``, or refused: the operation,
@@ -169,6 +172,15 @@ return {epoch, redis.call('XLEN', KEYS[1])}
 """
 
 
+# KEYS: inbox, epoch. ARGV: the epoch key's value, the least id to keep. Trims the inbox of what
+# the store applied, unless the epoch changed since (its ids would then mean something else).
+TRIM = """
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('XTRIM', KEYS[1], 'MINID', ARGV[2])
+end
+"""
+
+
 def host_hex(host: int) -> str:
     return f"{host:016x}"
 
@@ -246,6 +258,9 @@ async def bounded(timeout: float, what: str, call: Awaitable[T]) -> T:
     connection rather than reuse one with a reply still to come, so the timeout (or a
     caller's cancellation) corrupts nothing."""
     try:
+        if _timeout is not None:
+            async with _timeout(timeout):
+                return await call
         return await asyncio.wait_for(call, timeout)
     except (RedisError, OSError, asyncio.TimeoutError) as exc:
         raise RedisUnavailable(f"Redis is unavailable for {what}: {exc!r}") from exc
@@ -292,9 +307,12 @@ class Side:
         self.normal_send = register(NORMAL_SEND)
         self.group_send = register(GROUP_SEND)
         self.beat = register(BEAT)
+        self.trim = register(TRIM)
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
+        # Also when the closing task is cancelled (a relay being stopped): the connections
+        # are dropped either way.
+        with contextlib.suppress(Exception, asyncio.CancelledError):
             await self.client.aclose()
 
 

@@ -9,10 +9,11 @@ in whatever PID namespace, so no lease has to run out. The holder *leads*; the o
 and try again every ``STANDBY_POLL`` seconds, so a standby takes over within that, plus one
 round trip to Redis, of the leader's death. A leader that closes its layer lets go the same way.
 
-The leader's loop, one round trip per batch: a pipeline of ``BEAT`` (redis_side.py: the inbox's
-epoch, trimming what the store has applied, refreshing the inbox's time to live and this host's
-entry in the hosts), ``XREAD BLOCK`` from the store's position, and ``GET`` of the epoch again
-(entries read while the epoch changed are read again under the new one); then
+The leader's loop, one round trip per batch: a pipeline of ``XREAD BLOCK`` from the store's
+position and ``GET`` of the inbox's epoch (entries read while the epoch changed are read again
+under the new one), preceded once a second by ``BEAT`` (redis_side.py: checks the epoch,
+trims, refreshes the inbox's time to live and this host's entry in the hosts) and otherwise by
+``TRIM`` of what the store has applied since the last read; then
 ``Engine.apply_relayed`` applies what came and moves the position in one lock hold
 (engine/inbox.py), and the rings that leaves are rung. What makes an entry applied is that
 hold's commit; a leader killed before it leaves the entry in the inbox for the next leader,
@@ -34,6 +35,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +61,9 @@ logger = logging.getLogger(__name__)
 STANDBY_POLL = 0.01
 BATCH = 256
 BLOCK_MS = 1000
+# Seconds between two beats (epoch check, time to live, hosts entry) while entries flow; an idle
+# relay beats at each read, once per BLOCK_MS.
+BEAT_INTERVAL = 1.0
 MAX_BACKOFF = 1.0
 
 
@@ -185,28 +190,44 @@ class Relay:
         words = receiver.engine.words
         inbox, epoch_key = keys.inbox(host), keys.epoch(host)
         beat_sha = await side.client.script_load(side.beat.script)
+        trim_sha = await side.client.script_load(side.trim.script)
+        value: Any = None  # the epoch key (bytes) as the last beat or read found it
+        beat_due = 0.0
+        trimmed = (0, 0)
         while not self._stop.is_set():
             stored_epoch, ms, seq = position(words)
             pipe = side.client.pipeline(transaction=False)
-            pipe.evalsha(
-                beat_sha, 3, inbox, epoch_key, keys.hosts,
-                fresh_epoch(), f"{stored_epoch:x}", ms, seq, 1, host_hex(host), now_ms(),
-                self.inbox_ttl_ms,
-            )
+            beating = value is None or time.monotonic() >= beat_due
+            if beating:
+                pipe.evalsha(
+                    beat_sha, 3, inbox, epoch_key, keys.hosts,
+                    fresh_epoch(), f"{stored_epoch:x}", ms, seq, 1, host_hex(host), now_ms(),
+                    self.inbox_ttl_ms,
+                )
+            elif (ms, seq) != trimmed:
+                # What the store applied leaves the inbox (not counted against its bound),
+                # unless the epoch changed meanwhile.
+                pipe.evalsha(trim_sha, 2, inbox, epoch_key, value, f"{ms}-{seq + 1}")
+            trimmed = (ms, seq)
             pipe.xread({inbox: f"{ms}-{seq}"}, count=BATCH, block=BLOCK_MS)
             pipe.get(epoch_key)
-            (value, depth), reply, after = await pipe.execute()
-            epoch, start = parse_epoch(value)
+            results = await pipe.execute()
+            reply, after = results[-2:]
+            if beating:
+                value, depth = results[0]
+                beat_due = time.monotonic() + BEAT_INTERVAL
+                words[H_RELAY_DEPTH] = depth
             if self._down:
                 logger.warning("relay %s: Redis answers again", host_hex(host))
                 self._down = False
             words[H_RELAY_SEEN] = now_ms()
-            words[H_RELAY_DEPTH] = depth
-            if after != value:
+            if after != value or value is None:
                 # The epoch changed while the read waited (the keys expired or were removed,
                 # and a sender made the stream anew): what was read belongs to the next
                 # epoch, which the next beat hands out. Read it again then.
+                value = None
                 continue
+            epoch, start = parse_epoch(value)
             if epoch != stored_epoch:
                 # Read from a position of another epoch: move to this one's start first.
                 if stored_epoch:
