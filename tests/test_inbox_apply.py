@@ -1,0 +1,102 @@
+"""``Engine.apply_relayed`` (engine/inbox.py) cut short at every journaled write, as a relay
+killed there would be, then applied again from the inbox as the next relay does: every message
+sent to a channel arrives once, in order; each group member gets each group_send once (a batch
+that commits in steps may leave a member without one, never with two: see engine/inbox.py);
+the position ends past the last entry."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+import asgi_ipc
+from asgi_ipc.engine import Engine
+from asgi_ipc.engine.inbox import ADD, GROUP, SEND, Entry, position
+
+from .helpers import MiB, new_prefix
+
+EPOCH = 0x1234
+
+
+class Cut(Exception):
+    pass
+
+
+def batch() -> list[Entry]:
+    entries = []
+    for n in range(12):
+        entries.append(Entry(1000 + n, 0, SEND, b"", b"chan%d" % (n % 3), msgpack.packb(n)))
+    entries.append(Entry(2000, 0, ADD, b"room", b"late.member"))
+    for n in range(3):
+        entries.append(Entry(2001, n, GROUP, b"room", b"", msgpack.packb(100 + n)))
+    return entries
+
+
+def apply(engine: Engine, entries: list[Entry]) -> None:
+    engine.apply_relayed(EPOCH, (0, 0), entries, lambda _c: 1000, 60_000, 86_400_000)
+
+
+def drain(engine: Engine, channel: bytes) -> list[int]:
+    got = []
+    while True:
+        found = engine.locked(lambda: engine.queues.pop(channel, engine.clock()))
+        if found is None:
+            return got
+        got.append(msgpack.unpackb(found[0]))
+
+
+def writes_of_one_apply() -> int:
+    prefix = new_prefix()
+    engine = Engine(prefix, MiB, MiB)
+    count = 0
+
+    def tally(_word: int) -> None:
+        nonlocal count
+        count += 1
+
+    try:
+        for member in (b"m1", b"m2", b"m3"):
+            engine.group_add(b"room", member)
+        engine.inject(on_write=tally)
+        apply(engine, batch())
+    finally:
+        engine.close()
+        asgi_ipc.unlink(prefix)
+    return count
+
+
+@pytest.mark.timeout(300)
+def test_a_relay_cut_at_every_write_applies_each_entry_once():
+    total = writes_of_one_apply()
+    assert total > 50
+    for cut in range(1, total + 1, max(1, total // 150)):
+        prefix = new_prefix()
+        engine = Engine(prefix, MiB, MiB)
+        try:
+            for member in (b"m1", b"m2", b"m3"):
+                engine.group_add(b"room", member)
+            seen = 0
+
+            def stop(_word: int, cut: int = cut) -> None:
+                nonlocal seen
+                seen += 1
+                if seen == cut:
+                    raise Cut
+
+            engine.inject(on_write=stop)
+            with pytest.raises(Cut):
+                apply(engine, batch())
+            engine.journal.hook = None
+            apply(engine, batch())  # the next relay reads the whole batch again
+            for c in range(3):
+                assert drain(engine, b"chan%d" % c) == list(range(c, 12, 3)), cut
+            for member in (b"m1", b"m2", b"m3", b"late.member"):
+                copies = drain(engine, member)
+                # No step of this batch commits before its end (nothing it frees), so the
+                # rollback takes back whole group_sends too: every member gets each once.
+                assert copies == [100, 101, 102], (cut, member, copies)
+            assert position(engine.words) == (EPOCH, 2001, 2)
+            assert engine.verify() == []
+        finally:
+            engine.close()
+            asgi_ipc.unlink(prefix)
