@@ -33,7 +33,7 @@ from asgi_ipc.multihost import MultiHostChannelLayer
 from asgi_ipc.multihost import layer as layer_module
 from asgi_ipc.multihost.redis_side import RedisUnavailable
 
-from .helpers import ROOT, MiB, new_prefix, pythonpath
+from .helpers import ROOT, MiB, django_check, new_prefix, pythonpath
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -534,3 +534,18 @@ def test_config_pasted_from_channels_redis(url, monkeypatch):
     monkeypatch.setattr(layer_module, "_MISSING", ImportError("no redis"))
     with pytest.raises(ImportError, match=r"pip install asgi_ipc\[redis\]"):
         MultiHostChannelLayer(prefix=prefix, hosts=[url])
+
+
+def test_django_check_passes_a_multihost_configuration_and_checks_its_ipc_options(tmp_path, url):
+    layers = """{
+        "default": {
+            "BACKEND": "asgi_ipc.MultiHostChannelLayer",
+            "CONFIG": {"hosts": [%r], "prefix": "site", "channel_memory": 1024 * 1024,
+                       "group_memory": 1024 * 1024, "inbox_capacity": 500,
+                       "local_channels": ["thumbnails"], "capacity": %s},
+        },
+    }"""
+    code, output = django_check(tmp_path, layers % (url, 100))
+    assert code == 0 and "no issues" in output, output
+    code, output = django_check(tmp_path, layers % (url, 0))
+    assert code != 0 and "asgi_ipc.E002" in output and "capacity" in output, output

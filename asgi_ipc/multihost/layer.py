@@ -104,6 +104,12 @@ class MultiHostChannelLayer(IPCChannelLayer):
     different prefixes)."""
 
     extensions = ["groups", "flush"]
+    # The options IPCChannelLayer does not have, which the Django system check (checks.py)
+    # leaves to this class.
+    OWN_OPTIONS = (
+        "hosts", "inbox_capacity", "inbox_ttl", "local_channels", "redis_timeout", "relay",
+        "site", "symmetric_encryption_keys", "serializer_format", *sorted(_IGNORED),
+    )
 
     def __init__(
         self,
