@@ -549,3 +549,99 @@ def test_django_check_passes_a_multihost_configuration_and_checks_its_ipc_option
     assert code == 0 and "no issues" in output, output
     code, output = django_check(tmp_path, layers % (url, 0))
     assert code != 0 and "asgi_ipc.E002" in output and "capacity" in output, output
+
+
+# --- the example site, over two hosts ---------------------------------------------------------
+
+
+async def test_the_example_chat_site_runs_across_two_hosts(url, tmp_path):
+    """examples/chat with daphne and the worker on one host, uvicorn on another."""
+    import websockets
+
+    from asgi_ipc.bench.redis_server import free_port
+
+    example = ROOT / "examples" / "chat"
+    prefix = new_prefix()
+    env = {
+        **os.environ, "CHAT_LAYER_PREFIX": prefix, "CHAT_REDIS_URL": url,
+        "DJANGO_SETTINGS_MODULE": "chatsite.settings", "PYTHONPATH": pythonpath(example, ROOT),
+        "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
+    }
+    app = "chatsite.asgi:application"
+    daphne_port, uvicorn_port = free_port(), free_port()
+    a, b = Host(prefix, url), Host(prefix, url)
+    procs = []
+
+    def run(host: Host, name: str, command: list[str]) -> subprocess.Popen:
+        with open(tmp_path / f"{name}.log", "wb") as log:
+            proc = subprocess.Popen(
+                ["nsenter", f"--mount=/proc/{host.anchor.pid}/ns/mnt", *command], cwd=example,
+                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )
+        procs.append(proc)
+        return proc
+
+    def logs() -> str:
+        return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-2000:]}"
+                         for log in sorted(tmp_path.glob("*.log")))
+
+    async def listening(port: int) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                return
+            except OSError:
+                await asyncio.sleep(0.1)
+        raise AssertionError(f"nothing on port {port}\n{logs()}")
+
+    async def next_json(ws) -> dict:
+        try:
+            return json.loads(await asyncio.wait_for(ws.recv(), 15))
+        except asyncio.TimeoutError:
+            raise AssertionError(f"no message\n{logs()}") from None
+
+    try:
+        daphne = run(a, "daphne", [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p",
+                                   str(daphne_port), app])
+        worker = run(a, "worker", [sys.executable, str(example / "manage.py"), "runworker",
+                                   "chat-worker"])
+        uvicorn = run(b, "uvicorn", [sys.executable, "-m", "uvicorn", app, "--host",
+                                     "127.0.0.1", "--port", str(uvicorn_port),
+                                     "--lifespan", "off"])
+        await listening(daphne_port)
+        await listening(uvicorn_port)
+
+        def connect(port: int):
+            return websockets.connect(f"ws://127.0.0.1:{port}/ws/chat/lobby/",
+                                      origin=f"http://127.0.0.1:{port}", open_timeout=15)
+
+        async with connect(daphne_port) as ann, connect(uvicorn_port) as bob:
+            assert (await next_json(ann))["server_pid"] == daphne.pid
+            assert (await next_json(bob))["server_pid"] == uvicorn.pid
+            await ann.send(json.dumps({"command": "say", "text": "hello bob", "author": "ann"}))
+            said = {"type": "message", "text": "hello bob", "author": "ann",
+                    "server_pid": daphne.pid}
+            assert await next_json(bob) == said
+            assert await next_json(ann) == said
+            await bob.send(json.dumps({"command": "say", "text": "hi ann", "author": "bob"}))
+            assert (await next_json(ann))["text"] == "hi ann"
+            assert (await next_json(bob))["text"] == "hi ann"
+            # A shout from the host without the worker: through the site-wide channel there,
+            # and the answer back to bob's consumer on its own host.
+            await bob.send(json.dumps({"command": "shout", "text": "over there"}))
+            assert await next_json(bob) == {
+                "type": "shout", "text": "OVER THERE", "count": 1, "worker_pid": worker.pid,
+            }
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        a.close()
+        b.close()

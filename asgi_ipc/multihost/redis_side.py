@@ -12,7 +12,8 @@ one site only, stay legal where keys are spread by hash slot. The keys:
   is missing (Redis restarted empty, or the keys expired), or when the stream's last id went
   back behind the position the relay applied (a failover to a replica that missed writes);
   the start id is where the new epoch begins.
-* ``{p}:hosts``: the hosts whose relay beat, by time of the last beat (for flush and stats).
+* ``{p}:hosts``: the hosts whose relay beat, by time of the last beat (for flush), those silent
+  for ``inbox_ttl`` dropped at each beat.
 * ``{p}:group:<group>``: the hosts with members in the group, scored by when their latest
   membership expires; ``{p}:gchan:<group>``: the site-wide (normal) channels in the group,
   scored the same way; ``{p}:caps``: the capacity of those channels.
@@ -168,6 +169,8 @@ end
 redis.call('PEXPIRE', KEYS[2], ARGV[8])
 if exists then redis.call('PEXPIRE', KEYS[1], ARGV[8]) end
 redis.call('ZADD', KEYS[3], ARGV[7], ARGV[6])
+-- Hosts whose relay has not beat for an inbox's time to live are gone (and so is their inbox).
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', tonumber(ARGV[7]) - tonumber(ARGV[8]))
 return {epoch, redis.call('XLEN', KEYS[1])}
 """
 
