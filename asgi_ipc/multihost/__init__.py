@@ -7,6 +7,7 @@ optional dependency (``pip install asgi_ipc[redis]``): without it this package i
 building the layer says what to install.
 """
 
+from .errors import RedisUnavailable
 from .layer import MultiHostChannelLayer
 
-__all__ = ["MultiHostChannelLayer"]
+__all__ = ["MultiHostChannelLayer", "RedisUnavailable"]

@@ -47,13 +47,13 @@ from ..engine.inbox import DISCARD, FLUSH, SEND
 from ..engine.layout import H_HOST_ID
 from ..layer import IPCChannelLayer
 from ..receiver import Receiver
+from .errors import RedisUnavailable
 
 try:
     from redis.exceptions import RedisError
 
     from .redis_side import (
         Keys,
-        RedisUnavailable,
         Side,
         bounded,
         connection_options,

@@ -41,6 +41,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from ..engine.inbox import Entry
+from .errors import RedisUnavailable
+
+__all__ = ["RedisUnavailable"]  # re-exported: where the scripts that raise it are
 
 # Options of a host entry that are the layer's business, not the connection's.
 _NOT_CONNECTION = {"address", "sentinels", "master_name", "sentinel_kwargs"}
@@ -49,11 +52,6 @@ T = TypeVar("T")
 
 # asyncio.timeout (3.11 and later) bounds a call without making it a task of its own.
 _timeout: Any = getattr(asyncio, "timeout", None)
-
-
-class RedisUnavailable(ConnectionError):
-    """Redis did not answer within the layer's ``redis_timeout``, or refused: the operation,
-    which needs Redis, may or may not have happened."""
 
 
 def _stamp(expires_ms: int) -> bytes:
