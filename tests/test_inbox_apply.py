@@ -100,3 +100,20 @@ def test_a_relay_cut_at_every_write_applies_each_entry_once():
         finally:
             engine.close()
             asgi_ipc.unlink(prefix)
+
+
+def test_a_membership_group_memory_has_no_room_for_is_refused_and_the_relay_goes_on():
+    prefix = new_prefix()
+    engine = Engine(prefix, MiB, 64 * 1024)
+    try:
+        adds = [Entry(3000, n, ADD, b"big", b"member.%090d" % n) for n in range(2000)]
+        after = Entry(3001, 0, SEND, b"", b"after", msgpack.packb("after"))
+        applied = engine.apply_relayed(EPOCH, (0, 0), [*adds, after], lambda _c: 10, 60_000,
+                                       86_400_000)
+        assert 0 < applied.refused < 2000 and applied.applied == 2001
+        assert drain(engine, b"after") == ["after"]
+        assert position(engine.words) == (EPOCH, 3001, 0)
+        assert engine.verify() == []
+    finally:
+        engine.close()
+        asgi_ipc.unlink(prefix)

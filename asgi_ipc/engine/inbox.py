@@ -39,6 +39,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
+from ..exceptions import GroupMemoryFull
 from .layout import (
     H_CHANNEL_FULL,
     H_EPOCH,
@@ -87,9 +88,9 @@ class Entry(NamedTuple):
 
 
 class Applied(NamedTuple):
-    """What a batch did: entries applied, entries skipped as applied already, channel
-    messages refused (their channel full or memory short), group copies skipped, and the
-    position afterwards."""
+    """What a batch did: entries applied, entries skipped as applied already, entries refused
+    (a message whose channel was full or memory short, a membership group memory had no room
+    for), group copies skipped (members full), and the position afterwards."""
 
     applied: int
     fenced: int
@@ -178,8 +179,16 @@ def apply_batch(
                 engine._rings,
             )
         elif op == ADD:
-            channel_list = queues.members_at(entry.channel) if b"!" in entry.channel else 0
-            groups.add(entry.group, entry.channel, now, channel_list)
+            # Group memory full: the membership is refused as a group_add would be, and the
+            # relay goes on (a relay that stopped at it would never get past it).
+            savepoint, commits = j.count, j.commits
+            try:
+                channel_list = queues.members_at(entry.channel) if b"!" in entry.channel else 0
+                groups.add(entry.group, entry.channel, now, channel_list)
+            except GroupMemoryFull:
+                if j.commits == commits:
+                    j.rollback(savepoint)
+                refused += 1
             move(ms, seq)
         elif op == DISCARD:
             groups.discard(entry.group, entry.channel)

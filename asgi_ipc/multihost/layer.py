@@ -306,7 +306,11 @@ class MultiHostChannelLayer(IPCChannelLayer):
                 except Exception:
                     got = None
                 if got:
-                    await self._redis(what, side.client.rpush(key, got[1]))
+                    try:
+                        await self._redis(what, side.client.rpush(key, got[1]))
+                    except RedisUnavailable:
+                        logger.error("a message of %r taken by a cancelled receive could not "
+                                     "be put back: Redis is unavailable", channel)
                 raise
             except (RedisError, OSError) as exc:
                 raise RedisUnavailable(f"Redis is unavailable for {what}: {exc!r}") from exc

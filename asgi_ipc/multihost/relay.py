@@ -241,7 +241,16 @@ class Relay:
                 continue
             entries = parse_entries(reply)
             if entries:
-                receiver.apply_relayed(epoch, start, entries, self.capacity_of,
-                                       self.expiry_ms, self.group_expiry_ms)
+                applied = receiver.apply_relayed(epoch, start, entries, self.capacity_of,
+                                                 self.expiry_ms, self.group_expiry_ms)
+                if applied.refused:
+                    logger.warning(
+                        "relay %s: %s of %s entries refused by the store (a channel at capacity "
+                        "or memory full; see the channel_full, no_memory counters)",
+                        host_hex(host), applied.refused, len(entries),
+                    )
+                if applied.skipped:
+                    logger.info("relay %s: %s group copies skipped, their channels over "
+                                "capacity", host_hex(host), applied.skipped)
                 words[H_RELAY_LAG] = max(0, now_ms() - entries[-1].ms)
                 self.batches += 1
