@@ -645,3 +645,45 @@ async def test_the_example_chat_site_runs_across_two_hosts(url, tmp_path):
                 proc.wait()
         a.close()
         b.close()
+
+
+async def test_normal_channels_are_site_wide_each_message_taken_once_local_ones_per_host(site):
+    a = site(0, local_channels=["thumbnails"], capacity=1000)
+    b = site(1, local_channels=["thumbnails"], capacity=1000)
+    for n in range(200):
+        await (a if n % 2 else b).send("jobs", {"n": n})
+    got: list[int] = []
+
+    async def consume(layer: MultiHostChannelLayer) -> None:
+        try:
+            while True:
+                got.append((await asyncio.wait_for(layer.receive("jobs"), 1.5))["n"])
+        except asyncio.TimeoutError:
+            pass
+
+    await asyncio.gather(consume(a), consume(b), consume(a), consume(b))
+    assert sorted(got) == list(range(200))
+    # A per-host channel: what one host sends there stays there.
+    await a.send("thumbnails", {"host": "a"})
+    await b.send("thumbnails", {"host": "b"})
+    assert await asyncio.wait_for(b.receive("thumbnails"), 5) == {"host": "b"}
+    assert await asyncio.wait_for(a.receive("thumbnails"), 5) == {"host": "a"}
+
+
+async def test_a_dead_hosts_inbox_and_group_entries_expire(site, url):
+    import redis.asyncio as aioredis
+
+    a = site(0, inbox_ttl=1, group_expiry=1)
+    b = site(1, inbox_ttl=1, group_expiry=1)
+    theirs = await b.new_channel()
+    await b.group_add("room", theirs)
+    await b.close()  # its relay stops: the host is gone
+    await a.send(theirs, {"for": "nobody"})
+    await a.group_send("room", {"for": "nobody"})
+    async with aioredis.Redis.from_url(url) as client:
+        inbox = f"{{{a.site}}}:inbox:{b.host_id():016x}"
+        assert await client.exists(inbox)
+        await asyncio.sleep(2.2)
+        assert not await client.exists(inbox)
+        assert not await client.exists(f"{{{a.site}}}:group:room")
+    await b.close()
