@@ -45,10 +45,11 @@ async def receiver(layer: MultiHostChannelLayer) -> None:
     """Receive on a channel of its own until {"end": True}; then report every ``i`` got."""
     channel = await layer.new_channel()
     say("channel", channel)
-    got = []
+    got, times = [], []
     while "end" not in (message := await layer.receive(channel)):
         got.append(message["i"])
-    say("got", compact(got))
+        times.append(round(time.time(), 4))
+    say("got", compact(got), compact(times))
 
 
 async def sender(layer: MultiHostChannelLayer, channel: str, count: str, pause: str) -> None:
