@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import secrets
 import time
 from collections.abc import Awaitable
@@ -38,7 +39,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from ..engine.inbox import Entry
 from .errors import RedisUnavailable
@@ -268,16 +269,63 @@ async def bounded(timeout: float, what: str, call: Awaitable[T]) -> T:
 
 
 def parse_entries(reply: Any) -> list[Entry]:
-    """The entries of an XREAD reply, for engine/inbox.py."""
+    """The entries of an XREAD reply as Redis sends it (no redis-py conversion: each entry an
+    id and a flat list of fields and values), for engine/inbox.py."""
     entries = []
-    for _stream, items in reply or ():
-        for ident, fields in items:
+    # RESP3 (redis-py 8's default protocol) answers a map of streams, RESP2 a list of pairs.
+    streams = reply.items() if isinstance(reply, dict) else reply or ()
+    for _stream, items in streams:
+        for ident, flat in items:
             ms, _, seq = ident.partition(b"-")
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
             entries.append(Entry(
                 int(ms), int(seq), fields.get(b"o", b""), fields.get(b"g", b""),
                 fields.get(b"c", b""), fields.get(b"d", b""),
             ))
     return entries
+
+
+class Link:
+    """One connection of a client's pool kept for a loop of pipelined commands (the relay's),
+    written at once and their replies read in order, with none of a redis-py pipeline's
+    machinery: the relay's thread runs less Python per batch, and so holds the GIL less while
+    the process's event loop serves the receives it has just woken."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.pool = client.connection_pool
+        self.connection: Any = None
+
+    async def run(self, commands: list[list[Any]]) -> list[Any]:
+        """The replies of ``commands``; the first error reply raised once all are read (the
+        connection stays in step). Anything else that goes wrong drops the connection, whose
+        replies would otherwise be read by the next commands."""
+        connection = self.connection
+        if connection is None:
+            connection = self.connection = await self.pool.get_connection()
+        try:
+            await connection.send_packed_command(connection.pack_commands(commands),
+                                                 check_health=False)
+            replies, error = [], None
+            for _ in commands:
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as exc:
+                    error = error or exc
+                    replies.append(None)
+        except BaseException:
+            self.connection = None
+            with contextlib.suppress(Exception):
+                await connection.disconnect()
+            await self.pool.release(connection)
+            raise
+        if error is not None:
+            raise error
+        return replies
+
+    async def close(self) -> None:
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            await self.pool.release(connection)
 
 
 def parse_epoch(value: bytes | str) -> tuple[int, tuple[int, int]]:
@@ -297,18 +345,36 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+class Script:
+    """A script run with EVALSHA, loaded again when Redis does not know it (it restarted, or
+    failed over): redis-py's ``Script`` does the same, at some tens of microseconds more a
+    call, which a send to another host pays every time."""
+
+    def __init__(self, client: aioredis.Redis, script: str) -> None:
+        self.client = client
+        self.script = script
+        self.sha = hashlib.sha1(script.encode()).hexdigest()
+
+    async def __call__(self, keys: list[Any], args: list[Any]) -> Any:
+        try:
+            return await self.client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            # Not run: EVALSHA of an unknown script does nothing, so running it now is once.
+            await self.client.script_load(self.script)
+            return await self.client.evalsha(self.sha, len(keys), *keys, *args)
+
+
 class Side:
     """One event loop's client and scripts."""
 
     def __init__(self, where: tuple[str, Any, dict]) -> None:
         self.client = make_client(where)
-        register = self.client.register_script
-        self.inbox_add = register(INBOX_ADD)
-        self.remote_group_add = register(REMOTE_GROUP_ADD)
-        self.normal_send = register(NORMAL_SEND)
-        self.group_send = register(GROUP_SEND)
-        self.beat = register(BEAT)
-        self.trim = register(TRIM)
+        self.inbox_add = Script(self.client, INBOX_ADD)
+        self.remote_group_add = Script(self.client, REMOTE_GROUP_ADD)
+        self.normal_send = Script(self.client, NORMAL_SEND)
+        self.group_send = Script(self.client, GROUP_SEND)
+        self.beat = Script(self.client, BEAT)
+        self.trim = Script(self.client, TRIM)
 
     async def close(self) -> None:
         # Also when the closing task is cancelled (a relay being stopped): the connections

@@ -51,7 +51,16 @@ from ..engine.layout import (
 )
 from ..engine.lock import OwnDescription, byte_lock
 from ..exceptions import StoreClosed, StoreError
-from .redis_side import Keys, Side, fresh_epoch, host_hex, now_ms, parse_entries, parse_epoch
+from .redis_side import (
+    Keys,
+    Link,
+    Side,
+    fresh_epoch,
+    host_hex,
+    now_ms,
+    parse_entries,
+    parse_epoch,
+)
 
 if TYPE_CHECKING:
     from ..receiver import Receiver
@@ -65,6 +74,7 @@ BLOCK_MS = 1000
 # relay beats at each read, once per BLOCK_MS.
 BEAT_INTERVAL = 1.0
 MAX_BACKOFF = 1.0
+FAILED_PAUSE = 1.0
 
 
 class Relay:
@@ -139,7 +149,9 @@ class Relay:
                     asyncio.run(self._lead())
                 finally:
                     self.leading = False
-                self._stop.wait(STANDBY_POLL)  # stopped, or the store failed: not a spin
+                # Stopped, or the loop failed (the store closed under it, or a fault): not a
+                # spin that fills the log; the byte is still ours, so it leads again after.
+                self._stop.wait(FAILED_PAUSE)
         except Exception:
             logger.exception("the relay of %s stopped", engine.name)
         finally:
@@ -189,29 +201,40 @@ class Relay:
         keys, host, receiver = self.keys, self.host, self.receiver
         words = receiver.engine.words
         inbox, epoch_key = keys.inbox(host), keys.epoch(host)
-        beat_sha = await side.client.script_load(side.beat.script)
-        trim_sha = await side.client.script_load(side.trim.script)
+        for script in (side.beat, side.trim):
+            await side.client.script_load(script.script)
+        link = Link(side.client)
+        try:
+            await self._relay(side, link, inbox, epoch_key, words)
+        finally:
+            await link.close()
+
+    async def _relay(self, side: Side, link: Link, inbox: str, epoch_key: str,
+                     words: memoryview) -> None:
+        keys, host, receiver = self.keys, self.host, self.receiver
         value: Any = None  # the epoch key (bytes) as the last beat or read found it
         beat_due = 0.0
         trimmed = (0, 0)
+        read = ["XREAD", "COUNT", BATCH, "BLOCK", BLOCK_MS, "STREAMS", inbox]
         while not self._stop.is_set():
             stored_epoch, ms, seq = position(words)
-            pipe = side.client.pipeline(transaction=False)
+            commands: list[list[Any]] = []
             beating = value is None or time.monotonic() >= beat_due
             if beating:
-                pipe.evalsha(
-                    beat_sha, 3, inbox, epoch_key, keys.hosts,
+                commands.append([
+                    "EVALSHA", side.beat.sha, 3, inbox, epoch_key, keys.hosts,
                     fresh_epoch(), f"{stored_epoch:x}", ms, seq, 1, host_hex(host), now_ms(),
                     self.inbox_ttl_ms,
-                )
+                ])
             elif (ms, seq) != trimmed:
                 # What the store applied leaves the inbox (not counted against its bound),
                 # unless the epoch changed meanwhile.
-                pipe.evalsha(trim_sha, 2, inbox, epoch_key, value, f"{ms}-{seq + 1}")
+                commands.append(["EVALSHA", side.trim.sha, 2, inbox, epoch_key, value,
+                                 f"{ms}-{seq + 1}"])
             trimmed = (ms, seq)
-            pipe.xread({inbox: f"{ms}-{seq}"}, count=BATCH, block=BLOCK_MS)
-            pipe.get(epoch_key)
-            results = await pipe.execute()
+            commands.append([*read, f"{ms}-{seq}"])
+            commands.append(["GET", epoch_key])
+            results = await link.run(commands)
             reply, after = results[-2:]
             if beating:
                 value, depth = results[0]
