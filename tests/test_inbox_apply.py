@@ -33,7 +33,7 @@ def batch() -> list[Entry]:
 
 
 def apply(engine: Engine, entries: list[Entry]) -> None:
-    engine.apply_relayed(EPOCH, (0, 0), entries, lambda _c: 1000, 60_000, 86_400_000)
+    engine.apply_relayed(EPOCH, (0, 0), (0, 0), entries, lambda _c: 1000, 60_000, 86_400_000)
 
 
 def drain(engine: Engine, channel: bytes) -> list[int]:
@@ -108,12 +108,38 @@ def test_a_membership_group_memory_has_no_room_for_is_refused_and_the_relay_goes
     try:
         adds = [Entry(3000, n, ADD, b"big", b"member.%090d" % n) for n in range(2000)]
         after = Entry(3001, 0, SEND, b"", b"after", msgpack.packb("after"))
-        applied = engine.apply_relayed(EPOCH, (0, 0), [*adds, after], lambda _c: 10, 60_000,
-                                       86_400_000)
+        applied = engine.apply_relayed(EPOCH, (0, 0), (0, 0), [*adds, after], lambda _c: 10,
+                                       60_000, 86_400_000)
         assert 0 < applied.refused < 2000 and applied.applied == 2001
         assert drain(engine, b"after") == ["after"]
         assert position(engine.words) == (EPOCH, 3001, 0)
         assert engine.verify() == []
+    finally:
+        engine.close()
+        asgi_ipc.unlink(prefix)
+
+
+def test_a_batch_read_from_past_the_position_is_refused_whole():
+    """A relay that read the position as another moved it (or torn) must not skip entries."""
+    prefix = new_prefix()
+    engine = Engine(prefix, MiB, MiB)
+    try:
+        def send(ms: int) -> Entry:
+            return Entry(ms, 0, SEND, b"", b"c", msgpack.packb(ms))
+
+        def run(read_from: tuple[int, int], entries: list[Entry]):
+            return engine.apply_relayed(EPOCH, (0, 0), read_from, entries, lambda _c: 100,
+                                        60_000, 86_400_000)
+
+        assert run((0, 0), [send(10), send(11)]).applied == 2
+        # Read from 12-0 while the store is at 11-0: 11-x..12-0 would be skipped for good.
+        refused = run((12, 0), [send(13)])
+        assert refused.behind and refused.applied == 0
+        assert position(engine.words) == (EPOCH, 11, 0)
+        # Read from behind the position: what was applied is fenced, the rest applied.
+        again = run((10, 0), [send(11), send(12), send(13)])
+        assert (again.fenced, again.applied, again.behind) == (1, 2, False)
+        assert drain(engine, b"c") == [10, 11, 12, 13]
     finally:
         engine.close()
         asgi_ipc.unlink(prefix)

@@ -13,6 +13,7 @@ are two hosts to Redis.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import queue
@@ -694,3 +695,86 @@ async def test_a_dead_hosts_inbox_and_group_entries_expire(site, url):
         assert not await client.exists(inbox)
         assert not await client.exists(f"{{{a.site}}}:group:room")
     await b.close()
+
+
+# --- connection options, a Redis that does not answer, the figures, the bench ----------------
+
+
+def test_connection_options_in_channels_redis_form():
+    from redis.asyncio.connection import SSLConnection
+    from redis.asyncio.sentinel import SentinelConnectionPool
+
+    from asgi_ipc.multihost.redis_side import connection_options, make_client
+
+    tls = make_client(connection_options("rediss://:pw@redis.example:6380/2", 3))
+    assert tls.connection_pool.connection_class is SSLConnection
+    kwargs = tls.connection_pool.connection_kwargs
+    assert (kwargs["host"], kwargs["port"], kwargs["db"], kwargs["password"]) == (
+        "redis.example", 6380, 2, "pw")
+    assert kwargs["socket_timeout"] == kwargs["socket_connect_timeout"] == 3
+    sentinel = make_client(connection_options(
+        {"sentinels": [("s1", 26379)], "master_name": "mymaster", "socket_timeout": 9}, 3))
+    assert isinstance(sentinel.connection_pool, SentinelConnectionPool)
+    assert sentinel.connection_pool.connection_kwargs["socket_timeout"] == 9
+    address = make_client(connection_options({"address": ("h", 1), "password": "x"}, 3))
+    assert address.connection_pool.connection_kwargs["password"] == "x"
+    with pytest.raises(ValueError, match="hosts entry"):
+        connection_options(42, 3)
+
+
+async def test_a_redis_that_never_answers_fails_within_the_timeout(site):
+    """A server that accepts connections and never replies, as a stopped or partitioned Redis
+    looks: the operation gives up within ``redis_timeout`` and says why."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        layer = site(0, hosts=f"redis://127.0.0.1:{silent.getsockname()[1]}/0",
+                     redis_timeout=0.5, relay=False)
+        start = time.monotonic()
+        with pytest.raises(RedisUnavailable, match="Redis is unavailable for a send"):
+            await layer.send("site.wide", {})
+        took = time.monotonic() - start
+        print(f"\ngave up after {took:.2f} s (redis_timeout 0.5 s)")
+        assert took < 5
+    finally:
+        silent.close()
+
+
+async def test_stats_and_metrics_show_the_relay(site):
+    from asgi_ipc.observe import figures, metrics_text
+
+    a, b = site(0), site(1)
+    theirs = await b.new_channel()
+    for n in range(3):
+        await a.send(theirs, {"n": n})
+    for n in range(3):
+        assert await asyncio.wait_for(b.receive(theirs), 5) == {"n": n}
+    await asyncio.sleep(0.2)
+    relay = figures(b.prefix).relay
+    assert relay is not None
+    assert relay["host"] == f"{b.host_id():016x}" and relay["leading"]
+    assert relay["pid"] == os.getpid() and relay["redis_reachable"]
+    assert figures(b.prefix).counters["relayed"] == 3
+    text = metrics_text([b.prefix])
+    assert f'asgi_ipc_relay_up{{prefix="{b.prefix}"}} 1.0' in text
+    assert f'asgi_ipc_relay_redis_reachable{{prefix="{b.prefix}"}} 1.0' in text
+    assert f'asgi_ipc_relayed_total{{prefix="{b.prefix}"}} 3.0' in text
+
+
+def test_bench_multihost_section(url):
+    if importlib.util.find_spec("channels_redis") is None:
+        pytest.skip("needs channels_redis")
+    done = subprocess.run(
+        [sys.executable, "-m", "asgi_ipc", "bench", "--multihost", "--quick", "--json"],
+        capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=pythonpath(ROOT)),
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)["multihost"]
+    print("\n" + json.dumps(results, indent=1))
+    assert results["same-host ping-pong"]["multihost"]["commands_per_round_trip"] == 0
+    fanout = results["group_send 1000 members / 4 hosts"]
+    for layer in ("multihost", "redis"):
+        assert fanout[layer]["counted"] == fanout[layer]["expected"] == 1000 * 5
+    assert fanout["multihost"]["sender_round_trips_per_group_send"] == 1

@@ -8,10 +8,11 @@ group_discard of a local channel (``ADD``, ``DISCARD``), or a flush (``FLUSH``).
 
 **Exactly once.** The store keeps the position of its inbox: the inbox's epoch and the id of
 the last entry applied (``H_RELAY_*`` in layout.py). Entries whose id is not after it are
-skipped (counted in ``relay_fenced``). The position moves through the journal in the same hold
-as the entries it covers, and the journal commits within a hold only at ``checkpoint``/
-``step`` calls, so whatever commits (at the hold's end, or at such a step) carries a position
-that matches what it applied:
+skipped (counted in ``relay_fenced``), and a batch read from past the position is refused whole
+(``behind``: the relay reads the position without the lock, so only as a hint). The position
+moves through the journal in the same hold as the entries it covers, and the journal commits
+within a hold only at ``checkpoint``/``step`` calls, so whatever commits (at the hold's end, or
+at such a step) carries a position that matches what it applied:
 
 * a send, a group_add or a group_discard is applied *first*, then the position moves past it:
   a step inside its application (the allocator's, after expired messages were freed) commits
@@ -90,13 +91,15 @@ class Entry(NamedTuple):
 class Applied(NamedTuple):
     """What a batch did: entries applied, entries skipped as applied already, entries refused
     (a message whose channel was full or memory short, a membership group memory had no room
-    for), group copies skipped (members full), and the position afterwards."""
+    for), group copies skipped (members full), the position afterwards, and whether the batch
+    was refused whole because it was read from past the position (``behind``)."""
 
     applied: int
     fenced: int
     refused: int
     skipped: int
     position: tuple[int, int, int]
+    behind: bool = False
 
 
 def position(words: memoryview) -> tuple[int, int, int]:
@@ -134,14 +137,16 @@ def apply_batch(
     now: int,
     epoch: int,
     start: tuple[int, int],
+    read_from: tuple[int, int],
     entries: Sequence[Entry],
     capacity_of: Callable[[bytes], int],
     expiry_ms: int,
     group_expiry_ms: int,
 ) -> Applied:
-    """Under the lock: apply ``entries`` (in id order) of the inbox of ``epoch``, which starts
-    after ``start``; see the module docstring. Expiries count from now: the time an entry
-    waited in the inbox is not counted (hosts' clocks need not agree)."""
+    """Under the lock: apply ``entries``, every entry of the inbox of ``epoch`` (which starts
+    after ``start``) after ``read_from`` up to the last of them, in id order; see the module
+    docstring. Expiries count from now: the time an entry waited in the inbox is not counted
+    (hosts' clocks need not agree)."""
     w, j = engine.words, engine.journal
     queues, groups = engine.queues, engine.groups
     if w[H_RELAY_EPOCH] != epoch:
@@ -149,6 +154,12 @@ def apply_batch(
         j.set(H_RELAY_MS, start[0])
         j.set(H_RELAY_SEQ, start[1])
     at = (w[H_RELAY_MS], w[H_RELAY_SEQ])
+    if entries and at < read_from:
+        # Read from past what the store applied (its position was read, without the lock, as
+        # another relay moved it, or torn between its two words, or under another epoch):
+        # applying the batch would skip the entries in between, and fence them for good.
+        # Nothing is applied; the relay reads again from the position.
+        return Applied(0, 0, 0, 0, (epoch, *at), behind=True)
     applied = fenced = refused = skipped = 0
     expires = now + expiry_ms
 

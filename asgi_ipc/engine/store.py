@@ -658,12 +658,14 @@ class Engine:
 
     @timed_hold
     def apply_relayed(self, now: int, epoch: int, start: tuple[int, int],
-                      entries: Sequence[Entry], capacity_of: Callable[[bytes], int],
-                      expiry_ms: int, group_expiry_ms: int) -> Applied:
-        """Apply a batch of this host's inbox and move the inbox position past it, in one
-        hold, skipping what the position says was applied (see engine/inbox.py)."""
-        result = apply_batch(self, now, epoch, start, entries, capacity_of, expiry_ms,
-                             group_expiry_ms)
+                      read_from: tuple[int, int], entries: Sequence[Entry],
+                      capacity_of: Callable[[bytes], int], expiry_ms: int,
+                      group_expiry_ms: int) -> Applied:
+        """Apply a batch of this host's inbox, read from after ``read_from``, and move the
+        inbox position past it, in one hold, skipping what the position says was applied
+        (see engine/inbox.py)."""
+        result = apply_batch(self, now, epoch, start, read_from, entries, capacity_of,
+                             expiry_ms, group_expiry_ms)
         self.queues.expire(now, EXPIRE_PER_SEND)
         return result
 

@@ -259,13 +259,14 @@ class Relay:
                         "failed over); carrying on from %s-%s of the new one",
                         host_hex(host), *start,
                     )
-                receiver.apply_relayed(epoch, start, [], self.capacity_of, self.expiry_ms,
-                                       self.group_expiry_ms)
+                receiver.apply_relayed(epoch, start, start, [], self.capacity_of,
+                                       self.expiry_ms, self.group_expiry_ms)
                 continue
             entries = parse_entries(reply)
             if entries:
-                applied = receiver.apply_relayed(epoch, start, entries, self.capacity_of,
-                                                 self.expiry_ms, self.group_expiry_ms)
+                applied = receiver.apply_relayed(epoch, start, (ms, seq), entries,
+                                                 self.capacity_of, self.expiry_ms,
+                                                 self.group_expiry_ms)
                 if applied.refused:
                     logger.warning(
                         "relay %s: %s of %s entries refused by the store (a channel at capacity "
