@@ -31,6 +31,7 @@ is registered in Redis by this layer's next operation that reaches Redis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -198,11 +199,29 @@ class MultiHostChannelLayer(IPCChannelLayer):
         return self._relay
 
     def _side(self) -> Side:
+        """This event loop's client (a redis-py client belongs to one loop)."""
         loop = asyncio.get_running_loop()
         side = self._sides.get(loop)
         if side is None:
             side = self._sides[loop] = Side(self._where)
+            self._close_with(loop, side)
         return side
+
+    def _close_with(self, loop: asyncio.AbstractEventLoop, side: Side) -> None:
+        """Close ``side``'s connections when ``loop`` closes, as channels_redis does: a loop
+        per call (``async_to_sync`` in a thread) would otherwise leave a connection open per
+        call until the collector finds it."""
+        original = loop.close
+
+        def close() -> None:
+            if self._sides.get(loop) is side:
+                del self._sides[loop]
+            if not loop.is_closed() and not loop.is_running():
+                with contextlib.suppress(Exception):
+                    loop.run_until_complete(side.close())
+            original()
+
+        loop.close = close  # type: ignore[method-assign]
 
     def _route(self, channel: str) -> tuple[str, int]:
         """("local", 0), ("remote", host) or ("normal", 0): see the module docstring."""
