@@ -147,13 +147,18 @@ class Relay:
                 self.leading = True
                 try:
                     asyncio.run(self._lead())
+                except Exception:
+                    logger.exception("relay %s failed", host_hex(self.host))
                 finally:
                     self.leading = False
-                # Stopped, or the loop failed (the store closed under it, or a fault): not a
-                # spin that fills the log; the byte is still ours, so it leads again after.
+                if self._stop.is_set():
+                    break
+                # The loop failed (the store closed under it, or a fault): let another
+                # process of the host lead, and stand again after a pause rather than spin.
+                byte_lock(own.fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, RELAY_BYTE)
                 self._stop.wait(FAILED_PAUSE)
         except Exception:
-            logger.exception("the relay of %s stopped", engine.name)
+            logger.exception("the relay candidacy of %s stopped", engine.name)
         finally:
             own.close()
 
