@@ -263,7 +263,7 @@ class MultiHostChannelLayer(IPCChannelLayer):
         pipe = side.client.pipeline(transaction=False)
         me = host_hex(self.host_id())
         for name, until in pending.items():
-            pipe.zadd(self._keys.group(name), {me: until})
+            pipe.zadd(self._keys.group(name), {me: until}, gt=True)  # never sooner
             pipe.pexpire(self._keys.group(name), int(self.group_expiry * 1000))
         try:
             await self._redis(f"group_add to {group!r}", pipe.execute())

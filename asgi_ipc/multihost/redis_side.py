@@ -85,7 +85,7 @@ REMOTE_GROUP_ADD = """
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
 redis.call('XADD', KEYS[1], '*', 'o', 'a', 'g', ARGV[3], 'c', ARGV[4], 'd', '')
 if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
+redis.call('ZADD', KEYS[2], 'GT', ARGV[6], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[7])
 return 1
 """
