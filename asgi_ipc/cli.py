@@ -148,6 +148,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if report["relay"] is not None:
         print(f"  {'relay':16} {relay_line(report['relay'])}; relayed {counters['relayed']}, "
               f"skipped as applied already {counters['relay_fenced']}")
+        print(f"  {'to other hosts':16} {counters['remote_sent']} sent, "
+              f"{counters['remote_group_copies']} group_send copies, "
+              f"{counters['remote_full']} refused (inbox full)")
     if report["dead_waiters"]:
         print(f"  {'exited waiters':16} {report['dead_waiters']} receives of processes that "
               "have exited, not counted above")

@@ -66,6 +66,12 @@ __all__ = [
     "metrics_view",
 ]
 
+# The counters only a multi-host store moves (asgi_ipc/multihost/), which top leaves out for the
+# store of a single host.
+MULTI_HOST_COUNTERS = frozenset(
+    {"relayed", "relay_fenced", "remote_sent", "remote_group_copies", "remote_full"}
+)
+
 # What each counter counts: the help text of its metric.
 COUNTER_HELP = {
     "sent": "Messages queued by send()",
@@ -82,6 +88,9 @@ COUNTER_HELP = {
     "reaped_messages": "Messages dropped unread from those channels",
     "relayed": "Entries of this host's inbox (multi-host layer) applied to the store",
     "relay_fenced": "Inbox entries skipped because the store had applied them already",
+    "remote_sent": "Sends, group_adds and group_discards added to other hosts' inboxes",
+    "remote_group_copies": "group_send() copies added to other hosts' inboxes (one per host)",
+    "remote_full": "Sends refused with ChannelFull because the other host's inbox was full",
 }
 
 
@@ -407,6 +416,8 @@ def _counter_rows(now: Figures, before: Figures | None) -> list[tuple[str, str, 
     elapsed = now.taken_at - before.taken_at if before is not None else 0.0
     rows = []
     for name, value in now.counters.items():
+        if now.relay is None and name in MULTI_HOST_COUNTERS:
+            continue  # a single host's store: always 0, and the room is the channels'
         rate = "-"
         if before is not None and elapsed > 0:
             grown = value - before.counters[name]

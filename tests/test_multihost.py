@@ -756,10 +756,16 @@ async def test_stats_and_metrics_show_the_relay(site):
     assert relay["host"] == f"{b.host_id():016x}" and relay["leading"]
     assert relay["pid"] == os.getpid() and relay["redis_reachable"]
     assert figures(b.prefix).counters["relayed"] == 3
+    assert figures(a.prefix).counters["remote_sent"] == 3
     text = metrics_text([b.prefix])
     assert f'asgi_ipc_relay_up{{prefix="{b.prefix}"}} 1.0' in text
     assert f'asgi_ipc_relay_redis_reachable{{prefix="{b.prefix}"}} 1.0' in text
     assert f'asgi_ipc_relayed_total{{prefix="{b.prefix}"}} 3.0' in text
+    await a.group_add("room", theirs)
+    await a.group_send("room", {"to": "b"})
+    assert await asyncio.wait_for(b.receive(theirs), 5) == {"to": "b"}
+    counters = figures(a.prefix).counters
+    assert (counters["remote_sent"], counters["remote_group_copies"]) == (4, 1)
 
 
 def test_bench_multihost_section(url):

@@ -659,6 +659,9 @@ def expected_counters(processes: int) -> dict[str, int]:
         # A single-host layer never relays (multi-host: see test_multihost.py).
         "relayed": 0,
         "relay_fenced": 0,
+        "remote_sent": 0,
+        "remote_group_copies": 0,
+        "remote_full": 0,
     }
 
 

@@ -132,6 +132,11 @@ H_RELAY_PID = 51
 H_RELAY_SEEN = 52
 H_RELAY_LAG = 53
 H_RELAY_DEPTH = 54
+# Counters of what this host's processes sent to other hosts through Redis, as the ones above
+# (each added in a lock hold of its own, after the Redis command it counts returned).
+H_REMOTE_SENT = 55  # entries added to other hosts' inboxes: sends, group_adds, group_discards
+H_REMOTE_GROUP_COPIES = 56  # group_send copies added to other hosts' inboxes (one per host)
+H_REMOTE_FULL = 57  # sends refused with ChannelFull because the other host's inbox was full
 # The byte whose open-file-description lock elects the relay of the host: in the version word,
 # which no slot's byte is (see slots.py).
 RELAY_BYTE = H_VERSION * WORD
@@ -150,6 +155,9 @@ COUNTERS = {
     "reaped_messages": H_REAPED_MESSAGES,
     "relayed": H_RELAYED,
     "relay_fenced": H_RELAY_FENCED,
+    "remote_sent": H_REMOTE_SENT,
+    "remote_group_copies": H_REMOTE_GROUP_COPIES,
+    "remote_full": H_REMOTE_FULL,
 }
 
 # \Z, not $: "$" would also let a trailing newline through into the object's name.
