@@ -784,3 +784,44 @@ def test_bench_multihost_section(url):
     for layer in ("multihost", "redis"):
         assert fanout[layer]["counted"] == fanout[layer]["expected"] == 1000 * 5
     assert fanout["multihost"]["sender_round_trips_per_group_send"] == 1
+
+
+async def test_hosts_through_a_sentinel_watched_master(url, prefix, tmp_path):
+    """``hosts`` in channels_redis's Sentinel form: the layer finds the master through
+    the sentinel, and the relay reads from it."""
+    port = int(url.rsplit(":", 1)[1])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        sentinel_port = s.getsockname()[1]
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(f"port {sentinel_port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+                    f"sentinel monitor mh 127.0.0.1 {port} 1\n")
+    sentinel = subprocess.Popen([shutil.which("redis-server") or "redis-server", str(conf),
+                                 "--sentinel"], stdout=subprocess.DEVNULL)
+    other = new_prefix()
+    layers: list[MultiHostChannelLayer] = []
+    try:
+        hosts = [{"sentinels": [("127.0.0.1", sentinel_port)], "master_name": "mh",
+                  "socket_timeout": 2}]
+        for which in (prefix, other):
+            layers.append(MultiHostChannelLayer(prefix=which, site=prefix, hosts=hosts,
+                                                channel_memory=MiB, group_memory=MiB))
+        a, b = layers
+        deadline = time.monotonic() + 20
+        while True:  # until the sentinel knows its master
+            try:
+                await a.send("site.sentinel", {"n": 0})
+                break
+            except RedisUnavailable:
+                assert time.monotonic() < deadline, "the sentinel never answered"
+                await asyncio.sleep(0.2)
+        assert await asyncio.wait_for(b.receive("site.sentinel"), 5) == {"n": 0}
+        theirs = await b.new_channel()
+        await a.send(theirs, {"n": 1})
+        assert await asyncio.wait_for(b.receive(theirs), 10) == {"n": 1}
+    finally:
+        for layer in layers:
+            await layer.close()
+        asgi_ipc.unlink(other)
+        sentinel.terminate()
+        sentinel.wait(10)
