@@ -60,6 +60,7 @@ try:
         connection_options,
         host_hex,
         now_ms,
+        stamp,
     )
     from .relay import Relay
 except ImportError as missing:  # redis-py is an optional dependency
@@ -299,7 +300,7 @@ class MultiHostChannelLayer(IPCChannelLayer):
         capacity = self.get_capacity(channel)
         queued = await self._redis(f"a send to {channel!r}", self._side().normal_send(
             keys=[self._keys.channel(channel)],
-            args=[capacity, int(self.expiry * 1000), b"%013d" % (now + int(self.expiry * 1000)),
+            args=[capacity, int(self.expiry * 1000), stamp(now + int(self.expiry * 1000)),
                   data, now],
         ))
         if not queued:
@@ -417,7 +418,7 @@ class MultiHostChannelLayer(IPCChannelLayer):
                     keys=[self._keys.group(group), self._keys.group_channels(group)],
                     args=[host_hex(self.host_id()), now, self.inbox_capacity,
                           int(self.inbox_ttl * 1000), data, group,
-                          b"%013d" % (now + int(self.expiry * 1000)), self._keys.base,
+                          stamp(now + int(self.expiry * 1000)), self._keys.base,
                           self.capacity, int(self.expiry * 1000)],
                 ))
         except RedisUnavailable as exc:

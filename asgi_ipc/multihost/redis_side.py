@@ -55,11 +55,12 @@ T = TypeVar("T")
 _timeout: Any = getattr(asyncio, "timeout", None)
 
 
-def _stamp(expires_ms: int) -> bytes:
+def stamp(expires_ms: int) -> bytes:
+    """The 13 digits before a site-wide channel's message: when it expires."""
     return b"%013d" % expires_ms
 
 
-# --- scripts (EVALSHA; loaded again by redis-py when a restarted Redis lost them) -----------
+# --- scripts (run with EVALSHA, loaded again when Redis lost them: see ``Script``) ----------
 
 _TRIM_EXPIRED = """
 local function trim_expired(key, now)
