@@ -25,11 +25,22 @@ except ModuleNotFoundError as missing:
 
 __version__ = "2.2.0"
 
+
+def __getattr__(name: str) -> object:
+    # Imported on first use: the multi-host layer is the one part that needs redis-py.
+    if name == "MultiHostChannelLayer":
+        from .multihost import MultiHostChannelLayer
+
+        return MultiHostChannelLayer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "ENGINE",
     "ForeignObject",
     "GroupMemoryFull",
     "IPCChannelLayer",
+    "MultiHostChannelLayer",
     "SharedMemoryTooSmall",
     "StoreClosed",
     "StoreCorrupted",

@@ -121,6 +121,10 @@ def check_channel_layers(app_configs: Any = None, **kwargs: Any) -> list[checks.
                     id="asgi_ipc.E001",
                 ))
                 continue
+            # A subclass's own options (MultiHostChannelLayer's ``hosts``...) are its to check,
+            # when it is built; the rest are IPCChannelLayer's.
+            own = getattr(import_string(entry["BACKEND"]), "OWN_OPTIONS", ())
+            config = {option: value for option, value in config.items() if option not in own}
             problems = config_problems(config)
             for problem in problems:
                 found.append(checks.Error(

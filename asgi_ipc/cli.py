@@ -34,11 +34,13 @@ from dataclasses import dataclass
 from . import ENGINE, __version__
 from .commandline import bounded, columns, size
 from .engine.compiled import FORCED, NOT_BUILT
+from .engine.inbox import relay_state
 from .engine.layout import NAME_PREFIX, SHM_DIR, store_path, validate_prefix, wake_dir_prefix
 from .engine.segment import store_users, unlink
 from .exceptions import StoreError, StoreInUse
 from .layer import IPCChannelLayer
 from .observe import add_commands as add_observe_commands
+from .observe import relay_line
 from .private import check_private, describe, open_private_file
 from .receiver import Receiver
 
@@ -108,6 +110,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     store = _open(args.prefix)
     try:
         report = store.engine.inspect()
+        engine = store.engine
+        report["relay"] = relay_state(engine.words, engine.segment.fd, engine.clock())
     finally:
         store.close()
     report["processes_attached"] = _users_of(args.prefix)
@@ -141,6 +145,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"  {'pids with a slot':16} {_pids(report['waiting_processes'])}")
     print(f"  {'attached pids':16} {_pids(report['processes_attached'])}")
     print(f"  {'engine':16} {_engine()}")
+    if report["relay"] is not None:
+        print(f"  {'relay':16} {relay_line(report['relay'])}; relayed {counters['relayed']}, "
+              f"skipped as applied already {counters['relay_fenced']}")
+        print(f"  {'to other hosts':16} {counters['remote_sent']} sent, "
+              f"{counters['remote_group_copies']} group_send copies, "
+              f"{counters['remote_full']} refused (inbox full)")
     if report["dead_waiters"]:
         print(f"  {'exited waiters':16} {report['dead_waiters']} receives of processes that "
               "have exited, not counted above")

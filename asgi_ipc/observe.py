@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from .commandline import address, bounded, columns, size
 from .engine import open_engine
+from .engine.inbox import relay_state
 from .exceptions import StoreError
 
 if TYPE_CHECKING:  # optional dependencies, imported where they are used
@@ -65,6 +66,12 @@ __all__ = [
     "metrics_view",
 ]
 
+# The counters only a multi-host store moves (asgi_ipc/multihost/), which top leaves out for the
+# store of a single host.
+MULTI_HOST_COUNTERS = frozenset(
+    {"relayed", "relay_fenced", "remote_sent", "remote_group_copies", "remote_full"}
+)
+
 # What each counter counts: the help text of its metric.
 COUNTER_HELP = {
     "sent": "Messages queued by send()",
@@ -79,6 +86,12 @@ COUNTER_HELP = {
     "reaped_channels": "Process-specific channels removed because their process exited or died",
     "reaped_memberships": "Group memberships removed with those channels",
     "reaped_messages": "Messages dropped unread from those channels",
+    "parcels": "Parcels made by group_send(): one message lent to a process for its members",
+    "relayed": "Entries of this host's inbox (multi-host layer) applied to the store",
+    "relay_fenced": "Inbox entries skipped because the store had applied them already",
+    "remote_sent": "Sends, group_adds and group_discards added to other hosts' inboxes",
+    "remote_group_copies": "group_send() copies added to other hosts' inboxes (one per host)",
+    "remote_full": "Sends refused with ChannelFull because the other host's inbox was full",
 }
 
 
@@ -145,6 +158,10 @@ class Figures:
     flushes: int
     #: What the check found inconsistent, empty when the store is sound; None when not checked.
     problems: list[str] | None = None
+    #: The relay of a multi-host store (engine/inbox.py ``relay_state``): host id, whether a
+    #: process leads it and its pid, whether Redis answers it, the lag of the last entry it
+    #: applied (ms), the inbox's depth; None for a store of a single host.
+    relay: dict | None = None
 
 
 def _channel(row: tuple[int, str, int, int], now_ms: int) -> Channel:
@@ -161,6 +178,7 @@ def figures(prefix: str, top: int = 10, check: bool = False) -> Figures:
     store = open_engine(prefix)
     try:
         report = store.inspect(top, check)
+        relay = relay_state(store.words, store.segment.fd, store.clock())
     finally:
         store.close()
     now = report["now"]
@@ -185,6 +203,7 @@ def figures(prefix: str, top: int = 10, check: bool = False) -> Figures:
         group_memory=Memory(**report["group_memory"]),
         flushes=report["epoch"],
         problems=report["problems"],
+        relay=relay,
     )
 
 
@@ -256,6 +275,14 @@ class StoreCollector:
                             "Seconds until the oldest queued message expires"),
             "problems": gauge("problems", "Inconsistencies found in the store (0 when sound)"),
         }
+        relay_gauges = {
+            "leading": gauge("relay_up", "1 if a process relays this host's inbox (multi-host)"),
+            "redis_reachable": gauge("relay_redis_reachable",
+                                     "1 if the relay heard from Redis in the last 5 s"),
+            "lag_ms": gauge("relay_lag_ms", "Milliseconds between the last entry relayed "
+                            "entering the inbox and its application"),
+            "inbox_depth": gauge("relay_inbox_depth", "Entries in this host's inbox"),
+        }
         memory = gauge("memory_bytes", "Bytes of each memory area, by state",
                        ("area", "state"))
         depth = gauge("channel_depth", "Messages queued on each of the deepest channels",
@@ -290,10 +317,14 @@ class StoreCollector:
             for channel in f.deepest:
                 if channel.depth:
                     depth.add_metric([prefix, channel.name], channel.depth)
+            if f.relay is not None:
+                for key, family in relay_gauges.items():
+                    family.add_metric([prefix], int(f.relay[key]))
         yield up
         yield from counters.values()
         yield flushes
         yield from gauges.values()
+        yield from relay_gauges.values()
         yield memory
         yield depth
 
@@ -386,6 +417,8 @@ def _counter_rows(now: Figures, before: Figures | None) -> list[tuple[str, str, 
     elapsed = now.taken_at - before.taken_at if before is not None else 0.0
     rows = []
     for name, value in now.counters.items():
+        if now.relay is None and name in MULTI_HOST_COUNTERS:
+            continue  # a single host's store: always 0, and the room is the channels'
         rate = "-"
         if before is not None and elapsed > 0:
             grown = value - before.counters[name]
@@ -393,6 +426,15 @@ def _counter_rows(now: Figures, before: Figures | None) -> list[tuple[str, str, 
             rate = f"{(grown if grown >= 0 else value) / elapsed:.1f}"
         rows.append((name, str(value), rate))
     return rows
+
+
+def relay_line(relay: dict) -> str:
+    """One line of the relay of a multi-host store (see ``relay_state``)."""
+    if not relay["leading"]:
+        return f"host {relay['host']}: no relay (no process of the host has the layer open)"
+    redis = "Redis reachable" if relay["redis_reachable"] else "Redis UNREACHABLE"
+    return (f"host {relay['host']}: pid {relay['pid']}, {redis}, lag {relay['lag_ms']} ms, "
+            f"inbox depth {relay['inbox_depth']}")
 
 
 def _figure_rows(now: Figures) -> list[tuple[str, str]]:
@@ -410,6 +452,8 @@ def _figure_rows(now: Figures) -> list[tuple[str, str]]:
     for area, memory in (("channel", now.channel_memory), ("group", now.group_memory)):
         rows.append((f"{area} memory", f"{size(memory.used)} used of {size(memory.size)}, "
                      f"largest free {size(memory.largest_free)}"))
+    if now.relay is not None:
+        rows.append(("relay", relay_line(now.relay)))
     if now.problems is not None:  # checked
         if now.expired_bytes is not None:  # set with problems; the check is for the types
             rows.append(("expired, unreclaimed", size(now.expired_bytes)))

@@ -79,6 +79,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 from .doorbell import (
     FULL,
@@ -217,6 +218,17 @@ class Receiver:
         engine.own(channel)
         if engine.due:
             self._ring()
+
+    # --- the multi-host layer's relay ------------------------------------------------------
+
+    def apply_relayed(self, *args: Any) -> Any:
+        """``Engine.apply_relayed`` (engine/inbox.py), then the rings it left due: the seam
+        through which a multi-host layer's relay writes into the store."""
+        engine = self.engine
+        result = engine.apply_relayed(*args)
+        if engine.due:
+            self._ring()
+        return result
 
     # --- rings -----------------------------------------------------------------------------
 

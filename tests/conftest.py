@@ -1,6 +1,7 @@
 """Fixtures shared by the suite: a unique prefix per test whose shared memory is removed after
-it, child processes killed when their test ends, layers of both backends built from one config,
-and a redis-server when one can be run. Plain helpers are in helpers.py."""
+it, child processes killed when their test ends, layers of the three backends
+(IPCChannelLayer, channels_redis, MultiHostChannelLayer) built from one config, and a
+redis-server when one can be run. Plain helpers are in helpers.py."""
 
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def redis_url():
         yield server.url
 
 
-BACKENDS = ["ipc", "redis"]
+BACKENDS = ["ipc", "redis", "multihost"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -81,8 +82,8 @@ def make_layer(request, prefix, redis_url):
     Every layer made shares the test's prefix, as processes of one site would."""
     made = []
     backend = request.param
-    if backend == "redis" and redis_url is None:
-        pytest.skip("redis-server is not installed: the channels_redis half is skipped")
+    if backend in ("redis", "multihost") and redis_url is None:
+        pytest.skip(f"redis-server is not installed: the {backend} backend is skipped")
 
     def make(**config):
         config.setdefault("prefix", prefix)
@@ -90,6 +91,10 @@ def make_layer(request, prefix, redis_url):
             config.setdefault("channel_memory", 4 * MiB)
             config.setdefault("group_memory", 1 * MiB)
             layer = IPCChannelLayer(**config)
+        elif backend == "multihost":
+            config.setdefault("channel_memory", 4 * MiB)
+            config.setdefault("group_memory", 1 * MiB)
+            layer = asgi_ipc.MultiHostChannelLayer(hosts=[redis_url], **config)
         else:
             from channels_redis.core import RedisChannelLayer
 
@@ -106,7 +111,7 @@ def make_layer(request, prefix, redis_url):
     async def tidy():
         for layer in made:
             await layer.flush()
-            if backend == "ipc":
+            if backend != "redis":
                 await layer.close()
             else:
                 await layer.close_pools()

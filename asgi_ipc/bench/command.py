@@ -75,6 +75,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     for peer in PEER_PACKAGES:
         parser.add_argument(f"--no-{peer.name}", action="store_true",
                             help=f"leave {peer.package} out")
+    parser.add_argument("--multihost", action="store_true",
+                        help="run the multi-host section alone: MultiHostChannelLayer against "
+                             "RedisChannelLayer on one redis-server, Redis commands counted")
     parser.add_argument("--targets", action="store_true",
                         help="print the targets table (as the README shows it) and run nothing")
     if argv and argv[0] == "--":
@@ -120,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.targets:
         print(rst_table())
         return 0
+    if args.multihost:
+        return _multihost(args)
     scale = QUICK if args.quick else FULL
     previous = {}
     if _in_main_thread():
@@ -168,6 +173,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{'every message counted' if ok else 'SOME MESSAGES WERE NOT COUNTED'}; "
               f"{header['seconds']} s")
     return 0 if ok else 1
+
+
+def _multihost(args: argparse.Namespace) -> int:
+    """The multi-host section (multihost.py), against a redis-server of its own."""
+    from . import multihost
+
+    binary = shutil.which("redis-server")
+    if binary is None or importlib.util.find_spec("channels_redis") is None:
+        print("the multi-host section needs redis-server on PATH and channels_redis "
+              "(pip install 'asgi_ipc[bench,redis]')", file=sys.stderr)
+        return 2
+    with RedisServer(binary) as server:
+        results = multihost.run(server.url, args.quick)
+    if args.json:
+        print(json.dumps({"quick": args.quick, "cpus": os.cpu_count(),
+                          "redis": server.version, "multihost": results}, indent=2))
+    else:
+        print(multihost.render(results))
+    return 0
 
 
 def _in_main_thread() -> bool:

@@ -116,11 +116,40 @@ H_REAPED_MESSAGES = 43  # messages dropped unread from them
 # The first channel record of the list of channels whose owner is gone and that are still to
 # be reaped (queues.py); changed through the journal.
 H_REAP_HEAD = 44
-# (45 to 54 are kept for the words of stores shared between hosts.)
+# The words of a multi-host layer (asgi_ipc/multihost/), which a single-host layer never reads
+# nor writes, so that both can share a store without a new layout version; a flush keeps them.
+# The host id: random, set once (``Engine.host_id``), never 0 once set; it names this store
+# to the other hosts. Changed through the journal.
+H_HOST_ID = 45
+# The relay's position in this host's inbox (``Engine.apply_relayed``): the epoch of the inbox
+# (a random number kept in Redis beside the stream; a Redis that restarted empty or failed over
+# gets a new one) and the id, milliseconds and sequence, of the last entry applied. All three
+# change through the journal, in the lock hold that applies the entries they cover.
+H_RELAY_EPOCH = 46
+H_RELAY_MS = 47
+H_RELAY_SEQ = 48
+# Counters of the relay, as the ones above.
+H_RELAYED = 49  # inbox entries applied to this store
+H_RELAY_FENCED = 50  # entries skipped because the position says they were applied already
+# Hints for `asgi-ipc stats`, written without the journal or the lock by the relay: its pid,
+# when it last heard from Redis (ms since the epoch, 0 when Redis does not answer), the lag of
+# the last entry it applied (ms between its id and its application) and the inbox's depth.
+H_RELAY_PID = 51
+H_RELAY_SEEN = 52
+H_RELAY_LAG = 53
+H_RELAY_DEPTH = 54
+# Counters of what this host's processes sent to other hosts through Redis, as the ones above
+# (each added in a lock hold of its own, after the Redis command it counts returned).
+H_REMOTE_SENT = 55  # entries added to other hosts' inboxes: sends, group_adds, group_discards
+H_REMOTE_GROUP_COPIES = 56  # group_send copies added to other hosts' inboxes (one per host)
+H_REMOTE_FULL = 57  # sends refused with ChannelFull because the other host's inbox was full
+# The byte whose open-file-description lock elects the relay of the host: in the version word,
+# which no slot's byte is (see slots.py).
+RELAY_BYTE = H_VERSION * WORD
 # The first of the parcels whose owner is gone, still to be freed by reaping (queues.py);
 # changed through the journal.
-H_PARCELS_TO_FREE = 55
-H_PARCELS = 56  # parcels made by group_send() (queues.py): one per owning process a call
+H_PARCELS_TO_FREE = 58
+H_PARCELS = 59  # parcels made by group_send() (queues.py): one per owning process a call
 COUNTERS = {
     "sent": H_SENT,
     "received": H_RECEIVED,
@@ -134,6 +163,11 @@ COUNTERS = {
     "reaped_channels": H_REAPED_CHANNELS,
     "reaped_memberships": H_REAPED_MEMBERSHIPS,
     "reaped_messages": H_REAPED_MESSAGES,
+    "relayed": H_RELAYED,
+    "relay_fenced": H_RELAY_FENCED,
+    "remote_sent": H_REMOTE_SENT,
+    "remote_group_copies": H_REMOTE_GROUP_COPIES,
+    "remote_full": H_REMOTE_FULL,
     "parcels": H_PARCELS,
 }
 

@@ -46,15 +46,17 @@ import collections
 import fcntl
 import hashlib
 import logging
+import secrets
 import time
 import zlib
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar
 
 from ..exceptions import StoreClosed, StoreCorrupted
 from .compiled import warn_if_not_built  # first: it picks where the next ones load from
 from .groups import GroupStore
 from .heap import Heap
+from .inbox import Applied, Entry, apply_batch
 from .journal import Journal
 from .layout import (
     COUNTERS,
@@ -62,6 +64,7 @@ from .layout import (
     H_EPOCH,
     H_FLUSHING,
     H_GROUP_SENDS,
+    H_HOST_ID,
     H_JOURNAL_COUNT,
     H_LOCK_PID,
     H_MAGIC,
@@ -746,6 +749,29 @@ class Engine:
         # Every waiting process must register again: ring them all.
         for slot, _pid, token in self.slots.live():
             self._rings.append((slot, token, b""))
+
+    # --- the multi-host layer's relay (engine/inbox.py) -----------------------------------
+
+    @one_hold
+    def host_id(self, _now: int) -> int:
+        """The id of this store among the hosts of a multi-host layer: random, set by the
+        first hold that asks, never 0, kept for the store's life (a flush keeps it)."""
+        if not self.words[H_HOST_ID]:
+            self.journal.set(H_HOST_ID, secrets.randbits(64) or 1)
+        return self.words[H_HOST_ID]
+
+    @timed_hold
+    def apply_relayed(self, now: int, epoch: int, start: tuple[int, int],
+                      read_from: tuple[int, int], entries: Sequence[Entry],
+                      capacity_of: Callable[[bytes], int], expiry_ms: int,
+                      group_expiry_ms: int) -> Applied:
+        """Apply a batch of this host's inbox, read from after ``read_from``, and move the
+        inbox position past it, in one hold, skipping what the position says was applied
+        (see engine/inbox.py)."""
+        result = apply_batch(self, now, epoch, start, read_from, entries, capacity_of,
+                             expiry_ms, group_expiry_ms)
+        self.queues.expire(now, EXPIRE_PER_SEND)
+        return result
 
     # --- inspection ------------------------------------------------------------------------
 

@@ -48,6 +48,11 @@ CHANNEL_LAYERS = {
         "CONFIG": {"prefix": os.environ.get("CHAT_LAYER_PREFIX", "chat")},
     }
 }
+# On several machines: the same site, each machine's processes sharing its own store, the
+# machines joined by Redis (pip install 'asgi_ipc[redis]').
+if os.environ.get("CHAT_REDIS_URL"):
+    CHANNEL_LAYERS["default"]["BACKEND"] = "asgi_ipc.MultiHostChannelLayer"
+    CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [os.environ["CHAT_REDIS_URL"]]
 
 # The channel the shouting worker listens on (``manage.py runworker chat-worker``).
 CHAT_WORKER_CHANNEL = "chat-worker"

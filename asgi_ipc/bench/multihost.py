@@ -1,0 +1,265 @@
+"""The multi-host section of ``asgi-ipc bench`` (``--multihost``): MultiHostChannelLayer against
+channels_redis's RedisChannelLayer, in the same run, on the same redis-server.
+
+Hosts are stores: each simulated host is a prefix of its own, its processes spawned here, all of
+one ``site`` in Redis (on one machine a mount namespace per host changes nothing measured: each
+store has its own host id and relay). Measured, with the Redis commands each operation costs
+(``INFO commandstats``, every command the server ran, those inside scripts included, relays'
+reads and beats included):
+
+  same-host ping-pong     two processes of one host (both layers)
+  cross-host ping-pong    processes of two hosts (both layers)
+  group_send              to 1000 members over 4 hosts (250 each, the sender on the first):
+                          time per group_send, every delivery counted, commands per group_send,
+                          and the round trips the sender made (counted in the sender)
+
+Every store made here is unlinked, and every Redis key of the run deleted, when it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import secrets
+import time
+from typing import Any
+
+from .. import unlink
+
+MULTIHOST = "multihost"
+REDIS = "redis"
+SPAWN = multiprocessing.get_context("spawn")
+MiB = 1024 * 1024
+
+
+def _layer(kind: str, prefix: str, site: str, url: str) -> Any:
+    if kind == MULTIHOST:
+        from ..multihost import MultiHostChannelLayer
+
+        return MultiHostChannelLayer(prefix=prefix, site=site, hosts=[url], capacity=100_000,
+                                     expiry=600, channel_memory=64 * MiB, group_memory=8 * MiB)
+    from channels_redis.core import RedisChannelLayer
+
+    return RedisChannelLayer(hosts=[url], prefix=site + ":", capacity=100_000, expiry=600)
+
+
+async def _close(kind: str, layer: Any) -> None:
+    if kind == MULTIHOST:
+        await layer.close()
+    else:
+        await layer.close_pools()
+
+
+def _commands(url: str) -> int:
+    import redis
+
+    with redis.Redis.from_url(url) as client:
+        stats = client.info("commandstats")
+    return sum(figures["calls"] for name, figures in stats.items()
+               if name not in ("cmdstat_info", "cmdstat_hello", "cmdstat_client|setinfo"))
+
+
+# --- the processes -------------------------------------------------------------------------
+
+
+def _echo(kind: str, prefix: str, site: str, url: str, out: Any) -> None:
+    async def run() -> None:
+        layer = _layer(kind, prefix, site, url)
+        channel = await layer.new_channel()
+        out.put(channel)
+        while "end" not in (message := await layer.receive(channel)):
+            await layer.send(message["to"], message)
+        await _close(kind, layer)
+
+    asyncio.run(run())
+
+
+def _pinger(kind: str, prefix: str, site: str, url: str, echo: str, rounds: int,
+            out: Any) -> None:
+    async def run() -> None:
+        layer = _layer(kind, prefix, site, url)
+        channel = await layer.new_channel()
+        for n in range(20):  # warm-up
+            await layer.send(echo, {"to": channel, "n": n})
+            await layer.receive(channel)
+        await asyncio.sleep(0.2)
+        before = _commands(url)
+        times = []
+        for n in range(rounds):
+            start = time.perf_counter()
+            await layer.send(echo, {"to": channel, "n": n})
+            got = await layer.receive(channel)
+            times.append(time.perf_counter() - start)
+            assert got["n"] == n
+        commands = _commands(url) - before
+        await layer.send(echo, {"end": True})
+        await _close(kind, layer)
+        out.put((times, commands))
+
+    asyncio.run(run())
+
+
+def _members(kind: str, prefix: str, site: str, url: str, group: str, count: int,
+             sends: int, out: Any) -> None:
+    async def run() -> None:
+        layer = _layer(kind, prefix, site, url)
+        channels = [await layer.new_channel() for _ in range(count)]
+        for channel in channels:
+            await layer.group_add(group, channel)
+        if kind == MULTIHOST:
+            layer.receiver()  # its relay stands
+        out.put("ready")
+
+        async def drain(channel: str) -> int:
+            got = 0
+            try:
+                for _ in range(sends):
+                    await asyncio.wait_for(layer.receive(channel), 60)
+                    got += 1
+            except asyncio.TimeoutError:
+                pass
+            return got
+
+        counted = sum(await asyncio.gather(*map(drain, channels)))
+        await _close(kind, layer)
+        out.put(counted)
+
+    asyncio.run(run())
+
+
+def _group_sender(kind: str, prefix: str, site: str, url: str, group: str, sends: int,
+                  out: Any) -> None:
+    async def run() -> None:
+        layer = _layer(kind, prefix, site, url)
+        calls = 0
+        if kind == MULTIHOST:
+            layer.receiver()
+            client = layer._side().client
+            plain = client.execute_command
+
+            async def counted(*args: Any, **options: Any) -> Any:
+                nonlocal calls
+                calls += 1
+                return await plain(*args, **options)
+
+            client.execute_command = counted
+        # Warm: the script loaded, the connection made (a group with no member elsewhere).
+        await layer.group_send(group + "-warm", {"n": -1})
+        await asyncio.sleep(0.3)
+        calls = 0
+        before = _commands(url)
+        start = time.perf_counter()
+        for n in range(sends):
+            await layer.group_send(group, {"n": n})
+        elapsed = time.perf_counter() - start
+        commands = _commands(url) - before
+        await _close(kind, layer)
+        out.put((elapsed, commands, calls if kind == MULTIHOST else None))
+
+    asyncio.run(run())
+
+
+# --- the section ---------------------------------------------------------------------------
+
+
+def _start(target: Any, *args: Any) -> Any:
+    process = SPAWN.Process(target=target, args=args, daemon=True)
+    process.start()
+    return process
+
+
+def _pingpong(kind: str, url: str, rounds: int, same_host: bool) -> dict:
+    site = "mhb" + secrets.token_hex(4)
+    a, b = site + "a", (site + "a" if same_host else site + "b")
+    out = SPAWN.Queue()
+    try:
+        echo = _start(_echo, kind, b, site, url, out)
+        channel = out.get(timeout=60)
+        pinger = _start(_pinger, kind, a, site, url, channel, rounds, out)
+        times, commands = out.get(timeout=300)
+        for process in (pinger, echo):
+            process.join(30)
+    finally:
+        _tidy(url, site, [a, b])
+    times.sort()
+    return {
+        "p50_ms": round(times[len(times) // 2] * 1e3, 3),
+        "p90_ms": round(times[len(times) * 9 // 10] * 1e3, 3),
+        "rounds": rounds,
+        "commands_per_round_trip": round(commands / rounds, 2),
+    }
+
+
+def _fanout(kind: str, url: str, members: int, hosts: int, sends: int) -> dict:
+    site = "mhb" + secrets.token_hex(4)
+    prefixes = [f"{site}{n}" for n in range(hosts)]
+    group = "bench"
+    out = SPAWN.Queue()
+    try:
+        holders = [_start(_members, kind, p, site, url, group, members // hosts, sends, out)
+                   for p in prefixes]
+        for _ in holders:
+            assert out.get(timeout=120) == "ready"
+        sender = _start(_group_sender, kind, prefixes[0], site, url, group, sends, out)
+        elapsed, commands, calls = out.get(timeout=300)
+        counted = sum(out.get(timeout=300) for _ in holders)
+        for process in (sender, *holders):
+            process.join(30)
+    finally:
+        _tidy(url, site, prefixes)
+    return {
+        "members": members,
+        "hosts": hosts,
+        "group_sends": sends,
+        "ms_per_group_send": round(elapsed / sends * 1e3, 3),
+        "commands_per_group_send": round(commands / sends, 1),
+        "sender_round_trips_per_group_send": None if calls is None else calls / sends,
+        "counted": counted,
+        "expected": members * sends,
+    }
+
+
+def _tidy(url: str, site: str, prefixes: list[str]) -> None:
+    import redis
+
+    for prefix in set(prefixes):
+        unlink(prefix)
+    with redis.Redis.from_url(url) as client:
+        for pattern in (f"{{{site}}}:*", f"{site}:*"):
+            keys = list(client.scan_iter(match=pattern, count=1000))
+            if keys:
+                client.delete(*keys)
+
+
+def run(url: str, quick: bool) -> dict:
+    """The section's results, by measurement and layer."""
+    rounds = 200 if quick else 2000
+    sends = 5 if quick else 40
+    results: dict[str, dict[str, dict]] = {}
+    for kind in (MULTIHOST, REDIS):
+        results.setdefault("same-host ping-pong", {})[kind] = _pingpong(kind, url, rounds, True)
+        results.setdefault("cross-host ping-pong", {})[kind] = _pingpong(kind, url, rounds,
+                                                                         False)
+        results.setdefault("group_send 1000 members / 4 hosts", {})[kind] = _fanout(
+            kind, url, 1000, 4, sends)
+    return results
+
+
+def render(results: dict) -> str:
+    lines = ["multi-host: MultiHostChannelLayer (multihost) and RedisChannelLayer (redis), "
+             "same redis-server"]
+    for name, by_layer in results.items():
+        for kind, figures in by_layer.items():
+            shown = ", ".join(f"{key} {value}" for key, value in figures.items())
+            lines.append(f"  {name:36} {kind:9} {shown}")
+    ratio = _ratio(results)
+    if ratio is not None:
+        lines.append(f"  cross-host ping-pong p50, multihost / redis: {ratio:.2f}")
+    return "\n".join(lines)
+
+
+def _ratio(results: dict) -> float | None:
+    cross = results.get("cross-host ping-pong", {})
+    if MULTIHOST in cross and REDIS in cross and cross[REDIS]["p50_ms"]:
+        return float(cross[MULTIHOST]["p50_ms"]) / float(cross[REDIS]["p50_ms"])
+    return None

@@ -1,0 +1,386 @@
+"""The Redis side of the multi-host layer: keys, scripts and the client, for one event loop.
+
+Every key of a site carries the hash tag ``{prefix}``, so that the scripts, which touch keys of
+one site only, stay legal where keys are spread by hash slot. The keys:
+
+* ``{p}:inbox:<host>``: the host's inbox, a stream its relay reads (relay.py). Entries are
+  ``o`` (engine/inbox.py's op), ``g`` (group), ``c`` (channel), ``d`` (message). A sender adds
+  one with ``INBOX_ADD`` in one round trip, refused when the inbox holds ``inbox_capacity``
+  entries. The stream is given a time to live when it is made and the relay refreshes it, so
+  the inbox of a host that died goes away ``inbox_ttl`` after its relay last beat.
+* ``{p}:epoch:<host>``: ``"<epoch> <start id>"``, the inbox's epoch (``BEAT``): set anew when it
+  is missing (Redis restarted empty, or the keys expired), or when the stream's last id went
+  back behind the position the relay applied (a failover to a replica that missed writes);
+  the start id is where the new epoch begins.
+* ``{p}:hosts``: the hosts whose relay beat, by time of the last beat (for flush), those silent
+  for ``inbox_ttl`` dropped at each beat.
+* ``{p}:group:<group>``: the hosts with members in the group, scored by when their latest
+  membership expires; ``{p}:gchan:<group>``: the site-wide (normal) channels in the group,
+  scored the same way; ``{p}:caps``: the capacity of those channels.
+* ``{p}:chan:<channel>``: a site-wide channel, a list of items, each the 13-digit time its
+  message expires (ms since the epoch, the sender's clock) followed by the message.
+
+What makes each operation visible: the one script or command that carries it; none of them
+is retried once sent (a retry after a reply was lost could deliver twice), so an operation that
+raises ``RedisUnavailable`` may or may not have happened, and one that returned did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import secrets
+import time
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+from ..engine.inbox import Entry
+from .errors import RedisUnavailable
+
+__all__ = ["RedisUnavailable"]  # re-exported: where the scripts that raise it are
+
+# Options of a host entry that are the layer's business, not the connection's.
+_NOT_CONNECTION = {"address", "sentinels", "master_name", "sentinel_kwargs"}
+
+T = TypeVar("T")
+
+# asyncio.timeout (3.11 and later) bounds a call without making it a task of its own.
+_timeout: Any = getattr(asyncio, "timeout", None)
+
+
+def stamp(expires_ms: int) -> bytes:
+    """The 13 digits before a site-wide channel's message: when it expires."""
+    return b"%013d" % expires_ms
+
+
+# --- scripts (run with EVALSHA, loaded again when Redis lost them: see ``Script``) ----------
+
+_TRIM_EXPIRED = """
+local function trim_expired(key, now)
+  for _ = 1, 100 do
+    local oldest = redis.call('LINDEX', key, -1)
+    if not oldest or tonumber(string.sub(oldest, 1, 13)) > now then return end
+    redis.call('RPOP', key)
+  end
+end
+"""
+
+# KEYS: inbox. ARGV: bound, ttl ms, op, group, channel, data. 1 if added, 0 if full.
+INBOX_ADD = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('XADD', KEYS[1], '*', 'o', ARGV[3], 'g', ARGV[4], 'c', ARGV[5], 'd', ARGV[6])
+if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"""
+
+# KEYS: inbox, group. ARGV: bound, ttl ms, group, channel, host, expires, group ttl ms.
+# A group_add of another host's channel: the host joins the group, its relay adds the member.
+REMOTE_GROUP_ADD = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('XADD', KEYS[1], '*', 'o', 'a', 'g', ARGV[3], 'c', ARGV[4], 'd', '')
+if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+redis.call('ZADD', KEYS[2], 'GT', ARGV[6], ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[7])
+return 1
+"""
+
+# KEYS: channel. ARGV: capacity, ttl ms, expires (13 digits), message, now. 1 if queued.
+NORMAL_SEND = _TRIM_EXPIRED + """
+trim_expired(KEYS[1], tonumber(ARGV[5]))
+if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('LPUSH', KEYS[1], ARGV[3] .. ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS: group hosts, group channels. ARGV: this host, now, inbox bound, inbox ttl, message,
+# group, expires (13 digits), key base "{p}:", default capacity, channel ttl.
+# {hosts sent to, hosts whose inbox was full, site-wide members, of them skipped}.
+GROUP_SEND = _TRIM_EXPIRED + """
+local now = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local base, sent, full = ARGV[8], 0, 0
+for _, host in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if host ~= ARGV[1] then
+    local inbox = base .. 'inbox:' .. host
+    if redis.call('XLEN', inbox) >= tonumber(ARGV[3]) then
+      full = full + 1
+    else
+      redis.call('XADD', inbox, '*', 'o', 'g', 'g', ARGV[6], 'c', '', 'd', ARGV[5])
+      if redis.call('PTTL', inbox) < 0 then redis.call('PEXPIRE', inbox, ARGV[4]) end
+      sent = sent + 1
+    end
+  end
+end
+local members, skipped = 0, 0
+for _, channel in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  members = members + 1
+  local key = base .. 'chan:' .. channel
+  trim_expired(key, now)
+  local capacity = tonumber(redis.call('HGET', base .. 'caps', channel) or ARGV[9])
+  if redis.call('LLEN', key) >= capacity then
+    skipped = skipped + 1
+  else
+    redis.call('LPUSH', key, ARGV[7] .. ARGV[5])
+    redis.call('PEXPIRE', key, ARGV[10])
+  end
+end
+return {sent, full, members, skipped}
+"""
+
+# KEYS: inbox, epoch, hosts. ARGV: a fresh epoch, the stored epoch, ms, seq, whether to trim,
+# this host, now, ttl ms. The relay's beat, before each read: {"<epoch> <start>", inbox depth}.
+BEAT = """
+local epoch = redis.call('GET', KEYS[2])
+local exists = redis.call('EXISTS', KEYS[1]) == 1
+local function fresh(start)
+  epoch = ARGV[1] .. ' ' .. start
+  redis.call('SET', KEYS[2], epoch)
+end
+if not epoch then
+  fresh('0-0')
+elseif string.match(epoch, '^(%S+)') == ARGV[2] then
+  local p_ms, p_seq = tonumber(ARGV[3]), tonumber(ARGV[4])
+  if not exists then
+    if p_ms > 0 or p_seq > 0 then fresh('0-0') end
+  else
+    local info = redis.call('XINFO', 'STREAM', KEYS[1])
+    local last = '0-0'
+    for i = 1, #info, 2 do
+      if info[i] == 'last-generated-id' then last = info[i + 1] end
+    end
+    local l_ms, l_seq = string.match(last, '^(%d+)-(%d+)$')
+    l_ms, l_seq = tonumber(l_ms), tonumber(l_seq)
+    if l_ms < p_ms or (l_ms == p_ms and l_seq < p_seq) then
+      fresh(last)
+    elseif ARGV[5] == '1' then
+      redis.call('XTRIM', KEYS[1], 'MINID', ARGV[3] .. '-' .. string.format('%d', p_seq + 1))
+    end
+  end
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[8])
+if exists then redis.call('PEXPIRE', KEYS[1], ARGV[8]) end
+redis.call('ZADD', KEYS[3], ARGV[7], ARGV[6])
+-- Hosts whose relay has not beat for an inbox's time to live are gone (and so is their inbox).
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', tonumber(ARGV[7]) - tonumber(ARGV[8]))
+return {epoch, redis.call('XLEN', KEYS[1])}
+"""
+
+
+# KEYS: inbox, epoch. ARGV: the epoch key's value, the least id to keep. Trims the inbox of what
+# the store applied, unless the epoch changed since (its ids would then mean something else).
+TRIM = """
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('XTRIM', KEYS[1], 'MINID', ARGV[2])
+end
+"""
+
+
+def host_hex(host: int) -> str:
+    return f"{host:016x}"
+
+
+class Keys:
+    """The names of a site's keys (see the module docstring)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.base = f"{{{prefix}}}:"
+        self.hosts = self.base + "hosts"
+        self.caps = self.base + "caps"
+
+    def inbox(self, host: int) -> str:
+        return f"{self.base}inbox:{host_hex(host)}"
+
+    def epoch(self, host: int) -> str:
+        return f"{self.base}epoch:{host_hex(host)}"
+
+    def group(self, group: str) -> str:
+        return f"{self.base}group:{group}"
+
+    def group_channels(self, group: str) -> str:
+        return f"{self.base}gchan:{group}"
+
+    def channel(self, channel: str) -> str:
+        return f"{self.base}chan:{channel}"
+
+
+def connection_options(host: Any, timeout: float) -> tuple[str, Any, dict]:
+    """How to reach Redis, from one entry of channels_redis's ``hosts``: ("url", url, options),
+    ("sentinel", (sentinels, master_name, sentinel_kwargs), options) or ("address",
+    (host, port), options). Options never retry a command (see the module docstring) and
+    bound every command that does not block by ``timeout``."""
+    options: dict[str, Any] = {}
+    if isinstance(host, dict):
+        options = {k: v for k, v in host.items() if k not in _NOT_CONNECTION}
+    options.setdefault("socket_timeout", timeout)
+    options.setdefault("socket_connect_timeout", timeout)
+    options["retry"] = Retry(NoBackoff(), 0)
+    options.setdefault("health_check_interval", 0)
+    if isinstance(host, str):
+        return "url", host, options
+    if isinstance(host, dict) and "sentinels" in host:
+        where = (host["sentinels"], host["master_name"], host.get("sentinel_kwargs") or {})
+        return "sentinel", where, options
+    if isinstance(host, dict) and "address" in host:
+        address = host["address"]
+        if isinstance(address, str):
+            return "url", address, options
+        return "address", tuple(address), options
+    if isinstance(host, (tuple, list)) and len(host) == 2:
+        return "address", tuple(host), options
+    raise ValueError(
+        f"invalid asgi_ipc option hosts entry {host!r}: use a redis:// or rediss:// URL, a "
+        "(host, port) pair, {'address': ...} or {'sentinels': [...], 'master_name': ...}, "
+        "as channels_redis does"
+    )
+
+
+def make_client(where: tuple[str, Any, dict]) -> aioredis.Redis:
+    kind, target, options = where
+    if kind == "url":
+        return aioredis.Redis.from_url(target, **options)
+    if kind == "address":
+        return aioredis.Redis(host=target[0], port=target[1], **options)
+    sentinels, master, sentinel_kwargs = target
+    return Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs, **options).master_for(
+        master, **options
+    )
+
+
+async def bounded(timeout: float, what: str, call: Awaitable[T]) -> T:
+    """``await call``, turning every failure to reach Redis, and every wait past ``timeout``,
+    into ``RedisUnavailable``. Cancelling a command in flight makes redis-py drop its
+    connection rather than reuse one with a reply still to come, so the timeout (or a
+    caller's cancellation) corrupts nothing."""
+    try:
+        if _timeout is not None:
+            async with _timeout(timeout):
+                return await call
+        return await asyncio.wait_for(call, timeout)
+    except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        raise RedisUnavailable(f"Redis is unavailable for {what}: {exc!r}") from exc
+
+
+def parse_entries(reply: Any) -> list[Entry]:
+    """The entries of an XREAD reply as Redis sends it (no redis-py conversion: each entry an
+    id and a flat list of fields and values), for engine/inbox.py."""
+    entries = []
+    # RESP3 (redis-py 8's default protocol) answers a map of streams, RESP2 a list of pairs.
+    streams = reply.items() if isinstance(reply, dict) else reply or ()
+    for _stream, items in streams:
+        for ident, flat in items:
+            ms, _, seq = ident.partition(b"-")
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
+            entries.append(Entry(
+                int(ms), int(seq), fields.get(b"o", b""), fields.get(b"g", b""),
+                fields.get(b"c", b""), fields.get(b"d", b""),
+            ))
+    return entries
+
+
+class Link:
+    """One connection of a client's pool kept for a loop of pipelined commands (the relay's),
+    written at once and their replies read in order, with none of a redis-py pipeline's
+    machinery: the relay's thread runs less Python per batch, and so holds the GIL less while
+    the process's event loop serves the receives it has just woken."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.pool = client.connection_pool
+        self.connection: Any = None
+
+    async def run(self, commands: list[list[Any]]) -> list[Any]:
+        """The replies of ``commands``; the first error reply raised once all are read (the
+        connection stays in step). Anything else that goes wrong drops the connection, whose
+        replies would otherwise be read by the next commands."""
+        connection = self.connection
+        if connection is None:
+            connection = self.connection = await self.pool.get_connection()
+        try:
+            await connection.send_packed_command(connection.pack_commands(commands),
+                                                 check_health=False)
+            replies, error = [], None
+            for _ in commands:
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as exc:
+                    error = error or exc
+                    replies.append(None)
+        except BaseException:
+            self.connection = None
+            with contextlib.suppress(Exception):
+                await connection.disconnect()
+            await self.pool.release(connection)
+            raise
+        if error is not None:
+            raise error
+        return replies
+
+    async def close(self) -> None:
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            await self.pool.release(connection)
+
+
+def parse_epoch(value: bytes | str) -> tuple[int, tuple[int, int]]:
+    """(epoch, start) of an epoch key's value."""
+    if isinstance(value, bytes):
+        value = value.decode()
+    epoch, start = value.split()
+    ms, _, seq = start.partition("-")
+    return int(epoch, 16), (int(ms), int(seq))
+
+
+def fresh_epoch() -> str:
+    return f"{secrets.randbits(63) or 1:x}"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Script:
+    """A script run with EVALSHA, loaded again when Redis does not know it (it restarted, or
+    failed over): redis-py's ``Script`` does the same, at some tens of microseconds more a
+    call, which a send to another host pays every time."""
+
+    def __init__(self, client: aioredis.Redis, script: str) -> None:
+        self.client = client
+        self.script = script
+        self.sha = hashlib.sha1(script.encode()).hexdigest()
+
+    async def __call__(self, keys: list[Any], args: list[Any]) -> Any:
+        try:
+            return await self.client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            # Not run: EVALSHA of an unknown script does nothing, so running it now is once.
+            await self.client.script_load(self.script)
+            return await self.client.evalsha(self.sha, len(keys), *keys, *args)
+
+
+class Side:
+    """One event loop's client and scripts."""
+
+    def __init__(self, where: tuple[str, Any, dict]) -> None:
+        self.client = make_client(where)
+        self.inbox_add = Script(self.client, INBOX_ADD)
+        self.remote_group_add = Script(self.client, REMOTE_GROUP_ADD)
+        self.normal_send = Script(self.client, NORMAL_SEND)
+        self.group_send = Script(self.client, GROUP_SEND)
+        self.beat = Script(self.client, BEAT)
+        self.trim = Script(self.client, TRIM)
+
+    async def close(self) -> None:
+        # Also when the closing task is cancelled (a relay being stopped): the connections
+        # are dropped either way.
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await self.client.aclose()
+
+

@@ -1,0 +1,285 @@
+"""The relay of a host: one process of the host moves the host's inbox (a Redis stream) into
+its store, exactly once.
+
+Election. Every process whose multi-host layer has opened the store runs a ``Relay`` thread.
+It competes for the store's relay byte (``layout.RELAY_BYTE``) with an open-file-description
+lock taken without waiting (``F_OFD_SETLK``) on a description of its own, the way a process
+slot is held (engine/slots.py): the kernel drops it when the holder dies, however it dies and
+in whatever PID namespace, so no lease has to run out. The holder *leads*; the others stand by
+and try again every ``STANDBY_POLL`` seconds, so a standby takes over within that, plus one
+round trip to Redis, of the leader's death. A leader that closes its layer lets go the same way.
+
+The leader's loop, one round trip per batch: a pipeline of ``XREAD BLOCK`` from the store's
+position and ``GET`` of the inbox's epoch (entries read while the epoch changed are read again
+under the new one), preceded once a second by ``BEAT`` (redis_side.py: checks the epoch,
+trims, refreshes the inbox's time to live and this host's entry in the hosts) and otherwise by
+``TRIM`` of what the store has applied since the last read; then
+``Engine.apply_relayed`` applies what came and moves the position in one lock hold
+(engine/inbox.py), and the rings that leaves are rung. What makes an entry applied is that
+hold's commit; a leader killed before it leaves the entry in the inbox for the next leader,
+and one killed after it leaves the position past it, so the next leader skips it. The stream is
+trimmed only up to the position the store holds, so nothing unapplied is ever trimmed.
+
+Redis gone: the leader logs it once, marks it in the store for `asgi-ipc stats`, and tries again
+with a backoff up to ``MAX_BACKOFF``; nothing is lost that Redis kept. When Redis comes back
+empty (restarted without persistence) or with a stream whose ids went back (a failover to a
+replica that missed writes), ``BEAT`` hands out a new epoch, and the store moves to it before
+applying anything read under it: entries of the new epoch are all applied once, whatever ids
+they carry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import RedisError
+
+from ..engine.inbox import position
+from ..engine.layout import (
+    H_RELAY_DEPTH,
+    H_RELAY_LAG,
+    H_RELAY_PID,
+    H_RELAY_SEEN,
+    RELAY_BYTE,
+)
+from ..engine.lock import OwnDescription, byte_lock
+from ..exceptions import StoreClosed, StoreError
+from .redis_side import (
+    Keys,
+    Link,
+    Side,
+    fresh_epoch,
+    host_hex,
+    now_ms,
+    parse_entries,
+    parse_epoch,
+)
+
+if TYPE_CHECKING:
+    from ..receiver import Receiver
+
+logger = logging.getLogger(__name__)
+
+STANDBY_POLL = 0.01
+BATCH = 256
+BLOCK_MS = 1000
+# Seconds between two beats (epoch check, time to live, hosts entry) while entries flow; an idle
+# relay beats at each read, once per BLOCK_MS.
+BEAT_INTERVAL = 1.0
+MAX_BACKOFF = 1.0
+FAILED_PAUSE = 1.0
+
+
+class Relay:
+    """This process's candidacy for the relay of its host, and its loop while it leads."""
+
+    def __init__(
+        self,
+        receiver: Receiver,
+        host: int,
+        where: tuple[str, Any, dict],
+        keys: Keys,
+        inbox_ttl_ms: int,
+        capacity_of: Callable[[bytes], int],
+        expiry_ms: int,
+        group_expiry_ms: int,
+    ) -> None:
+        self.receiver = receiver
+        self.host = host
+        kind, target, options = where
+        # The read blocks for BLOCK_MS: the socket must wait longer than that.
+        waits = (options.get("socket_timeout") or 5) + BLOCK_MS / 1000
+        options = {**options, "socket_timeout": waits}
+        self.where = (kind, target, options)
+        self.keys = keys
+        self.inbox_ttl_ms = inbox_ttl_ms
+        self.capacity_of = capacity_of
+        self.expiry_ms = expiry_ms
+        self.group_expiry_ms = group_expiry_ms
+        self.pid = os.getpid()
+        self.leading = False
+        self.batches = 0
+        self._down = False  # Redis found unavailable, and not yet found back
+        self._stop = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._thread = threading.Thread(
+            target=self._run, name=f"asgi_ipc relay {host_hex(host)}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop standing by or leading; a leader lets go of the relay byte on its way out."""
+        self._stop.set()
+        loop, task = self._loop, self._task
+        if loop is not None and task is not None:
+            try:
+                loop.call_soon_threadsafe(task.cancel)
+            except RuntimeError:  # its loop has closed already
+                pass
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    # --- the election ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self.receiver.engine
+        try:
+            own = OwnDescription(engine.segment.fd)
+        except (OSError, ValueError):
+            return  # the store was closed under us
+        try:
+            while not self._stop.is_set():
+                try:
+                    byte_lock(own.fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK, RELAY_BYTE)
+                except (BlockingIOError, PermissionError):
+                    self._stop.wait(STANDBY_POLL)
+                    continue
+                self.leading = True
+                try:
+                    asyncio.run(self._lead())
+                except Exception:
+                    logger.exception("relay %s failed", host_hex(self.host))
+                finally:
+                    self.leading = False
+                if self._stop.is_set():
+                    break
+                # The loop failed (the store closed under it, or a fault): let another
+                # process of the host lead, and stand again after a pause rather than spin.
+                byte_lock(own.fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, RELAY_BYTE)
+                self._stop.wait(FAILED_PAUSE)
+        except Exception:
+            logger.exception("the relay candidacy of %s stopped", engine.name)
+        finally:
+            own.close()
+
+    # --- leading ---------------------------------------------------------------------------
+
+    async def _lead(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        if self._stop.is_set():
+            return
+        words = self.receiver.engine.words
+        words[H_RELAY_PID] = os.getpid()
+        side: Side | None = None
+        backoff, self._down = 0.02, False
+        try:
+            while not self._stop.is_set():
+                try:
+                    if side is None:
+                        side = Side(self.where)
+                    await self._serve(side)
+                except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                    words[H_RELAY_SEEN] = 0
+                    if not self._down:
+                        logger.warning("relay %s: Redis unavailable (%r); retrying",
+                                       host_hex(self.host), exc)
+                        self._down = True
+                    if side is not None:
+                        await side.close()
+                        side = None
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF)
+                    continue
+                backoff = 0.02
+        except asyncio.CancelledError:
+            pass
+        except (StoreClosed, StoreError, ValueError) as exc:
+            # The store closed under a leader that was not told yet: stop leading.
+            if not self._stop.is_set():
+                logger.warning("relay %s stopped: %r", host_hex(self.host), exc)
+        finally:
+            if side is not None:
+                await side.close()
+
+    async def _serve(self, side: Side) -> None:
+        keys, host, receiver = self.keys, self.host, self.receiver
+        words = receiver.engine.words
+        inbox, epoch_key = keys.inbox(host), keys.epoch(host)
+        for script in (side.beat, side.trim):
+            await side.client.script_load(script.script)
+        link = Link(side.client)
+        try:
+            await self._relay(side, link, inbox, epoch_key, words)
+        finally:
+            await link.close()
+
+    async def _relay(self, side: Side, link: Link, inbox: str, epoch_key: str,
+                     words: memoryview) -> None:
+        keys, host, receiver = self.keys, self.host, self.receiver
+        value: Any = None  # the epoch key (bytes) as the last beat or read found it
+        beat_due = 0.0
+        trimmed = (0, 0)
+        read = ["XREAD", "COUNT", BATCH, "BLOCK", BLOCK_MS, "STREAMS", inbox]
+        while not self._stop.is_set():
+            stored_epoch, ms, seq = position(words)
+            commands: list[list[Any]] = []
+            beating = value is None or time.monotonic() >= beat_due
+            if beating:
+                commands.append([
+                    "EVALSHA", side.beat.sha, 3, inbox, epoch_key, keys.hosts,
+                    fresh_epoch(), f"{stored_epoch:x}", ms, seq, 1, host_hex(host), now_ms(),
+                    self.inbox_ttl_ms,
+                ])
+            elif (ms, seq) != trimmed:
+                # What the store applied leaves the inbox (not counted against its bound),
+                # unless the epoch changed meanwhile.
+                commands.append(["EVALSHA", side.trim.sha, 2, inbox, epoch_key, value,
+                                 f"{ms}-{seq + 1}"])
+            trimmed = (ms, seq)
+            commands.append([*read, f"{ms}-{seq}"])
+            commands.append(["GET", epoch_key])
+            results = await link.run(commands)
+            reply, after = results[-2:]
+            if beating:
+                value, depth = results[0]
+                beat_due = time.monotonic() + BEAT_INTERVAL
+                words[H_RELAY_DEPTH] = depth
+            if self._down:
+                logger.warning("relay %s: Redis answers again", host_hex(host))
+                self._down = False
+            words[H_RELAY_SEEN] = now_ms()
+            if after != value or value is None:
+                # The epoch changed while the read waited (the keys expired or were removed,
+                # and a sender made the stream anew): what was read belongs to the next
+                # epoch, which the next beat hands out. Read it again then.
+                value = None
+                continue
+            epoch, start = parse_epoch(value)
+            if epoch != stored_epoch:
+                # Read from a position of another epoch: move to this one's start first.
+                if stored_epoch:
+                    logger.warning(
+                        "relay %s: the inbox's epoch changed (Redis restarted empty or "
+                        "failed over); carrying on from %s-%s of the new one",
+                        host_hex(host), *start,
+                    )
+                receiver.apply_relayed(epoch, start, start, [], self.capacity_of,
+                                       self.expiry_ms, self.group_expiry_ms)
+                continue
+            entries = parse_entries(reply)
+            if entries:
+                applied = receiver.apply_relayed(epoch, start, (ms, seq), entries,
+                                                 self.capacity_of, self.expiry_ms,
+                                                 self.group_expiry_ms)
+                if applied.refused:
+                    logger.warning(
+                        "relay %s: %s of %s entries refused by the store (a channel at capacity "
+                        "or memory full; see the channel_full, no_memory counters)",
+                        host_hex(host), applied.refused, len(entries),
+                    )
+                if applied.skipped:
+                    logger.info("relay %s: %s group copies skipped, their channels over "
+                                "capacity", host_hex(host), applied.skipped)
+                words[H_RELAY_LAG] = max(0, now_ms() - entries[-1].ms)
+                self.batches += 1
