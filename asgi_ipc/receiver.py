@@ -73,6 +73,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import itertools
 import logging
 import os
 import threading
@@ -100,6 +101,9 @@ logger = logging.getLogger(__name__)
 # Seconds between the checks that make up for lost rings (see the module docstring), and the
 # least time before a process that found every slot taken looks for a free one again.
 CHECK_INTERVAL = 1.0
+# The most channels whose lent messages one lock hold settles (each settle is two journaled
+# words, and a settle never commits half done: see ``Engine.take``).
+SETTLE_PER_HOLD = 4096
 
 
 class Waiter:
@@ -322,7 +326,12 @@ class Receiver:
                 if state.served_task is None:
                     loop.call_soon(self._next_pass, state)
                 state.served_task = task
-                self._serve([waiter])
+                try:
+                    self._serve([waiter])
+                except BaseException:
+                    # Interrupted after its message was handed: it goes back.
+                    self._abandon(waiter)
+                    raise
         try:
             return await waiter.future
         except asyncio.CancelledError:
@@ -418,7 +427,12 @@ class Receiver:
             try:
                 self.engine.take(waiters, taken)
             finally:
+                # First what the hold took for good and no receive holds yet: lost otherwise,
+                # and still counted against its channels' capacity.
                 self._settled(taken)
+                for waiter, _data, _expires, lent in taken.handed[: taken.durable]:
+                    if lent:
+                        self._keep_lent(waiter.channel, lent, taken.epoch)
                 if taken.drained:
                     self._keep_parcels(taken.parcels[: taken.drained], taken.epoch, waiters)
             handed, failed = taken.handed, taken.failed
@@ -433,19 +447,33 @@ class Receiver:
             served = {waiter for waiter, _data, _expires, _lent in handed}
             failed = [(waiter, error) for waiter in waiters if waiter not in served]
             taken.unseated = []
-        if self.engine.due:
-            self._ring()
-        for waiter, data, expires, lent in handed:
-            if lent:
-                self._keep_lent(waiter.channel, lent, taken.epoch)
-            self._stop_tracking(waiter)
-            waiter.expires, waiter.epoch = expires, taken.epoch
-            try:
-                waiter.future.set_result(data)
-            except asyncio.InvalidStateError:
-                # Cancelled since the filter above, by a signal handler (asyncio's own, on
-                # Ctrl-C) that ran in the middle of this: its receive never sees the message.
-                self._return(waiter.channel, data, expires, taken.epoch)
+        given = 0
+        try:
+            if self.engine.due:
+                self._ring()
+            for waiter, data, expires, _lent in handed:
+                self._stop_tracking(waiter)
+                waiter.expires, waiter.epoch = expires, taken.epoch
+                try:
+                    waiter.future.set_result(data)
+                except asyncio.InvalidStateError:
+                    # Cancelled since the filter above, by a signal handler (asyncio's own, on
+                    # Ctrl-C) that ran in the middle of this: its receive never sees the message.
+                    self._return(waiter.channel, data, expires, taken.epoch)
+                given += 1
+        except BaseException as exc:
+            # Cut off while handing out (a signal handler's exception): the messages not
+            # handed yet go back, and their receives, and those that failed, get the error.
+            error = StoreError(f"the receive was interrupted by {type(exc).__name__}")
+            for waiter, data, expires, _lent in handed[given:]:
+                if not waiter.future.done():
+                    self._return(waiter.channel, data, expires, taken.epoch)
+                    _fail(waiter, error)
+            for waiter, _problem in failed:
+                _fail(waiter, error)
+            for waiter in taken.unseated:
+                _fail(waiter, error)
+            raise
         for waiter, problem in failed:
             self._stop_tracking(waiter)
             _fail(waiter, problem)
@@ -503,16 +531,19 @@ class Receiver:
                 self._unsettled.clear()
                 return None
             now = self.engine.clock()
-            found, handed = None, 0
+            start_checks = not self._unsettled
+            unsettled = self._unsettled
+            found = None
             while lent and found is None:
+                # Counted before it is taken: an exception in between settles one too many,
+                # which the store's count absorbs (``ChannelQueues.settle``), where one
+                # settled too few would stay counted against capacity for good.
+                unsettled[channel] = unsettled.get(channel, 0) + 1
                 found = lent.popleft()
-                handed += 1
                 if found[1] <= now:
                     found = None  # expired here: it leaves the count all the same
             if not lent:
                 del self._lent[channel]
-            start_checks = not self._unsettled
-            self._unsettled[channel] = self._unsettled.get(channel, 0) + handed
         if start_checks:
             self._check_later()  # settles, if no receive does first
         return found
@@ -598,11 +629,19 @@ class Receiver:
             return None
         with self._lent_guard:
             handed, self._unsettled = self._unsettled, {}
+            if len(handed) > SETTLE_PER_HOLD:  # the rest at the next hold
+                rest = dict(itertools.islice(handed.items(), SETTLE_PER_HOLD, None))
+                for channel in rest:
+                    del handed[channel]
+                self._unsettled = rest
             return (self._lent_epoch, handed) if handed else None
 
     def _settled(self, taken: Taken) -> None:
-        if taken.settle is None or taken.settled:
-            return
+        if taken.settle is None or taken.settled or (
+            taken.settle_commits is not None
+            and self.engine.journal.commits != taken.settle_commits
+        ):
+            return  # settled, and committed (the flag may not have been set after)
         epoch, handed = taken.settle
         with self._lent_guard:
             if epoch == self._lent_epoch:
@@ -914,6 +953,9 @@ class Receiver:
                     self._keep_parcels(taken.parcels[: taken.drained], taken.epoch, [])
             if self.engine.due:
                 self._ring()
+            # And the channels with messages lent here that a receive was tracked on before
+            # they came (in another event loop's hold).
+            ready += [c for c in seat.waiting_channels() if c in self._lent]
             # Once bound at last, every receive is served again, so that each event loop with
             # one waiting starts reading the doorbell.
             self._wake(seat, None if bound else ready)

@@ -825,3 +825,100 @@ async def test_hosts_through_a_sentinel_watched_master(url, prefix, tmp_path):
         asgi_ipc.unlink(other)
         sentinel.terminate()
         sentinel.wait(10)
+
+
+def test_hosts_pasted_in_other_channels_redis_forms(url):
+    from asgi_ipc.multihost.redis_side import connection_options
+
+    # channels_redis hands such a dict to redis-py's ConnectionPool as it is.
+    kind, where, options = connection_options({"host": "h", "port": 7, "password": "x"}, 3)
+    assert (kind, where, options["password"]) == ("address", ("h", 7), "x")
+    assert "host" not in options and "port" not in options
+    with pytest.raises(ValueError, match=r"hosts is a list, as in channels_redis: hosts=\["):
+        MultiHostChannelLayer(prefix=new_prefix(), hosts=url)
+    layer = MultiHostChannelLayer(prefix=new_prefix(), hosts=[])
+    assert layer.hosts == [("localhost", 6379)]
+
+
+async def test_a_receive_on_an_empty_site_wide_channel_waits_past_a_short_timeout(site):
+    layer = site(redis_timeout=0.5)
+    # Each pop blocks for less than the socket timeout: an empty channel is not an outage.
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(layer.receive("thumbnails"), 1.5)
+    await layer.send("thumbnails", {"n": 1})
+    assert await asyncio.wait_for(layer.receive("thumbnails"), 5) == {"n": 1}
+
+
+def _relay_killed_before_its_commit(prefix: str, url: str, last: tuple[int, int]) -> None:
+    """In a forked child: lead the relay of ``prefix``'s store and die at the journaled write
+    that moves the inbox position to ``last``, before the hold that applies it commits."""
+    from asgi_ipc.engine.layout import H_RELAY_MS, H_RELAY_SEQ
+    from asgi_ipc.multihost.redis_side import Keys, connection_options
+    from asgi_ipc.multihost.relay import Relay
+    from asgi_ipc.receiver import Receiver
+
+    store = Receiver(prefix, 0, 0, create=False)
+    words = store.engine.words
+
+    def die_at(word: int) -> None:
+        if word == H_RELAY_SEQ and (words[H_RELAY_MS], words[H_RELAY_SEQ]) == last:
+            os._exit(9)
+
+    store.engine.inject(on_write=die_at)
+    Relay(store, store.engine.host_id(), connection_options(url, 5.0), Keys(prefix),
+          86_400_000, lambda channel: 100, 60_000, 86_400_000).start()
+    time.sleep(30)
+    os._exit(0)
+
+
+def test_a_relay_killed_before_its_commit_leaves_its_entries_to_the_next(url, prefix):
+    """The position a killed relay wrote but never committed is rolled back before the next
+    leader trims the inbox: what it covers is applied, not trimmed away."""
+    import redis
+
+    from asgi_ipc.engine.inbox import SEND
+    from asgi_ipc.multihost.redis_side import Keys, connection_options
+    from asgi_ipc.multihost.relay import Relay
+    from asgi_ipc.receiver import Receiver
+
+    store = Receiver(prefix, 4 * MiB, MiB)
+    client = redis.Redis.from_url(url)
+    keys = Keys(prefix)
+    host = store.engine.host_id()
+    try:
+        ids = [client.xadd(keys.inbox(host), {"o": SEND, "g": "", "c": b"t!x", "d": b"m%d" % n})
+               for n in range(3)]
+        last = tuple(int(part) for part in ids[-1].split(b"-"))
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _relay_killed_before_its_commit(prefix, url, last)
+            finally:
+                os._exit(1)
+        _pid, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 9  # killed where it should be
+        relay = Relay(store, host, connection_options(url, 5.0), keys, 86_400_000,
+                      lambda channel: 100, 60_000, 86_400_000)
+        relay.start()
+        # Nothing else takes the store's lock meanwhile: the relay's own first pass must not
+        # trust the position the killed one wrote.
+        time.sleep(2.5)
+        got: list[bytes] = []
+
+        def take() -> bool:
+            found = store.engine.locked(store.engine.queues.pop, b"t!x", int(time.time() * 1000))
+            if found is not None:
+                got.append(found[0])
+            return len(got) == 3
+
+        deadline = time.monotonic() + PATIENCE
+        while not take():
+            assert time.monotonic() < deadline, f"only {got} arrived"
+            time.sleep(0.01)
+        relay.stop()
+        assert got == [b"m0", b"m1", b"m2"]
+        assert store.engine.verify() == []
+    finally:
+        store.close()
+        for key in client.scan_iter(match=f"{{{prefix}}}*"):
+            client.delete(key)

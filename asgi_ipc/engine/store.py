@@ -138,7 +138,7 @@ class Taken:
     Every other receive of the batch waits, tracked by the seat."""
 
     __slots__ = ("handed", "durable", "failed", "unseated", "epoch", "settle", "settled",
-                 "parcels", "drained", "deferred")
+                 "settle_commits", "parcels", "drained", "deferred")
 
     def __init__(self, settle: tuple[int, dict[bytes, int]] | None = None) -> None:
         # Made by the caller, before the lock is taken: the hold has nothing to allocate.
@@ -149,6 +149,8 @@ class Taken:
         self.epoch = 0
         self.settle = settle
         self.settled = False
+        # The journal's commits before the settle: once they differ, it is settled for good.
+        self.settle_commits: int | None = None
         self.parcels: list[tuple[bytes, int, list[bytes]]] = []
         self.drained = 0
         self.deferred: list[Any] = []
@@ -450,6 +452,7 @@ class Engine:
             raise self.closed_error()
         taken.epoch = self.words[H_EPOCH]
         if taken.settle is not None:
+            taken.settle_commits = journal.commits
             self._settle(*taken.settle)
             taken.settled = True
         seat = self.seat  # taken under the lock, after recovery brought it up to date
@@ -547,8 +550,10 @@ class Engine:
         """Under the lock, for ``take``: the lent messages handed out since the last hold
         leave their channels' counts, unless a flush (another ``epoch``) took the channels."""
         if epoch == self.words[H_EPOCH]:
+            # No checkpoint: a settle commits whole or not at all, so that the caller can tell
+            # which (``Taken.settle_commits``); the receiver gives at most SETTLE_PER_HOLD
+            # channels, two journaled words each.
             for channel, count in handed.items():
-                self.journal.checkpoint()
                 self.queues.settle(channel, count)
         self.journal.commit()
 

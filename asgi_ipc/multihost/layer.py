@@ -70,10 +70,19 @@ else:
 
 logger = logging.getLogger(__name__)
 
+# Put-backs of cancelled receives under way: a task nobody references may be collected.
+_PUTTING_BACK: set[asyncio.Future] = set()
+
 _HOST_NAME = re.compile(r"([0-9a-f]{16})\.")
 
 # channels_redis options that mean nothing here, accepted so that its CONFIG can be pasted in.
 _IGNORED = {"random_prefix_length", "on_disconnect", "on_reconnect"}
+
+
+def _glob_escaped(text: str) -> str:
+    """``text`` matched literally in a Redis glob (SCAN MATCH): a site named ``a*`` must not
+    match another site's keys."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
 def _whole(option: str, value: Any, low: int) -> int:
@@ -142,7 +151,12 @@ class MultiHostChannelLayer(IPCChannelLayer):
         for name in _IGNORED & options.keys():
             options.pop(name)
         super().__init__(prefix=prefix, **options)
-        hosts = list(hosts) if hosts is not None else [("localhost", 6379)]
+        if isinstance(hosts, (str, bytes)):
+            raise ValueError(
+                f"invalid asgi_ipc option hosts={hosts!r}: hosts is a list, as in "
+                f"channels_redis: hosts=[{hosts!r}]"
+            )
+        hosts = list(hosts) if hosts else [("localhost", 6379)]
         if len(hosts) != 1:
             raise ValueError(
                 f"invalid asgi_ipc option hosts={hosts!r}: MultiHostChannelLayer uses one "
@@ -318,27 +332,41 @@ class MultiHostChannelLayer(IPCChannelLayer):
             )
         return self._deserialize(await self._take(channel))
 
+    async def _put_back_popped(self, side: Side, key: str, channel: str,
+                               pop: asyncio.Future) -> None:
+        """For a receive cancelled while its pop was in flight: once the pop answers, put what
+        it took back first in its channel."""
+        try:
+            got = await pop
+        except Exception:
+            return  # nothing was taken, or Redis failed: nothing to give back
+        if got:
+            try:
+                await self._redis(f"a receive from {channel!r}", side.client.rpush(key, got[1]))
+            except RedisUnavailable:
+                logger.error("a message of %r taken by a cancelled receive could not be put "
+                             "back: Redis is unavailable", channel)
+
     async def _take(self, channel: str) -> bytes:
         """The next unexpired message of the site-wide ``channel``. A cancelled receive lets
         its pop in flight finish, and puts what it took back first in the channel."""
         side, key = self._side(), self._keys.channel(channel)
         what = f"a receive from {channel!r}"
+        # Each pop blocks for less than the connection's socket timeout, so that an empty
+        # channel never looks like an unreachable Redis (and no pop is answered into a
+        # connection that gave up on it).
+        block = max(0.1, min(1.0, self.redis_timeout / 2))
         while True:
-            pop = asyncio.ensure_future(side.client.brpop([key], timeout=1))
+            pop = asyncio.ensure_future(side.client.brpop([key], timeout=block))
             got: Any
             try:
                 got = await asyncio.shield(pop)
             except asyncio.CancelledError:
-                try:
-                    got = await asyncio.wait_for(pop, self.redis_timeout + 1)
-                except Exception:
-                    got = None
-                if got:
-                    try:
-                        await self._redis(what, side.client.rpush(key, got[1]))
-                    except RedisUnavailable:
-                        logger.error("a message of %r taken by a cancelled receive could not "
-                                     "be put back: Redis is unavailable", channel)
+                # The pop is never cancelled (what Redis popped would be lost with it): it
+                # finishes in a task of its own, which puts back what it took.
+                task = asyncio.ensure_future(self._put_back_popped(side, key, channel, pop))
+                _PUTTING_BACK.add(task)
+                task.add_done_callback(_PUTTING_BACK.discard)
                 raise
             except (RedisError, OSError) as exc:
                 raise RedisUnavailable(f"Redis is unavailable for {what}: {exc!r}") from exc
@@ -443,8 +471,8 @@ class MultiHostChannelLayer(IPCChannelLayer):
         async def everything() -> None:
             doomed = []
             for pattern in ("chan:*", "group:*", "gchan:*"):
-                doomed += [key async for key in client.scan_iter(match=base + pattern,
-                                                                 count=1000)]
+                doomed += [key async for key in client.scan_iter(
+                    match=_glob_escaped(base) + pattern, count=1000)]
             found: Any = await client.zrange(self._keys.hosts, 0, -1)
             hosts = [int(h, 16) for h in found]
             pipe = client.pipeline(transaction=False)

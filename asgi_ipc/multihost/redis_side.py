@@ -234,6 +234,10 @@ def connection_options(host: Any, timeout: float) -> tuple[str, Any, dict]:
         if isinstance(address, str):
             return "url", address, options
         return "address", tuple(address), options
+    if isinstance(host, dict) and ("host" in host or "port" in host):
+        # channels_redis passes such a dict to redis-py's ConnectionPool as it is.
+        options = {k: v for k, v in options.items() if k not in ("host", "port")}
+        return "address", (host.get("host", "localhost"), host.get("port", 6379)), options
     if isinstance(host, (tuple, list)) and len(host) == 2:
         return "address", tuple(host), options
     raise ValueError(

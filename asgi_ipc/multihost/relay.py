@@ -222,7 +222,10 @@ class Relay:
         trimmed = (0, 0)
         read = ["XREAD", "COUNT", BATCH, "BLOCK", BLOCK_MS, "STREAMS", inbox]
         while not self._stop.is_set():
-            stored_epoch, ms, seq = position(words)
+            # Read in a lock hold, which first rolls back what a relay killed in the middle
+            # of applying left: a position written but not committed must never be trimmed
+            # up to, since what it covers was not applied.
+            stored_epoch, ms, seq = receiver.engine.locked(position, words)
             commands: list[list[Any]] = []
             beating = value is None or time.monotonic() >= beat_due
             if beating:
