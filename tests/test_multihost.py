@@ -781,9 +781,13 @@ def test_bench_multihost_section(url):
     print("\n" + json.dumps(results, indent=1))
     assert results["same-host ping-pong"]["multihost"]["commands_per_round_trip"] == 0
     fanout = results["group_send 1000 members / 4 hosts"]
-    for layer in ("multihost", "redis"):
+    for layer in ("multihost", "redis", "redis pubsub"):
         assert fanout[layer]["counted"] == fanout[layer]["expected"] == 1000 * 5
+        assert fanout[layer]["deliveries_per_s"] > 0
     assert fanout["multihost"]["sender_round_trips_per_group_send"] == 1
+    oneway = results["cross-host one-way 1->1"]
+    for layer in ("multihost", "redis"):
+        assert oneway[layer]["counted"] == oneway[layer]["expected"] == 500
 
 
 async def test_hosts_through_a_sentinel_watched_master(url, prefix, tmp_path):

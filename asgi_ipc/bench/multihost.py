@@ -9,9 +9,14 @@ reads and beats included):
 
   same-host ping-pong     two processes of one host (both layers)
   cross-host ping-pong    processes of two hosts (both layers)
+  cross-host one-way      a producer on one host, a consumer on another: messages a second,
+                          from the first send to the last receive, every message counted
   group_send              to 1000 members over 4 hosts (250 each, the sender on the first):
-                          time per group_send, every delivery counted, commands per group_send,
-                          and the round trips the sender made (counted in the sender)
+                          time per group_send, deliveries a second (from the first group_send
+                          to the last delivery, every delivery counted), commands per
+                          group_send, and the round trips the sender made (counted in the
+                          sender); RedisPubSubChannelLayer too, which keeps no queue, so its
+                          members are subscribed before the timed part
 
 Every store made here is unlinked, and every Redis key of the run deleted, when it ends.
 """
@@ -28,6 +33,7 @@ from .. import unlink
 
 MULTIHOST = "multihost"
 REDIS = "redis"
+PUBSUB = "redis pubsub"
 SPAWN = multiprocessing.get_context("spawn")
 MiB = 1024 * 1024
 
@@ -38,16 +44,22 @@ def _layer(kind: str, prefix: str, site: str, url: str) -> Any:
 
         return MultiHostChannelLayer(prefix=prefix, site=site, hosts=[url], capacity=100_000,
                                      expiry=600, channel_memory=64 * MiB, group_memory=8 * MiB)
+    if kind == PUBSUB:
+        from channels_redis.pubsub import RedisPubSubChannelLayer
+
+        return RedisPubSubChannelLayer(hosts=[url], prefix=site + ":")
     from channels_redis.core import RedisChannelLayer
 
     return RedisChannelLayer(hosts=[url], prefix=site + ":", capacity=100_000, expiry=600)
 
 
 async def _close(kind: str, layer: Any) -> None:
-    if kind == MULTIHOST:
-        await layer.close()
-    else:
+    if kind == REDIS:
         await layer.close_pools()
+    elif kind == PUBSUB:
+        await layer.flush()  # its only close: it ends the reader and the connections
+    else:
+        await layer.close()
 
 
 def _commands(url: str) -> int:
@@ -99,6 +111,42 @@ def _pinger(kind: str, prefix: str, site: str, url: str, echo: str, rounds: int,
     asyncio.run(run())
 
 
+def _consumer(kind: str, prefix: str, site: str, url: str, count: int, out: Any) -> None:
+    async def run() -> None:
+        layer = _layer(kind, prefix, site, url)
+        channel = await layer.new_channel()
+        if kind == MULTIHOST:
+            layer.receiver()  # its relay stands
+        out.put(channel)
+        got = 0
+        try:
+            await asyncio.wait_for(layer.receive(channel), 60)  # the producer's warm-up
+            for n in range(count):
+                message = await asyncio.wait_for(layer.receive(channel), 60)
+                got += message["n"] == n
+        except asyncio.TimeoutError:
+            pass
+        end = time.monotonic()
+        await _close(kind, layer)
+        out.put((got, end))
+
+    asyncio.run(run())
+
+
+def _producer(kind: str, prefix: str, site: str, url: str, channel: str, count: int,
+              out: Any) -> None:
+    async def run() -> None:
+        layer = _layer(kind, prefix, site, url)
+        await layer.send(channel, {"n": -1})  # warm: the connection made, the script loaded
+        start = time.monotonic()
+        for n in range(count):
+            await layer.send(channel, {"n": n})
+        await _close(kind, layer)
+        out.put(start)
+
+    asyncio.run(run())
+
+
 def _members(kind: str, prefix: str, site: str, url: str, group: str, count: int,
              sends: int, out: Any) -> None:
     async def run() -> None:
@@ -108,6 +156,11 @@ def _members(kind: str, prefix: str, site: str, url: str, group: str, count: int
             await layer.group_add(group, channel)
         if kind == MULTIHOST:
             layer.receiver()  # its relay stands
+        if kind == PUBSUB:
+            # Subscribed for sure: a probe sent to each channel comes back.
+            for channel in channels:
+                await layer.send(channel, {"n": -1})
+                await layer.receive(channel)
         out.put("ready")
 
         async def drain(channel: str) -> int:
@@ -121,8 +174,9 @@ def _members(kind: str, prefix: str, site: str, url: str, group: str, count: int
             return got
 
         counted = sum(await asyncio.gather(*map(drain, channels)))
+        end = time.monotonic()
         await _close(kind, layer)
-        out.put(counted)
+        out.put((counted, end))
 
     asyncio.run(run())
 
@@ -148,13 +202,13 @@ def _group_sender(kind: str, prefix: str, site: str, url: str, group: str, sends
         await asyncio.sleep(0.3)
         calls = 0
         before = _commands(url)
-        start = time.perf_counter()
+        start = time.monotonic()
         for n in range(sends):
             await layer.group_send(group, {"n": n})
-        elapsed = time.perf_counter() - start
+        elapsed = time.monotonic() - start
         commands = _commands(url) - before
         await _close(kind, layer)
-        out.put((elapsed, commands, calls if kind == MULTIHOST else None))
+        out.put((start, elapsed, commands, calls if kind == MULTIHOST else None))
 
     asyncio.run(run())
 
@@ -201,21 +255,45 @@ def _fanout(kind: str, url: str, members: int, hosts: int, sends: int) -> dict:
         for _ in holders:
             assert out.get(timeout=120) == "ready"
         sender = _start(_group_sender, kind, prefixes[0], site, url, group, sends, out)
-        elapsed, commands, calls = out.get(timeout=300)
-        counted = sum(out.get(timeout=300) for _ in holders)
+        start, elapsed, commands, calls = out.get(timeout=300)
+        ends = [out.get(timeout=300) for _ in holders]
+        counted = sum(got for got, _end in ends)
         for process in (sender, *holders):
             process.join(30)
     finally:
         _tidy(url, site, prefixes)
+    last = max(end for _got, end in ends)
     return {
         "members": members,
         "hosts": hosts,
         "group_sends": sends,
         "ms_per_group_send": round(elapsed / sends * 1e3, 3),
+        "deliveries_per_s": round(counted / max(last - start, 1e-9)),
         "commands_per_group_send": round(commands / sends, 1),
         "sender_round_trips_per_group_send": None if calls is None else calls / sends,
         "counted": counted,
         "expected": members * sends,
+    }
+
+
+def _oneway(kind: str, url: str, count: int) -> dict:
+    site = "mhb" + secrets.token_hex(4)
+    a, b = site + "a", site + "b"
+    out = SPAWN.Queue()
+    try:
+        consumer = _start(_consumer, kind, b, site, url, count, out)
+        channel = out.get(timeout=60)
+        producer = _start(_producer, kind, a, site, url, channel, count, out)
+        start = out.get(timeout=300)
+        got, end = out.get(timeout=300)
+        for process in (producer, consumer):
+            process.join(30)
+    finally:
+        _tidy(url, site, [a, b])
+    return {
+        "messages_per_s": round(got / max(end - start, 1e-9)),
+        "counted": got,
+        "expected": count,
     }
 
 
@@ -235,11 +313,14 @@ def run(url: str, quick: bool) -> dict:
     """The section's results, by measurement and layer."""
     rounds = 200 if quick else 2000
     sends = 5 if quick else 40
+    messages = 500 if quick else 5000
     results: dict[str, dict[str, dict]] = {}
     for kind in (MULTIHOST, REDIS):
         results.setdefault("same-host ping-pong", {})[kind] = _pingpong(kind, url, rounds, True)
         results.setdefault("cross-host ping-pong", {})[kind] = _pingpong(kind, url, rounds,
                                                                          False)
+        results.setdefault("cross-host one-way 1->1", {})[kind] = _oneway(kind, url, messages)
+    for kind in (MULTIHOST, REDIS, PUBSUB):
         results.setdefault("group_send 1000 members / 4 hosts", {})[kind] = _fanout(
             kind, url, 1000, 4, sends)
     return results
@@ -251,10 +332,17 @@ def render(results: dict) -> str:
     for name, by_layer in results.items():
         for kind, figures in by_layer.items():
             shown = ", ".join(f"{key} {value}" for key, value in figures.items())
-            lines.append(f"  {name:36} {kind:9} {shown}")
+            lines.append(f"  {name:36} {kind:12} {shown}")
     ratio = _ratio(results)
     if ratio is not None:
         lines.append(f"  cross-host ping-pong p50, multihost / redis: {ratio:.2f}")
+    for name, key in (("cross-host one-way 1->1", "messages_per_s"),
+                      ("group_send 1000 members / 4 hosts", "deliveries_per_s")):
+        by_layer = results.get(name, {})
+        for other in (REDIS, PUBSUB):
+            if MULTIHOST in by_layer and other in by_layer and by_layer[other][key]:
+                lines.append(f"  {name}, multihost / {other}: "
+                             f"{by_layer[MULTIHOST][key] / by_layer[other][key]:.2f}")
     return "\n".join(lines)
 
 
