@@ -100,10 +100,15 @@ class OptionalBuildExt(build_ext):
 
     def _reuse(self, ext):
         """Copy the extension already beside the sources into the build directory if it is
-        newer than its C source (Cython rewrites that when the .py or a .pxd it cimports
-        changes): True if so."""
+        newer than what it is compiled from, its .py and every .pxd of the engine (any of
+        them may be cimported): True if so. Not the C source, which Cython may write again
+        unchanged (it did, measured, in a copy of a fresh checkout, where every file has the
+        same time), and whose time then says nothing."""
         built = os.path.join(HERE, self.get_ext_filename(ext.name))
-        sources = [os.path.join(HERE, source) for source in [*ext.sources, *ext.depends]]
+        module = os.path.join(HERE, *ext.name.split(".")) + ".py"
+        engine = os.path.dirname(module)
+        sources = [module, *(os.path.join(engine, name) for name in os.listdir(engine)
+                             if name.endswith(".pxd"))]
         if not os.path.exists(built) or any(
             os.path.getmtime(source) >= os.path.getmtime(built) for source in sources
         ):
