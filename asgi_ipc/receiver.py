@@ -562,14 +562,19 @@ class Receiver:
             self._return(waiter.channel, data, waiter.expires, waiter.epoch)
         return True
 
+    def _lend_in(self, epoch: int) -> None:
+        """Under ``_lent_guard``, before keeping messages lent in ``epoch``: those of an
+        earlier epoch, and what is to settle of them, went with a flush."""
+        if epoch != self._lent_epoch:
+            self._lent.clear()
+            self._unsettled.clear()
+            self._lent_epoch = epoch
+
     def _keep_lent(self, channel: bytes, lent: list[tuple[bytes, int]], epoch: int) -> None:
         """Keep the messages of ``channel`` a take lent, for the receives to come; wake any
         other receive of this process waiting on it."""
         with self._lent_guard:
-            if epoch != self._lent_epoch:  # a flush took those of the epoch before
-                self._lent.clear()
-                self._unsettled.clear()
-                self._lent_epoch = epoch
+            self._lend_in(epoch)
             self._lent.setdefault(channel, collections.deque()).extend(lent)
         seat = self.engine.seat
         if seat is not None and seat.waiters([channel]):
@@ -584,10 +589,7 @@ class Receiver:
         those channels, but for those of ``batch``, which the caller serves."""
         channels: list[bytes] = []
         with self._lent_guard:
-            if epoch != self._lent_epoch:  # a flush took those of the epoch before
-                self._lent.clear()
-                self._unsettled.clear()
-                self._lent_epoch = epoch
+            self._lend_in(epoch)
             lent = self._lent
             for data, expires, names in parcels:
                 item = (data, expires)

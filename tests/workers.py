@@ -209,6 +209,21 @@ def _run_op(layer: IPCChannelLayer, op: str, args: tuple):
     return asyncio.run(getattr(layer, op)(*args))
 
 
+class StallAt:
+    """An ``Engine.inject(on_write=...)`` hook that counts the journaled writes and, at the
+    ``stall_at``-th, sends ``("stalled", writes)`` and sleeps for ever, holding the store lock
+    (the parent kills the process there)."""
+
+    def __init__(self, stall_at: int, conn) -> None:
+        self.stall_at, self.conn, self.writes = stall_at, conn, 0
+
+    def __call__(self, _word: int) -> None:
+        self.writes += 1
+        if self.writes == self.stall_at:
+            self.conn.send(("stalled", self.writes))
+            time.sleep(3600)
+
+
 def stall_after_journaled_writes(prefix, config, op, args, stall_at, conn) -> None:
     """Run ``layer.<op>(*args)``, but after its ``stall_at``-th ``Journal.set`` has been written
     report the writes so far, ``(writer, word)`` each, and sleep for ever, still holding the
@@ -837,20 +852,12 @@ def reap_after_journaled_writes(prefix, config, stall_at, conn) -> None:
     holding the store lock. If reaping makes fewer writes it completes and reports
     ``("done", writes)``."""
     store = IPCChannelLayer(prefix=prefix, **config).engine()
-    writes = 0
-
-    def maybe_stall(_word: int) -> None:
-        nonlocal writes
-        writes += 1
-        if writes == stall_at:
-            conn.send(("stalled", writes))
-            time.sleep(3600)
-
-    store.inject(on_write=maybe_stall)
+    stall = StallAt(stall_at, conn)
+    store.inject(on_write=stall)
     store.look_for_dead()
     while store.reaping():
         store.reap()
-    conn.send(("done", writes))
+    conn.send(("done", stall.writes))
 
 
 def take_one_and_hold(prefix, config, conn) -> None:
@@ -908,19 +915,11 @@ def parcel_owner(prefix, config, count, group, conn) -> None:
                         pass
                 conn.send(got)
             elif command[0] == "stall":
-                writes = 0
-
-                def maybe_stall(_word: int, stall_at: int = command[1]) -> None:
-                    nonlocal writes
-                    writes += 1
-                    if writes == stall_at:
-                        conn.send(("stalled", writes))
-                        time.sleep(3600)
-
-                layer.engine().inject(on_write=maybe_stall)
+                stall = StallAt(command[1], conn)
+                layer.engine().inject(on_write=stall)
                 got = await receive_all(command[2])
                 layer.engine().journal.hook = None
-                conn.send(("done", writes, got))
+                conn.send(("done", stall.writes, got))
 
     asyncio.run(run())
 
@@ -930,15 +929,7 @@ def group_send_after_journaled_writes(prefix, config, group, message, stall_at, 
     ``("stalled", writes)`` and sleep for ever, holding the store lock; or send ``("done",
     writes)``."""
     layer = IPCChannelLayer(prefix=prefix, **config)
-    writes = 0
-
-    def maybe_stall(_word: int) -> None:
-        nonlocal writes
-        writes += 1
-        if writes == stall_at:
-            conn.send(("stalled", writes))
-            time.sleep(3600)
-
-    layer.engine().inject(on_write=maybe_stall)
+    stall = StallAt(stall_at, conn)
+    layer.engine().inject(on_write=stall)
     asyncio.run(layer.group_send(group, message))
-    conn.send(("done", writes))
+    conn.send(("done", stall.writes))
