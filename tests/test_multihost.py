@@ -406,7 +406,28 @@ async def test_same_host_traffic_issues_no_redis_command(site, url):
     assert extra.get("cmdstat_evalsha", 0) <= 4, extra  # the relay beats once a second
 
 
-async def test_in_process_hosts_carry_channels_groups_and_flush(site):
+async def applied(layer: MultiHostChannelLayer, url: str) -> None:
+    """Wait until the relay of ``layer``'s host has applied every entry its inbox holds now
+    (the inbox's key as redis_side.py documents it, the position as the store keeps it)."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import ResponseError
+
+    from asgi_ipc.engine.layout import H_RELAY_MS, H_RELAY_SEQ
+
+    async with aioredis.Redis.from_url(url) as client:
+        try:
+            info = await client.xinfo_stream(f"{{{layer.site}}}:inbox:{layer.host_id():016x}")
+        except ResponseError:  # no inbox: nothing to apply
+            return
+    ms, seq = (int(part) for part in info["last-generated-id"].decode().split("-"))
+    words = layer.engine().words
+    deadline = time.monotonic() + PATIENCE
+    while (words[H_RELAY_MS], words[H_RELAY_SEQ]) < (ms, seq):
+        assert time.monotonic() < deadline, "the relay never applied its inbox"
+        await asyncio.sleep(0.005)
+
+
+async def test_in_process_hosts_carry_channels_groups_and_flush(site, url):
     a, b = site(0), site(1)
     mine, theirs = await a.new_channel(), await b.new_channel()
     assert a.host_id() != b.host_id()
@@ -418,21 +439,24 @@ async def test_in_process_hosts_carry_channels_groups_and_flush(site):
     await a.group_add("room", theirs)
     await a.group_add("room", mine)
     await a.group_add("room", "site.wide")
+    # A group_add of b's channel reaches b's store through b's inbox: a group_send from any
+    # other host comes after it in that inbox, one from b itself once b's relay applied it.
+    await applied(b, url)
     await b.group_send("room", {"g": 1})
     assert await asyncio.wait_for(a.receive(mine), 5) == {"g": 1}
     assert await asyncio.wait_for(b.receive(theirs), 5) == {"g": 1}
     assert await asyncio.wait_for(a.receive("site.wide"), 5) == {"g": 1}
     await b.group_discard("room", mine)  # through a's inbox
-    await asyncio.sleep(0.2)
+    await applied(a, url)
     await a.group_send("room", {"g": 2})
     assert await asyncio.wait_for(b.receive(theirs), 5) == {"g": 2}
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(a.receive(mine), 0.3)
     # A flush reaches the other host's store through its inbox.
     await a.send(theirs, {"before": "flush"})
-    await asyncio.sleep(0.2)
+    await applied(b, url)
     await a.flush()
-    await asyncio.sleep(0.3)
+    await applied(b, url)
     await a.send(theirs, {"after": "flush"})
     assert await asyncio.wait_for(b.receive(theirs), 5) == {"after": "flush"}
     assert b.engine().verify() == []
@@ -457,16 +481,21 @@ async def test_the_relay_carries_on_when_ids_go_back_or_redis_forgets(site, url)
     await a.send(theirs, {"n": 0})
     assert await asyncio.wait_for(b.receive(theirs), 5) == {"n": 0}
     engine = b.engine()
-    from asgi_ipc.engine.layout import H_RELAY_MS
+    from asgi_ipc.engine.layout import H_RELAY_EPOCH, H_RELAY_MS
 
     # Ids going back: the store says it applied entries an hour ahead of the stream.
     def ahead():
         engine.journal.set(H_RELAY_MS, engine.words[H_RELAY_MS] + 3_600_000)
 
+    epoch = engine.words[H_RELAY_EPOCH]
     engine.locked(ahead)
-    # Detected at the relay's next beat (one a second at least): entries added before it with
-    # ids up to the stream's last are taken as applied (see redis_side.py), so wait for it.
-    await asyncio.sleep(1.5)
+    # Detected at the relay's next beat (one a second at least), which moves the store to a
+    # new epoch: entries added before it with ids up to the stream's last are taken as applied
+    # (see redis_side.py), so wait for it.
+    deadline = time.monotonic() + PATIENCE
+    while engine.words[H_RELAY_EPOCH] == epoch:
+        assert time.monotonic() < deadline, "the relay never saw the ids go back"
+        await asyncio.sleep(0.01)
     await a.send(theirs, {"n": 1})
     assert await asyncio.wait_for(b.receive(theirs), 5) == {"n": 1}
     # Redis forgets everything (restarted empty): a new epoch, and the relay carries on.

@@ -249,13 +249,16 @@ def _fanout(kind: str, url: str, members: int, hosts: int, sends: int) -> dict:
     prefixes = [f"{site}{n}" for n in range(hosts)]
     group = "bench"
     out = SPAWN.Queue()
+    # The sender's figures come on a queue of their own: messages that two processes put on
+    # one queue may arrive in either order.
+    sent = SPAWN.Queue()
     try:
         holders = [_start(_members, kind, p, site, url, group, members // hosts, sends, out)
                    for p in prefixes]
         for _ in holders:
             assert out.get(timeout=120) == "ready"
-        sender = _start(_group_sender, kind, prefixes[0], site, url, group, sends, out)
-        start, elapsed, commands, calls = out.get(timeout=300)
+        sender = _start(_group_sender, kind, prefixes[0], site, url, group, sends, sent)
+        start, elapsed, commands, calls = sent.get(timeout=300)
         ends = [out.get(timeout=300) for _ in holders]
         counted = sum(got for got, _end in ends)
         for process in (sender, *holders):
@@ -280,11 +283,12 @@ def _oneway(kind: str, url: str, count: int) -> dict:
     site = "mhb" + secrets.token_hex(4)
     a, b = site + "a", site + "b"
     out = SPAWN.Queue()
+    sent = SPAWN.Queue()  # the producer's start, apart from the consumer's end (see _fanout)
     try:
         consumer = _start(_consumer, kind, b, site, url, count, out)
         channel = out.get(timeout=60)
-        producer = _start(_producer, kind, a, site, url, channel, count, out)
-        start = out.get(timeout=300)
+        producer = _start(_producer, kind, a, site, url, channel, count, sent)
+        start = sent.get(timeout=300)
         got, end = out.get(timeout=300)
         for process in (producer, consumer):
             process.join(30)

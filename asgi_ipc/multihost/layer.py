@@ -18,6 +18,9 @@ shares it, and it is known to the other hosts by the random id kept in it
   (and the normal channels that are members). ``group_send`` queues the message on the local
   members through shared memory, then one script (``GROUP_SEND``) adds it once to the inbox of
   each other host with members, whose relay queues it on its members, and to each normal member.
+  A group_add or group_discard of another host's channel is an entry of that host's inbox:
+  group_sends of other hosts come after it in the inbox, and one of that host itself sees it
+  once the relay has applied it.
 
 What makes each operation visible, and what a failure leaves: a local operation is one lock
 hold of the store (engine/); an operation through Redis is one script, never retried (see
