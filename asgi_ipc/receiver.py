@@ -226,13 +226,15 @@ class Receiver:
     # --- the multi-host layer's relay ------------------------------------------------------
 
     def apply_relayed(self, *args: Any) -> Any:
-        """``Engine.apply_relayed`` (engine/inbox.py), then the rings it left due: the seam
-        through which a multi-host layer's relay writes into the store."""
-        engine = self.engine
-        result = engine.apply_relayed(*args)
-        if engine.due:
+        """``Engine.apply_relayed`` (engine/inbox.py): the seam through which a multi-host
+        layer's relay writes into the store. The rings it leaves due wait for ``ring_due``,
+        which the relay calls once its next read is on its way."""
+        return self.engine.apply_relayed(*args)
+
+    def ring_due(self) -> None:
+        """Ring the processes that this process's lock holds left to ring."""
+        if self.engine.due:
             self._ring()
-        return result
 
     # --- rings -----------------------------------------------------------------------------
 

@@ -740,7 +740,7 @@ def test_connection_options_in_channels_redis_form():
     kwargs = tls.connection_pool.connection_kwargs
     assert (kwargs["host"], kwargs["port"], kwargs["db"], kwargs["password"]) == (
         "redis.example", 6380, 2, "pw")
-    assert kwargs["socket_timeout"] == kwargs["socket_connect_timeout"] == 3
+    assert kwargs.get("socket_timeout") is None and kwargs["socket_connect_timeout"] == 3
     sentinel = make_client(connection_options(
         {"sentinels": [("s1", 26379)], "master_name": "mymaster", "socket_timeout": 9}, 3))
     assert isinstance(sentinel.connection_pool, SentinelConnectionPool)

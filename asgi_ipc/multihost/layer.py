@@ -54,8 +54,6 @@ from ..receiver import Receiver
 from .errors import RedisUnavailable
 
 try:
-    from redis.exceptions import RedisError
-
     from .redis_side import (
         Keys,
         Side,
@@ -355,12 +353,12 @@ class MultiHostChannelLayer(IPCChannelLayer):
         its pop in flight finish, and puts what it took back first in the channel."""
         side, key = self._side(), self._keys.channel(channel)
         what = f"a receive from {channel!r}"
-        # Each pop blocks for less than the connection's socket timeout, so that an empty
-        # channel never looks like an unreachable Redis (and no pop is answered into a
-        # connection that gave up on it).
-        block = max(0.1, min(1.0, self.redis_timeout / 2))
+        # Each pop blocks for a second at most, and is bounded by that plus redis_timeout:
+        # an empty channel never looks like an unreachable Redis.
+        block = 1
         while True:
-            pop = asyncio.ensure_future(side.client.brpop([key], timeout=block))
+            pop = asyncio.ensure_future(bounded(block + self.redis_timeout, what,
+                                                side.client.brpop([key], timeout=block)))
             got: Any
             try:
                 got = await asyncio.shield(pop)
@@ -371,8 +369,6 @@ class MultiHostChannelLayer(IPCChannelLayer):
                 _PUTTING_BACK.add(task)
                 task.add_done_callback(_PUTTING_BACK.discard)
                 raise
-            except (RedisError, OSError) as exc:
-                raise RedisUnavailable(f"Redis is unavailable for {what}: {exc!r}") from exc
             if got is None:
                 continue
             item: bytes = got[1]  # the client answers bytes: decode_responses is off

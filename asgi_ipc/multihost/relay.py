@@ -31,6 +31,7 @@ they carry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
@@ -55,6 +56,7 @@ from .redis_side import (
     Keys,
     Link,
     Side,
+    bounded,
     fresh_epoch,
     host_hex,
     now_ms,
@@ -94,10 +96,12 @@ class Relay:
         self.receiver = receiver
         self.host = host
         kind, target, options = where
-        # The read blocks for BLOCK_MS: the socket must wait longer than that.
-        waits = (options.get("socket_timeout") or 5) + BLOCK_MS / 1000
-        options = {**options, "socket_timeout": waits}
-        self.where = (kind, target, options)
+        # Each round trip of the relay is bounded as a whole, by this (its read blocks for
+        # BLOCK_MS), rather than by the socket's timeout: redis-py bounds a write by that in a
+        # task of its own, and the loop turns it takes (about 80 us, measured) came between
+        # each batch and the rings it left.
+        self.waits = (options.get("socket_timeout") or 5) + BLOCK_MS / 1000
+        self.where = (kind, target, {**options, "socket_timeout": None})
         self.keys = keys
         self.inbox_ttl_ms = inbox_ttl_ms
         self.capacity_of = capacity_of
@@ -207,12 +211,23 @@ class Relay:
         words = receiver.engine.words
         inbox, epoch_key = keys.inbox(host), keys.epoch(host)
         for script in (side.beat, side.trim):
-            await side.client.script_load(script.script)
+            await bounded(self.waits, "the relay", side.client.script_load(script.script))
         link = Link(side.client)
         try:
             await self._relay(side, link, inbox, epoch_key, words)
         finally:
+            # What the last batch woke, when the loop ends before its next read rang it.
+            with contextlib.suppress(StoreClosed, StoreError, OSError):
+                receiver.ring_due()
             await link.close()
+
+    async def _round_trip(self, link: Link, commands: list[list[Any]]) -> list[Any]:
+        await link.send(commands)
+        # What the last batch woke is rung once the next read is on its way: the receives it
+        # wakes (often in this process) then find the GIL free of this thread, which only
+        # waits on Redis from here. Rung before, they waited for this thread to send.
+        self.receiver.ring_due()
+        return await link.replies(len(commands))
 
     async def _relay(self, side: Side, link: Link, inbox: str, epoch_key: str,
                      words: memoryview) -> None:
@@ -221,13 +236,17 @@ class Relay:
         beat_due = 0.0
         trimmed = (0, 0)
         read = ["XREAD", "COUNT", BATCH, "BLOCK", BLOCK_MS, "STREAMS", inbox]
+        known: tuple[int, int, int] | None = None
         while not self._stop.is_set():
-            # Read in a lock hold, which first rolls back what a relay killed in the middle
-            # of applying left: a position written but not committed must never be trimmed
-            # up to, since what it covers was not applied.
-            stored_epoch, ms, seq = receiver.engine.locked(position, words)
-            commands: list[list[Any]] = []
             beating = value is None or time.monotonic() >= beat_due
+            if known is None or beating:
+                # Read in a lock hold, which first rolls back what a relay killed in the
+                # middle of applying left: a position written but not committed must never be
+                # trimmed up to, since what it covers was not applied. Between beats, the
+                # position is the one this relay's own holds committed.
+                known = receiver.engine.locked(position, words)
+            stored_epoch, ms, seq = known
+            commands: list[list[Any]] = []
             if beating:
                 commands.append([
                     "EVALSHA", side.beat.sha, 3, inbox, epoch_key, keys.hosts,
@@ -242,7 +261,7 @@ class Relay:
             trimmed = (ms, seq)
             commands.append([*read, f"{ms}-{seq}"])
             commands.append(["GET", epoch_key])
-            results = await link.run(commands)
+            results = await bounded(self.waits, "the relay", self._round_trip(link, commands))
             reply, after = results[-2:]
             if beating:
                 value, depth = results[0]
@@ -267,14 +286,15 @@ class Relay:
                         "failed over); carrying on from %s-%s of the new one",
                         host_hex(host), *start,
                     )
-                receiver.apply_relayed(epoch, start, start, [], self.capacity_of,
-                                       self.expiry_ms, self.group_expiry_ms)
+                known = receiver.apply_relayed(epoch, start, start, [], self.capacity_of,
+                                               self.expiry_ms, self.group_expiry_ms).position
                 continue
             entries = parse_entries(reply)
             if entries:
                 applied = receiver.apply_relayed(epoch, start, (ms, seq), entries,
                                                  self.capacity_of, self.expiry_ms,
                                                  self.group_expiry_ms)
+                known = applied.position
                 if applied.refused:
                     logger.warning(
                         "relay %s: %s of %s entries refused by the store (a channel at capacity "
