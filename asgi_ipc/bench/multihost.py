@@ -7,10 +7,13 @@ store has its own host id and relay). Measured, with the Redis commands each ope
 (``INFO commandstats``, every command the server ran, those inside scripts included, relays'
 reads and beats included):
 
-  same-host ping-pong     two processes of one host (both layers)
+  same-host ping-pong     two processes of one host (both layers, and IPCChannelLayer, whose
+                          figure the multi-host layer's is to stay within 1.1 times of)
   cross-host ping-pong    processes of two hosts (both layers)
-  cross-host one-way      a producer on one host, a consumer on another: messages a second,
-                          from the first send to the last receive, every message counted
+  cross-host one-way      1->1: a producer on one host, a consumer on another; 4->4: four
+                          producers on one host, each to a consumer of its own on another.
+                          Messages a second, from the first send to the last receive, every
+                          message counted
   group_send              to 1000 members over 4 hosts (250 each, the sender on the first):
                           time per group_send, deliveries a second (from the first group_send
                           to the last delivery, every delivery counted), commands per
@@ -34,11 +37,17 @@ from .. import unlink
 MULTIHOST = "multihost"
 REDIS = "redis"
 PUBSUB = "redis pubsub"
+IPC = "ipc"  # the single-host layer, on same-host ping-pong only
 SPAWN = multiprocessing.get_context("spawn")
 MiB = 1024 * 1024
 
 
 def _layer(kind: str, prefix: str, site: str, url: str) -> Any:
+    if kind == IPC:
+        from .. import IPCChannelLayer
+
+        return IPCChannelLayer(prefix=prefix, capacity=100_000, expiry=600,
+                               channel_memory=64 * MiB, group_memory=8 * MiB)
     if kind == MULTIHOST:
         from ..multihost import MultiHostChannelLayer
 
@@ -279,25 +288,29 @@ def _fanout(kind: str, url: str, members: int, hosts: int, sends: int) -> dict:
     }
 
 
-def _oneway(kind: str, url: str, count: int) -> dict:
+def _oneway(kind: str, url: str, count: int, pairs: int) -> dict:
+    """``pairs`` producers on one host, each sending ``count`` messages to a consumer of its
+    own on another."""
     site = "mhb" + secrets.token_hex(4)
     a, b = site + "a", site + "b"
     out = SPAWN.Queue()
-    sent = SPAWN.Queue()  # the producer's start, apart from the consumer's end (see _fanout)
+    sent = SPAWN.Queue()  # the producers' starts, apart from the consumers' ends (see _fanout)
     try:
-        consumer = _start(_consumer, kind, b, site, url, count, out)
-        channel = out.get(timeout=60)
-        producer = _start(_producer, kind, a, site, url, channel, count, sent)
-        start = sent.get(timeout=300)
-        got, end = out.get(timeout=300)
-        for process in (producer, consumer):
+        consumers = [_start(_consumer, kind, b, site, url, count, out) for _ in range(pairs)]
+        channels = [out.get(timeout=60) for _ in consumers]
+        producers = [_start(_producer, kind, a, site, url, channel, count, sent)
+                     for channel in channels]
+        start = min(sent.get(timeout=300) for _ in producers)
+        ends = [out.get(timeout=300) for _ in consumers]
+        for process in (*producers, *consumers):
             process.join(30)
     finally:
         _tidy(url, site, [a, b])
+    got = sum(got for got, _end in ends)
     return {
-        "messages_per_s": round(got / max(end - start, 1e-9)),
+        "messages_per_s": round(got / max(max(end for _got, end in ends) - start, 1e-9)),
         "counted": got,
-        "expected": count,
+        "expected": count * pairs,
     }
 
 
@@ -319,11 +332,15 @@ def run(url: str, quick: bool) -> dict:
     sends = 5 if quick else 40
     messages = 500 if quick else 5000
     results: dict[str, dict[str, dict]] = {}
-    for kind in (MULTIHOST, REDIS):
+    for kind in (MULTIHOST, IPC, REDIS):
         results.setdefault("same-host ping-pong", {})[kind] = _pingpong(kind, url, rounds, True)
+    for kind in (MULTIHOST, REDIS):
         results.setdefault("cross-host ping-pong", {})[kind] = _pingpong(kind, url, rounds,
                                                                          False)
-        results.setdefault("cross-host one-way 1->1", {})[kind] = _oneway(kind, url, messages)
+        results.setdefault("cross-host one-way 1->1", {})[kind] = _oneway(kind, url, messages,
+                                                                          1)
+        results.setdefault("cross-host one-way 4->4", {})[kind] = _oneway(
+            kind, url, messages // 4, 4)
     for kind in (MULTIHOST, REDIS, PUBSUB):
         results.setdefault("group_send 1000 members / 4 hosts", {})[kind] = _fanout(
             kind, url, 1000, 4, sends)
@@ -332,15 +349,18 @@ def run(url: str, quick: bool) -> dict:
 
 def render(results: dict) -> str:
     lines = ["multi-host: MultiHostChannelLayer (multihost) and RedisChannelLayer (redis), "
-             "same redis-server"]
+             "same redis-server; IPCChannelLayer (ipc) beside them on one host"]
     for name, by_layer in results.items():
         for kind, figures in by_layer.items():
             shown = ", ".join(f"{key} {value}" for key, value in figures.items())
             lines.append(f"  {name:36} {kind:12} {shown}")
-    ratio = _ratio(results)
-    if ratio is not None:
-        lines.append(f"  cross-host ping-pong p50, multihost / redis: {ratio:.2f}")
+    for name, other in (("same-host ping-pong", IPC), ("cross-host ping-pong", REDIS)):
+        by_layer = results.get(name, {})
+        if MULTIHOST in by_layer and other in by_layer and by_layer[other]["p50_ms"]:
+            lines.append(f"  {name} p50, multihost / {other}: "
+                         f"{by_layer[MULTIHOST]['p50_ms'] / by_layer[other]['p50_ms']:.2f}")
     for name, key in (("cross-host one-way 1->1", "messages_per_s"),
+                      ("cross-host one-way 4->4", "messages_per_s"),
                       ("group_send 1000 members / 4 hosts", "deliveries_per_s")):
         by_layer = results.get(name, {})
         for other in (REDIS, PUBSUB):
@@ -349,9 +369,3 @@ def render(results: dict) -> str:
                              f"{by_layer[MULTIHOST][key] / by_layer[other][key]:.2f}")
     return "\n".join(lines)
 
-
-def _ratio(results: dict) -> float | None:
-    cross = results.get("cross-host ping-pong", {})
-    if MULTIHOST in cross and REDIS in cross and cross[REDIS]["p50_ms"]:
-        return float(cross[MULTIHOST]["p50_ms"]) / float(cross[REDIS]["p50_ms"])
-    return None

@@ -235,14 +235,7 @@ class StoreLock:
         retries with the same number after EINTR) or its release would then lock or unlock
         that file instead: another store's, for ever."""
         handles, self._handles = list(self._handles), weakref.WeakSet()
-        if handles:
-            null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                for handle in handles:
-                    if not handle.closed:
-                        os.dup2(null, handle.fileno())
-            finally:
-                os.close(null)
+        _point_at_null([handle.fileno() for handle in handles if not handle.closed])
         self._local = threading.local()
         self._fd = -1
 
@@ -265,9 +258,23 @@ _FLOCK = struct.Struct("hhqqi4x")
 assert _FLOCK.size == 32
 
 
+def _point_at_null(fds: list[int]) -> None:
+    """Point each of ``fds`` at /dev/null: their open file descriptions (and the locks on them)
+    go once nothing else holds them, and the numbers stay taken, so that no call under way on
+    one of them, nor its retry, ever acts on a file opened after."""
+    if not fds:
+        return
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for fd in fds:
+            os.dup2(null, fd)
+    finally:
+        os.close(null)
+
+
 def byte_lock(fd: int, cmd: int, kind: int, offset: int) -> int:
-    """One OFD lock request (``F_OFD_SETLK`` or ``F_OFD_GETLK``) on the byte at ``offset`` of
-    the file of ``fd``: the lock type the kernel answers. ``F_OFD_SETLK`` raises
+    """One OFD lock request (``F_OFD_SETLK``, ``F_OFD_SETLKW`` or ``F_OFD_GETLK``) on the byte
+    at ``offset`` of the file of ``fd``: the lock type the kernel answers. ``F_OFD_SETLK`` raises
     BlockingIOError (or PermissionError) when another description holds a conflicting lock."""
     answer = fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0))
     return int(_FLOCK.unpack(answer)[0])
@@ -327,6 +334,14 @@ class OwnDescription:
         fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
+
+    def let_go(self) -> None:
+        """Drop this description while another thread may be in a lock request on it: the
+        descriptor is pointed at /dev/null (see ``StoreLock.close``), and the request under way
+        keeps the description, and any lock it is granted, only until it returns. ``close``
+        still closes the number."""
+        if self.fd >= 0:
+            _point_at_null([self.fd])
 
     def __del__(self) -> None:
         self.close()

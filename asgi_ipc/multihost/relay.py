@@ -3,11 +3,15 @@ its store, exactly once.
 
 Election. Every process whose multi-host layer has opened the store runs a ``Relay`` thread.
 It competes for the store's relay byte (``layout.RELAY_BYTE``) with an open-file-description
-lock taken without waiting (``F_OFD_SETLK``) on a description of its own, the way a process
-slot is held (engine/slots.py): the kernel drops it when the holder dies, however it dies and
-in whatever PID namespace, so no lease has to run out. The holder *leads*; the others stand by
-and try again every ``STANDBY_POLL`` seconds, so a standby takes over within that, plus one
-round trip to Redis, of the leader's death. A leader that closes its layer lets go the same way.
+lock on a description of its own, the way a process slot is held (engine/slots.py): the kernel
+drops it when the holder dies, however it dies and in whatever PID namespace, so no lease has to
+run out. The holder *leads*; the others stand by, each blocked in its lock request
+(``F_OFD_SETLKW``), with no polling: the kernel grants the byte to one of them the instant the
+leader's description lets go, so a standby takes over within one round trip to Redis of the
+leader's death. A leader that closes its layer lets go the same way. A standby whose layer
+closes cannot be woken from its request: its description is dropped under it
+(``OwnDescription.let_go``), so that a grant comes to nothing, and its thread ends when the
+request returns.
 
 The leader's loop, one round trip per batch: a pipeline of ``XREAD BLOCK`` from the store's
 position and ``GET`` of the inbox's epoch (entries read while the epoch changed are read again
@@ -69,7 +73,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-STANDBY_POLL = 0.01
 BATCH = 256
 BLOCK_MS = 1000
 # Seconds between two beats (epoch check, time to live, hosts entry) while entries flow; an idle
@@ -112,6 +115,10 @@ class Relay:
         self.batches = 0
         self._down = False  # Redis found unavailable, and not yet found back
         self._stop = threading.Event()
+        # Under it: whether the thread is in its lock request, and its description.
+        self._standing_guard = threading.Lock()
+        self._standing = False
+        self._own: OwnDescription | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
         self._thread = threading.Thread(
@@ -123,7 +130,13 @@ class Relay:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop standing by or leading; a leader lets go of the relay byte on its way out."""
-        self._stop.set()
+        with self._standing_guard:
+            self._stop.set()
+            if self._standing and self._own is not None:
+                # In its lock request, which nothing can cut short: what it may be granted
+                # goes with the description, and the thread ends when the request returns.
+                self._own.let_go()
+                return
         loop, task = self._loop, self._task
         if loop is not None and task is not None:
             try:
@@ -141,13 +154,21 @@ class Relay:
             own = OwnDescription(engine.segment.fd)
         except (OSError, ValueError):
             return  # the store was closed under us
+        self._own = own
         try:
-            while not self._stop.is_set():
+            while True:
+                with self._standing_guard:
+                    if self._stop.is_set():
+                        break
+                    self._standing = True
                 try:
-                    byte_lock(own.fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK, RELAY_BYTE)
-                except (BlockingIOError, PermissionError):
-                    self._stop.wait(STANDBY_POLL)
-                    continue
+                    byte_lock(own.fd, fcntl.F_OFD_SETLKW, fcntl.F_WRLCK, RELAY_BYTE)
+                finally:
+                    with self._standing_guard:
+                        self._standing = False
+                        dropped = self._stop.is_set()
+                if dropped:
+                    break
                 self.leading = True
                 try:
                     asyncio.run(self._lead())
