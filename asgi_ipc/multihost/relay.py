@@ -19,10 +19,11 @@ under the new one), preceded once a second by ``BEAT`` (redis_side.py: checks th
 trims, refreshes the inbox's time to live and this host's entry in the hosts) and otherwise by
 ``TRIM`` of what the store has applied since the last read; then
 ``Engine.apply_relayed`` applies what came and moves the position in one lock hold
-(engine/inbox.py), and the rings that leaves are rung. What makes an entry applied is that
-hold's commit; a leader killed before it leaves the entry in the inbox for the next leader,
-and one killed after it leaves the position past it, so the next leader skips it. The stream is
-trimmed only up to the position the store holds, so nothing unapplied is ever trimmed.
+(engine/inbox.py); the rings that leaves are rung once the next read is sent. What makes an
+entry applied is that hold's commit; a leader killed before it leaves the entry in the inbox
+for the next leader, and one killed after it leaves the position past it, so the next leader
+skips it. The stream is trimmed only up to the position the store holds, so nothing unapplied
+is ever trimmed.
 
 Redis gone: the leader logs it once, marks it in the store for `asgi-ipc stats`, and tries again
 with a backoff up to ``MAX_BACKOFF``; nothing is lost that Redis kept. When Redis comes back
