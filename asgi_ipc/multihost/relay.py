@@ -96,6 +96,7 @@ class Relay:
         capacity_of: Callable[[bytes], int],
         expiry_ms: int,
         group_expiry_ms: int,
+        redis_timeout: float = 5.0,
     ) -> None:
         self.receiver = receiver
         self.host = host
@@ -104,7 +105,7 @@ class Relay:
         # BLOCK_MS), rather than by the socket's timeout: redis-py bounds a write by that in a
         # task of its own, and the loop turns it takes (about 80 us, measured) came between
         # each batch and the rings it left.
-        self.waits = (options.get("socket_timeout") or 5) + BLOCK_MS / 1000
+        self.waits = (options.get("socket_timeout") or redis_timeout) + BLOCK_MS / 1000
         self.where = (kind, target, {**options, "socket_timeout": None})
         self.keys = keys
         self.inbox_ttl_ms = inbox_ttl_ms
