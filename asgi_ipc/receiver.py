@@ -92,7 +92,7 @@ from .doorbell import (
     new_token,
     remove_doorbell,
 )
-from .engine import Engine, Seat, Taken, now_ms
+from .engine import BACK, BEFORE_PARCELS, Engine, Seat, Taken, now_ms
 from .engine.layout import H_EPOCH, H_FLUSHING, SLOTS
 from .exceptions import StoreClosed, StoreError
 
@@ -795,7 +795,7 @@ class Receiver:
             kept = self._returned.get(channel)
             if kept is None:
                 try:
-                    back = engine.put_back(channel, data, expires, epoch)
+                    back = self._give_back(channel, data, expires, epoch)
                 except StoreClosed:
                     logger.error(
                         "%s: a message taken by a cancelled receive on %r was lost: the store "
@@ -827,6 +827,24 @@ class Receiver:
         seat = engine.seat
         if seat is not None:
             self._wake(seat, [channel], later=True)  # receives already waiting get it
+
+    def _give_back(self, channel: bytes, data: bytes, expires: int, epoch: int) -> bool:
+        """Under ``_returned_guard``: put a message taken for a cancelled receive first again
+        among the messages of ``channel``, wherever the next ones are: first among those lent
+        here for it, if there are any (they are newer), else first in its channel in the store
+        (``Engine.put_back``), unless a parcel drained on the way lends the channel a newer
+        one: then first among the lent again. False if there was no channel memory for it."""
+        if self._lent and self._keep_returned_lent(channel, data, expires, epoch):
+            return True
+        taken = Taken(None)
+        try:
+            back = self.engine.put_back(channel, data, expires, epoch, taken)
+        finally:
+            if taken.drained:
+                self._keep_parcels(taken.parcels[: taken.drained], taken.epoch, [])
+        if back == BEFORE_PARCELS:
+            return self._keep_returned_lent(channel, data, expires, epoch)
+        return back == BACK
 
     def _take_returned(self, channel: bytes) -> tuple[bytes, int, int] | None:
         """The oldest message kept here for ``channel`` (see ``_return``) that is still
@@ -869,7 +887,7 @@ class Receiver:
                 kept = self._returned[channel]
                 while kept:
                     data, expires, epoch = kept[-1]
-                    if expires > engine.clock() and not engine.put_back(
+                    if expires > engine.clock() and not self._give_back(
                         channel, data, expires, epoch
                     ):
                         break  # still no room

@@ -17,7 +17,7 @@ import pytest
 from channels.exceptions import ChannelFull
 
 from asgi_ipc import IPCChannelLayer
-from asgi_ipc.engine import SWEEP_BUCKETS_PER_SEND
+from asgi_ipc.engine import BACK, SWEEP_BUCKETS_PER_SEND, Taken
 
 from .test_store import snapshot
 
@@ -153,7 +153,8 @@ async def test_a_message_put_back_ahead_of_later_ones_is_reclaimed_all_the_same(
         await layer.send("c.later", {"n": "later"})
         assert await layer.receive("c.back") == {"n": "back"}
         await layer.send("c.back", {"n": "after"})
-        assert store.put_back(b"c.back", msgpack.packb({"n": "back"}), expires, store.epoch)
+        assert store.put_back(b"c.back", msgpack.packb({"n": "back"}), expires, store.epoch,
+                              Taken(None)) == BACK
         clock.now = expires
         turns = 2 * store.geometry.channel_buckets // SWEEP_BUCKETS_PER_SEND
         for n in range(turns):

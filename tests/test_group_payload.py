@@ -13,7 +13,7 @@ import asyncio
 import pytest
 
 from asgi_ipc import IPCChannelLayer, StoreCorrupted
-from asgi_ipc.engine import Engine, Taken
+from asgi_ipc.engine import BACK, Engine, Taken
 from asgi_ipc.engine.layout import LAYOUT_VERSION, WORD
 from asgi_ipc.engine.queues import C_HEAD, M_DATA, P_REFS
 from asgi_ipc.observe import figures
@@ -154,7 +154,7 @@ def test_inline_and_shared_messages_queue_in_order_in_one_channel(prefix):
     # A receive handed the shared copy is cancelled: the copy goes back first, inline.
     data, expires, epoch = take(engine, b"a")
     assert data == two
-    assert engine.put_back(b"a", data, expires, epoch)
+    assert engine.put_back(b"a", data, expires, epoch, Taken(None)) == BACK
     assert engine.verify() == []
     assert take(engine, b"b")[0] == two  # the last reference to the first payload
     assert engine.verify() == []

@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
+
+import pytest
 
 from asgi_ipc import IPCChannelLayer
 from asgi_ipc.engine.queues import C_COUNT, PARCEL_MEMBERS
@@ -234,3 +237,51 @@ def test_a_drain_cut_anywhere_takes_all_or_nothing(prefix, children):
     _reap_all(store)
     assert store.verify() == []
     run(layer.close())
+
+
+def test_a_message_given_back_goes_before_a_parcel_made_meanwhile(prefix):
+    """A receive handed its message, then cancelled before it sees it, while a group_send
+    lends the channel's next message in a parcel: the message given back still comes first."""
+
+    async def run() -> None:
+        owner = IPCChannelLayer(prefix=prefix, **CONFIG)
+        sender = IPCChannelLayer(prefix=prefix, **CONFIG)
+        channels = [await owner.new_channel() for _ in range(PARCEL_MEMBERS)]
+        for channel in channels:
+            await owner.group_add(GROUP, channel)
+        first = channels[0]
+        loop = asyncio.get_running_loop()
+        receive = asyncio.ensure_future(owner.receive(first))
+        await asyncio.sleep(0.1)  # waiting, registered on its channel
+        parcels = owner.engine().inspect()["counters"]["parcels"]
+
+        def group_send_then_cancel() -> None:
+            # After the hold that handed the message, before the receive resumes: the
+            # channel's list is empty, so the group_send lends to this process in a parcel.
+            sending = threading.Thread(
+                target=lambda: asyncio.run(sender.group_send(GROUP, {"n": 2})))
+            sending.start()
+            sending.join()
+            receive.cancel()
+
+        armed = [True]
+
+        def after_commit() -> None:
+            if armed[0]:
+                armed[0] = False
+                loop.call_soon(group_send_then_cancel)
+
+        owner.engine().inject(on_commit=after_commit)
+        await sender.send(first, {"n": 1})
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(receive, PATIENCE)
+        assert owner.engine().inspect()["counters"]["parcels"] == parcels + 1
+        got = [await asyncio.wait_for(owner.receive(first), PATIENCE) for _ in range(2)]
+        assert got == [{"n": 1}, {"n": 2}]
+        for channel in channels[1:]:
+            assert await asyncio.wait_for(owner.receive(channel), PATIENCE) == {"n": 2}
+        assert owner.engine().verify() == []
+        await owner.close()
+        await sender.close()
+
+    asyncio.run(run())

@@ -16,7 +16,7 @@ from channels.exceptions import ChannelFull, MessageTooLarge
 
 import asgi_ipc
 from asgi_ipc import GroupMemoryFull, IPCChannelLayer, StoreClosed, StoreCorrupted
-from asgi_ipc.engine import QUEUED, open_engine
+from asgi_ipc.engine import QUEUED, Taken, open_engine
 from asgi_ipc.engine.layout import (
     COUNTERS,
     H_LOCK_PID,
@@ -623,7 +623,7 @@ def test_calls_after_close_raise_store_closed_and_touch_no_other_file(prefix, tm
         for call in (
             lambda: store.send(b"closed", b"x", 10, 60_000),
             store.verify,
-            lambda: store.put_back(b"closed", b"x", 2**62, 0),
+            lambda: store.put_back(b"closed", b"x", 2**62, 0, Taken(None)),
         ):
             with pytest.raises(StoreClosed):
                 call()

@@ -10,6 +10,9 @@ the pure-Python ones are loaded, so it is imported first. Imports run one way: f
 
 from .compiled import ENGINE  # first: it picks where the engine's parts load from
 from .store import (
+    BACK,
+    BEFORE_PARCELS,
+    NO_ROOM,
     OUT_OF_MEMORY,
     OVER_CAPACITY,
     QUEUED,
@@ -22,6 +25,6 @@ from .store import (
 )
 
 __all__ = [
-    "ENGINE", "OUT_OF_MEMORY", "OVER_CAPACITY", "QUEUED", "SWEEP_BUCKETS_PER_SEND", "Engine",
-    "Seat", "Taken", "now_ms", "open_engine",
+    "BACK", "BEFORE_PARCELS", "ENGINE", "NO_ROOM", "OUT_OF_MEMORY", "OVER_CAPACITY", "QUEUED",
+    "SWEEP_BUCKETS_PER_SEND", "Engine", "Seat", "Taken", "now_ms", "open_engine",
 ]

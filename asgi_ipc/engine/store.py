@@ -97,6 +97,9 @@ REAP_PER_HOLD = 256
 # its own, and about how many bytes, and the most a lock hold lends in all (about 3 ms of
 # work), shared out evenly among the channels of the batch. A lend never commits on its own:
 # its ~30 journal entries a message fit in the room ``Journal.checkpoint`` leaves.
+# What ``Engine.put_back`` did with a message given back.
+NO_ROOM, BACK, BEFORE_PARCELS = 0, 1, 2
+
 LEND_PER_CHANNEL = 64
 LEND_BYTES = 256 * 1024
 LEND_PER_HOLD = 4096
@@ -579,13 +582,27 @@ class Engine:
             fresh.note(channel, rec)
 
     @one_hold
-    def put_back(self, _now: int, channel: bytes, data: bytes, expires: int, epoch: int) -> bool:
+    def put_back(self, now: int, channel: bytes, data: bytes, expires: int, epoch: int,
+                 taken: Taken) -> int:
         """Queue ``data``, handed to a receive that was then cancelled, first on ``channel``
-        again; True if it is back (or a flush since, at another ``epoch``, would have taken it
-        anyway), False if there was no memory left for it."""
+        again: ``BACK`` if it is (or a flush since, at another ``epoch``, would have taken it
+        anyway), ``NO_ROOM`` if there was no memory left for it.
+
+        The parcels lent to this process are drained into ``taken`` first, as ``take`` does:
+        one made since the message was handed may lend ``channel`` a newer message, which a
+        take would hand before anything its list holds. Then it is not queued
+        (``BEFORE_PARCELS``): the caller keeps it first among what the parcels lent."""
         if self.words[H_EPOCH] != epoch:
-            return True  # flushed since: it would have gone with the rest
-        return self.queues.put_back(channel, data, zlib.crc32(data), expires, self._rings)
+            return BACK  # flushed since: it would have gone with the rest
+        seat = self.seat
+        if seat is not None and self.words[self.slots.parcels_at(seat.slot)]:
+            taken.epoch = epoch
+            self._drain(now, seat, taken)
+            if any(channel in names for _data, _expires, names in taken.parcels):
+                return BEFORE_PARCELS
+        if self.queues.put_back(channel, data, zlib.crc32(data), expires, self._rings):
+            return BACK
+        return NO_ROOM
 
     @timed_hold
     def check(self, now: int, seat: Seat, taken: Taken | None = None) -> list[bytes]:
