@@ -784,11 +784,6 @@ class Receiver:
         engine = self.engine
         if expires <= engine.clock():
             return
-        if self._lent and self._keep_returned_lent(channel, data, expires, epoch):
-            seat = engine.seat
-            if seat is not None:
-                self._wake(seat, [channel], later=True)  # receives already waiting get it
-            return
         # One lock over the kept messages and their put-backs, so that no put-back overtakes
         # an older message of its channel (a lock hold under it never waits on it).
         with self._returned_guard:
@@ -817,13 +812,14 @@ class Receiver:
                     kept.append((data, expires, epoch))
         if engine.due:
             self._ring()
-        if kept is None:
-            return
-        logger.info(
-            "%s: no channel memory to put back a message taken by a cancelled receive on %r; "
-            "this process keeps it until there is", self.name, channel.decode(),
-        )
-        self._check_later()
+        if kept is not None:
+            logger.info(
+                "%s: no channel memory to put back a message taken by a cancelled receive on "
+                "%r; this process keeps it until there is", self.name, channel.decode(),
+            )
+            self._check_later()
+        elif channel not in self._lent:
+            return  # back in the store, whose ring wakes the receives waiting on it
         seat = engine.seat
         if seat is not None:
             self._wake(seat, [channel], later=True)  # receives already waiting get it

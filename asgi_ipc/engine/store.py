@@ -97,12 +97,12 @@ REAP_PER_HOLD = 256
 # its own, and about how many bytes, and the most a lock hold lends in all (about 3 ms of
 # work), shared out evenly among the channels of the batch. A lend never commits on its own:
 # its ~30 journal entries a message fit in the room ``Journal.checkpoint`` leaves.
-# What ``Engine.put_back`` did with a message given back.
-NO_ROOM, BACK, BEFORE_PARCELS = 0, 1, 2
-
 LEND_PER_CHANNEL = 64
 LEND_BYTES = 256 * 1024
 LEND_PER_HOLD = 4096
+
+# What ``Engine.put_back`` did with a message given back.
+NO_ROOM, BACK, BEFORE_PARCELS = 0, 1, 2
 
 HASH_CACHE_SIZE = 1 << 16
 
