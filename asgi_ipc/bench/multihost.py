@@ -197,15 +197,15 @@ def _group_sender(kind: str, prefix: str, site: str, url: str, group: str, sends
         calls = 0
         if kind == MULTIHOST:
             layer.receiver()
-            client = layer._side().client
-            plain = client.execute_command
+            connections = layer._side().connections
+            plain = connections.call
 
-            async def counted(*args: Any, **options: Any) -> Any:
+            async def counted(packed: bytes) -> Any:
                 nonlocal calls
                 calls += 1
-                return await plain(*args, **options)
+                return await plain(packed)
 
-            client.execute_command = counted
+            connections.call = counted
         # Warm: the script loaded, the connection made (a group with no member elsewhere).
         await layer.group_send(group + "-warm", {"n": -1})
         await asyncio.sleep(0.3)
