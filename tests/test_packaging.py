@@ -126,7 +126,7 @@ def test_wheel_holds_the_package_with_its_metadata_and_no_tests(dists):
     assert 'redis>=5; extra == "bench"' in requires
     # MultiHostChannelLayer's (asgi_ipc[redis]), which the tests run too.
     for extra in ("tests", "redis"):
-        assert f'redis>=5.0.1; extra == "{extra}"' in requires
+        assert f'redis>=5.3; extra == "{extra}"' in requires
     assert "asgi-ipc = asgi_ipc.cli:main" in entry_points
 
 

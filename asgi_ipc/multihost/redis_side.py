@@ -1,4 +1,4 @@
-"""The Redis side of the multi-host layer: keys, scripts and the client, for one event loop.
+"""The Redis side of the multi-host layer: keys, scripts, a loop's client, the relay's link.
 
 Every key of a site carries the hash tag ``{prefix}``, so that the scripts, which touch keys of
 one site only, stay legal where keys are spread by hash slot. The keys:
@@ -31,13 +31,17 @@ import asyncio
 import contextlib
 import hashlib
 import secrets
+import threading
 import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
+import redis
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+import redis.asyncio.retry
+import redis.asyncio.sentinel
+import redis.retry
+import redis.sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
@@ -226,7 +230,6 @@ def connection_options(host: Any, timeout: float) -> tuple[str, Any, dict]:
         options = {k: v for k, v in host.items() if k not in _NOT_CONNECTION}
     options.setdefault("socket_connect_timeout", timeout)
     options.setdefault("socket_timeout", None)  # redis-py 8 would set 5 s
-    options["retry"] = Retry(NoBackoff(), 0)
     options.setdefault("health_check_interval", 0)
     if isinstance(host, str):
         return "url", host, options
@@ -252,13 +255,25 @@ def connection_options(host: Any, timeout: float) -> tuple[str, Any, dict]:
 
 
 def make_client(where: tuple[str, Any, dict]) -> aioredis.Redis:
+    """An asyncio client, for an event loop of the layer's."""
+    return _client(where, aioredis.Redis, redis.asyncio.retry.Retry,
+                   redis.asyncio.sentinel.Sentinel)
+
+
+def make_blocking_client(where: tuple[str, Any, dict]) -> redis.Redis:
+    """A blocking client, for the relay's thread (relay.py says why)."""
+    return _client(where, redis.Redis, redis.retry.Retry, redis.sentinel.Sentinel)
+
+
+def _client(where: tuple[str, Any, dict], kind_of: Any, retry: Any, sentinel: Any) -> Any:
     kind, target, options = where
+    options = {**options, "retry": retry(NoBackoff(), 0)}
     if kind == "url":
-        return aioredis.Redis.from_url(target, **options)
+        return kind_of.from_url(target, **options)
     if kind == "address":
-        return aioredis.Redis(host=target[0], port=target[1], **options)
+        return kind_of(host=target[0], port=target[1], **options)
     sentinels, master, sentinel_kwargs = target
-    return Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs, **options).master_for(
+    return sentinel(sentinels, sentinel_kwargs=sentinel_kwargs, **options).master_for(
         master, **options
     )
 
@@ -344,7 +359,7 @@ class Connections:
             if stale:
                 await connection.disconnect()
         else:
-            connection = await self.pool.get_connection("EVALSHA")
+            connection = await self.pool.get_connection()
         try:
             if not connection.is_connected:
                 await connection.connect()
@@ -366,31 +381,35 @@ class Connections:
 
 
 class Link:
-    """One connection of a client's pool kept for a loop of pipelined commands (the relay's),
-    written at once and their replies read in order, with none of a redis-py pipeline's
-    machinery: the relay's thread runs less Python per batch, and so holds the GIL less while
-    the process's event loop serves the receives it has just woken."""
+    """The relay's connection (relay.py): a blocking connection of its own, on which a batch of
+    commands is written at once and their replies read in order, with none of a pipeline's
+    machinery. ``interrupt`` (from another thread) ends a read blocked on it, and any later use,
+    at once."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
-        self.pool = client.connection_pool
+    def __init__(self, where: tuple[str, Any, dict]) -> None:
+        self.client = make_blocking_client(where)
         self.connection: Any = None
+        self._guard = threading.Lock()  # between a send and an interrupt
+        self._interrupted = False
 
-    async def send(self, commands: list[list[Any]]) -> None:
+    def send(self, commands: list[list[Any]]) -> None:
         """Write ``commands`` at once; ``replies`` reads what they answer. Anything that goes
         wrong, in either, drops the connection, whose replies would otherwise be read by the
         next commands."""
-        connection = self.connection
-        if connection is None:
-            connection = self.connection = await self.pool.get_connection("EVALSHA")
-        try:
-            await connection.send_packed_command(
-                b"".join([pack(*command) for command in commands]), check_health=False)
-        except BaseException:
-            self.connection = None
-            await _drop(self.pool, connection)
-            raise
+        with self._guard:
+            if self._interrupted:
+                # Never connected again once interrupted: a read after it would block.
+                raise redis.ConnectionError("the relay's link was interrupted")
+            if self.connection is None:
+                self.connection = self.client.connection_pool.get_connection()
+            try:
+                self.connection.send_packed_command(
+                    [b"".join([pack(*command) for command in commands])], check_health=False)
+            except BaseException:
+                self._drop()
+                raise
 
-    async def replies(self, count: int) -> list[Any]:
+    def replies(self, count: int) -> list[Any]:
         """The replies of the ``count`` commands sent last; the first error reply raised once
         all are read (the connection stays in step)."""
         connection = self.connection
@@ -398,22 +417,36 @@ class Link:
         try:
             for _ in range(count):
                 try:
-                    replies.append(await connection.read_response())
+                    replies.append(connection.read_response())
                 except ResponseError as exc:
                     error = error or exc
                     replies.append(None)
         except BaseException:
-            self.connection = None
-            await _drop(self.pool, connection)
+            with self._guard:
+                self._drop()
             raise
         if error is not None:
             raise error
         return replies
 
-    async def close(self) -> None:
+    def interrupt(self) -> None:
+        """From another thread: the read blocked on the link ends with an error, and so does
+        any later use. Disconnecting shuts the socket down, which wakes the blocked read."""
+        with self._guard:
+            self._interrupted = True
+            self._drop()
+
+    def _drop(self) -> None:
         connection, self.connection = self.connection, None
         if connection is not None:
-            await self.pool.release(connection)
+            with contextlib.suppress(Exception):
+                connection.disconnect()
+            self.client.connection_pool.release(connection)
+
+    def close(self) -> None:
+        with self._guard:
+            self._drop()
+        self.client.close()
 
 
 def parse_epoch(value: bytes | str) -> tuple[int, tuple[int, int]]:
@@ -433,6 +466,11 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def script_sha(script: str) -> str:
+    """What EVALSHA names ``script`` by."""
+    return hashlib.sha1(script.encode()).hexdigest()
+
+
 class Script:
     """A script run with EVALSHA, loaded again when Redis does not know it (it restarted, or
     failed over), as redis-py's ``Script`` does, on the lean ``Connections``."""
@@ -440,7 +478,7 @@ class Script:
     def __init__(self, connections: Connections, script: str) -> None:
         self.connections = connections
         self.script = script
-        self.sha = hashlib.sha1(script.encode()).hexdigest()
+        self.sha = script_sha(script)
 
     async def __call__(self, keys: list[Any], args: list[Any]) -> Any:
         command = pack("EVALSHA", self.sha, len(keys), *keys, *args)
@@ -462,8 +500,6 @@ class Side:
         self.remote_group_add = Script(self.connections, REMOTE_GROUP_ADD)
         self.normal_send = Script(self.connections, NORMAL_SEND)
         self.group_send = Script(self.connections, GROUP_SEND)
-        self.beat = Script(self.connections, BEAT)
-        self.trim = Script(self.connections, TRIM)
 
     async def close(self) -> None:
         # Also when the closing task is cancelled (a relay being stopped): the connections
