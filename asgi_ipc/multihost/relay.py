@@ -19,8 +19,8 @@ which took a hop across hosts from about 540 to 450 us (ping-pong p50, alternati
 loop, one round trip per batch: a pipeline of ``XREAD BLOCK`` from the store's
 position and ``GET`` of the inbox's epoch (entries read while the epoch changed are read again
 under the new one), preceded once a second by ``BEAT`` (redis_side.py: checks the epoch,
-trims, refreshes the inbox's time to live and this host's entry in the hosts) and otherwise by
-``TRIM`` of what the store has applied since the last read; then
+trims, refreshes the inbox's time to live and this host's entry in the hosts) and otherwise,
+once ``TRIM_EVERY`` entries were applied since the last trim, by ``TRIM`` of them; then
 ``Engine.apply_relayed`` applies what came and moves the position in one lock hold
 (engine/inbox.py); the rings that leaves are rung once the next read is sent. What makes an
 entry applied is that hold's commit; a leader killed before it leaves the entry in the inbox
@@ -86,6 +86,9 @@ BEAT_INTERVAL = 1.0
 MIN_BACKOFF, MAX_BACKOFF = 0.02, 1.0
 FAILED_PAUSE = 1.0
 BEAT_SHA, TRIM_SHA = script_sha(BEAT), script_sha(TRIM)
+# Entries applied before the relay trims them from the inbox (a beat trims too): a trim per
+# batch cost a message sent across hosts a script run when batches are single entries.
+TRIM_EVERY = 64
 
 
 class Relay:
@@ -246,7 +249,7 @@ class Relay:
         inbox, epoch_key = keys.inbox(host), keys.epoch(host)
         value: Any = None  # the epoch key (bytes) as the last beat or read found it
         beat_due = 0.0
-        trimmed = (0, 0)
+        untrimmed = 0  # entries applied since the last trim
         read = ["XREAD", "COUNT", BATCH, "BLOCK", BLOCK_MS, "STREAMS", inbox]
         known: tuple[int, int, int] | None = None
         while not self._stop.is_set():
@@ -265,12 +268,13 @@ class Relay:
                     fresh_epoch(), f"{stored_epoch:x}", ms, seq, 1, host_hex(host), now_ms(),
                     self.inbox_ttl_ms,
                 ])
-            elif (ms, seq) != trimmed:
+            elif untrimmed >= TRIM_EVERY:
                 # What the store applied leaves the inbox (not counted against its bound),
                 # unless the epoch changed meanwhile.
                 commands.append(["EVALSHA", TRIM_SHA, 2, inbox, epoch_key, value,
                                  f"{ms}-{seq + 1}"])
-            trimmed = (ms, seq)
+            if beating or untrimmed >= TRIM_EVERY:
+                untrimmed = 0
             commands.append([*read, f"{ms}-{seq}"])
             commands.append(["GET", epoch_key])
             results = self._round_trip(link, commands)
@@ -307,6 +311,7 @@ class Relay:
                                                  self.capacity_of, self.expiry_ms,
                                                  self.group_expiry_ms)
                 known = applied.position
+                untrimmed += len(entries)
                 if applied.refused:
                     logger.warning(
                         "relay %s: %s of %s entries refused by the store (a channel at capacity "
