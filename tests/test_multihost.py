@@ -13,6 +13,7 @@ are two hosts to Redis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -33,7 +34,7 @@ from channels.exceptions import ChannelFull
 import asgi_ipc
 from asgi_ipc.multihost import MultiHostChannelLayer
 from asgi_ipc.multihost import layer as layer_module
-from asgi_ipc.multihost.redis_side import RedisUnavailable
+from asgi_ipc.multihost.redis_side import RedisUnavailable, pack
 
 from .helpers import ROOT, MiB, django_check, new_prefix, pythonpath
 
@@ -347,6 +348,30 @@ def test_redis_stopped_and_restarted(url, empty):
         server.close()
 
 
+async def test_a_send_after_redis_restarted_connects_anew(prefix):
+    """A send to another host runs on a connection its event loop kept from the last one
+    (redis_side.Connections): after Redis restarted, the first send finds that connection
+    closed and connects again, rather than failing on it."""
+    server = OwnRedis(persist=True)
+    server.start()
+    other = new_prefix()
+    a = MultiHostChannelLayer(prefix=prefix, site=prefix, hosts=[server.url], relay=False)
+    b = MultiHostChannelLayer(prefix=other, site=prefix, hosts=[server.url])
+    try:
+        channel = await b.new_channel()
+        await a.send(channel, {"n": 1})
+        assert await asyncio.wait_for(b.receive(channel), 10) == {"n": 1}
+        server.stop()
+        server.start()
+        await a.send(channel, {"n": 2})  # no RedisUnavailable: the kept connection was stale
+        assert await asyncio.wait_for(b.receive(channel), 10) == {"n": 2}
+    finally:
+        await a.close()
+        await b.close()
+        asgi_ipc.unlink(other)
+        server.close()
+
+
 # --- one host, in this process ---------------------------------------------------------------
 
 
@@ -603,6 +628,32 @@ async def test_a_cancelled_command_never_corrupts_a_connection(site):
         assert await client.echo(f"reply {n}") == f"reply {n}".encode()
     await layer.send("site.cancelled", {"kept": 1})
     assert await asyncio.wait_for(layer.receive("site.cancelled"), 5) == {"kept": 1}
+
+
+async def test_a_cancelled_send_to_another_host_never_corrupts_a_kept_connection(site):
+    """Cancelled at any instant, a command on a kept connection (redis_side.Connections) drops
+    that connection: the next command never reads the reply that was still to come."""
+    a, b = site(0, relay=False), site(1)
+    channel = await b.new_channel()
+    connections = a._side().connections
+    for n in range(40):
+        call = asyncio.ensure_future(connections.call(pack("BLPOP", "site.nothing", 1)))
+        await asyncio.sleep(0.0005 * (n % 4))
+        call.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await call
+        sending = asyncio.ensure_future(a.send(channel, {"n": n}))
+        await asyncio.sleep(0.0002 * (n % 3))
+        sending.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sending
+        assert await connections.call(pack("ECHO", f"reply {n}")) == f"reply {n}".encode()
+    await a.send(channel, {"n": "last"})
+    got = []
+    while not got or got[-1] != {"n": "last"}:
+        got.append(await asyncio.wait_for(b.receive(channel), 10))
+    numbers = [message["n"] for message in got[:-1]]
+    assert numbers == sorted(set(numbers)) and set(numbers) <= set(range(40))
 
 
 def test_config_pasted_from_channels_redis(url, monkeypatch):
