@@ -1143,8 +1143,10 @@ class ChannelQueues:
                 rec, steps = following, steps + 1
                 if steps > MAX_CHAIN:
                     raise self.index.loops()
-            if not rec:
+            if not rec and dropped < limit:
                 passed += 1
+            # Else cut short, if only in the bucket's last record, which may hold more expired
+            # messages: the next call walks the bucket again.
         w[H_SWEEP_CHANNEL] = (hand + passed) & mask  # a hint: never journaled
 
     # --- inspection ------------------------------------------------------------------------
