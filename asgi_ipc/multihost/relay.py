@@ -28,13 +28,14 @@ for the next leader, and one killed after it leaves the position past it, so the
 skips it. The stream is trimmed only up to the position the store holds, so nothing unapplied
 is ever trimmed.
 
-Stopping a leader interrupts its link (``Link.interrupt``), which shuts the socket down under
-a blocked read. Redis gone: the leader logs it once, marks it in the store for `asgi-ipc stats`,
-and tries again with a backoff up to ``MAX_BACKOFF``; nothing is lost that Redis kept. When
-Redis comes back empty (restarted without persistence) or with a stream whose ids went back (a
-failover to a replica that missed writes), ``BEAT`` hands out a new epoch, and the store moves
-to it before applying anything read under it: entries of the new epoch are all applied once,
-whatever ids they carry.
+Stopping a leader interrupts its link (``Link.interrupt``), which shuts the socket down under a
+blocked read; a leader in the middle of connecting (to a Redis that does not answer) ends within
+the connect timeout, ``redis_timeout``. Redis gone: the leader logs it once, marks it in the
+store for `asgi-ipc stats`, and tries again with a backoff up to ``MAX_BACKOFF``; nothing is
+lost that Redis kept. When Redis comes back empty (restarted without persistence) or with a
+stream whose ids went back (a failover to a replica that missed writes), ``BEAT`` hands out a
+new epoch, and the store moves to it before applying anything read under it: entries of the new
+epoch are all applied once, whatever ids they carry.
 """
 
 from __future__ import annotations
