@@ -554,6 +554,57 @@ async def test_a_full_inbox_raises_channel_full(site):
     await a.close()
 
 
+async def test_applied_entries_leave_a_small_inbox_before_they_fill_it(site):
+    """The relay trims applied entries in runs, but never so many that they alone fill the
+    inbox's bound: a receiver that keeps up never makes the sender's inbox look full."""
+    a, b = site(0, relay=False, inbox_capacity=5), site(1, inbox_capacity=5)
+    theirs = await b.new_channel()
+    for n in range(30):
+        await a.send(theirs, {"n": n})
+        assert await asyncio.wait_for(b.receive(theirs), 10) == {"n": n}
+
+
+async def test_commands_cancelled_before_they_start_leave_no_connection_behind(site, url):
+    """A send cancelled while its kept connection is looked at (after it sat unused) gives
+    that connection back: Redis sees no more clients than before."""
+    import redis.asyncio as aioredis
+
+    a, b = site(0, relay=False), site(1, relay=False)
+    theirs = await b.new_channel()
+    await a.send(theirs, {"n": "first"})
+    async with aioredis.Redis.from_url(url) as client:
+        before = (await client.info("clients"))["connected_clients"]
+        for n in range(30):
+            await asyncio.sleep(0.02)  # unused for longer than a kept connection's look
+            sending = asyncio.ensure_future(a.send(theirs, {"n": n}))
+            await asyncio.sleep(0)  # the send runs until the look lets the loop run
+            sending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sending
+            await a.send(theirs, {"n": "between"})  # on a kept connection, or a new one
+        after = (await client.info("clients"))["connected_clients"]
+    assert after <= before + 1, (before, after)
+
+
+async def test_stopping_a_relay_that_is_connecting_waits_no_longer_than_asked(site):
+    """A leader connecting to a server that never answers cannot be cut short, but ``stop``
+    returns after its own timeout; the leader ends within its socket timeout."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        layer = site(0, hosts=f"redis://127.0.0.1:{silent.getsockname()[1]}/0",
+                     redis_timeout=2)
+        await layer.new_channel()  # opens the store: its relay leads, and connects
+        relay = layer.relay()
+        await until(lambda: relay.leading, "no relay led")
+        relay.stop(timeout=0.05)
+        assert relay.leading, "stop waited for the connect"
+        await until(lambda: not relay.leading, "the leader never ended")
+    finally:
+        silent.close()
+
+
 async def test_the_relay_carries_on_when_ids_go_back_or_redis_forgets(site, url):
     import redis.asyncio as aioredis
 

@@ -198,7 +198,7 @@ class MultiHostChannelLayer(IPCChannelLayer):
                     self._relay = Relay(
                         store, self.host_id(store), self._where, self._keys,
                         int(self.inbox_ttl * 1000), self._capacity_of, int(self.expiry * 1000),
-                        int(self.group_expiry * 1000), self.redis_timeout,
+                        int(self.group_expiry * 1000), self.redis_timeout, self.inbox_capacity,
                     )
                     self._relay.start()
         return store

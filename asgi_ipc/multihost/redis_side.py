@@ -322,8 +322,11 @@ def pack(*parts: bytes | str | int) -> bytes:
     return b"".join(out)
 
 
-# Seconds a connection is kept unused before the loop runs once ahead of its next command.
+# Seconds a connection is kept unused before the loop runs twice ahead of its next command.
 IDLE_LOOK = 0.01
+# Connections a loop keeps for its commands: as many as its commands in flight at once, up to
+# this; more go back to the pool after their command.
+KEPT = 8
 
 
 def _can_read(connection: Any) -> Any:
@@ -333,18 +336,23 @@ def _can_read(connection: Any) -> Any:
 
 async def _drop(pool: Any, connection: Any) -> None:
     """Disconnect ``connection`` and give it back to ``pool``: one whose command went wrong or
-    was cancelled may still have a reply to come, which the next command would read."""
-    with contextlib.suppress(Exception):
-        await connection.disconnect()
-    await pool.release(connection)
+    was cancelled may still have a reply to come, which the next command would read. Given
+    back even when this is cancelled in turn."""
+    try:
+        with contextlib.suppress(Exception):
+            await connection.disconnect()
+    finally:
+        await pool.release(connection)
 
 
 class Connections:
     """A loop's connections for one command at a time (a send, a group_send), taken from the
-    client's pool once and kept between commands: redis-py's ``execute_command`` (its pool's
-    bookkeeping, its retry wrapper, its packer) cost a send to another host about half of its
-    CPU, measured. A connection the server closed while it was kept is connected again before
-    use, as the pool would; one that fails or is cancelled in a command is dropped."""
+    client's pool and kept between commands, up to ``KEPT`` of them (the rest go back to the
+    pool, which counts them against its ``max_connections``): redis-py's ``execute_command``
+    (its pool's bookkeeping, its retry wrapper, its packer) cost a send to another host about
+    half of its CPU, measured. A connection the server closed while it was kept is connected
+    again before use, as the pool would; one that fails or is cancelled in a command, or in
+    that look, is dropped."""
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.pool = client.connection_pool
@@ -355,6 +363,9 @@ class Connections:
         it stays in step)."""
         if self.idle:
             connection, since = self.idle.pop()
+        else:
+            connection, since = await self.pool.get_connection(), time.monotonic()
+        try:
             if time.monotonic() - since > IDLE_LOOK:
                 # What came while it was kept (the server closing it) is read by the loop, in
                 # the pass after this one: the I/O a pass finds runs after the callbacks already
@@ -368,21 +379,24 @@ class Connections:
                 stale = True
             if stale:
                 await connection.disconnect()
-        else:
-            connection = await self.pool.get_connection()
-        try:
             if not connection.is_connected:
                 await connection.connect()
             await connection.send_packed_command(packed, check_health=False)
             reply = await connection.read_response()
         except ResponseError:
-            self.idle.append((connection, time.monotonic()))
+            await self._keep(connection)
             raise
         except BaseException:
             await _drop(self.pool, connection)
             raise
-        self.idle.append((connection, time.monotonic()))
+        await self._keep(connection)
         return reply
+
+    async def _keep(self, connection: Any) -> None:
+        if len(self.idle) < KEPT:
+            self.idle.append((connection, time.monotonic()))
+        else:
+            await self.pool.release(connection)
 
     async def close(self) -> None:
         idle, self.idle = self.idle, []
@@ -406,12 +420,17 @@ class Link:
         """Write ``commands`` at once; ``replies`` reads what they answer. Anything that goes
         wrong, in either, drops the connection, whose replies would otherwise be read by the
         next commands."""
+        if self.connection is None:
+            # Connected outside the guard, which an interrupt must never wait for: it ends
+            # within the socket timeout, and the link then finds itself interrupted.
+            connection = self.client.connection_pool.get_connection()
+            with self._guard:
+                self.connection = connection
         with self._guard:
             if self._interrupted:
-                # Never connected again once interrupted: a read after it would block.
+                # Never used again once interrupted: a read after it would block.
+                self._drop()
                 raise redis.ConnectionError("the relay's link was interrupted")
-            if self.connection is None:
-                self.connection = self.client.connection_pool.get_connection()
             try:
                 self.connection.send_packed_command(
                     [b"".join([pack(*command) for command in commands])], check_health=False)

@@ -20,7 +20,7 @@ loop, one round trip per batch: a pipeline of ``XREAD BLOCK`` from the store's
 position and ``GET`` of the inbox's epoch (entries read while the epoch changed are read again
 under the new one), preceded once a second by ``BEAT`` (redis_side.py: checks the epoch,
 trims, refreshes the inbox's time to live and this host's entry in the hosts) and otherwise,
-once ``TRIM_EVERY`` entries were applied since the last trim, by ``TRIM`` of them; then
+once ``trim_every`` entries were applied since the last trim, by ``TRIM`` of them; then
 ``Engine.apply_relayed`` applies what came and moves the position in one lock hold
 (engine/inbox.py); the rings that leaves are rung once the next read is sent. What makes an
 entry applied is that hold's commit; a leader killed before it leaves the entry in the inbox
@@ -30,12 +30,13 @@ is ever trimmed.
 
 Stopping a leader interrupts its link (``Link.interrupt``), which shuts the socket down under a
 blocked read; a leader in the middle of connecting (to a Redis that does not answer) ends within
-the connect timeout, ``redis_timeout``. Redis gone: the leader logs it once, marks it in the
-store for `asgi-ipc stats`, and tries again with a backoff up to ``MAX_BACKOFF``; nothing is
-lost that Redis kept. When Redis comes back empty (restarted without persistence) or with a
-stream whose ids went back (a failover to a replica that missed writes), ``BEAT`` hands out a
-new epoch, and the store moves to it before applying anything read under it: entries of the new
-epoch are all applied once, whatever ids they carry.
+its socket timeout, ``redis_timeout`` and a second, for which ``stop`` waits up to its own.
+Redis gone: the leader logs it once, marks it in the store for `asgi-ipc stats`, and tries again
+with a backoff up to ``MAX_BACKOFF``; nothing is lost that Redis kept. When Redis comes back
+empty (restarted without persistence) or with a stream whose ids went back (a failover to a
+replica that missed writes), ``BEAT`` hands out a new epoch, and the store moves to it before
+applying anything read under it: entries of the new epoch are all applied once, whatever ids
+they carry.
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ BEAT_INTERVAL = 1.0
 MIN_BACKOFF, MAX_BACKOFF = 0.02, 1.0
 FAILED_PAUSE = 1.0
 BEAT_SHA, TRIM_SHA = script_sha(BEAT), script_sha(TRIM)
-# Entries applied before the relay trims them from the inbox (a beat trims too): a trim per
-# batch cost a message sent across hosts a script run when batches are single entries.
+# Entries applied before the relay trims them from the inbox (a beat trims too), at most: a
+# trim per batch cost a message sent across hosts a script run when batches are single entries.
 TRIM_EVERY = 64
 
 
@@ -106,6 +107,7 @@ class Relay:
         expiry_ms: int,
         group_expiry_ms: int,
         redis_timeout: float = 5.0,
+        inbox_capacity: int = 10_000,
     ) -> None:
         self.receiver = receiver
         self.host = host
@@ -118,6 +120,9 @@ class Relay:
         self.capacity_of = capacity_of
         self.expiry_ms = expiry_ms
         self.group_expiry_ms = group_expiry_ms
+        # Applied entries count against the inbox's bound until they are trimmed: a small
+        # bound is trimmed sooner, down to every batch.
+        self.trim_every = max(1, min(TRIM_EVERY, inbox_capacity // 16))
         self.pid = os.getpid()
         self.leading = False
         self.batches = 0
@@ -269,12 +274,12 @@ class Relay:
                     fresh_epoch(), f"{stored_epoch:x}", ms, seq, 1, host_hex(host), now_ms(),
                     self.inbox_ttl_ms,
                 ])
-            elif untrimmed >= TRIM_EVERY:
+            elif untrimmed >= self.trim_every:
                 # What the store applied leaves the inbox (not counted against its bound),
                 # unless the epoch changed meanwhile.
                 commands.append(["EVALSHA", TRIM_SHA, 2, inbox, epoch_key, value,
                                  f"{ms}-{seq + 1}"])
-            if beating or untrimmed >= TRIM_EVERY:
+            if beating or untrimmed >= self.trim_every:
                 untrimmed = 0
             commands.append([*read, f"{ms}-{seq}"])
             commands.append(["GET", epoch_key])
