@@ -361,26 +361,11 @@ class Connections:
     async def call(self, packed: bytes) -> Any:
         """The reply to one packed command; an error reply raised (the connection is kept:
         it stays in step)."""
-        if self.idle:
-            connection, since = self.idle.pop()
-        else:
-            connection, since = await self.pool.get_connection(), time.monotonic()
+        kept = bool(self.idle)
+        connection, since = self.idle.pop() if kept else (await self.pool.get_connection(), 0.0)
         try:
-            if time.monotonic() - since > IDLE_LOOK:
-                # What came while it was kept (the server closing it) is read by the loop, in
-                # the pass after this one: the I/O a pass finds runs after the callbacks already
-                # due, this task's among them. Let two passes go, for the look below to see it.
-                await asyncio.sleep(0)
-                await asyncio.sleep(0)
-            try:
-                # Data nobody asked for, or a connection the server closed.
-                stale = await _can_read(connection)()
-            except (RedisError, OSError):
-                stale = True
-            if stale:
-                await connection.disconnect()
-            if not connection.is_connected:
-                await connection.connect()
+            if kept:  # the pool looked at the others
+                await self._look(connection, since)
             await connection.send_packed_command(packed, check_health=False)
             reply = await connection.read_response()
         except ResponseError:
@@ -391,6 +376,24 @@ class Connections:
             raise
         await self._keep(connection)
         return reply
+
+    @staticmethod
+    async def _look(connection: Any, since: float) -> None:
+        """Connect a kept ``connection`` again if the server closed it, or it holds data
+        nobody asked for."""
+        if time.monotonic() - since > IDLE_LOOK:
+            # What came while it was kept (the server closing it) is read by the loop, in the
+            # pass after this one: the I/O a pass finds runs after the callbacks already due,
+            # this task's among them. Let two passes go, for the look below to see it.
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        try:
+            stale = await _can_read(connection)()
+        except (RedisError, OSError):
+            stale = True
+        if stale:
+            await connection.disconnect()
+            await connection.connect()
 
     async def _keep(self, connection: Any) -> None:
         if len(self.idle) < KEPT:

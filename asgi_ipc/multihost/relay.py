@@ -274,12 +274,12 @@ class Relay:
                     fresh_epoch(), f"{stored_epoch:x}", ms, seq, 1, host_hex(host), now_ms(),
                     self.inbox_ttl_ms,
                 ])
+                untrimmed = 0
             elif untrimmed >= self.trim_every:
-                # What the store applied leaves the inbox (not counted against its bound),
-                # unless the epoch changed meanwhile.
+                # What the store applied leaves the inbox (and so stops counting against its
+                # bound), unless the epoch changed meanwhile.
                 commands.append(["EVALSHA", TRIM_SHA, 2, inbox, epoch_key, value,
                                  f"{ms}-{seq + 1}"])
-            if beating or untrimmed >= self.trim_every:
                 untrimmed = 0
             commands.append([*read, f"{ms}-{seq}"])
             commands.append(["GET", epoch_key])
