@@ -59,6 +59,13 @@ MAX_EXPIRY = 10**12
 # consumer receives on the same few names again and again, and the check is a regular
 # expression.
 NAME_CACHE = 1 << 16
+# The members of a group in one process are handed one bytes object per group_send (a parcel:
+# engine/queues.py), so the layer remembers the last few messages it decoded, by identity, up to
+# DECODED_KEPT of them, each up to DECODED_BYTES long (see ``_deserialize``).
+DECODED_KEPT = 16
+DECODED_BYTES = 64 * 1024
+# Values that a copy of a decoded dict may share with it: nothing can change them in place.
+_IMMUTABLE = frozenset((str, bytes, int, float, bool, type(None)))
 # A channel's message count is a 64-bit word.
 MAX_CAPACITY = (1 << 63) - 1
 _CAPACITY_RULE = "a whole number of messages from 1 to 2**63 - 1"
@@ -237,6 +244,10 @@ def _undecodable_part(message: dict) -> str | None:
 SKIM_FROM = 4096
 
 
+def _decode(data: bytes) -> dict:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
 def _skim(data: bytes) -> None:
     unpacker = msgpack.Unpacker(max_buffer_size=len(data))
     unpacker.feed(data)
@@ -294,6 +305,9 @@ class IPCChannelLayer(BaseChannelLayer):
         self._store: Receiver | None = None
         self._opening = threading.Lock()
         self._names: dict[str, bytes] = {}
+        # id(data) -> (data, a decoding to copy; False if a copy will not do, None if not
+        # known yet)
+        self._decoded: dict[int, tuple[bytes, dict | bool | None]] = {}
 
     def receiver(self) -> Receiver:
         """The receiver of this layer's store, opening the store if need be."""
@@ -343,7 +357,7 @@ class IPCChannelLayer(BaseChannelLayer):
             if plain and len(data) >= SKIM_FROM:
                 _skim(data)
             else:
-                self._deserialize(data)
+                _decode(data)
         except (TypeError, ValueError) as exc:
             why = _undecodable_part(message) or f"msgpack cannot decode it ({exc!r})"
             raise TypeError(
@@ -351,9 +365,27 @@ class IPCChannelLayer(BaseChannelLayer):
             ) from exc
         return data
 
-    @staticmethod
-    def _deserialize(data: bytes) -> dict:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    def _deserialize(self, data: bytes) -> dict:
+        """``data`` decoded. The same bytes object comes back once per member of a group in
+        this process: from its second time on, each one gets a copy of a decoding kept aside
+        if every value in it is immutable (a shallow copy is then what a decoding would give:
+        a dict of its own), else a decoding of its own. The bytes object is kept with it, so
+        that its id names nothing else meanwhile."""
+        kept = self._decoded.get(id(data))
+        if kept is None or kept[0] is not data:
+            if len(data) <= DECODED_BYTES:
+                if len(self._decoded) >= DECODED_KEPT:
+                    self._decoded.clear()
+                self._decoded[id(data)] = (data, None)
+            return _decode(data)
+        model = kept[1]
+        if isinstance(model, dict):
+            return model.copy()
+        message = _decode(data)
+        if model is None:  # its second time: is a copy as good as a decoding?
+            flat = all(type(value) in _IMMUTABLE for value in message.values())
+            self._decoded[id(data)] = (data, message.copy() if flat and message else False)
+        return message
 
     def _channel_name(self, channel: str) -> bytes:
         """``channel``, checked as Channels checks it, encoded as the store keeps it."""

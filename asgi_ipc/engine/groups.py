@@ -44,7 +44,7 @@ from ..exceptions import GroupMemoryFull, StoreCorrupted
 from .heap import MIN_BLOCK, Heap
 from .index import MAX_CHAIN, ChainedIndex, words_for
 from .journal import Journal
-from .layout import H_GROUPS, H_MEMBERSHIPS, H_SWEEP_GROUP, WORD
+from .layout import H_GROUPS, H_MEMBERSHIPS, H_SWEEP_GROUP, OWNED_MARK, WORD
 
 G_NEXT, G_HASH, G_FIRST, G_LAST, G_MEMBERS, G_NAME_LENGTH, G_NAME = range(1, 8)
 B_NEXT, B_HASH, B_GROUP, B_LIST_NEXT, B_LIST_PREV, B_ADDED, B_NAME_LENGTH, B_NAME = range(1, 9)
@@ -207,7 +207,7 @@ class GroupStore:
         last = w[rec + G_LAST]
         added = max(now, w[last + B_ADDED]) if last else now
         member, h = self._membership(group, channel, rec)
-        linked = b"!" in channel
+        linked = OWNED_MARK in channel
         if member:
             self._unlink(rec, member)
             x = self._part(member) if linked else 0

@@ -58,6 +58,7 @@ from .layout import (
     H_RELAY_SEQ,
     H_RELAYED,
     H_SENT,
+    OWNED_MARK,
     RELAY_BYTE,
 )
 from .lock import byte_lock
@@ -194,7 +195,8 @@ def apply_batch(
             # relay goes on (a relay that stopped at it would never get past it).
             savepoint, commits = j.count, j.commits
             try:
-                channel_list = queues.members_at(entry.channel) if b"!" in entry.channel else 0
+                owned = OWNED_MARK in entry.channel
+                channel_list = queues.members_at(entry.channel) if owned else 0
                 groups.add(entry.group, entry.channel, now, channel_list)
             except GroupMemoryFull:
                 if j.commits == commits:

@@ -55,6 +55,11 @@ LAYOUT_VERSION = 6  # 2: slots live by their byte lock, doorbells at paths; coun
 #                         drain nor free them
 
 WORD = 8
+# The byte that makes a channel name process-specific ("!"), as an int: ``OWNED_MARK in name``
+# looks for one byte, where ``b"!" in name`` first tries its argument as an integer, raising and
+# clearing a TypeError inside CPython (146 ns against 15 ns; a group_send asks it of every
+# member).
+OWNED_MARK = ord("!")
 PAGE_WORDS = 512
 SLOTS = 1024
 SLOT_WORDS = 7

@@ -164,6 +164,7 @@ from .layout import (
     H_RECEIVED,
     H_RETURNED,
     H_SWEEP_CHANNEL,
+    OWNED_MARK,
     SLOTS,
     WORD,
 )
@@ -251,7 +252,7 @@ class ChannelQueues:
     # --- records ---------------------------------------------------------------------------
 
     def _create(self, name: bytes, h: int) -> int:
-        rec = self.index.insert(name, h, OWNER_WORDS if b"!" in name else 0)
+        rec = self.index.insert(name, h, OWNER_WORDS if OWNED_MARK in name else 0)
         if rec:
             self._j.add(H_CHANNELS)
         return rec
@@ -736,7 +737,7 @@ class ChannelQueues:
         tokens: dict[int, int] = {}  # of the owners met, read once
         for item in accepted:
             name, rec, _capacity = item
-            if w[rec + C_HEAD] or b"!" not in name:
+            if w[rec + C_HEAD] or OWNED_MARK not in name:
                 rest.append(item)
                 continue
             x = self._part(rec)
@@ -1061,7 +1062,7 @@ class ChannelQueues:
         w[node + W_SLOT] = slot
         w[node + W_TOKEN] = token
         self._j.set(rec + C_WAITERS, node)
-        if b"!" in name:
+        if OWNED_MARK in name:
             # The process that receives on a process-specific channel owns it; one it made
             # is fresh no more.
             x = self._part(rec)

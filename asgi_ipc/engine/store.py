@@ -74,6 +74,7 @@ from .layout import (
     H_REAPED_MEMBERSHIPS,
     H_SENT,
     MAGIC,
+    OWNED_MARK,
     WORD,
 )
 from .lock import OwnDescription, process_id
@@ -735,7 +736,7 @@ class Engine:
     def group_add(self, now: int, group: bytes, channel: bytes) -> None:
         # A process-specific channel's membership goes on its channel's list, to be reaped
         # with it.
-        channel_list = self.queues.members_at(channel) if b"!" in channel else 0
+        channel_list = self.queues.members_at(channel) if OWNED_MARK in channel else 0
         self.groups.add(group, channel, now, channel_list)
 
     @one_hold
@@ -868,7 +869,7 @@ def _lendable(waiters: list) -> set[bytes]:
     again: set[bytes] = set()
     for waiter in waiters:
         channel = waiter.channel
-        if b"!" in channel:
+        if OWNED_MARK in channel:
             (again if channel in once else once).add(channel)
     return once - again
 
