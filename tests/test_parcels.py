@@ -285,3 +285,36 @@ def test_a_message_given_back_goes_before_a_parcel_made_meanwhile(prefix):
         await sender.close()
 
     asyncio.run(run())
+
+
+def test_members_of_one_process_each_get_a_message_of_their_own(prefix):
+    """The members of a group in one process are handed one bytes object per group_send, which
+    the layer decodes once and copies: still, no member's message is another's, whether its
+    values are all immutable (copied) or not (decoded again), and a change made to one is seen
+    in no other."""
+
+    async def run() -> None:
+        layer = IPCChannelLayer(prefix=prefix, **CONFIG)
+        channels = [await layer.new_channel() for _ in range(PARCEL_MEMBERS + 4)]
+        for channel in channels:
+            await layer.group_add(GROUP, channel)
+        parcels = layer.engine().inspect()["counters"]["parcels"]
+        flat = {"type": "chat.message", "text": "héllo", "n": 1, "f": 0.5, "b": b"\0", "x": None}
+        nested = {"type": "chat.message", "list": [1, {"deep": [2]}], "map": {"k": "v"}}
+        for message in (flat, nested):
+            await layer.group_send(GROUP, message)
+            got = [await asyncio.wait_for(layer.receive(c), PATIENCE) for c in channels]
+            assert got == [message] * len(channels)
+            assert len({id(m) for m in got}) == len(channels)
+            got[0]["type"] = "changed"
+            got[1]["added"] = True
+            if "list" in message:
+                got[2]["list"].append(3)
+                got[3]["list"][1]["deep"].append(4)
+                got[4]["map"]["k"] = "changed"
+                assert len({id(m["list"]) for m in got}) == len(channels)
+            assert got[5:] == [message] * (len(channels) - 5)
+        assert layer.engine().inspect()["counters"]["parcels"] == parcels + 2
+        await layer.close()
+
+    asyncio.run(run())

@@ -82,7 +82,7 @@ cdef class ChannelQueues:
                    k=word, rec=word, x=word)
     cpdef drain_parcel(self, slot, word now, list out)
     @cython.locals(x=word)
-    cpdef word _lent_part(self, word rec, slot) except? 0
+    cpdef bytes _lent_name(self, word rec, slot)
     @cython.locals(block=word)
     cpdef bint free_parcel(self) except -1
     @cython.locals(packed=word, length=word, crc=word, start=word)
