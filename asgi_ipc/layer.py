@@ -37,7 +37,7 @@ from channels.layers import BaseChannelLayer
 from .engine import OUT_OF_MEMORY, OVER_CAPACITY, Engine, now_ms
 from .engine.layout import PREFIX_RULE, validate_prefix
 from .host import require_supported
-from .receiver import CHECK_INTERVAL, Receiver
+from .receiver import CHECK_INTERVAL, Receiver, Shared
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +59,6 @@ MAX_EXPIRY = 10**12
 # consumer receives on the same few names again and again, and the check is a regular
 # expression.
 NAME_CACHE = 1 << 16
-# The members of a group in one process are handed one bytes object per group_send (a parcel:
-# engine/queues.py), so the layer remembers the last few messages it decoded, by identity, up to
-# DECODED_KEPT of them, each up to DECODED_BYTES long (see ``_deserialize``).
-DECODED_KEPT = 16
-DECODED_BYTES = 64 * 1024
 # Values that a copy of a decoded dict may share with it: nothing can change them in place.
 _IMMUTABLE = frozenset((str, bytes, int, float, bool, type(None)))
 # A channel's message count is a 64-bit word.
@@ -305,9 +300,6 @@ class IPCChannelLayer(BaseChannelLayer):
         self._store: Receiver | None = None
         self._opening = threading.Lock()
         self._names: dict[str, bytes] = {}
-        # id(data) -> (data, a decoding to copy; False if a copy will not do, None if not
-        # known yet)
-        self._decoded: dict[int, tuple[bytes, dict | bool | None]] = {}
 
     def receiver(self) -> Receiver:
         """The receiver of this layer's store, opening the store if need be."""
@@ -365,26 +357,21 @@ class IPCChannelLayer(BaseChannelLayer):
             ) from exc
         return data
 
-    def _deserialize(self, data: bytes) -> dict:
-        """``data`` decoded. The same bytes object comes back once per member of a group in
-        this process: from its second time on, each one gets a copy of a decoding kept aside
-        if every value in it is immutable (a shallow copy is then what a decoding would give:
-        a dict of its own), else a decoding of its own. The bytes object is kept with it, so
-        that its id names nothing else meanwhile."""
-        kept = self._decoded.get(id(data))
-        if kept is None or kept[0] is not data:
-            if len(data) <= DECODED_BYTES:
-                if len(self._decoded) >= DECODED_KEPT:
-                    self._decoded.clear()
-                self._decoded[id(data)] = (data, None)
+    @staticmethod
+    def _deserialize(data: bytes) -> dict:
+        """``data`` decoded. The message of a group_send comes once per member in this process,
+        as one object (``Shared``): decoded the first time, and copied for the others when
+        every value in it is immutable (a copy is then what decoding gives: a dict of their
+        own), else decoded for each."""
+        if type(data) is not Shared:
             return _decode(data)
-        model = kept[1]
+        model = data.model
         if isinstance(model, dict):
             return model.copy()
         message = _decode(data)
-        if model is None:  # its second time: is a copy as good as a decoding?
+        if model is None:
             flat = all(type(value) in _IMMUTABLE for value in message.values())
-            self._decoded[id(data)] = (data, message.copy() if flat and message else False)
+            data.model = message.copy() if flat and message else False
         return message
 
     def _channel_name(self, channel: str) -> bytes:

@@ -106,6 +106,14 @@ CHECK_INTERVAL = 1.0
 SETTLE_PER_HOLD = 4096
 
 
+class Shared(bytes):
+    """The message of a parcel: one object handed to the receive of each of its channels in
+    this process. What the layer made of it the first time is kept beside it (``model``), so
+    that the others need not decode it again (layer.py)."""
+
+    model: Any = None
+
+
 class Waiter:
     """One receive() in this process: its channel, its loop, and the future that the message
     (or the error) is handed to."""
@@ -594,7 +602,7 @@ class Receiver:
             self._lend_in(epoch)
             lent = self._lent
             for data, expires, names in parcels:
-                item = (data, expires)
+                item = (Shared(data), expires)
                 for name in names:
                     kept = lent.get(name)
                     if kept is None:
