@@ -22,29 +22,43 @@ import time
 STEPS = [
     ("asgi_ipc.engine", "Engine", "send", "send txn"),
     ("asgi_ipc.engine.lock", "StoreLock", "acquire", "lock"),
-    ("asgi_ipc.engine.queues", "ChannelQueues", "append", "append"),
-    ("asgi_ipc.engine.queues", "ChannelQueues", "pop", "pop"),
     ("asgi_ipc.doorbell", "Ringer", "ring", "ring (sendto)"),
     ("asgi_ipc.doorbell", "Doorbell", "_on_readable", "doorbell callback"),
 ]
+# Methods of each engine's ChannelQueues, stamped on the instance: the compiled class cannot be
+# changed, but its instances take attributes of their own, which the engine's calls find first.
+QUEUE_STEPS = [("append", "append"), ("pop", "pop")]
+
+
+def _stamped(original, label: str, marks: list):
+    clock = time.perf_counter
+
+    def stamped(*args, **kwargs):
+        marks.append((f"{label} >", clock()))
+        try:
+            return original(*args, **kwargs)
+        finally:
+            marks.append((f"{label} <", clock()))
+
+    return stamped
 
 
 def _stamp_steps(marks: list) -> None:
     import importlib
 
-    clock = time.perf_counter
+    from asgi_ipc.engine import Engine
+
     for module, cls, name, label in STEPS:
         owner = getattr(importlib.import_module(module), cls)
-        original = getattr(owner, name)
+        setattr(owner, name, _stamped(getattr(owner, name), label, marks))
+    built = Engine.__init__
 
-        def stamped(*args, _original=original, _label=label, **kwargs):
-            marks.append((f"{_label} >", clock()))
-            try:
-                return _original(*args, **kwargs)
-            finally:
-                marks.append((f"{_label} <", clock()))
+    def init(self, *args, **kwargs):
+        built(self, *args, **kwargs)
+        for name, label in QUEUE_STEPS:
+            setattr(self.queues, name, _stamped(getattr(self.queues, name), label, marks))
 
-        setattr(owner, name, stamped)
+    Engine.__init__ = init
 
 
 def _player(role: str, prefix: str, rounds: int, results) -> None:
