@@ -5,6 +5,9 @@
 
 cimport cython
 
+# From layout.py.
+cdef Py_ssize_t H_JOURNAL_COUNT, JOURNAL_ENTRIES
+
 cdef class Journal:
     cdef unsigned long long[::1] _w
     cdef Py_ssize_t _base

@@ -16,6 +16,8 @@ cdef Py_ssize_t M_NEXT, M_SENT_NEXT, M_SENT_PREV, M_CHANNEL, M_EXPIRES, M_LENGTH
 cdef Py_ssize_t P_REFS, P_LENGTH, P_DATA, NODE_WORDS, W_NEXT, W_SLOT, W_TOKEN, RUN_CHANNELS
 cdef unsigned long long SHARED
 cdef Py_ssize_t PC_NEXT, PC_PAYLOAD, PC_EXPIRES, PC_COUNT, PC_MEMBERS
+cdef Py_ssize_t X_OWNER, X_TOKEN, X_NEXT, X_PREV, X_MEMBERS, X_LENT, OWNER_WORDS
+cdef unsigned long long FRESH, SLOT_MASK
 # From layout.py.
 cdef Py_ssize_t WORD, H_CHANNELS, H_DELIVERED, H_DISORDER_UNTIL, H_EXPIRED, H_EXPIRY_HEAD
 cdef Py_ssize_t H_EXPIRY_TAIL, H_GROUP_FULL, H_LATEST_EXPIRY, H_RECEIVED, H_RETURNED
@@ -38,8 +40,9 @@ cdef class ChannelQueues:
     cpdef _create(self, name, h)
     cpdef _delete(self, rec)
     cpdef _delete_if_idle(self, rec)
-    cpdef owner_part(self, rec)
-    cpdef _part(self, rec)
+    @cython.locals(n=Py_ssize_t, start=word)
+    cpdef word owner_part(self, word rec) except? 0
+    cpdef word _part(self, word rec) except? 0
     cpdef _list_head(self, x)
     cpdef _unlink_owned(self, rec, x)
     cpdef own(self, name, slot, token, fresh)
