@@ -6,7 +6,7 @@
 cimport cython
 
 from .heap cimport MIN_BLOCK, Heap
-from .index cimport MAX_CHAIN, ChainedIndex, words_for
+from .index cimport MAX_CHAIN, ChainedIndex, KeyedHash, words_for
 from .journal cimport Journal
 
 ctypedef unsigned long long word
@@ -24,7 +24,7 @@ cdef class GroupStore:
     cdef public Heap heap
     cdef ChainedIndex _groups
     cdef ChainedIndex _members
-    cdef object _hash
+    cdef KeyedHash _hash
     cdef object _most_records
 
     cpdef word find(self, bytes group) except? 0

@@ -38,11 +38,11 @@ Layouts, in words from the block header (word 0):
 from __future__ import annotations
 
 import mmap
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from ..exceptions import GroupMemoryFull, StoreCorrupted
 from .heap import MIN_BLOCK, Heap
-from .index import MAX_CHAIN, ChainedIndex, words_for
+from .index import MAX_CHAIN, ChainedIndex, KeyedHash, words_for
 from .journal import Journal
 from .layout import H_GROUPS, H_MEMBERSHIPS, H_SWEEP_GROUP, OWNED_MARK, WORD
 
@@ -76,7 +76,7 @@ class GroupStore:
         group_buckets: int,
         member_index: int,
         member_buckets: int,
-        hasher: Callable[[bytes], int],
+        hasher: KeyedHash,
     ) -> None:
         self._w = words
         self._b = data
@@ -101,10 +101,10 @@ class GroupStore:
 
     def find(self, group: bytes) -> int:
         """The record of ``group``, or 0."""
-        return self._groups.find(group, self._hash(group))
+        return self._groups.find(group, self._hash.of(group))
 
     def _membership(self, group: bytes, channel: bytes, rec: int) -> tuple[int, int]:
-        h = self._hash(group + b"\0" + channel)
+        h = self._hash.of(group + b"\0" + channel)
         return self._members.find_owned(channel, h, B_GROUP, rec), h
 
     def _link_last(self, rec: int, member: int, added: int) -> None:
@@ -192,7 +192,7 @@ class GroupStore:
         channel is also put on its channel's list of memberships, which the word
         ``channel_list`` starts (0 when its channel has no record: channel memory was full)."""
         w, j = self._w, self._j
-        h = self._hash(group)
+        h = self._hash.of(group)
         rec = self._groups.find(group, h)
         if not rec:
             rec = self._groups.insert(group, h)
@@ -310,7 +310,7 @@ class GroupStore:
                 total += w[rec + G_MEMBERS]
                 continue
             block_words += w[rec] >> 2
-            if self._hash(name) != w[rec + G_HASH]:
+            if self._hash.of(name) != w[rec + G_HASH]:
                 problems.append(f"group record {rec} has a wrong hash")
             member, prev, count, added = w[rec + G_FIRST], 0, 0, 0
             while member:

@@ -11,6 +11,13 @@ cdef Py_ssize_t NEXT, HASH, MAX_CHAIN, WORD
 
 cpdef Py_ssize_t words_for(Py_ssize_t nbytes) except? -1
 
+cdef class KeyedHash:
+    cdef bytes _key
+    cdef dict _cache
+    cdef Py_ssize_t _cache_size
+
+    cpdef object of(self, bytes name)
+
 cdef class ChainedIndex:
     cdef unsigned long long[::1] _w
     cdef object _b

@@ -6,7 +6,7 @@
 cimport cython
 
 from .heap cimport USED, Heap
-from .index cimport MAX_CHAIN, words_for
+from .index cimport MAX_CHAIN, KeyedHash, words_for
 from .journal cimport Journal
 
 ctypedef unsigned long long word
@@ -35,7 +35,7 @@ cdef class ChannelQueues:
     cdef public object index
     cdef public object find
     cdef public object name_of
-    cdef public object hash
+    cdef public KeyedHash hash
 
     cpdef _create(self, name, h)
     cpdef _delete(self, rec)

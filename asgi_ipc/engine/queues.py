@@ -144,7 +144,7 @@ from collections.abc import Callable, Container
 
 from ..exceptions import StoreCorrupted
 from .heap import USED, Heap
-from .index import MAX_CHAIN, ChainedIndex, words_for
+from .index import MAX_CHAIN, ChainedIndex, KeyedHash, words_for
 from .journal import Journal
 from .layout import (
     H_CHANNELS,
@@ -231,7 +231,7 @@ class ChannelQueues:
         slots: ProcessSlots,
         index: int,
         buckets: int,
-        hasher: Callable[[bytes], int],
+        hasher: KeyedHash,
     ) -> None:
         self._w = words
         self._b = data
@@ -325,7 +325,7 @@ class ChannelQueues:
         with nothing in it) if it was made just now by new_channel(). Its record, or 0 if
         channel memory has no room for one."""
         self._j.step()
-        h = self.hash(name)
+        h = self.hash.of(name)
         rec = self.find(name, h) or self._create(name, h)
         if rec:
             self._adopt(rec, self._part(rec), slot, token, fresh)
@@ -348,7 +348,7 @@ class ChannelQueues:
         ``name``, whose record is made (with no owner) if it has none; 0 if channel memory has
         no room for one."""
         self._j.step()
-        h = self.hash(name)
+        h = self.hash.of(name)
         rec = self.find(name, h) or self._create(name, h)
         return self._part(rec) + X_MEMBERS if rec else 0
 
@@ -543,7 +543,7 @@ class ChannelQueues:
         (slot, token, channel) of each doorbell to ring once the lock is released.
         """
         w, j = self._w, self._j
-        h = self.hash(name)
+        h = self.hash.of(name)
         rec = self.find(name, h)
         if rec:
             self._drop_expired(rec, now)
@@ -664,7 +664,7 @@ class ChannelQueues:
         for name in names:
             j.checkpoint()
             capacity = capacity_of(name)
-            h = self.hash(name)
+            h = self.hash.of(name)
             rec = self.find(name, h)
             if rec:
                 self._drop_expired(rec, now)
@@ -921,7 +921,7 @@ class ChannelQueues:
         the caller knows it (a registration of its own keeps it in place), saves the lookup."""
         w = self._w
         if not rec:
-            rec = self.find(name, self.hash(name))
+            rec = self.find(name, self.hash.of(name))
         if not rec:
             return None
         found = None
@@ -977,7 +977,7 @@ class ChannelQueues:
         the count messages the owner keeps again (taken for a receive that was cancelled).
         Nothing happens if the channel has gone meanwhile; the count never drops below what
         is lent."""
-        rec = self.find(name, self.hash(name)) if OWNED_MARK in name else 0
+        rec = self.find(name, self.hash.of(name)) if OWNED_MARK in name else 0
         if not rec:
             return
         x = self._part(rec)
@@ -992,7 +992,7 @@ class ChannelQueues:
         that was handed it got cancelled. Capacity does not apply (it was counted before);
         False if there is no memory left for it."""
         w, j = self._w, self._j
-        h = self.hash(name)
+        h = self.hash.of(name)
         self._j.step()  # before the savepoint is taken
         savepoint = self._j.count
         node = self.heap.alloc(M_DATA - 1 + words_for(len(data)))
@@ -1052,7 +1052,7 @@ class ChannelQueues:
         """Register a process's doorbell on ``name``: the channel's record, which stays put
         while the registration lasts, or 0 if channel memory is full."""
         w = self._w
-        h = self.hash(name)
+        h = self.hash.of(name)
         self._j.step()
         rec = self.find(name, h) or self._create(name, h)
         if not rec:
@@ -1082,11 +1082,11 @@ class ChannelQueues:
         return self._w[rec + C_HEAD]
 
     def has_messages(self, name: bytes) -> bool:
-        rec = self.find(name, self.hash(name))
+        rec = self.find(name, self.hash.of(name))
         return bool(rec and self._w[rec + C_HEAD])
 
     def remove_waiter(self, name: bytes, slot: int, token: int) -> None:
-        rec = self.find(name, self.hash(name))
+        rec = self.find(name, self.hash.of(name))
         if rec:
             self._prune_waiters(rec, lambda s, t: s == slot and t == token)
 
@@ -1176,7 +1176,7 @@ class ChannelQueues:
         w = self._w
         block_words = w[rec] >> 2
         expired = 0
-        if (w[rec + C_HASH] & self.index.mask) != bucket or self.hash(name) != w[rec + C_HASH]:
+        if (w[rec + C_HASH] & self.index.mask) != bucket or self.hash.of(name) != w[rec + C_HASH]:
             problems.append(f"channel record {rec} ({name!r}) is filed under a wrong hash")
         node, count, last = w[rec + C_HEAD], 0, 0
         while node:

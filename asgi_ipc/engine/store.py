@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import collections
 import fcntl
-import hashlib
 import logging
 import secrets
 import time
@@ -57,6 +56,7 @@ from .compiled import warn_if_not_built  # first: it picks where the next ones l
 from .groups import GroupStore
 from .heap import Heap
 from .inbox import Applied, Entry, apply_batch
+from .index import KeyedHash
 from .journal import Journal
 from .layout import (
     COUNTERS,
@@ -266,22 +266,7 @@ class Engine:
         words = self.words = self.segment.words
         self.journal = Journal(words, g.journal)
         message_heap, group_heap = heaps(words, self.journal, g, self.segment.reserve)
-        key = self.segment.hash_key
-        hashes: dict[bytes, int] = {}
-
-        def keyed_hash(name: bytes) -> int:
-            # Keyed, so that names chosen by an attacker cannot pile into one bucket; cached,
-            # since the same channels come back again and again.
-            h = hashes.get(name)
-            if h is None:
-                if len(hashes) >= HASH_CACHE_SIZE:
-                    hashes.clear()
-                h = hashes[name] = int.from_bytes(
-                    hashlib.blake2b(name, key=key, digest_size=8).digest(), "little"
-                )
-            return h
-
-        self._hash = keyed_hash
+        self._hash = KeyedHash(self.segment.hash_key, HASH_CACHE_SIZE)
         self.slots = ProcessSlots(
             words, self.journal, g.slots, vacate=lambda slot: self.queues.orphan(slot)
         )
