@@ -969,8 +969,8 @@ def test_bench_multihost_section(url):
     print("\n" + json.dumps(results, indent=1))
     assert results["same-host ping-pong"]["multihost"]["commands_per_round_trip"] == 0
     fanout = results["group_send 1000 members / 4 hosts"]
-    for layer in ("multihost", "redis", "redis pubsub"):
-        assert fanout[layer]["counted"] == fanout[layer]["expected"] == 1000 * 5
+    for layer, sends in (("multihost", 50), ("redis", 5), ("redis pubsub", 50)):
+        assert fanout[layer]["counted"] == fanout[layer]["expected"] == 1000 * sends
         assert fanout[layer]["deliveries_per_s"] > 0
     assert fanout["multihost"]["sender_round_trips_per_group_send"] == 1
     for name in ("cross-host one-way 1->1", "cross-host one-way 4->4"):
