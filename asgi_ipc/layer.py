@@ -359,10 +359,10 @@ class IPCChannelLayer(BaseChannelLayer):
 
     @staticmethod
     def _deserialize(data: bytes) -> dict:
-        """``data`` decoded. The message of a group_send comes once per member in this process,
-        as one object (``Shared``): decoded the first time, and copied for the others when
-        every value in it is immutable (a copy is then what decoding gives: a dict of their
-        own), else decoded for each."""
+        """``data`` decoded. The message of a group_send that lent it to this process in a
+        parcel comes once per member here, as one object (``Shared``): decoded the first time,
+        and copied for the others when every value in it is immutable (a copy is then what
+        decoding gives: a dict of their own), else decoded for each."""
         if type(data) is not Shared:
             return _decode(data)
         model = data.model

@@ -109,7 +109,7 @@ SETTLE_PER_HOLD = 4096
 class Shared(bytes):
     """The message of a parcel: one object handed to the receive of each of its channels in
     this process. What the layer made of it the first time is kept beside it (``model``), so
-    that the others need not decode it again (layer.py)."""
+    that the others get a copy instead of decoding it again, when a copy will do (layer.py)."""
 
     model: Any = None
 
@@ -594,9 +594,9 @@ class Receiver:
         self, parcels: list[tuple[bytes, int, list[bytes]]], epoch: int, batch: list[Waiter]
     ) -> None:
         """Keep the messages of the parcels a hold drained (``Engine.take``, ``Engine.check``)
-        as lent, each for every channel it names (one bytes object for all of them, never
-        changed), behind those lent already; then wake the receives of this process waiting on
-        those channels, but for those of ``batch``, which the caller serves."""
+        as lent, each for every channel it names (one ``Shared`` object for all of them, whose
+        bytes never change), behind those lent already; then wake the receives of this process
+        waiting on those channels, but for those of ``batch``, which the caller serves."""
         channels: list[bytes] = []
         with self._lent_guard:
             self._lend_in(epoch)

@@ -183,3 +183,57 @@ def test_both_engines_meet_a_corrupt_store_alike(prefix):
         assert (seen[True]["engine"], seen[False]["engine"]) == ("python", "compiled")
         assert seen[False]["results"] == seen[True]["results"], what
         assert seen[False]["verify"] == seen[True]["verify"], what
+
+
+_DAMAGED_OWNER = """
+import asyncio, json, logging, sys
+import asgi_ipc
+from asgi_ipc.engine.queues import X_OWNER
+
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+
+
+async def run(prefix):
+    layer = asgi_ipc.IPCChannelLayer(prefix=prefix)
+    name = (await layer.new_channel()).encode()
+    store = layer.engine()
+    queues = store.queues
+
+    def damage():
+        part = queues.owner_part(queues.find(name, queues.hash(name)))
+        store.words[part + X_OWNER] = 1 << 40  # slot bits 0, not fresh
+
+    store.locked(damage)
+    await layer.close()  # reaps its own channel, through the damaged owner word
+    engine = asgi_ipc.engine.open_engine(prefix)
+    try:
+        problems = engine.verify()
+    finally:
+        engine.close()
+    return {"engine": asgi_ipc.ENGINE, "problems": problems}
+
+print(json.dumps(asyncio.run(run(sys.argv[1]))))
+"""
+
+
+@needs_compiled
+def test_both_engines_meet_a_damaged_owner_word_alike(prefix):
+    """An owner word whose slot bits are 0 (only damage makes one): reaping the channel through
+    it stops at StoreCorrupted in both engines, where the pure-Python one used to take slot -1
+    and go on (and could write before the slot table), and leaves the same store behind."""
+    seen = {}
+    for pure in (True, False):
+        store_prefix = f"{prefix}{int(pure)}"
+        try:
+            out = subprocess.run(
+                [sys.executable, "-c", _DAMAGED_OWNER, store_prefix],
+                env=_env(pure), capture_output=True, text=True, timeout=120,
+            )
+        finally:
+            asgi_ipc.unlink(store_prefix)
+        assert out.returncode == 0, out.stderr
+        assert "StoreCorrupted" in out.stderr and "names no process slot" in out.stderr
+        seen[pure] = json.loads(out.stdout.splitlines()[-1])
+    assert (seen[True]["engine"], seen[False]["engine"]) == ("python", "compiled")
+    assert seen[True]["problems"] == seen[False]["problems"]
+    assert seen[True]["problems"]

@@ -1,7 +1,9 @@
 # Compiled declarations for queues.py (Cython pure-Python mode: queues.py stays the source).
 # Locals are typed by the rule of heap.pxd: words from the store, and the addresses computed
-# from them, unsigned long long with overflow checked; counts Py_ssize_t. The inspection
-# (verify and its walks) stays untyped: it reads a damaged store as pure Python does.
+# from them, unsigned long long with overflow checked; counts Py_ssize_t. The inspection's own
+# locals (verify and its walks) stay untyped: it reads a damaged store as pure Python does, and
+# the helpers it shares with the hot paths (owner_part, _part) take words, as every word read
+# from the store is one.
 
 cimport cython
 

@@ -297,7 +297,10 @@ class ChannelQueues:
         its owner's slot's, or, once that owner is gone (the slot's token changed), the list
         of channels to reap."""
         w, slots = self._w, self._slots
-        slot = (w[x + X_OWNER] & SLOT_MASK) - 1
+        owner = w[x + X_OWNER] & SLOT_MASK
+        if not 1 <= owner <= SLOTS:
+            raise StoreCorrupted(f"the owner part at {x} names no process slot")
+        slot = owner - 1
         if slots.token(slot) == w[x + X_TOKEN]:
             return slots.owned_at(slot)
         return H_REAP_HEAD
