@@ -127,7 +127,7 @@ def _corruptions(store: Engine) -> dict[str, list[tuple[int, int]]]:
     from asgi_ipc.engine.queues import C_COUNT, C_HEAD, C_TAIL, M_LENGTH, M_NEXT
 
     def rec(name: bytes) -> int:
-        return store.queues.find(name, store.queues.hash(name))
+        return store.queues.find(name, store.queues.hash.of(name))
 
     one, two = rec(b"c.one"), rec(b"c.two")
     head = store.words[one + C_HEAD]
@@ -200,7 +200,7 @@ async def run(prefix):
     queues = store.queues
 
     def damage():
-        part = queues.owner_part(queues.find(name, queues.hash(name)))
+        part = queues.owner_part(queues.find(name, queues.hash.of(name)))
         store.words[part + X_OWNER] = 1 << 40  # slot bits 0, not fresh
 
     store.locked(damage)

@@ -293,7 +293,7 @@ def test_a_damaged_link_never_hands_a_message_to_another_channel(prefix):
     populate(prefix)
     store = IPCChannelLayer(prefix=prefix, **CONFIG).engine()
     heads = store.locked(lambda: {
-        c: store.words[store.queues.find(c.encode(), store.queues.hash(c.encode())) + C_HEAD]
+        c: store.words[store.queues.find(c.encode(), store.queues.hash.of(c.encode())) + C_HEAD]
         for c in ("f.a", "f.c")
     })
     store.close()

@@ -173,7 +173,7 @@ def test_verify_reports_a_wrong_count_or_reference_and_a_receive_refuses_it(pref
     group_send(engine, b"g", b"s" * 200)
     words = engine.words
     queues = engine.queues
-    node = words[queues.find(b"a", queues.hash(b"a")) + C_HEAD]
+    node = words[queues.find(b"a", queues.hash.of(b"a")) + C_HEAD]
     payload = words[node + M_DATA]
 
     words[payload + P_REFS] += 1

@@ -50,7 +50,7 @@ def _counts(store, names: list[str]) -> list[int]:
     queues = store.queues
 
     def read() -> list[int]:
-        recs = [queues.find(n.encode(), queues.hash(n.encode())) for n in names]
+        recs = [queues.find(n.encode(), queues.hash.of(n.encode())) for n in names]
         return [store.words[rec + C_COUNT] if rec else 0 for rec in recs]
 
     return store.locked(read)

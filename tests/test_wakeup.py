@@ -54,7 +54,7 @@ def waiters(store, channel: str) -> int:
     """Registrations of waiting processes on ``channel``, read from its record."""
     name = channel.encode()
     def count() -> int:
-        record = store.queues.find(name, store.queues.hash(name))
+        record = store.queues.find(name, store.queues.hash.of(name))
         return store.queues.waiter_count(record) if record else 0
 
     return store.locked(count)

@@ -50,9 +50,6 @@ class KeyedHash:
         self._cache: dict[bytes, int] = {}
         self._cache_size = cache_size
 
-    def __call__(self, name: bytes) -> int:
-        return self.of(name)
-
     def of(self, name: bytes) -> int:
         h = self._cache.get(name)
         if h is None:

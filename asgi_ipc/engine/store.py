@@ -487,7 +487,7 @@ class Engine:
                     lent: list = []
                     if seat is not None and channel in lendable and lend_each:
                         lent = queues.lend(
-                            rec or queues.find(channel, queues.hash(channel)), now,
+                            rec or queues.find(channel, queues.hash.of(channel)), now,
                             seat.slot, seat.token, lend_each, LEND_BYTES,
                         )
                     handed.append((waiter, found[0], found[1], lent))
