@@ -277,7 +277,9 @@ def test_a_reaper_killed_at_every_journaled_write(prefix, children, engine):
     """A child reaping the channels of a dead process is stopped after each journaled write
     and killed: the store walks clean, and the next reaper finishes the work as if nothing had
     happened. Each cut starts from the same store, copied back byte for byte."""
-    layer = IPCChannelLayer(prefix=prefix, **CONFIG)
+    # Its messages must outlive the test however slow the machine: at the default expiry, a
+    # loaded run took past a minute, and the bystander's message expired before the last receive.
+    layer = IPCChannelLayer(prefix=prefix, **CONFIG, expiry=24 * 3600)
     store = layer.engine()
     _dead_owner(children, prefix, layer)
     mapping = store.segment.mm
@@ -317,5 +319,5 @@ def test_a_reaper_killed_at_every_journaled_write(prefix, children, engine):
         assert store.verify() == [], where
         _reap_all(store)
         assert figures() == reaped, where
-    assert asyncio.run(layer.receive("bystander")) == {"to": "g"}
+    assert asyncio.run(asyncio.wait_for(layer.receive("bystander"), PATIENCE)) == {"to": "g"}
     asyncio.run(layer.close())
