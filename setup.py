@@ -21,7 +21,7 @@ from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
 # asgi_ipc.engine.compiled.MODULES (not imported: the package is not importable at build time).
-MODULES = ("journal", "heap", "index", "queues", "groups")
+MODULES = ("clock", "journal", "heap", "index", "queues", "groups", "lent")
 # asgi_ipc.engine.compiled.BUILD_FAILED, relative to the package.
 BUILD_FAILED = os.path.join("asgi_ipc", "engine", "build-failed.txt")
 HERE = os.path.dirname(os.path.abspath(__file__))

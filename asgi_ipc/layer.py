@@ -34,10 +34,10 @@ import msgpack
 from channels.exceptions import ChannelFull, MessageTooLarge
 from channels.layers import BaseChannelLayer
 
-from .engine import OUT_OF_MEMORY, OVER_CAPACITY, Engine, now_ms
+from .engine import OUT_OF_MEMORY, OVER_CAPACITY, Engine, Shared, now_ms
 from .engine.layout import PREFIX_RULE, validate_prefix
 from .host import require_supported
-from .receiver import CHECK_INTERVAL, Receiver, Shared
+from .receiver import CHECK_INTERVAL, Receiver
 
 logger = logging.getLogger(__name__)
 

@@ -73,7 +73,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
-import itertools
 import logging
 import os
 import threading
@@ -92,7 +91,7 @@ from .doorbell import (
     new_token,
     remove_doorbell,
 )
-from .engine import BACK, BEFORE_PARCELS, Engine, Seat, Taken, now_ms
+from .engine import BACK, BEFORE_PARCELS, Engine, LentBook, Seat, Taken, now_ms
 from .engine.layout import H_EPOCH, H_FLUSHING, SLOTS
 from .exceptions import StoreClosed, StoreError
 
@@ -104,14 +103,6 @@ CHECK_INTERVAL = 1.0
 # The most channels whose lent messages one lock hold settles (each settle is two journaled
 # words, and a settle never commits half done: see ``Engine.take``).
 SETTLE_PER_HOLD = 4096
-
-
-class Shared(bytes):
-    """The message of a parcel: one object handed to the receive of each of its channels in
-    this process. What the layer made of it the first time is kept beside it (``model``), so
-    that the others get a copy instead of decoding it again, when a copy will do (layer.py)."""
-
-    model: Any = None
 
 
 class Waiter:
@@ -160,15 +151,10 @@ class Receiver:
         _RECEIVERS.add(self)
 
     def _forget_lent(self) -> None:
-        """Drop the messages lent to this process (see ``receive``): at start, after a fork
-        (the parent's are not ours) and after a flush."""
-        # Channel -> messages lent by the store and not handed out yet, (data, expiry), oldest
-        # first; channel -> those handed out (or expired here) since the last lock hold, for
-        # the next one to settle; the epoch they were lent in.
-        self._lent: dict[bytes, collections.deque[tuple[bytes, int]]] = {}
-        self._unsettled: dict[bytes, int] = {}
-        self._lent_epoch = -1
-        self._lent_guard = threading.Lock()
+        """Drop the messages lent to this process (engine/lent.py): at start, after a fork
+        (the parent's are not ours) and on close."""
+        engine = self.engine
+        self._lent = LentBook(engine.words, engine.clock, self._check_later)
 
     def _forget_parent_process(self) -> None:
         """In a forked child, at once (``_after_fork_in_child``): nothing process-local of the
@@ -325,7 +311,7 @@ class Receiver:
         waiter = Waiter(loop, channel)
         # Lent messages handed out are settled by the next lock hold: soon, so that senders
         # do not find the channel fuller than it is.
-        if self._unsettled or not self._wait_unlocked(waiter):
+        if self._lent.unsettled or not self._wait_unlocked(waiter):
             state = self._loop_state(loop)
             task = asyncio.current_task()
             if state.gathering or state.served_task not in (None, task):
@@ -351,7 +337,7 @@ class Receiver:
     def ready(self, channel: bytes) -> bytes | None:
         """The next message of ``channel`` if this process holds it already, without a lock
         hold or a wait: one kept from a cancelled receive (``_return``), or lent by the store
-        (``_take_lent``); else None. ``receive`` looks here first; the layer calls it before
+        (``LentBook.take``); else None. ``receive`` looks here first; the layer calls it before
         ``receive``, which then costs nothing when the message is here."""
         if self._closed:
             raise self.engine.closed_error()
@@ -359,11 +345,8 @@ class Receiver:
             kept = self._take_returned(channel)
             if kept is not None:
                 return kept[0]
-        if self._lent:
-            lent = self._take_lent(channel)
-            if lent is not None:
-                return lent[0]
-        return None
+        lent = self._lent.take(channel)
+        return None if lent is None else lent[0]
 
     def _loop_state(self, loop: asyncio.AbstractEventLoop) -> threading.local:
         state = self._local
@@ -423,7 +406,7 @@ class Receiver:
         waiters = [w for w in waiters if not w.future.done()]
         if self._returned:
             waiters = [w for w in waiters if not self._hand_kept(w)]
-        if self._lent:
+        if self._lent.channels:
             waiters = [w for w in waiters if not self._hand_lent(w)]
         if not waiters:
             return
@@ -431,7 +414,7 @@ class Receiver:
             for waiter in waiters:
                 _fail(waiter, self.engine.closed_error())
             return
-        taken = Taken(self._to_settle())
+        taken = Taken(self._lent.to_settle(SETTLE_PER_HOLD))
         interrupted: BaseException | None = None
         try:
             try:
@@ -493,11 +476,11 @@ class Receiver:
             rest = [w for w in deferred if not w.future.done() and not self._hand_lent(w)]
             if rest:
                 rest[0].loop.call_soon(self._serve, rest)
-        if self._lent and interrupted is None:
+        if self._lent.channels and interrupted is None:
             # A receive left waiting on a channel whose messages another event loop's hold
             # lent here meanwhile: ``_keep_parcels`` woke it before it was tracked, or after.
             for waiter in waiters:
-                if not waiter.future.done() and waiter.channel in self._lent:
+                if not waiter.future.done() and waiter.channel in self._lent.channels:
                     self._hand_lent(waiter)
         for waiter in taken.unseated:
             # The first wait of this process: a slot is claimed without the lock, after it.
@@ -521,50 +504,13 @@ class Receiver:
 
     # --- messages lent by the store ------------------------------------------------------
 
-    def _take_lent(self, channel: bytes) -> tuple[bytes, int] | None:
-        """The next message lent to this process for ``channel`` that has not expired, as
-        (data, expiry), or None. Lent messages are the next ones of a channel this process
-        owns, taken from the store with a receive's own (``Engine.take``), so that the
-        receives after it return without a lock hold or a wait; each one handed out here is
-        settled with the store by the next lock hold (``_to_settle``). A flush since they
-        were lent takes them, as it would have in the store."""
-        if channel not in self._lent:  # the common miss, without the guard
-            return None
-        start_checks = False
-        with self._lent_guard:
-            lent = self._lent.get(channel)
-            if lent is None:
-                return None
-            w = self.engine.words
-            if w[H_EPOCH] != self._lent_epoch or w[H_FLUSHING]:
-                self._lent.clear()
-                self._unsettled.clear()
-                return None
-            now = self.engine.clock()
-            start_checks = not self._unsettled
-            unsettled = self._unsettled
-            found = None
-            while lent and found is None:
-                # Counted before it is taken: an exception in between settles one too many,
-                # which the store's count absorbs (``ChannelQueues.settle``), where one
-                # settled too few would stay counted against capacity for good.
-                unsettled[channel] = unsettled.get(channel, 0) + 1
-                found = lent.popleft()
-                if found[1] <= now:
-                    found = None  # expired here: it leaves the count all the same
-            if not lent:
-                del self._lent[channel]
-        if start_checks:
-            self._check_later()  # settles, if no receive does first
-        return found
-
     def _hand_lent(self, waiter: Waiter) -> bool:
         """Hand ``waiter`` the next message lent for its channel: True if there was one."""
-        lent = self._take_lent(waiter.channel)
+        lent = self._lent.take(waiter.channel)
         if lent is None:
             return False
         data, waiter.expires = lent
-        waiter.epoch = self._lent_epoch
+        waiter.epoch = self._lent.epoch
         self._stop_tracking(waiter)
         try:
             waiter.future.set_result(data)
@@ -572,20 +518,10 @@ class Receiver:
             self._return(waiter.channel, data, waiter.expires, waiter.epoch)
         return True
 
-    def _lend_in(self, epoch: int) -> None:
-        """Under ``_lent_guard``, before keeping messages lent in ``epoch``: those of an
-        earlier epoch, and what is to settle of them, went with a flush."""
-        if epoch != self._lent_epoch:
-            self._lent.clear()
-            self._unsettled.clear()
-            self._lent_epoch = epoch
-
     def _keep_lent(self, channel: bytes, lent: list[tuple[bytes, int]], epoch: int) -> None:
         """Keep the messages of ``channel`` a take lent, for the receives to come; wake any
         other receive of this process waiting on it."""
-        with self._lent_guard:
-            self._lend_in(epoch)
-            self._lent.setdefault(channel, collections.deque()).extend(lent)
+        self._lent.lend(channel, lent, epoch)
         seat = self.engine.seat
         if seat is not None and seat.waiters([channel]):
             self._wake(seat, [channel], later=True)
@@ -594,21 +530,9 @@ class Receiver:
         self, parcels: list[tuple[bytes, int, list[bytes]]], epoch: int, batch: list[Waiter]
     ) -> None:
         """Keep the messages of the parcels a hold drained (``Engine.take``, ``Engine.check``)
-        as lent, each for every channel it names (one ``Shared`` object for all of them, whose
-        bytes never change), behind those lent already; then wake the receives of this process
-        waiting on those channels, but for those of ``batch``, which the caller serves."""
-        channels: list[bytes] = []
-        with self._lent_guard:
-            self._lend_in(epoch)
-            lent = self._lent
-            for data, expires, names in parcels:
-                item = (Shared(data), expires)
-                for name in names:
-                    kept = lent.get(name)
-                    if kept is None:
-                        kept = lent[name] = collections.deque()
-                    kept.append(item)
-                channels.extend(names)
+        as lent (``LentBook.lend_parcels``); then wake the receives of this process waiting on
+        those channels, but for those of ``batch``, which the caller serves."""
+        channels = self._lent.lend_parcels(parcels, epoch)
         seat = self.engine.seat
         if seat is None:
             return
@@ -623,58 +547,19 @@ class Receiver:
             except RuntimeError:
                 pass  # its loop is closed: those receives will never look again
 
-    def _keep_returned_lent(self, channel: bytes, data: bytes, expires: int, epoch: int) -> bool:
-        """A message of ``channel`` taken for a receive that was cancelled goes first among the
-        messages lent for it, if there are any: True if it did (it counts as lent again)."""
-        with self._lent_guard:
-            lent = self._lent.get(channel)
-            if not lent or epoch != self._lent_epoch:
-                return False
-            lent.appendleft((data, expires))
-            self._unsettled[channel] = self._unsettled.get(channel, 0) - 1
-            return True
-
-    def _to_settle(self) -> tuple[int, dict[bytes, int]] | None:
-        """The lent messages handed out since the last lock hold, for the next one to settle
-        (``Engine.take``); given back by ``_settled`` if that hold fails before it settles."""
-        if not self._unsettled:
-            return None
-        with self._lent_guard:
-            handed, self._unsettled = self._unsettled, {}
-            if len(handed) > SETTLE_PER_HOLD:  # the rest at the next hold
-                rest = dict(itertools.islice(handed.items(), SETTLE_PER_HOLD, None))
-                for channel in rest:
-                    del handed[channel]
-                self._unsettled = rest
-            return (self._lent_epoch, handed) if handed else None
-
     def _settled(self, taken: Taken) -> None:
         if taken.settle is None or taken.settled or (
             taken.settle_commits is not None
             and self.engine.journal.commits != taken.settle_commits
         ):
             return  # settled, and committed (the flag may not have been set after)
-        epoch, handed = taken.settle
-        with self._lent_guard:
-            if epoch == self._lent_epoch:
-                for channel, count in handed.items():
-                    self._unsettled[channel] = self._unsettled.get(channel, 0) + count
+        self._lent.unsettle(taken.settle)
 
     def _settle_lent(self) -> None:
         """For the periodic check: drop the lent messages that expired unread, and settle
         with the store what was handed out, in a lock hold of its own."""
-        now = self.engine.clock()
-        with self._lent_guard:
-            for channel, lent in list(self._lent.items()):
-                expired = 0
-                while lent and lent[0][1] <= now:
-                    lent.popleft()
-                    expired += 1
-                if expired:
-                    self._unsettled[channel] = self._unsettled.get(channel, 0) + expired
-                if not lent:
-                    del self._lent[channel]
-        taken = Taken(self._to_settle())
+        self._lent.expire(self.engine.clock())
+        taken = Taken(self._lent.to_settle(SETTLE_PER_HOLD))
         if taken.settle is None:
             return
         try:
@@ -826,7 +711,7 @@ class Receiver:
                 "%r; this process keeps it until there is", self.name, channel.decode(),
             )
             self._check_later()
-        elif channel not in self._lent:
+        elif channel not in self._lent.channels:
             return  # back in the store, whose ring wakes the receives waiting on it
         seat = engine.seat
         if seat is not None:
@@ -838,7 +723,7 @@ class Receiver:
         here for it, if there are any (they are newer), else first in its channel in the store
         (``Engine.put_back``), unless a parcel drained on the way lends the channel a newer
         one: then first among the lent again. False if there was no channel memory for it."""
-        if self._lent and self._keep_returned_lent(channel, data, expires, epoch):
+        if self._lent.channels and self._lent.give_back(channel, data, expires, epoch):
             return True
         taken = Taken(None)
         try:
@@ -847,7 +732,7 @@ class Receiver:
             if taken.drained:
                 self._keep_parcels(taken.parcels[: taken.drained], taken.epoch, [])
         if back == BEFORE_PARCELS:
-            return self._keep_returned_lent(channel, data, expires, epoch)
+            return self._lent.give_back(channel, data, expires, epoch)
         return back == BACK
 
     def _take_returned(self, channel: bytes) -> tuple[bytes, int, int] | None:
@@ -944,8 +829,8 @@ class Receiver:
                 if (
                     (seat is None or not seat.needs_checking())
                     and not self._returned
-                    and not self._lent
-                    and not self._unsettled
+                    and not self._lent.channels
+                    and not self._lent.unsettled
                     and not self.engine.reaping()
                     and not self.engine.parcels_pending()
                 ):
@@ -961,7 +846,7 @@ class Receiver:
             return
         if self._returned:
             self._put_back_returned()
-        if self._lent or self._unsettled:
+        if self._lent.channels or self._lent.unsettled:
             self._settle_lent()
         seat = self.engine.seat
         if seat is not None:
@@ -981,7 +866,7 @@ class Receiver:
                 self._ring()
             # And the channels with messages lent here that a receive was tracked on before
             # they came (in another event loop's hold).
-            ready += [c for c in seat.waiting_channels() if c in self._lent]
+            ready += [c for c in seat.waiting_channels() if c in self._lent.channels]
             # Once bound at last, every receive is served again, so that each event loop with
             # one waiting starts reading the doorbell.
             self._wake(seat, None if bound else ready)
@@ -1040,7 +925,7 @@ class Receiver:
                 self._put_back_for_good()
             if seat is not None:
                 try:
-                    engine.leave(seat, self._to_settle())
+                    engine.leave(seat, self._lent.to_settle(SETTLE_PER_HOLD))
                     self._reap()  # this process's channels, and whatever else is left
                 except Exception:
                     # The slot is freed anyway once its byte is unlocked below, and what it

@@ -135,3 +135,23 @@ def test_a_killed_owners_lent_messages_are_reaped(prefix, engine, children):
     assert report["problems"] == []
     assert report["messages"] == 0
     asyncio.run(layer.close())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_threads_that_lend_take_and_settle_at_once_account_for_every_message(
+    prefix, engine, children
+):
+    rounds = 3000
+    process, conn = workers.start_piped(
+        workers.lend_and_take_in_threads, prefix, rounds, engine=engine
+    )
+    children.append(process)
+    assert conn.poll(PATIENCE * 4)
+    taken, settled = conn.recv()
+    for channel, got in taken.items():
+        # Each message once, each taker's in the order lent, and each counted to settle once.
+        assert sorted(int(message) for _taker, message in got) == list(range(rounds)), channel
+        for taker in (0, 1):
+            mine = [int(message) for who, message in got if who == taker]
+            assert mine == sorted(mine), channel
+        assert settled[channel] == rounds, channel

@@ -877,6 +877,62 @@ def take_one_and_hold(prefix, config, conn) -> None:
     asyncio.run(run())
 
 
+def lend_and_take_in_threads(prefix, rounds, conn) -> None:
+    """One thread lends ``rounds`` parcels, each naming the same 8 channels, to this process's
+    book of lent messages (``LentBook``), while two threads take from every channel and a third
+    settles; send ({channel: [(taker, message)] in the order each taker took them}, {channel:
+    count settled, with what was left to settle}). The interpreter switches threads as often
+    as it can, so that each book operation meets the others halfway if its guard lets it."""
+    from asgi_ipc.engine import LentBook
+    from asgi_ipc.engine.layout import H_EPOCH
+
+    sys.setswitchinterval(1e-6)
+    layer = IPCChannelLayer(prefix=prefix, channel_memory=MiB, group_memory=MiB)
+    engine = layer.engine()
+    book = LentBook(engine.words, engine.clock, lambda: None)
+    channels = [b"specific.lent!%d" % k for k in range(8)]
+    taken: dict[bytes, list[tuple[int, bytes]]] = {channel: [] for channel in channels}
+    settled: dict[bytes, int] = dict.fromkeys(channels, 0)
+    lent, took = threading.Event(), [threading.Event(), threading.Event()]
+
+    def lend() -> None:
+        for n in range(rounds):
+            book.lend_parcels([(b"%d" % n, 2**62, channels)], engine.epoch)
+        lent.set()
+
+    def take(taker: int) -> None:
+        while True:
+            last_round = lent.is_set()
+            found = False
+            for channel in channels:
+                item = book.take(channel)
+                if item is not None:
+                    taken[channel].append((taker, bytes(item[0])))
+                    found = True
+            if last_round and not found:
+                took[taker].set()
+                return
+
+    def settle() -> None:
+        while True:
+            last_round = all(event.is_set() for event in took)
+            counts = book.to_settle(3)
+            for channel, count in (counts[1] if counts else {}).items():
+                settled[channel] += count
+            if last_round and counts is None:
+                return
+
+    threads = [threading.Thread(target=lend), threading.Thread(target=settle)]
+    threads += [threading.Thread(target=take, args=(taker,)) for taker in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert engine.words[H_EPOCH] == engine.epoch  # no flush came between
+    asyncio.run(layer.close())
+    conn.send((taken, settled))
+
+
 def parcel_owner(prefix, config, count, group, conn) -> None:
     """Make ``count`` channels with new_channel() and add each to ``group``; send ``("ready",
     pid, names)``. Then answer the parent's commands, receiving nothing meanwhile:

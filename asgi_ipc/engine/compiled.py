@@ -15,7 +15,9 @@ else differs: both read and write the same layout under the same journal protoco
 running one and a process running the other share a store at the same time.
 
 What is compiled is the work under the lock that touches the store's words: the journal, the
-allocator, the one chained index, the channel queues and the groups. The .pxd files type the
+allocator, the one chained index, the channel queues and the groups; and, outside the lock, the
+book of messages lent to this process, which nearly every receive of a group's member reads
+(lent.py). The .pxd files type the
 classes' attributes (the word view above all) and their methods, and leave the locals Python
 integers, so every word read from a store, however corrupt, is compared and added as in Python.
 Corrupt stores are met as the pure-Python engine meets them (tests/test_compiled.py compares the
@@ -55,7 +57,7 @@ import os
 import sys
 
 # The modules built as extensions (see setup.py), in the order they import each other.
-MODULES = ("journal", "heap", "index", "queues", "groups")
+MODULES = ("clock", "journal", "heap", "index", "queues", "groups", "lent")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _PACKAGE = __name__.rpartition(".")[0]

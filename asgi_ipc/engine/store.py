@@ -52,7 +52,8 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar
 
 from ..exceptions import StoreClosed, StoreCorrupted
-from .compiled import warn_if_not_built  # first: it picks where the next ones load from
+from .clock import now_ms
+from .compiled import warn_if_not_built  # the package imported it first, before any part
 from .groups import GroupStore
 from .heap import Heap
 from .inbox import Applied, Entry, apply_batch
@@ -113,11 +114,6 @@ _CORRUPTION = (IndexError, ValueError, OverflowError, TypeError)
 _SEND_OUTCOME = {QUEUED: H_SENT, OVER_CAPACITY: H_CHANNEL_FULL, OUT_OF_MEMORY: H_NO_MEMORY}
 
 T = TypeVar("T")
-
-
-def now_ms() -> int:
-    """The default clock: milliseconds since the epoch."""
-    return int(time.time() * 1000)
 
 
 class Taken:
