@@ -668,7 +668,7 @@ async def test_a_cancelled_command_never_corrupts_a_connection(site):
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
-    client = layer._side().client
+    client = layer.redis_side().client
     for n in range(20):
         call = asyncio.ensure_future(client.blpop(["site.nothing"], timeout=1))
         await asyncio.sleep(0.001 * (n % 5))
@@ -687,7 +687,7 @@ async def test_a_cancelled_send_to_another_host_never_corrupts_a_kept_connection
     that connection: the next command never reads the reply that was still to come."""
     a, b = site(0, relay=False), site(1)
     channel = await b.new_channel()
-    connections = a._side().connections
+    connections = a.redis_side().connections
     for n in range(40):
         call = asyncio.ensure_future(connections.call(pack("BLPOP", "site.nothing", 1)))
         await asyncio.sleep(0.0005 * (n % 4))

@@ -373,7 +373,7 @@ async def test_group_send_into_fragmented_memory_copies_one_by_one(prefix):
         await layer.group_add("g", channel)
     store = layer.engine()
     taken, skipped = store.group_send(
-        b"g", layer._serialize(body, "g"), lambda name: 10**6, 60_000, 86_400_000
+        b"g", msgpack.packb(body), lambda name: 10**6, 60_000, 86_400_000
     )
     assert taken == len(members) and 0 < skipped < len(members)
     assert store.verify() == []

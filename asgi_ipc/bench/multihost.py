@@ -205,7 +205,7 @@ def _group_sender(kind: str, prefix: str, site: str, url: str, group: str, sends
         calls = 0
         if kind == MULTIHOST:
             layer.receiver()
-            connections = layer._side().connections
+            connections = layer.redis_side().connections
             plain = connections.call
 
             async def counted(packed: bytes) -> Any:

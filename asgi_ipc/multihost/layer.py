@@ -113,7 +113,10 @@ class MultiHostChannelLayer(IPCChannelLayer):
     ``redis_timeout``, the bound in seconds of every operation that needs Redis; ``relay``,
     False for a process that must never relay (it still sends and receives); ``site``, the
     name under which the hosts meet in Redis (the prefix by default: set it when hosts use
-    different prefixes)."""
+    different prefixes).
+
+    For tests and tools, beside IPCChannelLayer's: ``relay()``, this process's relay
+    candidacy, and ``redis_side()``, the Redis client of the running event loop."""
 
     extensions = ["groups", "flush"]
     # The options IPCChannelLayer does not have, which the Django system check (checks.py)
@@ -215,8 +218,10 @@ class MultiHostChannelLayer(IPCChannelLayer):
         """This process's relay candidacy (relay.py), if it runs one."""
         return self._relay
 
-    def _side(self) -> Side:
-        """This event loop's client (a redis-py client belongs to one loop)."""
+    def redis_side(self) -> Side:
+        """This event loop's Redis side (redis_side.py: its ``client``, and the
+        ``connections`` its commands go through), made on first use in each loop, since a
+        redis-py client belongs to one loop."""
         loop = asyncio.get_running_loop()
         side = self._sides.get(loop)
         if side is None:
@@ -270,7 +275,7 @@ class MultiHostChannelLayer(IPCChannelLayer):
 
     async def _inbox_add(self, host: int, op: bytes, group: str, channel: str,
                          data: bytes, what: str) -> None:
-        side = self._side()
+        side = self.redis_side()
         added = await self._redis(what, side.inbox_add(
             keys=[self._keys.inbox(host)],
             args=[self.inbox_capacity, int(self.inbox_ttl * 1000), op, group, channel, data],
@@ -295,7 +300,7 @@ class MultiHostChannelLayer(IPCChannelLayer):
         pending = {**self._unregistered, group: expires} if group else dict(self._unregistered)
         if not pending:
             return
-        side = self._side()
+        side = self.redis_side()
         pipe = side.client.pipeline(transaction=False)
         me = host_hex(self.host_id())
         for name, until in pending.items():
@@ -325,7 +330,7 @@ class MultiHostChannelLayer(IPCChannelLayer):
                                          f"a send to {channel!r}")
         now = now_ms()
         capacity = self.get_capacity(channel)
-        queued = await self._redis(f"a send to {channel!r}", self._side().normal_send(
+        queued = await self._redis(f"a send to {channel!r}", self.redis_side().normal_send(
             keys=[self._keys.channel(channel)],
             args=[capacity, int(self.expiry * 1000), stamp(now + int(self.expiry * 1000)),
                   data, now],
@@ -363,7 +368,7 @@ class MultiHostChannelLayer(IPCChannelLayer):
     async def _take(self, channel: str) -> bytes:
         """The next unexpired message of the site-wide ``channel``. A cancelled receive lets
         its pop in flight finish, and puts what it took back first in the channel."""
-        side, key = self._side(), self._keys.channel(channel)
+        side, key = self.redis_side(), self._keys.channel(channel)
         what = f"a receive from {channel!r}"
         # Each pop blocks for a second at most, and is bounded by that plus redis_timeout:
         # an empty channel never looks like an unreachable Redis.
@@ -405,7 +410,7 @@ class MultiHostChannelLayer(IPCChannelLayer):
             await super().group_add(group, channel)
             await self._register(group, expires)
             return
-        side = self._side()
+        side = self.redis_side()
         if kind == "remote":
             added = await self._redis(f"group_add of {channel!r}", side.remote_group_add(
                 keys=[self._keys.inbox(host), self._keys.group(group)],
@@ -436,7 +441,7 @@ class MultiHostChannelLayer(IPCChannelLayer):
         if kind == "remote":
             return await self._inbox_add(host, DISCARD, group, channel, b"",
                                          f"group_discard of {channel!r}")
-        await self._redis(f"group_discard of {channel!r}", self._side().client.zrem(
+        await self._redis(f"group_discard of {channel!r}", self.redis_side().client.zrem(
             self._keys.group_channels(group), channel))
 
     async def group_send(self, group: str, message: dict) -> None:
@@ -453,7 +458,7 @@ class MultiHostChannelLayer(IPCChannelLayer):
             if self._unregistered:
                 await self._register("", 0)
             copies, full, normal, normal_skipped = await self._redis(
-                f"group_send to {group!r}", self._side().group_send(
+                f"group_send to {group!r}", self.redis_side().group_send(
                     keys=[self._keys.group(group), self._keys.group_channels(group)],
                     args=[host_hex(self.host_id()), now, self.inbox_capacity,
                           int(self.inbox_ttl * 1000), data, group,
@@ -477,7 +482,7 @@ class MultiHostChannelLayer(IPCChannelLayer):
         once, the site-wide channels and groups in Redis, and every other host's store when
         its relay applies the flush this adds to its inbox."""
         self._open().flush()
-        client, base = self._side().client, self._keys.base
+        client, base = self.redis_side().client, self._keys.base
 
         async def everything() -> None:
             doomed = []
