@@ -86,15 +86,19 @@ class LentBook:
             return None
         # Outside the guard: a clock in Python may let other threads run.
         now = now_ms() if self._clock is None else self._clock()
-        first = not self.unsettled
+        # Whether this take is the first to leave something to settle is read under the guard,
+        # with the count: read before it, a hold settling meanwhile could leave this count
+        # with no settling hold to come.
         if GUARD_CALLS:
             self._acquire()
             try:
+                first = not self.unsettled
                 found = self._take(channel, now)
             finally:
                 self._release()
         else:
             with self._guard:
+                first = not self.unsettled
                 found = self._take(channel, now)
         if first and self.unsettled:
             self._on_unsettled()
