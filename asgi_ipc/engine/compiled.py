@@ -17,9 +17,9 @@ running one and a process running the other share a store at the same time.
 What is compiled is the work under the lock that touches the store's words: the journal, the
 allocator, the one chained index, the channel queues and the groups; and, outside the lock, the
 book of messages lent to this process, which nearly every receive of a group's member reads
-(lent.py). The .pxd files type the
-classes' attributes (the word view above all) and their methods, and leave the locals Python
-integers, so every word read from a store, however corrupt, is compared and added as in Python.
+(lent.py), and the clock that every hold reads (clock.py). The .pxd files type the classes'
+attributes (the word view above all) and their methods, and leave the locals Python integers,
+so every word read from a store, however corrupt, is compared and added as in Python.
 Corrupt stores are met as the pure-Python engine meets them (tests/test_compiled.py compares the
 two on the same damage): every index into the view is bounds-checked, a negative Python index is
 read as Python reads it, and an overflow of a typed integer raises (setup.py's directives). A
