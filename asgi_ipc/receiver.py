@@ -8,6 +8,9 @@ this process owes other processes.
   this process's ``Doorbell`` (doorbell.py) or by the periodic check;
 * gathering: the receives of one event loop asked in the same pass of the loop are served by one
   ``Engine.take`` (see ``receive``);
+* the queued message: a receive served alone, on a channel it does not wait on already, first
+  looks for its message in a lock hold of its own with nothing to track (``_take_queued``),
+  which took a receive of a queued message from 10.5 to 6.5 us;
 * the lock-free wait on a quiet channel (``_wait_unlocked``, with the invariant that makes it
   safe, and why it reads nothing of the store that a flush gives back);
 * the rings: after each engine call, the doorbells it left in ``Engine.due`` are rung
@@ -92,7 +95,7 @@ from .doorbell import (
     remove_doorbell,
 )
 from .engine import BACK, BEFORE_PARCELS, Engine, LentBook, Seat, Taken, now_ms
-from .engine.layout import H_EPOCH, H_FLUSHING, SLOTS
+from .engine.layout import H_EPOCH, H_FLUSHING, OWNED_MARK, SLOTS
 from .exceptions import StoreClosed, StoreError
 
 logger = logging.getLogger(__name__)
@@ -308,6 +311,16 @@ class Receiver:
         if data is not None:
             return data
         loop = asyncio.get_running_loop()
+        if self._expects_queued(channel):
+            state = self._loop_state(loop)
+            task = asyncio.current_task()
+            if not state.gathering and state.served_task in (None, task):
+                data = self._take_queued(channel)
+                if data is not None:
+                    if state.served_task is None:
+                        loop.call_soon(self._next_pass, state)
+                    state.served_task = task
+                    return data
         waiter = Waiter(loop, channel)
         # Lent messages handed out are settled by the next lock hold: soon, so that senders
         # do not find the channel fuller than it is.
@@ -347,6 +360,42 @@ class Receiver:
                 return kept[0]
         lent = self._lent.take(channel)
         return None if lent is None else lent[0]
+
+    def _expects_queued(self, channel: bytes) -> bool:
+        """Whether a receive on ``channel`` may look for its message in a lock hold of its own
+        before it waits (``_take_queued``): not on a channel this process waits on and found
+        empty (quiet), where it would only cost a hold, nor on a process-specific channel,
+        whose messages may come lent or in parcels (``Engine.take`` keeps their order), nor
+        while lent messages handed out are still to settle (``Engine.take`` does)."""
+        if OWNED_MARK in channel or self._lent.unsettled:
+            return False
+        seat = self.engine.seat
+        return seat is None or not seat.is_quiet(channel)
+
+    def _take_queued(self, channel: bytes) -> bytes | None:
+        """The next message queued on ``channel``, taken in a lock hold of its own
+        (``Engine.take_queued``), with no receive to track, no future and no batch; None if
+        it holds none. A message taken for good reaches the caller whatever happens after the
+        commit: an ``Exception`` (a later part of the hold failed) leaves it to the caller, and
+        anything else (a signal handler's ``KeyboardInterrupt``) puts it back first."""
+        taken = Taken(None)
+        try:
+            try:
+                self.engine.take_queued(channel, taken)
+            finally:
+                if self.engine.due:
+                    self._ring()
+        except Exception:
+            if not taken.durable:
+                raise
+        except BaseException:
+            if taken.durable:
+                _waiter, data, expires, _lent = taken.handed[0]
+                self._return(channel, data, expires, taken.epoch)
+            raise
+        if not taken.durable:
+            return None
+        return taken.handed[0][1]
 
     def _loop_state(self, loop: asyncio.AbstractEventLoop) -> threading.local:
         state = self._local

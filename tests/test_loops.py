@@ -277,6 +277,41 @@ def test_an_interrupt_right_after_the_commit_of_a_take_loses_no_message(layer, t
     assert store.verify() == []
 
 
+@pytest.mark.parametrize("raised", [KeyboardInterrupt, RuntimeError])
+async def test_an_exception_right_after_a_queued_message_is_taken_loses_no_message(
+    layer, raised
+):
+    """A receive whose message is queued takes it in a lock hold of its own, with no receive
+    to track. An exception landing right after that hold's commit: a KeyboardInterrupt (a
+    signal handler's) puts the message back first in its channel, for the next receive; any
+    other error leaves it to the receive, which the message was taken for for good."""
+    store = layer.engine()
+    for n in (1, 2):
+        await layer.send("queued", {"n": n})
+    fired: list[bool] = []
+
+    def once() -> None:
+        if not fired:
+            fired.append(True)
+            raise raised("right after the commit")
+
+    store.inject(on_commit=once)
+    try:
+        if raised is KeyboardInterrupt:
+            with pytest.raises(KeyboardInterrupt):
+                await layer.receive("queued")
+        else:
+            assert await layer.receive("queued") == {"n": 1}
+    finally:
+        store.journal.commit_hook = None
+    assert fired
+    rest = [{"n": 1}, {"n": 2}] if raised is KeyboardInterrupt else [{"n": 2}]
+    assert [await asyncio.wait_for(layer.receive("queued"), HANG) for _ in rest] == rest
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(layer.receive("queued"), 0.2)
+    assert store.verify() == []
+
+
 async def test_a_periodic_check_that_fails_forgets_the_registrations_it_made(prefix):
     """Receives wait unregistered while channel memory is full; the periodic check that
     registers them once memory frees fails after the first registration and is rolled back.

@@ -230,6 +230,11 @@ class Seat(Generic[W]):
         with self._guard:
             self._quiet.update(c for c in channels if c in self.registered)
 
+    def is_quiet(self, channel: bytes) -> bool:
+        """Without the guard, a hint: whether ``channel`` is quiet (a receive on it would find
+        it empty)."""
+        return channel in self._quiet
+
     def wake(self, names: set[bytes] | list[bytes] | None) -> list[W]:
         """A ring or a check says that ``names`` (every channel, if None or b"" is among them)
         may hold messages: they are quiet no longer; the receives waiting on them."""

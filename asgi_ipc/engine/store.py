@@ -504,6 +504,34 @@ class Engine:
                 fresh.forget()
             raise
 
+    @timed_hold
+    def take_queued(self, now: int, channel: bytes, taken: Taken) -> None:
+        """Take the next message of ``channel`` into ``taken.handed`` (with None for its
+        receive) if it holds one, without waiting or registering: for a receive that expects
+        its message queued, on a channel that no parcel or lending reaches (a name without
+        "!"; see ``take``). Committed here, as ``take`` commits, so that ``taken.durable`` says
+        whether it was taken for good when the hold fails after. A registered channel found or
+        left empty is quiet, as ``take`` leaves it."""
+        if self.closing:
+            raise self.closed_error()
+        taken.epoch = self.words[H_EPOCH]
+        seat = self.seat
+        rec = seat.registered.get(channel, 0) if seat is not None else 0
+        found = self.queues.pop(channel, now, rec)
+        if found is not None:
+            taken.handed.append((None, found[0], found[1], None))
+        # A checkpoint in ``pop`` may have committed the expired messages it dropped: the
+        # message is taken for good by this commit alone, even when an exception lands
+        # right after it.
+        commits = self.journal.commits
+        try:
+            self.journal.commit()
+        finally:
+            if self.journal.commits != commits:
+                taken.durable = len(taken.handed)
+        if seat is not None and rec and not self.queues.queued_at(rec):
+            seat.quiet([channel])
+
     def _drain(self, now: int, seat: Seat, taken: Taken) -> None:
         """Under the lock, for ``take`` and ``check``: take every parcel lent to this process
         (``ChannelQueues.drain_parcel``) into ``taken.parcels``, and commit, counting in
