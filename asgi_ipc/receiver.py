@@ -8,9 +8,9 @@ this process owes other processes.
   this process's ``Doorbell`` (doorbell.py) or by the periodic check;
 * gathering: the receives of one event loop asked in the same pass of the loop are served by one
   ``Engine.take`` (see ``receive``);
-* the queued message: a receive served alone, on a channel it does not wait on already, first
-  looks for its message in a lock hold of its own with nothing to track (``_take_queued``),
-  which took a receive of a queued message from 10.5 to 6.5 us;
+* the queued message: a receive served alone, on a channel that is not quiet, first looks for
+  its message in a lock hold of its own with nothing to track (``_take_queued``), which took a
+  receive of a queued message from 10.5 to 6.5 us;
 * the lock-free wait on a quiet channel (``_wait_unlocked``, with the invariant that makes it
   safe, and why it reads nothing of the store that a flush gives back);
 * the rings: after each engine call, the doorbells it left in ``Engine.due`` are rung
@@ -302,7 +302,8 @@ class Receiver:
 
         A receive on a channel this process is still registered on, found empty, waits
         without taking the lock (``_wait_unlocked``). Otherwise it is served at once, in a lock
-        hold of its own, unless its event loop is *gathering*: another task of the loop was
+        hold of its own (first without anything to track, ``_take_queued``, where a message may
+        be queued), unless its event loop is *gathering*: another task of the loop was
         served so in the same pass of the loop, or the last lock hold handed out several
         messages, whose receivers will soon ask again. Then receives are collected until the
         running callbacks are done and served together in one lock hold: that is how a process
@@ -366,7 +367,9 @@ class Receiver:
         before it waits (``_take_queued``): not on a channel this process waits on and found
         empty (quiet), where it would only cost a hold, nor on a process-specific channel,
         whose messages may come lent or in parcels (``Engine.take`` keeps their order), nor
-        while lent messages handed out are still to settle (``Engine.take`` does)."""
+        while lent messages handed out are still to settle (``Engine.take`` does). A receive
+        that then has to wait pays one hold more: the first on its channel, one after its
+        registration lapsed, or while channel memory is too full to register it."""
         if OWNED_MARK in channel or self._lent.unsettled:
             return False
         seat = self.engine.seat

@@ -289,6 +289,19 @@ async def test_an_exception_right_after_a_queued_message_is_taken_loses_no_messa
     for n in (1, 2):
         await layer.send("queued", {"n": n})
     fired: list[bool] = []
+    # The engine's two ways to take, wrapped on the instance to see which one the receive took.
+    holds: list[str] = []
+
+    def counted(name: str):
+        method = getattr(store, name)
+
+        def call(*args):
+            holds.append(name)
+            return method(*args)
+
+        return call
+
+    store.take, store.take_queued = counted("take"), counted("take_queued")
 
     def once() -> None:
         if not fired:
@@ -304,7 +317,8 @@ async def test_an_exception_right_after_a_queued_message_is_taken_loses_no_messa
             assert await layer.receive("queued") == {"n": 1}
     finally:
         store.journal.commit_hook = None
-    assert fired
+        del store.take, store.take_queued
+    assert fired and holds == ["take_queued"]
     rest = [{"n": 1}, {"n": 2}] if raised is KeyboardInterrupt else [{"n": 2}]
     assert [await asyncio.wait_for(layer.receive("queued"), HANG) for _ in rest] == rest
     with pytest.raises(asyncio.TimeoutError):

@@ -231,8 +231,8 @@ class Seat(Generic[W]):
             self._quiet.update(c for c in channels if c in self.registered)
 
     def is_quiet(self, channel: bytes) -> bool:
-        """Without the guard, a hint: whether ``channel`` is quiet (a receive on it would find
-        it empty)."""
+        """Without the guard, a hint: whether ``channel`` is quiet (see the class docstring; it
+        may hold messages whose ring is still on its way)."""
         return channel in self._quiet
 
     def wake(self, names: set[bytes] | list[bytes] | None) -> list[W]:

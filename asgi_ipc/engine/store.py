@@ -117,8 +117,9 @@ T = TypeVar("T")
 
 
 class Taken:
-    """What ``Engine.take`` did for a batch of receives, filled in as it goes so that it is
-    there even when the hold fails:
+    """What ``Engine.take`` did for a batch of receives (or ``Engine.take_queued`` for one,
+    with None for its receive and for what was lent), filled in as it goes so that it is there
+    even when the hold fails:
 
     ``handed``: (receive, message, expiry, lent) of each receive handed a message, in order,
     where ``lent`` are the next messages of its channel, (message, expiry), lent to this
@@ -520,9 +521,9 @@ class Engine:
         found = self.queues.pop(channel, now, rec)
         if found is not None:
             taken.handed.append((None, found[0], found[1], None))
-        # A checkpoint in ``pop`` may have committed the expired messages it dropped: the
-        # message is taken for good by this commit alone, even when an exception lands
-        # right after it.
+        # Counted from here: ``pop``'s checkpoints come before it unlinks the message, so
+        # only this commit takes it for good, and ``durable`` says so even when an exception
+        # lands right after it.
         commits = self.journal.commits
         try:
             self.journal.commit()
