@@ -318,9 +318,7 @@ class Receiver:
             if not state.gathering and state.served_task in (None, task):
                 data = self._take_queued(channel)
                 if data is not None:
-                    if state.served_task is None:
-                        loop.call_soon(self._next_pass, state)
-                    state.served_task = task
+                    self._served_alone(loop, state, task)
                     return data
         waiter = Waiter(loop, channel)
         # Lent messages handed out are settled by the next lock hold: soon, so that senders
@@ -333,9 +331,7 @@ class Receiver:
                     loop.call_soon(self._serve_gathered, state.batch)
                 state.batch.append(waiter)
             else:
-                if state.served_task is None:
-                    loop.call_soon(self._next_pass, state)
-                state.served_task = task
+                self._served_alone(loop, state, task)
                 try:
                     self._serve([waiter])
                 except BaseException:
@@ -405,6 +401,14 @@ class Receiver:
         if getattr(state, "loop", None) is not loop:
             state.loop, state.batch, state.gathering, state.served_task = loop, [], False, None
         return state
+
+    def _served_alone(self, loop: asyncio.AbstractEventLoop, state: threading.local,
+                      task: asyncio.Task | None) -> None:
+        """``task`` was served in a lock hold of its own: until this pass of ``loop`` ends, the
+        receives of its other tasks gather."""
+        if state.served_task is None:
+            loop.call_soon(self._next_pass, state)
+        state.served_task = task
 
     @staticmethod
     def _next_pass(state: threading.local) -> None:
